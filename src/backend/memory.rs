@@ -1,0 +1,117 @@
+//! An in-memory interface for tests: the plan is executed with [`crate::plan::simulate`],
+//! the WireGuard model the property test checks. Clones share one interface, so a test can
+//! keep a handle, inspect what the agent did and change the "kernel" behind its back.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{Backend, BackendError, WriteCounters};
+use crate::model::Observed;
+use crate::plan::{simulate, Op, Plan};
+
+/// A shared simulated interface.
+#[derive(Clone, Debug)]
+pub struct MemoryBackend {
+    name: String,
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    state: Observed,
+    counters: WriteCounters,
+    applied: Vec<Op>,
+    fail_next: Option<String>,
+}
+
+impl MemoryBackend {
+    pub fn new(name: impl Into<String>) -> Self {
+        MemoryBackend {
+            name: name.into(),
+            inner: Arc::default(),
+        }
+    }
+
+    /// The interface as it is now.
+    pub fn state(&self) -> Observed {
+        self.lock().state.clone()
+    }
+
+    /// Changes the interface behind the agent's back (drift, traffic, handshakes).
+    pub fn modify(&self, f: impl FnOnce(&mut Observed)) {
+        f(&mut self.lock().state)
+    }
+
+    /// Every operation applied so far, in order.
+    pub fn applied_ops(&self) -> Vec<Op> {
+        self.lock().applied.clone()
+    }
+
+    /// Forgets the applied-operation log.
+    pub fn clear_log(&self) {
+        self.lock().applied.clear()
+    }
+
+    /// Makes the next `apply` fail with this message (before changing anything).
+    pub fn fail_next_apply(&self, message: impl Into<String>) {
+        self.lock().fail_next = Some(message.into());
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn interface(&self) -> &str {
+        &self.name
+    }
+
+    fn observe(&mut self) -> Result<Observed, BackendError> {
+        Ok(self.lock().state.clone())
+    }
+
+    fn apply(&mut self, plan: &Plan) -> Result<(), BackendError> {
+        let mut inner = self.lock();
+        if let Some(message) = inner.fail_next.take() {
+            return Err(BackendError::Operation {
+                op: "apply".into(),
+                message,
+            });
+        }
+        simulate(&mut inner.state, plan);
+        for step in &plan.steps {
+            match step.op {
+                Op::CreateLink
+                | Op::SetMtu(_)
+                | Op::SetLinkUp
+                | Op::AddAddress(_)
+                | Op::RemoveAddress(_) => inner.counters.link_writes += 1,
+                _ => {}
+            }
+            inner.applied.push(step.op.clone());
+        }
+        let device_ops = plan
+            .steps
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.op,
+                    Op::ConfigureDevice(_) | Op::AddPeer(_) | Op::UpdatePeer(_) | Op::RemovePeer(_)
+                )
+            })
+            .count();
+        if device_ops > 0 {
+            inner.counters.device_writes += 1;
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> WriteCounters {
+        self.lock().counters
+    }
+
+    fn remove(&mut self) -> Result<(), BackendError> {
+        self.lock().state = Observed::default();
+        Ok(())
+    }
+}

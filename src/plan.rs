@@ -1,0 +1,733 @@
+//! The reconciler: desired state + observed interface → a plan of operations, each with
+//! the reasons it exists (subject, field, old, new). Pure: no I/O, no clock.
+//!
+//! Properties (checked by a property test below): applying a plan to the observed state
+//! with [`simulate`] gives a state that matches the desired one, and planning again from
+//! there gives an empty plan. Unchanged peers get no operation at all, so their sessions
+//! and counters survive.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+
+use crate::model::{
+    Desired, DeviceState, Key, LinkState, Observed, PeerSpec, PeerState, SecretKey,
+};
+
+/// One change to make.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Create the WireGuard link (it does not exist).
+    CreateLink,
+    SetMtu(u32),
+    SetLinkUp,
+    AddAddress(IpNet),
+    RemoveAddress(IpNet),
+    /// Device-level settings; `None` fields stay as they are.
+    ConfigureDevice(DeviceChange),
+    AddPeer(PeerSpec),
+    UpdatePeer(PeerUpdate),
+    RemovePeer(Key),
+}
+
+/// Device fields to set.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DeviceChange {
+    pub private_key: Option<SecretKey>,
+    pub listen_port: Option<u16>,
+    pub fwmark: Option<u32>,
+}
+
+/// Fields of an existing peer to change; `None` fields stay as they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerUpdate {
+    pub public_key: Key,
+    /// `Some(None)` removes the preshared key.
+    pub preshared_key: Option<Option<SecretKey>>,
+    pub persistent_keepalive: Option<u16>,
+    /// Replaces the whole allowed-IP list.
+    pub allowed_ips: Option<BTreeSet<IpNet>>,
+    pub endpoint: Option<SocketAddr>,
+}
+
+impl PeerUpdate {
+    fn new(public_key: Key) -> Self {
+        PeerUpdate {
+            public_key,
+            preshared_key: None,
+            persistent_keepalive: None,
+            allowed_ips: None,
+            endpoint: None,
+        }
+    }
+}
+
+/// Why an operation exists: `subject`'s `field` goes from `old` to `new`.
+/// Secrets are shown as `<set>` / `<none>` only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reason {
+    pub subject: String,
+    pub field: &'static str,
+    pub old: String,
+    pub new: String,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {} -> {}",
+            self.subject, self.field, self.old, self.new
+        )
+    }
+}
+
+/// An operation with its reasons.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub op: Op,
+    pub reasons: Vec<Reason>,
+}
+
+/// Operations in the order they must run: link, addresses, device, peer removals
+/// (which free allowed IPs), updates, additions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Counts of (link and address ops, device ops, peers added, updated, removed).
+    pub fn summary(&self) -> PlanSummary {
+        let mut s = PlanSummary::default();
+        for step in &self.steps {
+            match step.op {
+                Op::CreateLink
+                | Op::SetMtu(_)
+                | Op::SetLinkUp
+                | Op::AddAddress(_)
+                | Op::RemoveAddress(_) => s.link += 1,
+                Op::ConfigureDevice(_) => s.device += 1,
+                Op::AddPeer(_) => s.peers_added += 1,
+                Op::UpdatePeer(_) => s.peers_updated += 1,
+                Op::RemovePeer(_) => s.peers_removed += 1,
+            }
+        }
+        s
+    }
+}
+
+/// How many operations of each kind a plan holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanSummary {
+    pub link: usize,
+    pub device: usize,
+    pub peers_added: usize,
+    pub peers_updated: usize,
+    pub peers_removed: usize,
+}
+
+impl fmt::Display for PlanSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "link={} device={} peers +{} ~{} -{}",
+            self.link, self.device, self.peers_added, self.peers_updated, self.peers_removed
+        )
+    }
+}
+
+/// Plans the operations that make `observed` match `desired`.
+pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    let mut steps = Vec::new();
+    let empty_link = LinkState::default();
+    let link = match &observed.link {
+        Some(link) => link,
+        None => {
+            steps.push(step(
+                Op::CreateLink,
+                reason("interface", "link", "absent", "present"),
+            ));
+            &empty_link
+        }
+    };
+    plan_link(desired, link, &mut steps);
+    plan_device(desired, &observed.device, &mut steps);
+    plan_peers(desired, &observed.device, &mut steps);
+    Plan { steps }
+}
+
+fn plan_link(desired: &Desired, link: &LinkState, steps: &mut Vec<Step>) {
+    let iface = &desired.interface;
+    if let Some(mtu) = iface.mtu {
+        if link.mtu != mtu {
+            steps.push(step(
+                Op::SetMtu(mtu),
+                reason("interface", "mtu", link.mtu, mtu),
+            ));
+        }
+    }
+    for addr in link.addresses.difference(&iface.addresses) {
+        steps.push(step(
+            Op::RemoveAddress(*addr),
+            reason("interface", "address", addr, "absent"),
+        ));
+    }
+    for addr in iface.addresses.difference(&link.addresses) {
+        steps.push(step(
+            Op::AddAddress(*addr),
+            reason("interface", "address", "absent", addr),
+        ));
+    }
+    if !link.up {
+        steps.push(step(
+            Op::SetLinkUp,
+            reason("interface", "state", "down", "up"),
+        ));
+    }
+}
+
+fn plan_device(desired: &Desired, device: &DeviceState, steps: &mut Vec<Step>) {
+    let iface = &desired.interface;
+    let mut change = DeviceChange::default();
+    let mut reasons = Vec::new();
+    if device.private_key.as_ref() != Some(&iface.private_key) {
+        change.private_key = Some(iface.private_key.clone());
+        reasons.push(reason(
+            "interface",
+            "private_key",
+            secret_label(device.private_key.as_ref()),
+            "<new key>",
+        ));
+    }
+    if iface.listen_port != 0 && device.listen_port != iface.listen_port {
+        change.listen_port = Some(iface.listen_port);
+        reasons.push(reason(
+            "interface",
+            "listen_port",
+            device.listen_port,
+            iface.listen_port,
+        ));
+    }
+    if device.fwmark != iface.fwmark {
+        change.fwmark = Some(iface.fwmark);
+        reasons.push(reason("interface", "fwmark", device.fwmark, iface.fwmark));
+    }
+    if !reasons.is_empty() {
+        steps.push(Step {
+            op: Op::ConfigureDevice(change),
+            reasons,
+        });
+    }
+}
+
+fn plan_peers(desired: &Desired, device: &DeviceState, steps: &mut Vec<Step>) {
+    for key in device.peers.keys() {
+        if !desired.peers.contains_key(key) {
+            steps.push(step(
+                Op::RemovePeer(*key),
+                reason(peer_subject(key), "peer", "present", "absent"),
+            ));
+        }
+    }
+    let mut additions = Vec::new();
+    for (key, want) in &desired.peers {
+        match device.peers.get(key) {
+            None => additions.push(step(
+                Op::AddPeer(want.clone()),
+                reason(peer_subject(key), "peer", "absent", "present"),
+            )),
+            Some(have) => {
+                if let Some(update) = peer_update(want, &have.config) {
+                    steps.push(update);
+                }
+            }
+        }
+    }
+    steps.extend(additions);
+}
+
+fn peer_update(want: &PeerSpec, have: &PeerSpec) -> Option<Step> {
+    let subject = peer_subject(&want.public_key);
+    let mut update = PeerUpdate::new(want.public_key);
+    let mut reasons = Vec::new();
+    if want.preshared_key != have.preshared_key {
+        update.preshared_key = Some(want.preshared_key.clone());
+        reasons.push(reason(
+            &subject,
+            "preshared_key",
+            secret_label(have.preshared_key.as_ref()),
+            match want.preshared_key {
+                Some(_) => "<new key>",
+                None => "<none>",
+            },
+        ));
+    }
+    if want.persistent_keepalive != have.persistent_keepalive {
+        update.persistent_keepalive = Some(want.persistent_keepalive);
+        reasons.push(reason(
+            &subject,
+            "persistent_keepalive",
+            have.persistent_keepalive,
+            want.persistent_keepalive,
+        ));
+    }
+    if want.allowed_ips != have.allowed_ips {
+        update.allowed_ips = Some(want.allowed_ips.clone());
+        reasons.push(reason(
+            &subject,
+            "allowed_ips",
+            join(&have.allowed_ips),
+            join(&want.allowed_ips),
+        ));
+    }
+    if let Some(endpoint) = want.endpoint {
+        if have.endpoint != Some(endpoint) {
+            update.endpoint = Some(endpoint);
+            reasons.push(reason(
+                &subject,
+                "endpoint",
+                have.endpoint
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "<none>".into()),
+                endpoint,
+            ));
+        }
+    }
+    if reasons.is_empty() {
+        None
+    } else {
+        Some(Step {
+            op: Op::UpdatePeer(update),
+            reasons,
+        })
+    }
+}
+
+/// Applies a plan to an observed state as a WireGuard interface would: the model the
+/// in-memory backend runs on and the property test checks against.
+pub fn simulate(observed: &mut Observed, plan: &Plan) {
+    for step in &plan.steps {
+        match &step.op {
+            Op::CreateLink => {
+                observed.link = Some(LinkState {
+                    mtu: 1420,
+                    up: false,
+                    addresses: BTreeSet::new(),
+                });
+                observed.device = DeviceState::default();
+            }
+            Op::SetMtu(mtu) => link_mut(observed).mtu = *mtu,
+            Op::SetLinkUp => link_mut(observed).up = true,
+            Op::AddAddress(a) => {
+                link_mut(observed).addresses.insert(*a);
+            }
+            Op::RemoveAddress(a) => {
+                link_mut(observed).addresses.remove(a);
+            }
+            Op::ConfigureDevice(change) => {
+                let dev = &mut observed.device;
+                if let Some(k) = &change.private_key {
+                    dev.private_key = Some(k.clone());
+                }
+                if let Some(p) = change.listen_port {
+                    dev.listen_port = p;
+                }
+                if let Some(m) = change.fwmark {
+                    dev.fwmark = m;
+                }
+            }
+            Op::AddPeer(spec) => {
+                claim_allowed_ips(&mut observed.device, &spec.public_key, &spec.allowed_ips);
+                observed
+                    .device
+                    .peers
+                    .insert(spec.public_key, PeerState::fresh(spec.clone()));
+            }
+            Op::UpdatePeer(update) => {
+                if let Some(ips) = &update.allowed_ips {
+                    claim_allowed_ips(&mut observed.device, &update.public_key, ips);
+                }
+                if let Some(peer) = observed.device.peers.get_mut(&update.public_key) {
+                    let c = &mut peer.config;
+                    if let Some(psk) = &update.preshared_key {
+                        c.preshared_key = psk.clone();
+                    }
+                    if let Some(k) = update.persistent_keepalive {
+                        c.persistent_keepalive = k;
+                    }
+                    if let Some(ips) = &update.allowed_ips {
+                        c.allowed_ips = ips.clone();
+                    }
+                    if let Some(e) = update.endpoint {
+                        c.endpoint = Some(e);
+                    }
+                }
+            }
+            Op::RemovePeer(key) => {
+                observed.device.peers.remove(key);
+            }
+        }
+    }
+}
+
+/// The kernel keeps each allowed IP on one peer: giving it to `owner` takes it from others.
+fn claim_allowed_ips(device: &mut DeviceState, owner: &Key, ips: &BTreeSet<IpNet>) {
+    for (key, peer) in device.peers.iter_mut() {
+        if key != owner {
+            peer.config.allowed_ips.retain(|ip| !ips.contains(ip));
+        }
+    }
+}
+
+fn link_mut(observed: &mut Observed) -> &mut LinkState {
+    observed.link.get_or_insert_with(LinkState::default)
+}
+
+fn step(op: Op, reason: Reason) -> Step {
+    Step {
+        op,
+        reasons: vec![reason],
+    }
+}
+
+fn reason(
+    subject: impl Into<String>,
+    field: &'static str,
+    old: impl fmt::Display,
+    new: impl fmt::Display,
+) -> Reason {
+    Reason {
+        subject: subject.into(),
+        field,
+        old: old.to_string(),
+        new: new.to_string(),
+    }
+}
+
+fn peer_subject(key: &Key) -> String {
+    format!("peer {key}")
+}
+
+fn secret_label(key: Option<&SecretKey>) -> &'static str {
+    match key {
+        Some(_) => "<set>",
+        None => "<none>",
+    }
+}
+
+fn join(ips: &BTreeSet<IpNet>) -> String {
+    if ips.is_empty() {
+        return "<none>".into();
+    }
+    ips.iter()
+        .map(|ip| ip.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::InterfaceSpec;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn key(n: u8) -> Key {
+        Key([n; 32])
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn desired(peers: Vec<PeerSpec>) -> Desired {
+        Desired {
+            interface: InterfaceSpec {
+                private_key: SecretKey::new([7; 32]),
+                listen_port: 51820,
+                addresses: [net("10.0.0.1/24")].into(),
+                mtu: Some(1420),
+                fwmark: 0,
+            },
+            peers: peers.into_iter().map(|p| (p.public_key, p)).collect(),
+        }
+    }
+
+    fn converge(d: &Desired, o: &Observed) -> Observed {
+        let p = plan(d, o);
+        let mut o = o.clone();
+        simulate(&mut o, &p);
+        o
+    }
+
+    #[test]
+    fn missing_link_is_created_configured_and_brought_up() {
+        let d = desired(vec![PeerSpec::new(key(1), [net("10.0.0.2/32")])]);
+        let p = plan(&d, &Observed::default());
+        let ops: Vec<_> = p.steps.iter().map(|s| &s.op).collect();
+        assert_eq!(ops[0], &Op::CreateLink);
+        assert!(ops.contains(&&Op::SetLinkUp));
+        assert!(ops.contains(&&Op::AddAddress(net("10.0.0.1/24"))));
+        assert!(matches!(ops.last(), Some(Op::AddPeer(_))));
+        assert!(plan(&d, &converge(&d, &Observed::default())).is_empty());
+    }
+
+    #[test]
+    fn unchanged_peers_get_no_operation() {
+        let d = desired((1..=50).map(|i| PeerSpec::new(key(i), [])).collect());
+        let o = converge(&d, &Observed::default());
+        let mut d2 = d.clone();
+        d2.peers.get_mut(&key(7)).unwrap().persistent_keepalive = 25;
+        let p = plan(&d2, &o);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.steps[0].reasons[0].field, "persistent_keepalive");
+        assert_eq!(p.steps[0].reasons[0].old, "0");
+        assert_eq!(p.steps[0].reasons[0].new, "25");
+    }
+
+    #[test]
+    fn each_peer_field_change_is_detected_with_its_reason() {
+        let base = PeerSpec::new(key(1), [net("10.0.0.2/32")]);
+        let d = desired(vec![base.clone()]);
+        let o = converge(&d, &Observed::default());
+        let cases: Vec<(&str, PeerSpec)> = vec![
+            ("preshared_key", {
+                let mut p = base.clone();
+                p.preshared_key = Some(SecretKey::new([9; 32]));
+                p
+            }),
+            ("allowed_ips", PeerSpec::new(key(1), [net("10.0.0.3/32")])),
+            ("endpoint", {
+                let mut p = base.clone();
+                p.endpoint = Some("192.0.2.1:51820".parse().unwrap());
+                p
+            }),
+        ];
+        for (field, spec) in cases {
+            let p = plan(&desired(vec![spec]), &o);
+            assert_eq!(p.len(), 1, "{field}");
+            assert_eq!(p.steps[0].reasons[0].field, field);
+            assert!(matches!(p.steps[0].op, Op::UpdatePeer(_)));
+        }
+    }
+
+    #[test]
+    fn rotated_preshared_key_is_an_update_and_secrets_are_not_in_reasons() {
+        let mut a = PeerSpec::new(key(1), []);
+        a.preshared_key = Some(SecretKey::new([1; 32]));
+        let o = converge(&desired(vec![a.clone()]), &Observed::default());
+        a.preshared_key = Some(SecretKey::new([2; 32]));
+        let p = plan(&desired(vec![a]), &o);
+        assert_eq!(p.len(), 1);
+        let text = format!("{:?} {}", p.steps[0].reasons, p.steps[0].reasons[0]);
+        assert!(!text.contains("AgICAgIC"), "{text}");
+        assert_eq!(p.steps[0].reasons[0].old, "<set>");
+    }
+
+    #[test]
+    fn extra_addresses_and_peers_are_removed_wanted_ones_kept() {
+        let d = desired(vec![PeerSpec::new(key(1), [])]);
+        let mut o = converge(&d, &Observed::default());
+        o.link
+            .as_mut()
+            .unwrap()
+            .addresses
+            .insert(net("10.9.9.9/32"));
+        o.device
+            .peers
+            .insert(key(2), PeerState::fresh(PeerSpec::new(key(2), [])));
+        let p = plan(&d, &o);
+        let ops: Vec<_> = p.steps.iter().map(|s| s.op.clone()).collect();
+        assert_eq!(
+            ops,
+            vec![
+                Op::RemoveAddress(net("10.9.9.9/32")),
+                Op::RemovePeer(key(2))
+            ]
+        );
+    }
+
+    #[test]
+    fn listen_port_zero_is_not_enforced() {
+        let mut d = desired(vec![]);
+        d.interface.listen_port = 0;
+        let mut o = converge(&d, &Observed::default());
+        o.device.listen_port = 43512;
+        assert!(plan(&d, &o).is_empty());
+    }
+
+    fn arb_net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (0u8..4, 0u8..4, 8u8..=32).prop_map(|(a, b, len)| {
+                IpNet::new(std::net::Ipv4Addr::new(10, a, b, 1).into(), len)
+                    .unwrap()
+                    .trunc()
+            }),
+            (0u16..4, 48u8..=128).prop_map(|(a, len)| {
+                IpNet::new(
+                    std::net::Ipv6Addr::new(0xfd00, a, 0, 0, 0, 0, 0, 1).into(),
+                    len,
+                )
+                .unwrap()
+                .trunc()
+            }),
+        ]
+    }
+
+    fn arb_peer(k: u8) -> impl Strategy<Value = PeerSpec> {
+        (
+            proptest::collection::btree_set(arb_net(), 0..4),
+            proptest::option::of(0u8..3),
+            prop_oneof![Just(0u16), Just(25u16)],
+            proptest::option::of(Just("192.0.2.7:51820".parse::<SocketAddr>().unwrap())),
+        )
+            .prop_map(move |(ips, psk, ka, ep)| PeerSpec {
+                public_key: key(k),
+                preshared_key: psk.map(|b| SecretKey::new([b; 32])),
+                allowed_ips: ips,
+                persistent_keepalive: ka,
+                endpoint: ep,
+            })
+    }
+
+    fn arb_peers() -> impl Strategy<Value = Vec<PeerSpec>> {
+        proptest::collection::btree_set(0u8..12, 0..8)
+            .prop_flat_map(|keys| keys.into_iter().map(arb_peer).collect::<Vec<_>>())
+    }
+
+    /// Allowed IPs unique across peers, as validation guarantees for desired states.
+    fn dedup_ips(peers: Vec<PeerSpec>) -> Vec<PeerSpec> {
+        let mut seen = BTreeSet::new();
+        peers
+            .into_iter()
+            .map(|mut p| {
+                p.allowed_ips.retain(|ip| seen.insert(*ip));
+                p
+            })
+            .collect()
+    }
+
+    fn arb_desired() -> impl Strategy<Value = Desired> {
+        (
+            arb_peers(),
+            0u8..3,
+            proptest::collection::btree_set(arb_net(), 0..3),
+            proptest::option::of(1280u32..1500),
+            0u32..3,
+            prop_oneof![Just(0u16), Just(51820u16)],
+        )
+            .prop_map(|(peers, pk, addrs, mtu, fwmark, port)| Desired {
+                interface: InterfaceSpec {
+                    private_key: SecretKey::new([pk; 32]),
+                    listen_port: port,
+                    addresses: addrs,
+                    mtu,
+                    fwmark,
+                },
+                peers: dedup_ips(peers)
+                    .into_iter()
+                    .map(|p| (p.public_key, p))
+                    .collect(),
+            })
+    }
+
+    fn arb_observed() -> impl Strategy<Value = Observed> {
+        (
+            proptest::option::of((
+                1280u32..1500,
+                any::<bool>(),
+                proptest::collection::btree_set(arb_net(), 0..3),
+            )),
+            arb_peers(),
+            proptest::option::of(0u8..3),
+            0u16..3,
+        )
+            .prop_map(|(link, peers, pk, port)| {
+                let link = link.map(|(mtu, up, addresses)| LinkState { mtu, up, addresses });
+                let device = if link.is_some() {
+                    DeviceState {
+                        private_key: pk.map(|b| SecretKey::new([b; 32])),
+                        listen_port: port,
+                        fwmark: 0,
+                        peers: dedup_ips(peers)
+                            .into_iter()
+                            .map(|p| (p.public_key, PeerState::fresh(p)))
+                            .collect::<BTreeMap<_, _>>(),
+                    }
+                } else {
+                    DeviceState::default()
+                };
+                Observed { link, device }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn applying_the_plan_converges_and_replanning_is_empty(
+            d in arb_desired(),
+            o in arb_observed(),
+        ) {
+            let after = converge(&d, &o);
+            let link = after.link.as_ref().expect("link exists after the plan");
+            prop_assert!(link.up);
+            prop_assert_eq!(&link.addresses, &d.interface.addresses);
+            if let Some(mtu) = d.interface.mtu {
+                prop_assert_eq!(link.mtu, mtu);
+            }
+            prop_assert_eq!(after.device.private_key.as_ref(), Some(&d.interface.private_key));
+            let got: BTreeMap<Key, PeerSpec> = after
+                .device
+                .peers
+                .iter()
+                .map(|(k, p)| (*k, p.config.clone()))
+                .collect();
+            for (k, want) in &d.peers {
+                let have = &got[k];
+                prop_assert_eq!(&have.allowed_ips, &want.allowed_ips);
+                prop_assert_eq!(&have.preshared_key, &want.preshared_key);
+                prop_assert_eq!(have.persistent_keepalive, want.persistent_keepalive);
+                if want.endpoint.is_some() {
+                    prop_assert_eq!(have.endpoint, want.endpoint);
+                }
+            }
+            prop_assert_eq!(got.keys().collect::<Vec<_>>(), d.peers.keys().collect::<Vec<_>>());
+            let again = plan(&d, &after);
+            prop_assert!(again.is_empty(), "second plan not empty: {:?}", again);
+        }
+
+        #[test]
+        fn peers_equal_in_both_states_are_never_touched(
+            d in arb_desired(),
+            o in arb_observed(),
+        ) {
+            let p = plan(&d, &o);
+            for step in &p.steps {
+                let key = match &step.op {
+                    Op::AddPeer(s) => s.public_key,
+                    Op::UpdatePeer(u) => u.public_key,
+                    Op::RemovePeer(k) => *k,
+                    _ => continue,
+                };
+                let same = match (d.peers.get(&key), o.device.peers.get(&key)) {
+                    (Some(w), Some(h)) => w.preshared_key == h.config.preshared_key
+                        && w.allowed_ips == h.config.allowed_ips
+                        && w.persistent_keepalive == h.config.persistent_keepalive
+                        && (w.endpoint.is_none() || w.endpoint == h.config.endpoint),
+                    _ => false,
+                };
+                prop_assert!(!same, "unchanged peer {} touched by {:?}", key, step.op);
+            }
+        }
+    }
+}
