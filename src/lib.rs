@@ -4,5 +4,7 @@
 //! [`backoff`], [`mfa`], [`stats`]. Acting code: [`backend`], [`agent`], [`http`].
 
 pub mod backend;
+pub mod location;
 pub mod model;
 pub mod plan;
+pub mod validate;

@@ -1,0 +1,267 @@
+//! The location the agent holds (the last revision it accepted) and how Core messages
+//! change it: a snapshot replaces it, a delta applies on top of it when its base is the
+//! held revision. Pure: returns what to do, the event loop does it.
+
+use std::collections::HashMap;
+
+use gatehouse_proto::v1;
+
+use crate::validate::{validate_location, Rejection, ValidLocation};
+
+/// A revision of the location that passed validation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Held {
+    pub revision: u64,
+    pub location: v1::Location,
+    pub valid: ValidLocation,
+}
+
+/// What a Core update means for the held location.
+#[derive(Debug)]
+pub enum Update {
+    /// A new valid revision to apply.
+    Accept(Box<Held>),
+    /// The delta does not apply on top of what is held: ask for a snapshot.
+    Gap { held: u64, base: u64 },
+    /// The revision is older than or equal to the held one: nothing to do.
+    Stale { held: u64, got: u64 },
+    /// Invalid content: report it, keep the last good state.
+    Reject {
+        revision: u64,
+        rejections: Vec<Rejection>,
+    },
+}
+
+/// Accepts or rejects a snapshot.
+pub fn on_snapshot(snapshot: &v1::Snapshot) -> Update {
+    let Some(location) = &snapshot.location else {
+        return Update::Reject {
+            revision: snapshot.revision,
+            rejections: vec![Rejection::new("location", "missing")],
+        };
+    };
+    accept(snapshot.revision, location.clone())
+}
+
+/// Applies a delta on top of the held revision, or says why it cannot.
+pub fn on_delta(held: Option<&Held>, delta: &v1::Delta) -> Update {
+    let held_rev = held.map_or(0, |h| h.revision);
+    let Some(held) = held.filter(|h| h.revision == delta.base_revision) else {
+        if held_rev >= delta.revision && held_rev != 0 {
+            return Update::Stale {
+                held: held_rev,
+                got: delta.revision,
+            };
+        }
+        return Update::Gap {
+            held: held_rev,
+            base: delta.base_revision,
+        };
+    };
+    if delta.revision <= delta.base_revision {
+        return Update::Reject {
+            revision: delta.revision,
+            rejections: vec![Rejection::new(
+                "revision",
+                format!(
+                    "{} is not after base_revision {}",
+                    delta.revision, delta.base_revision
+                ),
+            )],
+        };
+    }
+    match apply_changes(&held.location, &delta.changes) {
+        Ok(location) => accept(delta.revision, location),
+        Err(rejections) => Update::Reject {
+            revision: delta.revision,
+            rejections,
+        },
+    }
+}
+
+/// Applies delta changes to a location, in order.
+pub fn apply_changes(
+    base: &v1::Location,
+    changes: &[v1::Change],
+) -> Result<v1::Location, Vec<Rejection>> {
+    let mut loc = base.clone();
+    let mut index: HashMap<Vec<u8>, usize> = loc
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.public_key.clone(), i))
+        .collect();
+    let mut removed = false;
+    for (i, change) in changes.iter().enumerate() {
+        use v1::change::Kind;
+        match &change.kind {
+            Some(Kind::UpsertPeer(peer)) => match index.get(&peer.public_key) {
+                Some(&at) => loc.peers[at] = peer.clone(),
+                None => {
+                    index.insert(peer.public_key.clone(), loc.peers.len());
+                    loc.peers.push(peer.clone());
+                }
+            },
+            Some(Kind::RemovePeer(key)) => {
+                if let Some(at) = index.remove(key) {
+                    // Mark and compact once at the end: removal stays O(1) per change.
+                    loc.peers[at].public_key.clear();
+                    removed = true;
+                }
+            }
+            Some(Kind::SetInterface(iface)) => loc.interface = Some(iface.clone()),
+            Some(Kind::SetFirewall(fw)) => loc.firewall = Some(fw.clone()),
+            Some(Kind::SetMfa(mfa)) => loc.mfa = Some(*mfa),
+            None => {
+                return Err(vec![Rejection::new(
+                    format!("changes[{i}]"),
+                    "unknown or empty change (newer protocol?)",
+                )])
+            }
+        }
+    }
+    if removed {
+        loc.peers.retain(|p| !p.public_key.is_empty());
+    }
+    Ok(loc)
+}
+
+fn accept(revision: u64, location: v1::Location) -> Update {
+    match validate_location(&location) {
+        Ok(valid) => Update::Accept(Box::new(Held {
+            revision,
+            location,
+            valid,
+        })),
+        Err(rejections) => Update::Reject {
+            revision,
+            rejections,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Key;
+    use v1::change::Kind;
+
+    fn base() -> v1::Location {
+        v1::Location {
+            id: 1,
+            name: "l".into(),
+            interface: Some(v1::Interface {
+                private_key: vec![1; 32],
+                listen_port: 51820,
+                addresses: vec!["10.0.0.1/24".into()],
+                mtu: 0,
+                fwmark: 0,
+            }),
+            peers: vec![peer(2, "10.0.0.2/32"), peer(3, "10.0.0.3/32")],
+            firewall: None,
+            mfa: None,
+        }
+    }
+
+    fn peer(k: u8, ip: &str) -> v1::Peer {
+        v1::Peer {
+            public_key: vec![k; 32],
+            allowed_ips: vec![ip.into()],
+            ..Default::default()
+        }
+    }
+
+    fn held(rev: u64) -> Held {
+        match on_snapshot(&v1::Snapshot {
+            revision: rev,
+            location: Some(base()),
+        }) {
+            Update::Accept(h) => *h,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn change(kind: Kind) -> v1::Change {
+        v1::Change { kind: Some(kind) }
+    }
+
+    #[test]
+    fn delta_on_held_revision_applies_in_order() {
+        let h = held(5);
+        let d = v1::Delta {
+            revision: 6,
+            base_revision: 5,
+            changes: vec![
+                change(Kind::RemovePeer(vec![2; 32])),
+                change(Kind::UpsertPeer(peer(3, "10.0.0.33/32"))),
+                change(Kind::UpsertPeer(peer(4, "10.0.0.2/32"))),
+                change(Kind::SetMfa(v1::MfaSettings {
+                    enabled: true,
+                    disconnect_threshold_secs: 10,
+                })),
+            ],
+        };
+        let Update::Accept(next) = on_delta(Some(&h), &d) else {
+            panic!()
+        };
+        assert_eq!(next.revision, 6);
+        let keys: Vec<Key> = next.valid.desired.peers.keys().copied().collect();
+        assert_eq!(keys, vec![Key([3; 32]), Key([4; 32])]);
+        assert_eq!(next.location.peers[0].allowed_ips, vec!["10.0.0.33/32"]);
+        assert!(next.valid.mfa_threshold.is_some());
+    }
+
+    #[test]
+    fn delta_with_another_base_is_a_gap_and_old_ones_are_stale() {
+        let h = held(5);
+        let gap = v1::Delta {
+            revision: 8,
+            base_revision: 7,
+            changes: vec![],
+        };
+        assert!(matches!(
+            on_delta(Some(&h), &gap),
+            Update::Gap { held: 5, base: 7 }
+        ));
+        assert!(matches!(on_delta(None, &gap), Update::Gap { held: 0, .. }));
+        let old = v1::Delta {
+            revision: 5,
+            base_revision: 4,
+            changes: vec![],
+        };
+        assert!(matches!(on_delta(Some(&h), &old), Update::Stale { .. }));
+    }
+
+    #[test]
+    fn invalid_delta_is_rejected_whole() {
+        let h = held(5);
+        let d = v1::Delta {
+            revision: 6,
+            base_revision: 5,
+            changes: vec![
+                change(Kind::UpsertPeer(peer(4, "10.0.0.9/32"))),
+                change(Kind::UpsertPeer(peer(5, "10.0.0.2/32"))),
+            ],
+        };
+        let Update::Reject {
+            revision,
+            rejections,
+        } = on_delta(Some(&h), &d)
+        else {
+            panic!()
+        };
+        assert_eq!(revision, 6);
+        assert_eq!(rejections[0].item, "peers[3].allowed_ips");
+    }
+
+    #[test]
+    fn empty_change_is_rejected() {
+        let h = held(5);
+        let d = v1::Delta {
+            revision: 6,
+            base_revision: 5,
+            changes: vec![v1::Change { kind: None }],
+        };
+        assert!(matches!(on_delta(Some(&h), &d), Update::Reject { .. }));
+    }
+}
