@@ -1,0 +1,227 @@
+//! The Core connection: dials the Core (TLS or loopback http), opens the `Connect` stream
+//! with the gateway token, forwards what the Core sends to the event loop and gives the
+//! loop a sender for what goes back. Reconnects forever with exponential backoff and
+//! jitter; HTTP/2 keepalive detects a dead Core. Owns no agent state: the `Hello` comes
+//! from the event loop, which owns everything.
+
+use std::time::Duration;
+
+use gatehouse_proto::v1::{self, gateway_service_client::GatewayServiceClient};
+use gatehouse_proto::MAX_MESSAGE_BYTES;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Request};
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+
+/// Messages queued towards the Core before the loop notices a slow stream.
+pub const OUTBOUND_QUEUE: usize = 4096;
+
+/// How to reach the Core.
+#[derive(Clone)]
+pub struct CoreSettings {
+    pub url: String,
+    pub token: String,
+    /// PEM bundle to trust instead of the system roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key (mTLS).
+    pub client_identity: Option<(Vec<u8>, Vec<u8>)>,
+    pub connect_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl std::fmt::Debug for CoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreSettings")
+            .field("url", &self.url)
+            .field("token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the connection task tells the event loop.
+#[derive(Debug)]
+pub enum FromCore {
+    /// The loop answers with the `Hello` that opens the next stream.
+    HelloWanted(oneshot::Sender<v1::Hello>),
+    /// A stream is open; `outbound` carries messages to the Core on it.
+    Connected {
+        outbound: mpsc::Sender<v1::GatewayMessage>,
+    },
+    Message(v1::CoreMessage),
+    /// The stream ended or could not be opened; the next attempt comes after `retry_in`.
+    Disconnected {
+        error: String,
+        unauthenticated: bool,
+        retry_in: Duration,
+    },
+}
+
+/// Runs until `shutdown` becomes true or the loop goes away.
+pub async fn run(
+    settings: CoreSettings,
+    to_loop: mpsc::Sender<FromCore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let (hello_tx, hello_rx) = oneshot::channel();
+        if to_loop.send(FromCore::HelloWanted(hello_tx)).await.is_err() {
+            return;
+        }
+        let Ok(hello) = hello_rx.await else { return };
+        let outcome = tokio::select! {
+            outcome = session(&settings, hello, &to_loop, &mut backoff) => outcome,
+            _ = shutdown.changed() => return,
+        };
+        let Some((error, unauthenticated)) = outcome else {
+            return;
+        };
+        let retry_in = backoff.next_delay(rand::random::<f64>());
+        if unauthenticated {
+            warn!(%error, retry_in = ?retry_in, "the Core refused this gateway's token");
+        } else {
+            warn!(%error, retry_in = ?retry_in, "Core connection lost");
+        }
+        let note = FromCore::Disconnected {
+            error,
+            unauthenticated,
+            retry_in,
+        };
+        if to_loop.send(note).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry_in) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One stream from dial to end. `None`: the loop is gone. `Some((error, unauthenticated))`.
+async fn session(
+    settings: &CoreSettings,
+    hello: v1::Hello,
+    to_loop: &mpsc::Sender<FromCore>,
+    backoff: &mut Backoff,
+) -> Option<(String, bool)> {
+    let channel = match channel(settings).await {
+        Ok(c) => c,
+        Err(e) => return Some((e, false)),
+    };
+    let mut client = GatewayServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let first = v1::GatewayMessage {
+        kind: Some(v1::gateway_message::Kind::Hello(hello)),
+    };
+    if tx.send(first).await.is_err() {
+        return Some(("outbound queue closed".into(), false));
+    }
+    let mut request = Request::new(ReceiverStream::new(rx));
+    match MetadataValue::try_from(format!("Bearer {}", settings.token)) {
+        Ok(v) => {
+            request.metadata_mut().insert("authorization", v);
+        }
+        Err(_) => return Some(("the token contains characters not allowed in a header".into(), true)),
+    }
+    let mut inbound = match client.connect(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            return Some((
+                format!("{}: {}", status.code(), status.message()),
+                status.code() == Code::Unauthenticated,
+            ))
+        }
+    };
+    info!(url = %settings.url, "Core stream open");
+    if to_loop
+        .send(FromCore::Connected { outbound: tx })
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    let mut first_message = true;
+    loop {
+        match inbound.message().await {
+            Ok(Some(msg)) => {
+                if first_message {
+                    // The Core answered: the connection is good, start backoff over.
+                    backoff.reset();
+                    first_message = false;
+                }
+                debug!(kind = message_kind(&msg), "from Core");
+                if to_loop.send(FromCore::Message(msg)).await.is_err() {
+                    return None;
+                }
+            }
+            Ok(None) => return Some(("the Core closed the stream".into(), false)),
+            Err(status) => {
+                return Some((
+                    format!("{}: {}", status.code(), status.message()),
+                    status.code() == Code::Unauthenticated,
+                ))
+            }
+        }
+    }
+}
+
+async fn channel(settings: &CoreSettings) -> Result<Channel, String> {
+    let mut endpoint = Endpoint::from_shared(settings.url.clone())
+        .map_err(|e| format!("bad Core URL {}: {e}", settings.url))?
+        .connect_timeout(settings.connect_timeout)
+        .http2_keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_interval)
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(settings.keepalive_interval))
+        .tcp_nodelay(true);
+    if settings.url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &settings.ca_pem {
+            Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+            None => tls.with_native_roots(),
+        };
+        if let Some((cert, key)) = &settings.client_identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("TLS configuration: {e}"))?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the Core at {}: {}", settings.url, error_chain(&e)))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// A short name of a Core message for logs.
+pub fn message_kind(msg: &v1::CoreMessage) -> &'static str {
+    use v1::core_message::Kind;
+    match &msg.kind {
+        Some(Kind::Snapshot(_)) => "snapshot",
+        Some(Kind::Delta(_)) => "delta",
+        Some(Kind::EventAck(_)) => "event_ack",
+        None => "unknown",
+    }
+}

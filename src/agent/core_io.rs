@@ -1,0 +1,252 @@
+//! The event loop's side of the Core protocol: what to do with each message from the
+//! connection task (Hello, snapshots, deltas, acks, disconnects) and the messages the
+//! agent sends back (Applied, Stats, PeerEvent, SnapshotRequest).
+
+use std::time::SystemTime;
+
+use gatehouse_proto::v1::{self, gateway_message::Kind as Out};
+use tracing::{info, warn};
+
+use super::client::{message_kind, FromCore};
+use super::status::{unix_ms, Rejected};
+use super::{batches, Agent, STATS_MESSAGE_BYTES};
+use crate::location::{self, Update};
+use crate::model::Observed;
+use crate::validate::Rejection;
+
+impl Agent {
+    pub(super) async fn on_core(&mut self, event: FromCore) {
+        match event {
+            FromCore::HelloWanted(reply) => {
+                let _ = reply.send(self.hello());
+            }
+            FromCore::Connected { outbound } => {
+                let now = SystemTime::now();
+                self.outbound = Some(outbound);
+                self.core.connected = true;
+                self.core.since_unix_ms = Some(unix_ms(now));
+                self.core.consecutive_failures = 0;
+                self.core.retry_in_ms = None;
+                self.last_contact = Some(now);
+                self.stats.reset();
+                if self.offline_removed {
+                    info!("the Core is back: the offline policy no longer applies");
+                    self.offline_removed = false;
+                }
+                self.send_pending_events();
+            }
+            FromCore::Message(msg) => {
+                self.last_contact = Some(SystemTime::now());
+                self.on_message(msg).await;
+            }
+            FromCore::Disconnected {
+                error,
+                unauthenticated: _,
+                retry_in,
+            } => {
+                if self.outbound.take().is_some() || self.core.since_unix_ms.is_none() {
+                    self.core.since_unix_ms = Some(unix_ms(SystemTime::now()));
+                }
+                self.core.connected = false;
+                self.core.last_error = Some(error);
+                self.core.consecutive_failures += 1;
+                self.core.retry_in_ms = Some(retry_in.as_millis() as u64);
+                self.sent_up_to = 0;
+            }
+        }
+    }
+
+    fn hello(&mut self) -> v1::Hello {
+        self.sent_up_to = self.pending.last().map_or(0, |e| e.seq);
+        v1::Hello {
+            gateway_id: self.gateway_id.clone(),
+            name: self.settings.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            applied_revision: self.applied_revision,
+            pending_events: self.pending.iter().map(|e| e.to_proto()).collect(),
+        }
+    }
+
+    async fn on_message(&mut self, msg: v1::CoreMessage) {
+        use v1::core_message::Kind;
+        let update = match msg.kind {
+            Some(Kind::Snapshot(snapshot)) => {
+                info!(
+                    revision = snapshot.revision,
+                    peers = snapshot.location.as_ref().map_or(0, |l| l.peers.len()),
+                    "snapshot from the Core"
+                );
+                location::on_snapshot(&snapshot)
+            }
+            Some(Kind::Delta(delta)) => {
+                info!(
+                    revision = delta.revision,
+                    base = delta.base_revision,
+                    changes = delta.changes.len(),
+                    "delta from the Core"
+                );
+                location::on_delta(self.held.as_ref(), &delta)
+            }
+            Some(Kind::EventAck(ack)) => {
+                let before = self.pending.len();
+                self.pending.retain(|e| e.seq > ack.up_to_seq);
+                if self.pending.len() != before {
+                    info!(
+                        up_to_seq = ack.up_to_seq,
+                        acknowledged = before - self.pending.len(),
+                        "the Core stored peer events"
+                    );
+                    self.save_state();
+                }
+                return;
+            }
+            None => {
+                warn!(kind = message_kind(&msg), "unknown message from the Core ignored");
+                return;
+            }
+        };
+        self.on_update(update).await;
+    }
+
+    async fn on_update(&mut self, update: Update) {
+        match update {
+            Update::Accept(held) => {
+                let revision = held.revision;
+                self.held = Some(*held);
+                self.tombstones.retain_current(&super::sessions(
+                    self.held.as_ref().expect("just set"),
+                ));
+                self.last_rejected = None;
+                match self.reconcile(&format!("revision {revision}")) {
+                    Ok(_) => {
+                        self.applied_revision = revision;
+                        self.send_applied(revision, None);
+                        self.save_state();
+                        self.after_first_apply().await;
+                    }
+                    Err(e) => {
+                        self.send_applied(
+                            revision,
+                            Some(v1::ApplyError {
+                                kind: v1::ApplyErrorKind::Backend as i32,
+                                message: e.to_string(),
+                                rejected: vec![],
+                            }),
+                        );
+                        self.save_state();
+                    }
+                }
+            }
+            Update::Gap { held, base } => {
+                info!(
+                    held,
+                    base, "delta does not apply on the held revision: asking for a snapshot"
+                );
+                self.send(Out::SnapshotRequest(v1::SnapshotRequest {
+                    held_revision: held,
+                    reason: format!("delta base {base} is not the held revision {held}"),
+                }));
+            }
+            Update::Stale { held, got } => {
+                info!(held, got, "ignoring an older revision");
+            }
+            Update::Reject {
+                revision,
+                rejections,
+            } => {
+                warn!(
+                    revision,
+                    count = rejections.len(),
+                    first = %rejections[0],
+                    "rejected a revision from the Core; keeping the last good state"
+                );
+                self.last_rejected = Some(Rejected {
+                    revision,
+                    items: rejections.iter().map(|r| r.to_string()).collect(),
+                });
+                self.send_applied(
+                    revision,
+                    Some(v1::ApplyError {
+                        kind: v1::ApplyErrorKind::Invalid as i32,
+                        message: summary(&rejections),
+                        rejected: rejections.iter().map(Rejection::to_proto).collect(),
+                    }),
+                );
+            }
+        }
+    }
+
+    /// `Applied` for `attempted`; on error the held revision stays the last good one.
+    pub(super) fn send_applied(&mut self, attempted: u64, error: Option<v1::ApplyError>) {
+        let revision = if error.is_some() {
+            self.applied_revision
+        } else {
+            attempted
+        };
+        self.send(Out::Applied(v1::Applied {
+            revision,
+            attempted_revision: attempted,
+            error,
+        }));
+    }
+
+    pub(super) fn send_pending_events(&mut self) {
+        if self.outbound.is_none() {
+            return;
+        }
+        let unsent: Vec<v1::PeerEvent> = self
+            .pending
+            .iter()
+            .filter(|e| e.seq > self.sent_up_to)
+            .map(|e| e.to_proto())
+            .collect();
+        for event in unsent {
+            let seq = event.seq;
+            if self.send(Out::PeerEvent(event)) {
+                self.sent_up_to = seq;
+            }
+        }
+    }
+
+    pub(super) fn send_stats(&mut self, observed: &Observed) {
+        if self.outbound.is_none() {
+            return;
+        }
+        let peers = self
+            .stats
+            .changed(&observed.device.peers, &self.epochs, SystemTime::now());
+        if peers.is_empty() {
+            return;
+        }
+        let collected_at = unix_ms(SystemTime::now());
+        for stats in batches(peers, collected_at, STATS_MESSAGE_BYTES) {
+            if !self.send(Out::Stats(stats)) {
+                // The stream is gone or congested: report everything on the next one.
+                self.stats.reset();
+                return;
+            }
+        }
+    }
+
+    /// Queues a message to the Core; false when there is no stream or it is congested.
+    fn send(&mut self, kind: Out) -> bool {
+        let Some(tx) = &self.outbound else {
+            return false;
+        };
+        match tx.try_send(v1::GatewayMessage { kind: Some(kind) }) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "cannot queue a message to the Core");
+                false
+            }
+        }
+    }
+}
+
+fn summary(rejections: &[Rejection]) -> String {
+    match rejections {
+        [one] => format!("rejected: {one}"),
+        [first, rest @ ..] => format!("rejected: {first} (and {} more)", rest.len()),
+        [] => "rejected".into(),
+    }
+}

@@ -1,0 +1,687 @@
+//! The agent's event loop: the one owner of the agent's state (held location, MFA timers,
+//! pending events, stats baseline, status). The Core connection, the HTTP server and the
+//! timers talk to it through channels; every trigger (a Core message, a timer, a drift
+//! check) leads to the same idempotent reconcile: observe, plan, apply.
+//!
+//! Shutdown is injected: [`run`] returns when the `shutdown` future completes, leaving the
+//! interface and its peers in place unless `remove_on_shutdown` is set.
+
+pub mod client;
+mod core_io;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use gatehouse_proto::v1;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::backend::{Backend, BackendError};
+use crate::hooks::{Hook, Hooks};
+use crate::http::{self, DiffReport};
+use crate::location::Held;
+use crate::mfa::{MfaTracker, PeerSample, Tombstones};
+use crate::model::{Desired, Key, Observed};
+use crate::plan::{plan, Op, Plan, PlanSummary};
+use crate::state::{LoadOutcome, PendingEvent, PersistedState, StateStore};
+use crate::stats::{batches, Epochs, StatsTracker};
+use crate::validate::validate_location;
+use client::{CoreSettings, FromCore};
+use status::{readiness, unix_ms, Readiness, Status};
+
+/// Above this many operations, a plan's steps are logged at DEBUG and summarized at INFO.
+const LOG_EACH_STEP_UP_TO: usize = 100;
+/// Largest `Stats` message the agent sends (well under the gRPC limit).
+const STATS_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Everything the event loop needs, resolved from the configuration by the caller.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub name: String,
+    pub interface: String,
+    pub backend_name: String,
+    pub state_dir: PathBuf,
+    pub core: CoreSettings,
+    pub stats_interval: Duration,
+    pub resync_interval: Duration,
+    /// None: keep peers without the Core; Some(d): remove them after `d` without it.
+    pub offline_remove_after: Option<Duration>,
+    pub remove_on_shutdown: bool,
+    pub http_listen: Option<SocketAddr>,
+    pub hooks: Hooks,
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    settings: Settings,
+    backend: Box<dyn Backend>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (status_tx, _) = watch::channel(Status::default());
+    run_with_status(settings, backend, shutdown, status_tx).await
+}
+
+/// [`run`], publishing the status on `status_tx` (tests and embedders watch it).
+pub async fn run_with_status(
+    settings: Settings,
+    backend: Box<dyn Backend>,
+    shutdown: impl Future<Output = ()> + Send,
+    status_tx: watch::Sender<Status>,
+) -> anyhow::Result<()> {
+    let (store, outcome) = StateStore::open(&settings.state_dir)
+        .with_context(|| format!("state_dir {}", settings.state_dir.display()))?;
+    let http_listener = match settings.http_listen {
+        Some(addr) => Some(http::bind(addr).await?),
+        None => None,
+    };
+    let mut agent = Agent::new(settings, backend, store, outcome);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (core_tx, core_rx) = mpsc::channel(1024);
+    let (diff_tx, diff_rx) = mpsc::channel(16);
+    let status_rx = status_tx.subscribe();
+    agent.status_tx = Some(status_tx);
+
+    agent.start().await;
+    let client = tokio::spawn(client::run(
+        agent.settings.core.clone(),
+        core_tx,
+        stop_rx.clone(),
+    ));
+    let http = http_listener.map(|l| {
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(l, status_rx, diff_tx, stop).await {
+                error!(error = %e, "HTTP server failed");
+            }
+        })
+    });
+
+    agent.event_loop(core_rx, diff_rx, shutdown).await;
+    let _ = stop_tx.send(true);
+    let _ = client.await;
+    if let Some(h) = http {
+        let _ = h.await;
+    }
+    agent.stop().await;
+    Ok(())
+}
+
+struct Agent {
+    settings: Settings,
+    backend: Box<dyn Backend>,
+    store: StateStore,
+    gateway_id: String,
+    origin: Instant,
+    held: Option<Held>,
+    applied_revision: u64,
+    apply_error: Option<String>,
+    backend_error: Option<String>,
+    last_rejected: Option<status::Rejected>,
+    mfa: MfaTracker,
+    tombstones: Tombstones,
+    epochs: Epochs,
+    stats: StatsTracker,
+    pending: Vec<PendingEvent>,
+    next_seq: u64,
+    /// Events up to this seq went out on the current stream (in Hello or after).
+    sent_up_to: u64,
+    outbound: Option<mpsc::Sender<v1::GatewayMessage>>,
+    core: status::CoreStatus,
+    last_contact: Option<SystemTime>,
+    offline_removed: bool,
+    started_up: bool,
+    counts: Counts,
+    status_tx: Option<watch::Sender<Status>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    kernel_peers: usize,
+    last_reconcile_ops: usize,
+    last_reconcile: Option<SystemTime>,
+    drift_repairs: u64,
+    mfa_removals: u64,
+}
+
+impl Agent {
+    fn new(
+        settings: Settings,
+        backend: Box<dyn Backend>,
+        store: StateStore,
+        outcome: LoadOutcome,
+    ) -> Self {
+        let mut agent = Agent {
+            gateway_id: store.gateway_id().to_string(),
+            core: status::CoreStatus {
+                url: settings.core.url.clone(),
+                ..Default::default()
+            },
+            settings,
+            backend,
+            store,
+            origin: Instant::now(),
+            held: None,
+            applied_revision: 0,
+            apply_error: None,
+            backend_error: None,
+            last_rejected: None,
+            mfa: MfaTracker::new(),
+            tombstones: Tombstones::default(),
+            epochs: Epochs::default(),
+            stats: StatsTracker::default(),
+            pending: Vec::new(),
+            next_seq: 1,
+            sent_up_to: 0,
+            outbound: None,
+            last_contact: None,
+            offline_removed: false,
+            started_up: false,
+            counts: Counts::default(),
+            status_tx: None,
+        };
+        match outcome {
+            LoadOutcome::Fresh => info!(gateway_id = %agent.gateway_id, "no state file: starting fresh"),
+            LoadOutcome::Corrupt { moved_to, reason } => warn!(
+                moved_to = %moved_to.display(),
+                %reason,
+                "state file unreadable: moved aside, starting from the Core"
+            ),
+            LoadOutcome::Loaded(state) => agent.restore(*state),
+        }
+        agent
+    }
+
+    fn restore(&mut self, state: PersistedState) {
+        let now = self.mono();
+        let wall = SystemTime::now();
+        self.mfa = MfaTracker::restore(&state.mfa, now, wall);
+        self.tombstones = state.tombstones;
+        self.epochs = state.epochs;
+        self.pending = state.pending_events;
+        self.next_seq = state.next_seq.max(1);
+        self.last_contact = state
+            .core_last_contact_unix_ms
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64));
+        let Some(bytes) = state.location else {
+            return;
+        };
+        let location = match <v1::Location as prost::Message>::decode(bytes.as_slice()) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "state file: the saved location does not decode; waiting for the Core");
+                return;
+            }
+        };
+        match validate_location(&location) {
+            Ok(valid) => {
+                info!(
+                    revision = state.applied_revision,
+                    peers = valid.desired.peers.len(),
+                    pending_events = self.pending.len(),
+                    "restored the last applied location from the state file"
+                );
+                self.held = Some(Held {
+                    revision: state.applied_revision,
+                    location,
+                    valid,
+                });
+            }
+            Err(rejections) => warn!(
+                first = %rejections[0],
+                "state file: the saved location is invalid; waiting for the Core"
+            ),
+        }
+    }
+
+    /// Start-up: pre_up, then restore or adopt the interface from the state file.
+    async fn start(&mut self) {
+        self.settings
+            .hooks
+            .run(Hook::PreUp, &self.settings.interface)
+            .await;
+        if let Err(e) = self.backend.check() {
+            self.backend_error = Some(e.to_string());
+            error!(error = %e, "backend check failed");
+        }
+        if self.held.is_some() {
+            let revision = self.held.as_ref().map_or(0, |h| h.revision);
+            match self.reconcile("start: restore from state file") {
+                Ok(_) => {
+                    self.applied_revision = revision;
+                    self.after_first_apply().await;
+                }
+                Err(e) => error!(error = %e, "could not restore the interface from the state file"),
+            }
+        }
+        self.publish();
+    }
+
+    async fn event_loop(
+        &mut self,
+        mut core_rx: mpsc::Receiver<FromCore>,
+        mut diff_rx: mpsc::Receiver<oneshot::Sender<DiffReport>>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut stats_tick = tokio::time::interval(self.settings.stats_interval);
+        let mut resync_tick = tokio::time::interval(self.settings.resync_interval);
+        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        stats_tick.tick().await;
+        resync_tick.tick().await;
+        loop {
+            let mfa_at = self
+                .next_mfa_deadline()
+                .map(|d| self.origin + d)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                event = core_rx.recv() => match event {
+                    Some(event) => self.on_core(event).await,
+                    None => break,
+                },
+                Some(reply) = diff_rx.recv() => {
+                    let _ = reply.send(self.diff());
+                }
+                _ = tokio::time::sleep_until(mfa_at) => self.on_tick("mfa deadline", false),
+                _ = stats_tick.tick() => self.on_tick("stats interval", true),
+                _ = resync_tick.tick() => self.on_resync().await,
+            }
+            self.publish();
+        }
+    }
+
+    /// Shutdown: pre_down, flush the state, keep (or remove) the interface, post_down.
+    async fn stop(&mut self) {
+        let iface = self.settings.interface.clone();
+        self.settings.hooks.run(Hook::PreDown, &iface).await;
+        self.save_state();
+        if self.settings.remove_on_shutdown {
+            match self.backend.remove() {
+                Ok(()) => info!(interface = %iface, "interface removed (remove_on_shutdown)"),
+                Err(e) => error!(error = %e, "could not remove the interface"),
+            }
+        } else {
+            info!(interface = %iface, "stopping; the interface and its peers stay in place");
+        }
+        self.settings.hooks.run(Hook::PostDown, &iface).await;
+    }
+
+    fn mono(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    // ------------------------------------------------------------------ reconcile --
+
+    /// The desired state after local decisions: MFA removals and the offline policy.
+    fn effective_desired(&self) -> Option<Desired> {
+        let held = self.held.as_ref()?;
+        let mut desired = held.valid.desired.clone();
+        self.tombstones.filter(&mut desired, &sessions(held));
+        if self.offline_removed {
+            desired.peers.clear();
+        }
+        Some(desired)
+    }
+
+    /// Observe, plan, apply. The one path every trigger takes.
+    fn reconcile(&mut self, trigger: &str) -> Result<PlanSummary, BackendError> {
+        let Some(desired) = self.effective_desired() else {
+            return Ok(PlanSummary::default());
+        };
+        let observed = self.observe()?;
+        let plan = plan(&desired, &observed);
+        self.counts.last_reconcile = Some(SystemTime::now());
+        self.counts.last_reconcile_ops = plan.len();
+        if plan.is_empty() {
+            debug!(trigger, "reconcile: the interface matches");
+            self.apply_error = None;
+            return Ok(PlanSummary::default());
+        }
+        let summary = plan.summary();
+        log_plan(trigger, &plan, summary);
+        let result = self.backend.apply(&plan);
+        self.account(&plan, result.is_ok());
+        match result {
+            Ok(()) => {
+                self.apply_error = None;
+                Ok(summary)
+            }
+            Err(e) => {
+                error!(trigger, error = %e, "apply failed; the next reconcile retries");
+                self.apply_error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn observe(&mut self) -> Result<Observed, BackendError> {
+        let observed = self.backend.observe()?;
+        self.counts.kernel_peers = observed.device.peers.len();
+        let now = self.mono();
+        let wall = SystemTime::now();
+        self.mfa.observe(
+            observed.device.peers.iter().map(|(k, p)| {
+                (
+                    *k,
+                    PeerSample {
+                        rx_bytes: p.rx_bytes,
+                        last_handshake: p.last_handshake,
+                    },
+                )
+            }),
+            now,
+            wall,
+        );
+        Ok(observed)
+    }
+
+    /// Bookkeeping after an apply: counter epochs and trackers of added/removed peers.
+    fn account(&mut self, plan: &Plan, _ok: bool) {
+        for step in &plan.steps {
+            match &step.op {
+                Op::AddPeer(spec) => {
+                    let epoch = rand::random::<u64>().max(1);
+                    self.epochs.assign(spec.public_key, epoch);
+                }
+                Op::RemovePeer(key) => {
+                    self.epochs.remove(key);
+                    self.mfa.forget(key);
+                    self.stats.forget(key);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn after_first_apply(&mut self) {
+        if !self.started_up {
+            self.started_up = true;
+            self.settings
+                .hooks
+                .run(Hook::PostUp, &self.settings.interface)
+                .await;
+        }
+    }
+
+    // ------------------------------------------------------------------ timers --
+
+    fn next_mfa_deadline(&self) -> Option<Duration> {
+        let threshold = self.held.as_ref()?.valid.mfa_threshold?;
+        self.mfa.next_deadline(threshold, self.mono())
+    }
+
+    /// Stats interval and MFA deadlines: read the interface once, expire, report.
+    fn on_tick(&mut self, trigger: &str, report_stats: bool) {
+        self.check_offline_policy();
+        let observed = match self.observe() {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(trigger, error = %e, "cannot read the interface");
+                self.backend_error = Some(e.to_string());
+                return;
+            }
+        };
+        self.expire_mfa(&observed);
+        if report_stats {
+            self.send_stats(&observed);
+        }
+    }
+
+    async fn on_resync(&mut self) {
+        match self.backend.check() {
+            Ok(Some(repair)) => warn!(%repair, "backend repaired itself"),
+            Ok(None) => self.backend_error = None,
+            Err(e) => {
+                error!(error = %e, "backend unhealthy");
+                self.backend_error = Some(e.to_string());
+            }
+        }
+        self.check_offline_policy();
+        let in_sync = self.held.as_ref().map(|h| h.revision) == Some(self.applied_revision);
+        match self.reconcile("periodic resync") {
+            Ok(summary) if summary != PlanSummary::default() => {
+                if in_sync {
+                    self.counts.drift_repairs += 1;
+                    warn!(%summary, "drift repaired: the interface had been changed outside gatehouse");
+                }
+                self.mark_applied().await;
+            }
+            Ok(_) => self.mark_applied().await,
+            Err(_) => {}
+        }
+        self.save_state();
+    }
+
+    /// After a successful reconcile: the held revision is what the kernel has.
+    async fn mark_applied(&mut self) {
+        let Some(rev) = self.held.as_ref().map(|h| h.revision) else {
+            return;
+        };
+        if rev != self.applied_revision {
+            self.applied_revision = rev;
+            self.send_applied(rev, None);
+        }
+        self.after_first_apply().await;
+    }
+
+    fn check_offline_policy(&mut self) {
+        let Some(limit) = self.settings.offline_remove_after else {
+            return;
+        };
+        if self.outbound.is_some() || self.offline_removed {
+            return;
+        }
+        let Some(last) = self.last_contact else { return };
+        let offline = SystemTime::now().duration_since(last).unwrap_or_default();
+        if offline > limit {
+            warn!(
+                offline_secs = offline.as_secs(),
+                limit_secs = limit.as_secs(),
+                "offline policy: the Core has been unreachable too long; removing peers"
+            );
+            self.offline_removed = true;
+            let _ = self.reconcile("offline policy");
+        }
+    }
+
+    // ------------------------------------------------------------------ MFA --
+
+    fn expire_mfa(&mut self, observed: &Observed) {
+        let Some(held) = &self.held else { return };
+        let Some(threshold) = held.valid.mfa_threshold else {
+            return;
+        };
+        let now = self.mono();
+        let expired: Vec<_> = self
+            .mfa
+            .expired(threshold, now)
+            .into_iter()
+            .filter(|e| observed.device.peers.contains_key(&e.key) && held.valid.desired.peers.contains_key(&e.key))
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        let at_ms = unix_ms(SystemTime::now());
+        let (pending_before, seq_before) = (self.pending.len(), self.next_seq);
+        for e in &expired {
+            let meta = held.valid.meta.get(&e.key).copied().unwrap_or_default();
+            let psk = held
+                .valid
+                .desired
+                .peers
+                .get(&e.key)
+                .and_then(|p| p.preshared_key.clone());
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let detail = format!(
+                "inactive for {}s > threshold {}s",
+                e.inactive_for.as_secs(),
+                threshold.as_secs()
+            );
+            info!(peer = %e.key, seq, %detail, "MFA: removing inactive peer");
+            self.pending.push(PendingEvent {
+                seq,
+                public_key: e.key,
+                reason: v1::PeerEventReason::MfaInactive as i32,
+                last_handshake_ms: e.last_handshake.map(unix_ms).unwrap_or(0),
+                at_ms,
+                mfa_session: meta.mfa_session,
+                peer_id: meta.id,
+                detail,
+            });
+            self.tombstones.add(e.key, meta.mfa_session, psk.as_ref());
+        }
+        // The events are on disk before any peer is removed.
+        if let Err(e) = self.store.save(&self.persisted()) {
+            error!(error = %e, "cannot write the state file: MFA removal postponed");
+            for ev in &expired {
+                self.tombstones.remove(&ev.key);
+            }
+            self.pending.truncate(pending_before);
+            self.next_seq = seq_before;
+            return;
+        }
+        self.counts.mfa_removals += expired.len() as u64;
+        let _ = self.reconcile("MFA inactivity");
+        self.send_pending_events();
+    }
+
+    // ------------------------------------------------------------------ state --
+
+    fn persisted(&self) -> PersistedState {
+        PersistedState {
+            gateway_id: self.gateway_id.clone(),
+            applied_revision: self.held.as_ref().map_or(0, |h| h.revision),
+            location: self
+                .held
+                .as_ref()
+                .map(|h| prost::Message::encode_to_vec(&h.location)),
+            mfa: self.mfa.persist(self.mono(), SystemTime::now()),
+            tombstones: self.tombstones.clone(),
+            epochs: self.epochs.clone(),
+            pending_events: self.pending.clone(),
+            next_seq: self.next_seq,
+            core_last_contact_unix_ms: self.last_contact.map(unix_ms),
+            ..Default::default()
+        }
+    }
+
+    fn save_state(&mut self) {
+        if let Err(e) = self.store.save(&self.persisted()) {
+            error!(error = %e, "cannot write the state file");
+        }
+    }
+
+    // ------------------------------------------------------------------ status --
+
+    fn publish(&self) {
+        let Some(tx) = &self.status_tx else { return };
+        let counters = self.backend.counters();
+        let (ready, ready_reason) = readiness(
+            &Readiness {
+                applied: self.applied_revision != 0,
+                apply_failed: self.apply_error.is_some(),
+                backend_failed: self.backend_error.is_some(),
+                core_connected: self.outbound.is_some(),
+                last_contact: self.last_contact,
+                offline_allowance: self.settings.offline_remove_after,
+            },
+            SystemTime::now(),
+        );
+        let desired_peers = self
+            .effective_desired()
+            .map_or(0, |d| d.peers.len());
+        let status = Status {
+            gateway_id: self.gateway_id.clone(),
+            name: self.settings.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            interface: self.settings.interface.clone(),
+            backend: self.settings.backend_name.clone(),
+            held_revision: self.held.as_ref().map_or(0, |h| h.revision),
+            applied_revision: self.applied_revision,
+            apply_error: self.apply_error.clone(),
+            last_rejected: self.last_rejected.clone(),
+            core: self.core.clone(),
+            desired_peers,
+            kernel_peers: self.counts.kernel_peers,
+            last_reconcile_ops: self.counts.last_reconcile_ops,
+            last_reconcile_unix_ms: self.counts.last_reconcile.map(unix_ms),
+            drift_repairs: self.counts.drift_repairs,
+            mfa_threshold_secs: self
+                .held
+                .as_ref()
+                .and_then(|h| h.valid.mfa_threshold)
+                .map(|d| d.as_secs()),
+            mfa_removals: self.counts.mfa_removals,
+            pending_events: self.pending.len(),
+            device_writes: counters.device_writes,
+            link_writes: counters.link_writes,
+            backend_error: self.backend_error.clone(),
+            offline_removed: self.offline_removed,
+            ready,
+            ready_reason,
+        };
+        tx.send_replace(status);
+    }
+
+    fn diff(&mut self) -> DiffReport {
+        let held_revision = self.held.as_ref().map_or(0, |h| h.revision);
+        let Some(desired) = self.effective_desired() else {
+            return DiffReport {
+                held_revision,
+                operations: vec![],
+                error: Some("no location held yet".into()),
+            };
+        };
+        match self.backend.observe() {
+            Ok(observed) => DiffReport {
+                held_revision,
+                operations: plan(&desired, &observed)
+                    .steps
+                    .iter()
+                    .map(|s| {
+                        let reasons: Vec<String> =
+                            s.reasons.iter().map(|r| r.to_string()).collect();
+                        reasons.join("; ")
+                    })
+                    .collect(),
+                error: None,
+            },
+            Err(e) => DiffReport {
+                held_revision,
+                operations: vec![],
+                error: Some(e.to_string()),
+            },
+        }
+    }
+}
+
+fn sessions(held: &Held) -> BTreeMap<Key, u64> {
+    held.valid
+        .meta
+        .iter()
+        .map(|(k, m)| (*k, m.mfa_session))
+        .collect()
+}
+
+fn log_plan(trigger: &str, plan: &Plan, summary: PlanSummary) {
+    let each = plan.len() <= LOG_EACH_STEP_UP_TO;
+    for step in &plan.steps {
+        for r in &step.reasons {
+            if each {
+                info!(trigger, subject = %r.subject, field = r.field, old = %r.old, new = %r.new, "apply");
+            } else {
+                debug!(trigger, subject = %r.subject, field = r.field, old = %r.old, new = %r.new, "apply");
+            }
+        }
+    }
+    info!(trigger, %summary, "applying plan");
+}

@@ -1,0 +1,179 @@
+//! What the agent tells about itself: the status the event loop publishes (through a
+//! `watch` channel) for `/readyz`, `/status`, `/metrics` and `gatehouse status`, and the
+//! readiness rule. The rule is pure: inputs and `now` in, verdict out.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// The agent's state as last published by the event loop.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub gateway_id: String,
+    pub name: String,
+    pub version: String,
+    pub interface: String,
+    pub backend: String,
+    /// Revision held (accepted from the Core, or restored from the state file).
+    pub held_revision: u64,
+    /// Revision whose state the kernel matches (0 = none yet).
+    pub applied_revision: u64,
+    /// The last apply failed: the kernel may not match `held_revision` yet.
+    pub apply_error: Option<String>,
+    /// The last revision the Core sent that was rejected, with the reasons.
+    pub last_rejected: Option<Rejected>,
+    pub core: CoreStatus,
+    /// Peers in the desired state (after MFA removals).
+    pub desired_peers: usize,
+    /// Peers read from the interface at the last reconcile.
+    pub kernel_peers: usize,
+    /// Operations the last reconcile applied (0 = the kernel already matched).
+    pub last_reconcile_ops: usize,
+    pub last_reconcile_unix_ms: Option<i64>,
+    /// Repairs of drift found by periodic reconciliation since start.
+    pub drift_repairs: u64,
+    pub mfa_threshold_secs: Option<u64>,
+    pub mfa_removals: u64,
+    pub pending_events: usize,
+    pub device_writes: u64,
+    pub link_writes: u64,
+    /// The backend's own health (e.g. wireguard-go running).
+    pub backend_error: Option<String>,
+    /// Set when the offline policy removed the peers.
+    pub offline_removed: bool,
+    pub ready: bool,
+    pub ready_reason: String,
+}
+
+/// The Core connection as the event loop sees it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CoreStatus {
+    pub url: String,
+    pub connected: bool,
+    /// Since when connected, or since when unreachable (unix ms).
+    pub since_unix_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    pub retry_in_ms: Option<u64>,
+}
+
+/// A rejected revision.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Rejected {
+    pub revision: u64,
+    pub items: Vec<String>,
+}
+
+/// Inputs of the readiness rule.
+#[derive(Clone, Copy, Debug)]
+pub struct Readiness {
+    pub applied: bool,
+    pub apply_failed: bool,
+    pub backend_failed: bool,
+    pub core_connected: bool,
+    /// When the Core was last reachable; None: never during this run or before.
+    pub last_contact: Option<SystemTime>,
+    /// None: keep serving without the Core forever.
+    pub offline_allowance: Option<Duration>,
+}
+
+/// Ready = the interface applied and healthy, and the Core connected or within its
+/// offline allowance. A hung or half-configured gateway is never reported ready.
+pub fn readiness(r: &Readiness, now: SystemTime) -> (bool, String) {
+    if !r.applied {
+        return (false, "no configuration applied yet".into());
+    }
+    if r.backend_failed {
+        return (false, "backend unhealthy".into());
+    }
+    if r.apply_failed {
+        return (false, "the last apply failed".into());
+    }
+    if r.core_connected {
+        return (true, "applied, Core connected".into());
+    }
+    let offline_for = r
+        .last_contact
+        .and_then(|t| now.duration_since(t).ok())
+        .unwrap_or_default();
+    match r.offline_allowance {
+        None => (
+            true,
+            format!(
+                "applied, Core unreachable for {}s (offline policy: keep)",
+                offline_for.as_secs()
+            ),
+        ),
+        Some(limit) if offline_for <= limit => (
+            true,
+            format!(
+                "applied, Core unreachable for {}s (allowance {}s)",
+                offline_for.as_secs(),
+                limit.as_secs()
+            ),
+        ),
+        Some(limit) => (
+            false,
+            format!(
+                "Core unreachable for {}s, beyond the offline allowance of {}s",
+                offline_for.as_secs(),
+                limit.as_secs()
+            ),
+        ),
+    }
+}
+
+/// Unix milliseconds of a wall time (0 before the epoch).
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Readiness {
+        Readiness {
+            applied: true,
+            apply_failed: false,
+            backend_failed: false,
+            core_connected: true,
+            last_contact: None,
+            offline_allowance: None,
+        }
+    }
+
+    #[test]
+    fn ready_only_when_applied_healthy_and_core_ok() {
+        let now = SystemTime::now();
+        assert!(readiness(&base(), now).0);
+        assert!(!readiness(&Readiness { applied: false, ..base() }, now).0);
+        assert!(!readiness(&Readiness { apply_failed: true, ..base() }, now).0);
+        assert!(!readiness(&Readiness { backend_failed: true, ..base() }, now).0);
+    }
+
+    #[test]
+    fn offline_allowance_decides_without_core() {
+        let now = SystemTime::now();
+        let offline = Readiness {
+            core_connected: false,
+            last_contact: Some(now - Duration::from_secs(120)),
+            ..base()
+        };
+        let (ok, why) = readiness(&offline, now);
+        assert!(ok);
+        assert!(why.contains("unreachable for 120s"), "{why}");
+        let limited = Readiness {
+            offline_allowance: Some(Duration::from_secs(60)),
+            ..offline
+        };
+        assert!(!readiness(&limited, now).0);
+        let within = Readiness {
+            offline_allowance: Some(Duration::from_secs(600)),
+            ..offline
+        };
+        assert!(readiness(&within, now).0);
+    }
+}
