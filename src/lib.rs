@@ -4,5 +4,9 @@
 //! [`backoff`], [`mfa`], [`stats`]. Acting code: [`backend`], [`agent`], [`http`].
 
 pub mod backend;
+pub mod backoff;
+pub mod mfa;
 pub mod model;
 pub mod plan;
+pub mod state;
+pub mod stats;
