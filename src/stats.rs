@@ -349,6 +349,23 @@ mod tests {
     }
 
     #[test]
+    fn batches_are_exact_for_many_limits() {
+        let all = StatsTracker::new().changed(&peers(200), &Epochs::new());
+        for max in 200..=400 {
+            let out = batches(all.clone(), now(), max);
+            for w in out.windows(2) {
+                assert!(w[0].encoded_len() <= max, "limit {max}");
+                let mut grown = w[0].clone();
+                grown.peers.push(w[1].peers[0].clone());
+                assert!(grown.encoded_len() > max, "limit {max}: batch not full");
+            }
+            let last = out.last().unwrap();
+            assert!(last.encoded_len() <= max, "limit {max}");
+            assert_eq!(out.iter().map(|b| b.peers.len()).sum::<usize>(), 200);
+        }
+    }
+
+    #[test]
     fn batches_edge_cases() {
         assert!(batches(Vec::new(), now(), 1000).is_empty());
         let all = StatsTracker::new().changed(&peers(3), &Epochs::new());
