@@ -1,10 +1,17 @@
 //! gatehouse: a WireGuard gateway agent managed by a central Core.
 //!
 //! Deciding code (pure, tested without root): [`model`], [`plan`], [`validate`],
-//! [`backoff`], [`mfa`], [`stats`]. Acting code: [`backend`], [`agent`], [`http`].
+//! [`location`], [`backoff`], [`mfa`], [`stats`], [`agent::status`].
+//! Acting code: [`backend`], [`agent`], [`state`], [`http`].
 
+pub mod agent;
 pub mod backend;
+pub mod backoff;
+pub mod http;
 pub mod location;
+pub mod mfa;
 pub mod model;
 pub mod plan;
+pub mod state;
+pub mod stats;
 pub mod validate;

@@ -1,0 +1,118 @@
+//! What the state file holds: the agent's memory across restarts (design §5).
+
+use std::fmt;
+
+use gatehouse_proto::v1::{PeerEvent, PeerEventReason};
+use serde::{Deserialize, Serialize};
+
+use super::codec;
+use crate::mfa::{MfaSnapshot, Tombstones};
+use crate::model::Key;
+use crate::stats::Epochs;
+
+/// Everything the agent keeps on disk. The file also carries a format `version`, which
+/// [`super::StateStore`] writes and checks; it is not part of this struct.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PersistedState {
+    /// The gateway's stable id (also kept in its own `gateway-id` file, which wins).
+    pub gateway_id: String,
+    /// The revision last applied successfully; 0 for none.
+    pub applied_revision: u64,
+    /// The prost-encoded `gatehouse.v1.Location` of `applied_revision` (base64 in the
+    /// file). Holds the interface's private key: never log it.
+    #[serde(with = "codec::opt_bytes_b64")]
+    pub location: Option<Vec<u8>>,
+    pub mfa: MfaSnapshot,
+    pub tombstones: Tombstones,
+    pub epochs: Epochs,
+    /// Events not yet acknowledged by the Core, oldest first.
+    pub pending_events: Vec<PendingEvent>,
+    /// The `seq` of the next event (never reused).
+    pub next_seq: u64,
+    /// Last time the Core was connected (for the offline policy), Unix ms.
+    pub core_last_contact_unix_ms: Option<i64>,
+}
+
+impl PersistedState {
+    /// An empty state for a gateway.
+    pub fn new(gateway_id: impl Into<String>) -> Self {
+        PersistedState {
+            gateway_id: gateway_id.into(),
+            next_seq: 1,
+            ..Default::default()
+        }
+    }
+}
+
+impl fmt::Debug for PersistedState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PersistedState")
+            .field("gateway_id", &self.gateway_id)
+            .field("applied_revision", &self.applied_revision)
+            .field(
+                "location",
+                &self
+                    .location
+                    .as_ref()
+                    .map(|l| format!("<{} bytes, redacted>", l.len())),
+            )
+            .field("mfa_peers", &self.mfa.peers.len())
+            .field("tombstones", &self.tombstones.len())
+            .field("epochs", &self.epochs.len())
+            .field("pending_events", &self.pending_events)
+            .field("next_seq", &self.next_seq)
+            .field("core_last_contact_unix_ms", &self.core_last_contact_unix_ms)
+            .finish()
+    }
+}
+
+/// A `PeerEvent` waiting for the Core's `EventAck`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingEvent {
+    pub seq: u64,
+    #[serde(with = "codec::key_b64")]
+    pub public_key: Key,
+    #[serde(with = "reason_name")]
+    pub reason: PeerEventReason,
+    /// 0 = never.
+    pub last_handshake_ms: i64,
+    pub at_ms: i64,
+    pub mfa_session: u64,
+    pub peer_id: u64,
+    pub detail: String,
+}
+
+impl PendingEvent {
+    /// The wire form.
+    pub fn to_proto(&self) -> PeerEvent {
+        PeerEvent {
+            seq: self.seq,
+            public_key: self.public_key.0.to_vec(),
+            reason: self.reason as i32,
+            last_handshake_ms: self.last_handshake_ms,
+            at_ms: self.at_ms,
+            mfa_session: self.mfa_session,
+            peer_id: self.peer_id,
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+/// The reason as its proto name ("PEER_EVENT_REASON_MFA_INACTIVE"): readable, and stable
+/// if numbers were ever reordered.
+mod reason_name {
+    use gatehouse_proto::v1::PeerEventReason;
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(r: &PeerEventReason, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(r.as_str_name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PeerEventReason, D::Error> {
+        let name = String::deserialize(d)?;
+        PeerEventReason::from_str_name(&name)
+            .ok_or_else(|| D::Error::custom(format!("unknown event reason {name:?}")))
+    }
+}

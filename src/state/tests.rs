@@ -1,0 +1,244 @@
+//! Tests of the state directory (on a temp dir; no root needed).
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use gatehouse_proto::v1::PeerEventReason;
+
+use super::*;
+use crate::mfa::{MfaTracker, PeerSample, Session, Tombstones};
+use crate::model::Key;
+use crate::stats::Epochs;
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn sample_state(id: &str) -> PersistedState {
+    let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let mut mfa = MfaTracker::new();
+    mfa.observe(
+        [(
+            Key([1; 32]),
+            PeerSample {
+                rx_bytes: 42,
+                last_handshake: Some(wall),
+            },
+        )],
+        Duration::from_secs(3),
+        wall,
+    );
+    let mut tombstones = Tombstones::new();
+    tombstones.bury(Key([2; 32]), Session::Mfa(9), wall);
+    let mut epochs = Epochs::new();
+    epochs.insert(Key([1; 32]), std::num::NonZeroU64::new(77).unwrap());
+    PersistedState {
+        gateway_id: id.to_string(),
+        applied_revision: 12,
+        location: Some(vec![0, 1, 2, 250, 255]),
+        mfa: mfa.persist(Duration::from_secs(10), wall),
+        tombstones,
+        epochs,
+        pending_events: vec![PendingEvent {
+            seq: 4,
+            public_key: Key([2; 32]),
+            reason: PeerEventReason::MfaInactive,
+            last_handshake_ms: 1_699_999_000_000,
+            at_ms: 1_700_000_000_000,
+            mfa_session: 9,
+            peer_id: 31,
+            detail: "inactive for 612s > threshold 600s".into(),
+        }],
+        next_seq: 5,
+        core_last_contact_unix_ms: Some(1_700_000_000_000),
+    }
+}
+
+#[test]
+fn fresh_then_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nested/state");
+    let (mut store, outcome) = StateStore::open(&dir).unwrap();
+    assert!(matches!(outcome, LoadOutcome::Fresh));
+    assert_eq!(mode(&dir), 0o700);
+    let id = store.gateway_id().to_string();
+    assert_eq!(id.len(), 36);
+    assert_eq!(&id[14..15], "4");
+    assert_eq!(
+        fs::read_to_string(dir.join(GATEWAY_ID_FILE))
+            .unwrap()
+            .trim(),
+        id
+    );
+    assert_eq!(mode(&dir.join(GATEWAY_ID_FILE)), 0o600);
+
+    let state = sample_state(&id);
+    store.save(&state).unwrap();
+    assert_eq!(mode(&dir.join(STATE_FILE)), 0o600);
+    // Saving again replaces it.
+    let mut newer = state.clone();
+    newer.applied_revision = 13;
+    store.save(&newer).unwrap();
+    drop(store);
+
+    let (store, outcome) = StateStore::open(&dir).unwrap();
+    assert_eq!(store.gateway_id(), id);
+    match outcome {
+        LoadOutcome::Loaded(loaded) => assert_eq!(loaded, newer),
+        other => panic!("expected Loaded, got {other:?}"),
+    }
+    let text = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+    assert!(text.contains("\"version\":1"));
+    assert!(text.contains("PEER_EVENT_REASON_MFA_INACTIVE"));
+    assert_eq!(peek(&dir).unwrap(), Some(newer));
+}
+
+#[test]
+fn fresh_start_twice_keeps_the_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = StateStore::open(tmp.path())
+        .unwrap()
+        .0
+        .gateway_id()
+        .to_string();
+    let (store, outcome) = StateStore::open(tmp.path()).unwrap();
+    assert!(matches!(outcome, LoadOutcome::Fresh));
+    assert_eq!(store.gateway_id(), id);
+}
+
+#[test]
+fn truncated_file_is_moved_aside_and_id_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut store, _) = StateStore::open(tmp.path()).unwrap();
+    let id = store.gateway_id().to_string();
+    store.save(&sample_state(&id)).unwrap();
+    drop(store);
+    let path = tmp.path().join(STATE_FILE);
+    let full = fs::read(&path).unwrap();
+    fs::write(&path, &full[..full.len() / 2]).unwrap();
+
+    let (mut store, outcome) = StateStore::open(tmp.path()).unwrap();
+    let LoadOutcome::Corrupt { moved_to, reason } = outcome else {
+        panic!("expected Corrupt, got {outcome:?}");
+    };
+    assert!(reason.contains("JSON"), "{reason}");
+    assert!(moved_to
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("state.json.corrupt-"));
+    assert_eq!(fs::read(&moved_to).unwrap(), &full[..full.len() / 2]);
+    assert!(!path.exists());
+    assert_eq!(store.gateway_id(), id);
+    // And the agent can go on saving.
+    store.save(&PersistedState::new(id.clone())).unwrap();
+}
+
+#[test]
+fn empty_and_wrong_shape_files_are_corrupt() {
+    for content in [
+        "",
+        "  \n",
+        "[1,2]",
+        r#"{"gateway_id":"x"}"#,
+        r#"{"version":1,"next_seq":"many"}"#,
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join(STATE_FILE), content).unwrap();
+        let (_, outcome) = StateStore::open(tmp.path()).unwrap();
+        assert!(
+            matches!(outcome, LoadOutcome::Corrupt { .. }),
+            "{content:?}: {outcome:?}"
+        );
+    }
+}
+
+#[test]
+fn id_comes_from_state_when_id_file_is_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(
+        tmp.path().join(STATE_FILE),
+        r#"{"version":1,"gateway_id":"gw-from-state","applied_revision":3}"#,
+    )
+    .unwrap();
+    let (store, outcome) = StateStore::open(tmp.path()).unwrap();
+    assert_eq!(store.gateway_id(), "gw-from-state");
+    let LoadOutcome::Loaded(s) = outcome else {
+        panic!("expected Loaded")
+    };
+    assert_eq!(s.applied_revision, 3);
+    assert_eq!(
+        fs::read_to_string(tmp.path().join(GATEWAY_ID_FILE)).unwrap(),
+        "gw-from-state\n"
+    );
+}
+
+#[test]
+fn id_file_wins_over_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join(GATEWAY_ID_FILE), "gw-file\n").unwrap();
+    fs::write(
+        tmp.path().join(STATE_FILE),
+        r#"{"version":1,"gateway_id":"gw-state"}"#,
+    )
+    .unwrap();
+    let (store, outcome) = StateStore::open(tmp.path()).unwrap();
+    assert_eq!(store.gateway_id(), "gw-file");
+    let LoadOutcome::Loaded(s) = outcome else {
+        panic!("expected Loaded")
+    };
+    assert_eq!(s.gateway_id, "gw-file");
+}
+
+#[test]
+fn leftover_temp_file_is_ignored_and_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut store, _) = StateStore::open(tmp.path()).unwrap();
+    let id = store.gateway_id().to_string();
+    store.save(&sample_state(&id)).unwrap();
+    drop(store);
+    // A crash mid-write left a torn temp file behind.
+    let leftover = tmp.path().join(format!("{TEMP_PREFIX}{STATE_FILE}"));
+    fs::write(&leftover, "{\"version\":1,\"gatew").unwrap();
+
+    let (_, outcome) = StateStore::open(tmp.path()).unwrap();
+    assert!(matches!(outcome, LoadOutcome::Loaded(ref s) if *s == sample_state(&id)));
+    assert!(!leftover.exists());
+}
+
+#[test]
+fn unknown_version_is_a_clear_error_and_file_stays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(STATE_FILE);
+    fs::write(&path, r#"{"version":2,"gateway_id":"gw","new_thing":[]}"#).unwrap();
+    let err = StateStore::open(tmp.path()).unwrap_err();
+    assert!(matches!(
+        err,
+        StateError::UnsupportedVersion { found: 2, .. }
+    ));
+    assert!(err.to_string().contains("newer gatehouse"), "{err}");
+    assert!(path.exists());
+}
+
+#[test]
+fn second_open_is_refused_while_locked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = StateStore::open(tmp.path()).unwrap();
+    assert!(matches!(
+        StateStore::open(tmp.path()),
+        Err(StateError::Locked { .. })
+    ));
+    // Reading for `status` still works.
+    assert_eq!(peek(tmp.path()).unwrap(), None);
+    drop(store);
+    StateStore::open(tmp.path()).unwrap();
+}
+
+#[test]
+fn debug_redacts_the_location() {
+    let mut state = sample_state("gw");
+    state.location = Some(b"PRIVATE-KEY-BYTES".to_vec());
+    let shown = format!("{state:?}");
+    assert!(!shown.contains("80, 82"), "{shown}");
+    assert!(shown.contains("redacted"));
+}

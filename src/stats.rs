@@ -1,0 +1,404 @@
+//! Peer statistics for the Core: which peers changed since the last report on this
+//! stream ([`StatsTracker`]), how to split a report into size-bounded `Stats` messages
+//! ([`batches`]), and the per-peer counter epochs that let the Core keep exact totals
+//! across counter resets ([`Epochs`], see the `Stats` message in the proto).
+//!
+//! Pure: the caller reads the interface and sends the messages.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::num::NonZeroU64;
+use std::time::SystemTime;
+
+use gatehouse_proto::v1::{PeerStats, Stats};
+use ipnet::IpNet;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Key, PeerState};
+use crate::state::codec::{self, unix_ms};
+
+/// What was last reported per peer on the current stream.
+#[derive(Clone, Debug, Default)]
+pub struct StatsTracker {
+    last: BTreeMap<Key, Reported>,
+}
+
+impl StatsTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The peers whose endpoint, rx, tx, last handshake, allowed IPs or counter epoch
+    /// differ from what was last reported, in key order, and records them as reported.
+    /// Peers no longer on the interface are forgotten (if one comes back it is reported).
+    /// Call [`reset`](Self::reset) when a report could not be sent.
+    pub fn changed(&mut self, peers: &BTreeMap<Key, PeerState>, epochs: &Epochs) -> Vec<PeerStats> {
+        self.last.retain(|k, _| peers.contains_key(k));
+        let mut out = Vec::new();
+        for (key, peer) in peers {
+            let epoch = epochs.get(key);
+            let same = self.last.get(key).is_some_and(|r| r.matches(peer, epoch));
+            if same {
+                continue;
+            }
+            self.last.insert(*key, Reported::of(peer, epoch));
+            out.push(peer_stats(key, peer, epoch));
+        }
+        out
+    }
+
+    /// A new stream: the next report carries every peer.
+    pub fn reset(&mut self) {
+        self.last.clear();
+    }
+
+    /// Forgets one peer (removed).
+    pub fn forget(&mut self, key: &Key) {
+        self.last.remove(key);
+    }
+}
+
+/// One peer's `PeerStats`.
+pub fn peer_stats(key: &Key, peer: &PeerState, counter_epoch: u64) -> PeerStats {
+    PeerStats {
+        public_key: key.0.to_vec(),
+        endpoint: peer
+            .config
+            .endpoint
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+        rx_bytes: peer.rx_bytes,
+        tx_bytes: peer.tx_bytes,
+        last_handshake_ms: peer.last_handshake.map_or(0, unix_ms),
+        counter_epoch,
+        allowed_ips: peer
+            .config
+            .allowed_ips
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
+    }
+}
+
+/// Splits one report into `Stats` messages of at most `max_bytes` encoded bytes each
+/// (leave room for the `GatewayMessage` envelope, a few bytes), in order, with
+/// `more = true` on all but the last. A single peer larger than `max_bytes` travels
+/// alone. No peers: no messages.
+pub fn batches(peers: Vec<PeerStats>, collected_at: SystemTime, max_bytes: usize) -> Vec<Stats> {
+    let collected_at_ms = unix_ms(collected_at);
+    let empty = Stats {
+        collected_at_ms,
+        peers: Vec::new(),
+        more: true,
+    };
+    // Fixed part: the timestamp and the `more` flag, counted as set on every batch.
+    let fixed = empty.encoded_len();
+    let mut out = Vec::new();
+    let mut current = empty.clone();
+    let mut size = fixed;
+    for peer in peers {
+        let len = peer.encoded_len();
+        // Field 2, length-delimited: one key byte, the length, the message.
+        let item =
+            prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(len as u64) + len;
+        if !current.peers.is_empty() && size + item > max_bytes {
+            out.push(std::mem::replace(&mut current, empty.clone()));
+            size = fixed;
+        }
+        current.peers.push(peer);
+        size += item;
+    }
+    if !current.peers.is_empty() {
+        out.push(current);
+    }
+    if let Some(last) = out.last_mut() {
+        last.more = false;
+    }
+    out
+}
+
+/// Counter epochs by peer: a fresh random nonzero value when the agent adds a peer to the
+/// interface, kept across restarts, 0 (unknown) for peers adopted without one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Epochs {
+    /// Never holds 0 (zeros read from a state file are dropped).
+    #[serde(
+        serialize_with = "codec::key_map::serialize",
+        deserialize_with = "nonzero_epochs"
+    )]
+    by_key: BTreeMap<Key, u64>,
+}
+
+impl Epochs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A new counter run for `key` (the agent just added it): a random nonzero epoch.
+    pub fn start(&mut self, key: Key, rng: &mut impl rand::Rng) -> u64 {
+        let epoch = rng.random_range(1..=u64::MAX);
+        self.by_key.insert(key, epoch);
+        epoch
+    }
+
+    /// Sets the epoch of `key` to a known value.
+    pub fn insert(&mut self, key: Key, epoch: NonZeroU64) {
+        self.by_key.insert(key, epoch.get());
+    }
+
+    /// The epoch of `key`; 0 when unknown.
+    pub fn get(&self, key: &Key) -> u64 {
+        self.by_key.get(key).copied().unwrap_or(0)
+    }
+
+    /// The peer left the interface.
+    pub fn remove(&mut self, key: &Key) {
+        self.by_key.remove(key);
+    }
+
+    /// Keeps only the peers for which `keep` is true (e.g. those on the interface).
+    pub fn retain(&mut self, mut keep: impl FnMut(&Key) -> bool) {
+        self.by_key.retain(|k, _| keep(k));
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+fn nonzero_epochs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<Key, u64>, D::Error> {
+    let mut map: BTreeMap<Key, u64> = codec::key_map::deserialize(d)?;
+    map.retain(|_, e| *e != 0);
+    Ok(map)
+}
+
+/// The reported fields of one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Reported {
+    endpoint: Option<SocketAddr>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    last_handshake: Option<SystemTime>,
+    epoch: u64,
+    allowed_ips: BTreeSet<IpNet>,
+}
+
+impl Reported {
+    fn of(p: &PeerState, epoch: u64) -> Self {
+        Reported {
+            endpoint: p.config.endpoint,
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+            last_handshake: p.last_handshake,
+            epoch,
+            allowed_ips: p.config.allowed_ips.clone(),
+        }
+    }
+
+    fn matches(&self, p: &PeerState, epoch: u64) -> bool {
+        self.endpoint == p.config.endpoint
+            && self.rx_bytes == p.rx_bytes
+            && self.tx_bytes == p.tx_bytes
+            && self.last_handshake == p.last_handshake
+            && self.epoch == epoch
+            && self.allowed_ips == p.config.allowed_ips
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::model::PeerSpec;
+
+    fn key(n: u32) -> Key {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&n.to_be_bytes());
+        Key(k)
+    }
+
+    fn peers(n: u32) -> BTreeMap<Key, PeerState> {
+        (0..n)
+            .map(|i| {
+                let ip: IpNet = format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255)
+                    .parse()
+                    .unwrap();
+                let mut p = PeerState::fresh(PeerSpec::new(key(i), [ip]));
+                p.rx_bytes = u64::from(i) * 10;
+                p.tx_bytes = u64::from(i) * 20;
+                (key(i), p)
+            })
+            .collect()
+    }
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    #[test]
+    fn first_report_carries_everyone_then_only_changes() {
+        let mut ps = peers(10_000);
+        let epochs = Epochs::new();
+        let mut t = StatsTracker::new();
+        assert_eq!(t.changed(&ps, &epochs).len(), 10_000);
+        assert!(t.changed(&ps, &epochs).is_empty());
+
+        // Change 100 peers spread over the map, in varied ways.
+        let mut expected = BTreeSet::new();
+        for i in (0..10_000).step_by(100) {
+            let p = ps.get_mut(&key(i)).unwrap();
+            match i % 400 {
+                0 => p.rx_bytes += 1,
+                100 => p.tx_bytes += 1,
+                200 => p.last_handshake = Some(now()),
+                _ => p.config.endpoint = Some("192.0.2.1:51820".parse().unwrap()),
+            }
+            expected.insert(key(i));
+        }
+        let got: BTreeSet<Key> = t
+            .changed(&ps, &epochs)
+            .iter()
+            .map(|s| Key::from_slice(&s.public_key).unwrap())
+            .collect();
+        assert_eq!(got, expected);
+        assert!(t.changed(&ps, &epochs).is_empty());
+    }
+
+    #[test]
+    fn endpoint_only_change_is_reported_with_its_fields() {
+        let mut ps = peers(3);
+        let epochs = Epochs::new();
+        let mut t = StatsTracker::new();
+        t.changed(&ps, &epochs);
+        let ep: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
+        ps.get_mut(&key(1)).unwrap().config.endpoint = Some(ep);
+        let got = t.changed(&ps, &epochs);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].public_key, key(1).0.to_vec());
+        assert_eq!(got[0].endpoint, "[2001:db8::1]:4000");
+        assert_eq!(got[0].rx_bytes, 10);
+        assert_eq!(got[0].tx_bytes, 20);
+        assert_eq!(got[0].allowed_ips, vec!["10.0.0.1/32".to_string()]);
+        assert_eq!(got[0].last_handshake_ms, 0);
+    }
+
+    #[test]
+    fn epoch_change_and_reappearance_are_reported() {
+        let ps = peers(2);
+        let mut epochs = Epochs::new();
+        let mut t = StatsTracker::new();
+        t.changed(&ps, &epochs);
+        // The peer was re-created with identical (zero) counters: new epoch.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let e = epochs.start(key(0), &mut rng);
+        let got = t.changed(&ps, &epochs);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].counter_epoch, e);
+        // Gone, then back: reported again.
+        let mut fewer = ps.clone();
+        fewer.remove(&key(1));
+        assert!(t.changed(&fewer, &epochs).is_empty());
+        assert_eq!(t.changed(&ps, &epochs).len(), 1);
+    }
+
+    #[test]
+    fn reset_reports_everyone_again_and_forget_one() {
+        let ps = peers(50);
+        let epochs = Epochs::new();
+        let mut t = StatsTracker::new();
+        t.changed(&ps, &epochs);
+        t.forget(&key(7));
+        let got = t.changed(&ps, &epochs);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].public_key, key(7).0.to_vec());
+        t.reset();
+        assert_eq!(t.changed(&ps, &epochs).len(), 50);
+    }
+
+    #[test]
+    fn batches_respect_the_size_and_keep_order() {
+        let ps = peers(10_000);
+        let epochs = Epochs::new();
+        let all = StatsTracker::new().changed(&ps, &epochs);
+        let max = 64 * 1024;
+        let out = batches(all.clone(), now(), max);
+        assert!(out.len() > 1);
+        for (i, b) in out.iter().enumerate() {
+            assert!(b.encoded_len() <= max, "batch {i}: {}", b.encoded_len());
+            assert_eq!(b.more, i + 1 < out.len());
+            assert_eq!(b.collected_at_ms, 1_700_000_000_000);
+            assert!(!b.peers.is_empty());
+        }
+        // Batches are full: adding the next peer would have exceeded the limit.
+        for w in out.windows(2) {
+            let mut grown = w[0].clone();
+            grown.peers.push(w[1].peers[0].clone());
+            assert!(grown.encoded_len() > max);
+        }
+        let flat: Vec<PeerStats> = out.into_iter().flat_map(|b| b.peers).collect();
+        assert_eq!(flat, all);
+    }
+
+    #[test]
+    fn batches_are_exact_for_many_limits() {
+        let all = StatsTracker::new().changed(&peers(200), &Epochs::new());
+        for max in 200..=400 {
+            let out = batches(all.clone(), now(), max);
+            for w in out.windows(2) {
+                assert!(w[0].encoded_len() <= max, "limit {max}");
+                let mut grown = w[0].clone();
+                grown.peers.push(w[1].peers[0].clone());
+                assert!(grown.encoded_len() > max, "limit {max}: batch not full");
+            }
+            let last = out.last().unwrap();
+            assert!(last.encoded_len() <= max, "limit {max}");
+            assert_eq!(out.iter().map(|b| b.peers.len()).sum::<usize>(), 200);
+        }
+    }
+
+    #[test]
+    fn batches_edge_cases() {
+        assert!(batches(Vec::new(), now(), 1000).is_empty());
+        let all = StatsTracker::new().changed(&peers(3), &Epochs::new());
+        // A limit smaller than any peer: one peer per message, none lost.
+        let out = batches(all.clone(), now(), 10);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out.iter().filter(|b| b.more).count(), 2);
+        // A generous limit: one message, not marked `more`.
+        let out = batches(all, now(), 1 << 20);
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].more);
+    }
+
+    #[test]
+    fn epochs_are_nonzero_kept_and_dropped() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        let mut e = Epochs::new();
+        let a = e.start(key(1), &mut rng);
+        let b = e.start(key(2), &mut rng);
+        assert!(a != 0 && b != 0 && a != b);
+        assert_eq!(e.get(&key(1)), a);
+        assert_eq!(e.get(&key(3)), 0, "adopted without state: unknown");
+        e.insert(key(3), NonZeroU64::new(5).unwrap());
+        e.remove(&key(2));
+        assert_eq!(e.get(&key(2)), 0);
+        e.retain(|k| *k != key(3));
+        assert_eq!(e.len(), 1);
+
+        let json = serde_json::to_string(&e).unwrap();
+        let back: Epochs = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, e);
+        let zero = format!(r#"{{"{}":0}}"#, key(9).to_base64());
+        let back: Epochs = serde_json::from_str(&zero).unwrap();
+        assert!(back.is_empty());
+    }
+}
