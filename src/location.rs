@@ -208,7 +208,7 @@ mod tests {
         let keys: Vec<Key> = next.valid.desired.peers.keys().copied().collect();
         assert_eq!(keys, vec![Key([3; 32]), Key([4; 32])]);
         assert_eq!(next.location.peers[0].allowed_ips, vec!["10.0.0.33/32"]);
-        assert!(next.valid.mfa_threshold.is_some());
+        assert!(next.valid.mfa.threshold().is_some());
     }
 
     #[test]

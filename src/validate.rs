@@ -4,11 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use gatehouse_proto::v1;
 use ipnet::IpNet;
 
+use crate::mfa::MfaPolicy;
 use crate::model::{Desired, InterfaceSpec, Key, PeerSpec, SecretKey};
 
 /// Rejections listed in one `Applied` (more are summarized by a count).
@@ -56,8 +56,8 @@ pub struct ValidLocation {
     pub name: String,
     pub desired: Desired,
     pub meta: BTreeMap<Key, PeerMeta>,
-    /// The MFA disconnect threshold, when MFA is enabled.
-    pub mfa_threshold: Option<Duration>,
+    /// Whether and after how long inactive peers are removed.
+    pub mfa: MfaPolicy,
 }
 
 /// Validates a whole location. All problems are reported, not just the first.
@@ -111,18 +111,15 @@ pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Reject
         peers.insert(spec.public_key, spec);
     }
 
-    let mfa_threshold = match &loc.mfa {
-        Some(m) if m.enabled => {
-            if m.disconnect_threshold_secs == 0 {
-                errs.push(
-                    "mfa.disconnect_threshold_secs",
-                    "must be > 0 when MFA is enabled",
-                );
-            }
-            Some(Duration::from_secs(u64::from(m.disconnect_threshold_secs)))
-        }
-        _ => None,
-    };
+    let mfa = loc.mfa.unwrap_or_default();
+    let mfa = MfaPolicy::from_settings(mfa.enabled, mfa.disconnect_threshold_secs)
+        .unwrap_or_else(|_| {
+            errs.push(
+                "mfa.disconnect_threshold_secs",
+                "must be > 0 when MFA is enabled",
+            );
+            MfaPolicy::Disabled
+        });
     if let Some(fw) = &loc.firewall {
         validate_firewall(fw, &mut errs);
     }
@@ -132,7 +129,7 @@ pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Reject
             name: loc.name.clone(),
             desired: Desired { interface, peers },
             meta,
-            mfa_threshold,
+            mfa,
         }),
         (Err(list), _) => Err(list),
         (Ok(()), None) => Err(vec![Rejection::new("interface", "missing")]),
@@ -394,7 +391,7 @@ mod tests {
         let ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
         assert_eq!(ips, vec!["10.0.0.2/32", "10.1.0.0/16"]);
         assert_eq!(v.desired.interface.addresses.len(), 2);
-        assert_eq!(v.mfa_threshold, None);
+        assert_eq!(v.mfa, MfaPolicy::Disabled);
     }
 
     #[test]
@@ -475,8 +472,8 @@ mod tests {
             disconnect_threshold_secs: 600,
         });
         assert_eq!(
-            validate_location(&loc).unwrap().mfa_threshold,
-            Some(Duration::from_secs(600))
+            validate_location(&loc).unwrap().mfa.threshold(),
+            Some(std::time::Duration::from_secs(600))
         );
     }
 

@@ -112,10 +112,15 @@ impl Agent {
         match update {
             Update::Accept(held) => {
                 let revision = held.revision;
+                // A peer authorized by a new MFA session starts a new inactivity timer.
+                if let Some(old) = &self.held {
+                    for (key, meta) in &held.valid.meta {
+                        if old.valid.meta.get(key).is_some_and(|m| m.mfa_session != meta.mfa_session) {
+                            self.mfa.forget(key);
+                        }
+                    }
+                }
                 self.held = Some(*held);
-                self.tombstones.retain_current(&super::sessions(
-                    self.held.as_ref().expect("just set"),
-                ));
                 self.last_rejected = None;
                 match self.reconcile(&format!("revision {revision}")) {
                     Ok(_) => {
@@ -212,14 +217,8 @@ impl Agent {
         if self.outbound.is_none() {
             return;
         }
-        let peers = self
-            .stats
-            .changed(&observed.device.peers, &self.epochs, SystemTime::now());
-        if peers.is_empty() {
-            return;
-        }
-        let collected_at = unix_ms(SystemTime::now());
-        for stats in batches(peers, collected_at, STATS_MESSAGE_BYTES) {
+        let peers = self.stats.changed(&observed.device.peers, &self.epochs);
+        for stats in batches(peers, SystemTime::now(), STATS_MESSAGE_BYTES) {
             if !self.send(Out::Stats(stats)) {
                 // The stream is gone or congested: report everything on the next one.
                 self.stats.reset();

@@ -26,7 +26,7 @@ use crate::backend::{Backend, BackendError};
 use crate::hooks::{Hook, Hooks};
 use crate::http::{self, DiffReport};
 use crate::location::Held;
-use crate::mfa::{MfaTracker, PeerSample, Tombstones};
+use crate::mfa::{MfaPolicy, MfaTracker, PeerSample, Session, Tombstones};
 use crate::model::{Desired, Key, Observed};
 use crate::plan::{plan, Op, Plan, PlanSummary};
 use crate::state::{LoadOutcome, PendingEvent, PersistedState, StateStore};
@@ -53,6 +53,8 @@ pub struct Settings {
     /// None: keep peers without the Core; Some(d): remove them after `d` without it.
     pub offline_remove_after: Option<Duration>,
     pub remove_on_shutdown: bool,
+    /// Overrides the generated gateway id (the `gateway.id` key).
+    pub gateway_id: Option<String>,
     pub http_listen: Option<SocketAddr>,
     pub hooks: Hooks,
 }
@@ -142,6 +144,7 @@ struct Agent {
 
 #[derive(Default)]
 struct Counts {
+    desired_peers: usize,
     kernel_peers: usize,
     last_reconcile_ops: usize,
     last_reconcile: Option<SystemTime>,
@@ -157,7 +160,11 @@ impl Agent {
         outcome: LoadOutcome,
     ) -> Self {
         let mut agent = Agent {
-            gateway_id: store.gateway_id().to_string(),
+            gateway_id: settings
+                .gateway_id
+                .clone()
+                .filter(|id| !id.is_empty())
+                .unwrap_or_else(|| store.gateway_id().to_string()),
             core: status::CoreStatus {
                 url: settings.core.url.clone(),
                 ..Default::default()
@@ -192,7 +199,7 @@ impl Agent {
                 %reason,
                 "state file unreadable: moved aside, starting from the Core"
             ),
-            LoadOutcome::Loaded(state) => agent.restore(*state),
+            LoadOutcome::Loaded(state) => agent.restore(state),
         }
         agent
     }
@@ -241,10 +248,7 @@ impl Agent {
 
     /// Start-up: pre_up, then restore or adopt the interface from the state file.
     async fn start(&mut self) {
-        self.settings
-            .hooks
-            .run(Hook::PreUp, &self.settings.interface)
-            .await;
+        let _ = self.settings.hooks.run(Hook::PreUp).await;
         if let Err(e) = self.backend.check() {
             self.backend_error = Some(e.to_string());
             error!(error = %e, "backend check failed");
@@ -301,7 +305,7 @@ impl Agent {
     /// Shutdown: pre_down, flush the state, keep (or remove) the interface, post_down.
     async fn stop(&mut self) {
         let iface = self.settings.interface.clone();
-        self.settings.hooks.run(Hook::PreDown, &iface).await;
+        let _ = self.settings.hooks.run(Hook::PreDown).await;
         self.save_state();
         if self.settings.remove_on_shutdown {
             match self.backend.remove() {
@@ -311,7 +315,7 @@ impl Agent {
         } else {
             info!(interface = %iface, "stopping; the interface and its peers stay in place");
         }
-        self.settings.hooks.run(Hook::PostDown, &iface).await;
+        let _ = self.settings.hooks.run(Hook::PostDown).await;
     }
 
     fn mono(&self) -> Duration {
@@ -321,14 +325,21 @@ impl Agent {
     // ------------------------------------------------------------------ reconcile --
 
     /// The desired state after local decisions: MFA removals and the offline policy.
-    fn effective_desired(&self) -> Option<Desired> {
+    fn effective_desired(&mut self) -> Option<Desired> {
         let held = self.held.as_ref()?;
         let mut desired = held.valid.desired.clone();
         self.tombstones.filter(&mut desired, &sessions(held));
         if self.offline_removed {
             desired.peers.clear();
         }
+        self.counts.desired_peers = desired.peers.len();
         Some(desired)
+    }
+
+    fn mfa_policy(&self) -> MfaPolicy {
+        self.held
+            .as_ref()
+            .map_or(MfaPolicy::Disabled, |h| h.valid.mfa)
     }
 
     /// Observe, plan, apply. The one path every trigger takes.
@@ -368,15 +379,11 @@ impl Agent {
         let now = self.mono();
         let wall = SystemTime::now();
         self.mfa.observe(
-            observed.device.peers.iter().map(|(k, p)| {
-                (
-                    *k,
-                    PeerSample {
-                        rx_bytes: p.rx_bytes,
-                        last_handshake: p.last_handshake,
-                    },
-                )
-            }),
+            observed
+                .device
+                .peers
+                .iter()
+                .map(|(k, p)| (*k, PeerSample::from(p))),
             now,
             wall,
         );
@@ -388,8 +395,7 @@ impl Agent {
         for step in &plan.steps {
             match &step.op {
                 Op::AddPeer(spec) => {
-                    let epoch = rand::random::<u64>().max(1);
-                    self.epochs.assign(spec.public_key, epoch);
+                    self.epochs.start(spec.public_key, &mut rand::rng());
                 }
                 Op::RemovePeer(key) => {
                     self.epochs.remove(key);
@@ -404,18 +410,20 @@ impl Agent {
     async fn after_first_apply(&mut self) {
         if !self.started_up {
             self.started_up = true;
-            self.settings
-                .hooks
-                .run(Hook::PostUp, &self.settings.interface)
-                .await;
+            let _ = self.settings.hooks.run(Hook::PostUp).await;
         }
     }
 
     // ------------------------------------------------------------------ timers --
 
     fn next_mfa_deadline(&self) -> Option<Duration> {
-        let threshold = self.held.as_ref()?.valid.mfa_threshold?;
-        self.mfa.next_deadline(threshold, self.mono())
+        let policy = self.mfa_policy();
+        // An expiry that could not be carried out is retried one second later, not in a
+        // tight loop.
+        let floor = self.mono() + Duration::from_secs(1);
+        self.mfa
+            .next_deadline(policy, self.mono())
+            .map(|d| d.max(floor))
     }
 
     /// Stats interval and MFA deadlines: read the interface once, expire, report.
@@ -495,14 +503,12 @@ impl Agent {
     // ------------------------------------------------------------------ MFA --
 
     fn expire_mfa(&mut self, observed: &Observed) {
+        let policy = self.mfa_policy();
         let Some(held) = &self.held else { return };
-        let Some(threshold) = held.valid.mfa_threshold else {
-            return;
-        };
         let now = self.mono();
         let expired: Vec<_> = self
             .mfa
-            .expired(threshold, now)
+            .expired(policy, now)
             .into_iter()
             .filter(|e| observed.device.peers.contains_key(&e.key) && held.valid.desired.peers.contains_key(&e.key))
             .collect();
@@ -511,6 +517,7 @@ impl Agent {
         }
         let at_ms = unix_ms(SystemTime::now());
         let (pending_before, seq_before) = (self.pending.len(), self.next_seq);
+        let tombstones_before = self.tombstones.clone();
         for e in &expired {
             let meta = held.valid.meta.get(&e.key).copied().unwrap_or_default();
             let psk = held
@@ -521,30 +528,28 @@ impl Agent {
                 .and_then(|p| p.preshared_key.clone());
             let seq = self.next_seq;
             self.next_seq += 1;
-            let detail = format!(
-                "inactive for {}s > threshold {}s",
-                e.inactive_for.as_secs(),
-                threshold.as_secs()
-            );
+            let detail = e.detail();
             info!(peer = %e.key, seq, %detail, "MFA: removing inactive peer");
             self.pending.push(PendingEvent {
                 seq,
                 public_key: e.key,
-                reason: v1::PeerEventReason::MfaInactive as i32,
+                reason: v1::PeerEventReason::MfaInactive,
                 last_handshake_ms: e.last_handshake.map(unix_ms).unwrap_or(0),
                 at_ms,
                 mfa_session: meta.mfa_session,
                 peer_id: meta.id,
                 detail,
             });
-            self.tombstones.add(e.key, meta.mfa_session, psk.as_ref());
+            self.tombstones.bury(
+                e.key,
+                Session::of(meta.mfa_session, psk.as_ref()),
+                SystemTime::now(),
+            );
         }
         // The events are on disk before any peer is removed.
         if let Err(e) = self.store.save(&self.persisted()) {
             error!(error = %e, "cannot write the state file: MFA removal postponed");
-            for ev in &expired {
-                self.tombstones.remove(&ev.key);
-            }
+            self.tombstones = tombstones_before;
             self.pending.truncate(pending_before);
             self.next_seq = seq_before;
             return;
@@ -570,7 +575,6 @@ impl Agent {
             pending_events: self.pending.clone(),
             next_seq: self.next_seq,
             core_last_contact_unix_ms: self.last_contact.map(unix_ms),
-            ..Default::default()
         }
     }
 
@@ -582,7 +586,7 @@ impl Agent {
 
     // ------------------------------------------------------------------ status --
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let Some(tx) = &self.status_tx else { return };
         let counters = self.backend.counters();
         let (ready, ready_reason) = readiness(
@@ -596,9 +600,6 @@ impl Agent {
             },
             SystemTime::now(),
         );
-        let desired_peers = self
-            .effective_desired()
-            .map_or(0, |d| d.peers.len());
         let status = Status {
             gateway_id: self.gateway_id.clone(),
             name: self.settings.name.clone(),
@@ -610,16 +611,12 @@ impl Agent {
             apply_error: self.apply_error.clone(),
             last_rejected: self.last_rejected.clone(),
             core: self.core.clone(),
-            desired_peers,
+            desired_peers: self.counts.desired_peers,
             kernel_peers: self.counts.kernel_peers,
             last_reconcile_ops: self.counts.last_reconcile_ops,
             last_reconcile_unix_ms: self.counts.last_reconcile.map(unix_ms),
             drift_repairs: self.counts.drift_repairs,
-            mfa_threshold_secs: self
-                .held
-                .as_ref()
-                .and_then(|h| h.valid.mfa_threshold)
-                .map(|d| d.as_secs()),
+            mfa_threshold_secs: self.mfa_policy().threshold().map(|d| d.as_secs()),
             mfa_removals: self.counts.mfa_removals,
             pending_events: self.pending.len(),
             device_writes: counters.device_writes,
