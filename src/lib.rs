@@ -4,5 +4,8 @@
 //! [`backoff`], [`mfa`], [`stats`]. Acting code: [`backend`], [`agent`], [`http`].
 
 pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod hooks;
 pub mod model;
 pub mod plan;
