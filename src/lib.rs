@@ -1,12 +1,15 @@
 //! gatehouse: a WireGuard gateway agent managed by a central Core.
 //!
 //! Deciding code (pure, tested without root): [`model`], [`plan`], [`validate`],
-//! [`location`], [`backoff`], [`mfa`], [`stats`], [`agent::status`].
-//! Acting code: [`backend`], [`agent`], [`state`], [`http`].
+//! [`location`], [`backoff`], [`mfa`], [`stats`], [`agent::status`], [`config`].
+//! Acting code: [`backend`], [`agent`], [`state`], [`http`], [`hooks`], [`cli`].
 
 pub mod agent;
 pub mod backend;
 pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod hooks;
 pub mod http;
 pub mod location;
 pub mod mfa;
