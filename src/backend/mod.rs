@@ -7,6 +7,7 @@
 
 pub mod link;
 pub mod memory;
+pub mod userspace;
 
 use thiserror::Error;
 
