@@ -312,10 +312,29 @@ impl Backend for UserspaceBackend {
         if !self.wanted {
             return Ok(None);
         }
+        let socket_path = self.socket_path();
+        let timeout = self.config.uapi_timeout;
         let what = match self.process.as_mut() {
             Some(p) => match p.exited()? {
                 Some(status) => format!("wireguard-go for {} exited ({status})", self.interface),
-                None => return Ok(None),
+                None if socket::answers(&socket_path, timeout) => return Ok(None),
+                None => {
+                    // Dying (its socket closes before it can be reaped) or hung.
+                    match p.wait_exit(Duration::from_secs(1))? {
+                        Some(status) => {
+                            format!("wireguard-go for {} exited ({status})", self.interface)
+                        }
+                        None if socket::answers(&socket_path, timeout) => return Ok(None),
+                        None => {
+                            p.stop(Duration::from_secs(1));
+                            format!(
+                                "wireguard-go for {} stopped answering on its UAPI socket \
+                                 and was killed",
+                                self.interface
+                            )
+                        }
+                    }
+                }
             },
             None => {
                 if socket::answers(&self.socket_path(), self.config.uapi_timeout) {
@@ -342,6 +361,7 @@ impl Backend for UserspaceBackend {
             p.stop(Duration::from_secs(3));
         }
         self._log = None;
+        let _ = std::fs::remove_file(self.log_path());
         // An adopted wireguard-go (not ours to kill) exits when its TUN device goes.
         if let Some(info) = self.link.get(&self.interface)? {
             self.link.delete(info.index)?;

@@ -123,6 +123,23 @@ impl Process {
             .map_err(|e| BackendError::io("check the wireguard-go process", e))
     }
 
+    /// Waits up to `limit` for the process to end; its status when it did.
+    pub(super) fn wait_exit(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<ExitStatus>, BackendError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then SIGKILL after `grace`; reaps the process.
     pub(super) fn stop(&mut self, grace: Duration) {
         if let Ok(Some(_)) = self.child.try_wait() {
