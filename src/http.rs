@@ -120,7 +120,12 @@ pub fn render_metrics(s: &Status) -> Result<String, std::fmt::Error> {
         c.inc_by(v);
         registry.register(name, help, c);
     };
-    gauge(&mut registry, "ready", "1 when /readyz answers 200", s.ready as i64);
+    gauge(
+        &mut registry,
+        "ready",
+        "1 when /readyz answers 200",
+        s.ready as i64,
+    );
     gauge(
         &mut registry,
         "core_connected",

@@ -5,6 +5,7 @@
 //! Acting code: [`backend`], [`agent`], [`state`], [`http`], [`hooks`], [`cli`].
 
 pub mod agent;
+pub mod app;
 pub mod backend;
 pub mod backoff;
 pub mod cli;

@@ -1,1 +1,59 @@
-fn main() {}
+//! `gatehouse`: parses the command line and hands over to [`gatehouse::app`].
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gatehouse::app;
+use gatehouse::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match cli.action() {
+        Command::CheckConfig => {
+            cli::check_config(&cli, &env, &mut std::io::stdout(), &mut std::io::stderr())
+        }
+        Command::Status(args) | Command::Diff(args) => {
+            let base = args
+                .http
+                .clone()
+                .or_else(|| cli::load(&cli, &env).ok().and_then(|c| c.http.local_url()));
+            let base = base.unwrap_or_else(|| "http://127.0.0.1:9180".into());
+            if matches!(cli.action(), Command::Status(_)) {
+                runtime.block_on(app::status(&base))
+            } else {
+                runtime.block_on(app::diff(&base))
+            }
+        }
+        Command::Run => {
+            let config = match cli::load(&cli, &env) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(cli::EXIT_CONFIG_ERROR as u8);
+                }
+            };
+            app::init_logging(&config.log.level, config.log.format);
+            for name in gatehouse::config::unknown_env_vars(&env) {
+                tracing::warn!(variable = %name, "environment variable names no configuration key");
+            }
+            match runtime.block_on(app::run(config)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    1
+                }
+            }
+        }
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}

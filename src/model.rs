@@ -79,6 +79,16 @@ impl SecretKey {
         B64.encode(self.0)
     }
 
+    /// This key clamped as a Curve25519 private key, the form WireGuard stores and reports
+    /// (so a key from the Core compares equal to what the kernel reads back).
+    pub fn clamped(&self) -> Self {
+        let mut bytes = self.0;
+        bytes[0] &= 248;
+        bytes[31] &= 127;
+        bytes[31] |= 64;
+        SecretKey(bytes)
+    }
+
     /// The public key of this private key (Curve25519, clamped as WireGuard does).
     pub fn public_key(&self) -> Key {
         let secret = x25519_dalek::StaticSecret::from(self.0);

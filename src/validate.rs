@@ -112,8 +112,8 @@ pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Reject
     }
 
     let mfa = loc.mfa.unwrap_or_default();
-    let mfa = MfaPolicy::from_settings(mfa.enabled, mfa.disconnect_threshold_secs)
-        .unwrap_or_else(|_| {
+    let mfa =
+        MfaPolicy::from_settings(mfa.enabled, mfa.disconnect_threshold_secs).unwrap_or_else(|_| {
             errs.push(
                 "mfa.disconnect_threshold_secs",
                 "must be > 0 when MFA is enabled",
@@ -137,7 +137,8 @@ pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Reject
 }
 
 fn validate_interface(iface: &v1::Interface, errs: &mut Errors) -> Option<InterfaceSpec> {
-    let private_key = SecretKey::from_slice(&iface.private_key);
+    // Clamped here: WireGuard stores and reports the clamped form.
+    let private_key = SecretKey::from_slice(&iface.private_key).map(|k| k.clamped());
     if private_key.is_none() {
         errs.push(
             "interface.private_key",
@@ -457,6 +458,19 @@ mod tests {
             ..Default::default()
         }]);
         assert_eq!(items(&loc), vec!["peers[0].public_key"]);
+    }
+
+    #[test]
+    fn private_key_is_clamped_like_wireguard_does() {
+        let mut loc = location(vec![]);
+        loc.interface.as_mut().unwrap().private_key = vec![0xff; 32];
+        let v = validate_location(&loc).unwrap();
+        let k = v.desired.interface.private_key.expose();
+        assert_eq!((k[0], k[31]), (0xf8, 0x7f));
+        assert_eq!(
+            v.desired.interface.private_key.public_key(),
+            SecretKey::new([0xff; 32]).public_key()
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tonic::{Code, Request};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::config::TokenSource;
 
 /// Messages queued towards the Core before the loop notices a slow stream.
 pub const OUTBOUND_QUEUE: usize = 4096;
@@ -24,7 +25,8 @@ pub const OUTBOUND_QUEUE: usize = 4096;
 #[derive(Clone)]
 pub struct CoreSettings {
     pub url: String,
-    pub token: String,
+    /// Read at each connection attempt, so a rotated token file is picked up.
+    pub token: TokenSource,
     /// PEM bundle to trust instead of the system roots.
     pub ca_pem: Option<Vec<u8>>,
     /// PEM client certificate and key (mTLS).
@@ -127,12 +129,21 @@ async fn session(
     if tx.send(first).await.is_err() {
         return Some(("outbound queue closed".into(), false));
     }
+    let token = match settings.token.read() {
+        Ok(t) => t,
+        Err(e) => return Some((format!("cannot read the token: {e}"), true)),
+    };
     let mut request = Request::new(ReceiverStream::new(rx));
-    match MetadataValue::try_from(format!("Bearer {}", settings.token)) {
+    match MetadataValue::try_from(format!("Bearer {}", token.expose())) {
         Ok(v) => {
             request.metadata_mut().insert("authorization", v);
         }
-        Err(_) => return Some(("the token contains characters not allowed in a header".into(), true)),
+        Err(_) => {
+            return Some((
+                "the token contains characters not allowed in a header".into(),
+                true,
+            ))
+        }
     }
     let mut inbound = match client.connect(request).await {
         Ok(response) => response.into_inner(),
@@ -198,10 +209,13 @@ async fn channel(settings: &CoreSettings) -> Result<Channel, String> {
             .tls_config(tls)
             .map_err(|e| format!("TLS configuration: {e}"))?;
     }
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the Core at {}: {}", settings.url, error_chain(&e)))
+    endpoint.connect().await.map_err(|e| {
+        format!(
+            "cannot reach the Core at {}: {}",
+            settings.url,
+            error_chain(&e)
+        )
+    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -101,7 +101,10 @@ impl Agent {
                 return;
             }
             None => {
-                warn!(kind = message_kind(&msg), "unknown message from the Core ignored");
+                warn!(
+                    kind = message_kind(&msg),
+                    "unknown message from the Core ignored"
+                );
                 return;
             }
         };
@@ -115,7 +118,12 @@ impl Agent {
                 // A peer authorized by a new MFA session starts a new inactivity timer.
                 if let Some(old) = &self.held {
                     for (key, meta) in &held.valid.meta {
-                        if old.valid.meta.get(key).is_some_and(|m| m.mfa_session != meta.mfa_session) {
+                        if old
+                            .valid
+                            .meta
+                            .get(key)
+                            .is_some_and(|m| m.mfa_session != meta.mfa_session)
+                        {
                             self.mfa.forget(key);
                         }
                     }

@@ -193,7 +193,9 @@ impl Agent {
             status_tx: None,
         };
         match outcome {
-            LoadOutcome::Fresh => info!(gateway_id = %agent.gateway_id, "no state file: starting fresh"),
+            LoadOutcome::Fresh => {
+                info!(gateway_id = %agent.gateway_id, "no state file: starting fresh")
+            }
             LoadOutcome::Corrupt { moved_to, reason } => warn!(
                 moved_to = %moved_to.display(),
                 %reason,
@@ -487,7 +489,9 @@ impl Agent {
         if self.outbound.is_some() || self.offline_removed {
             return;
         }
-        let Some(last) = self.last_contact else { return };
+        let Some(last) = self.last_contact else {
+            return;
+        };
         let offline = SystemTime::now().duration_since(last).unwrap_or_default();
         if offline > limit {
             warn!(
@@ -510,7 +514,10 @@ impl Agent {
             .mfa
             .expired(policy, now)
             .into_iter()
-            .filter(|e| observed.device.peers.contains_key(&e.key) && held.valid.desired.peers.contains_key(&e.key))
+            .filter(|e| {
+                observed.device.peers.contains_key(&e.key)
+                    && held.valid.desired.peers.contains_key(&e.key)
+            })
             .collect();
         if expired.is_empty() {
             return;

@@ -149,9 +149,36 @@ mod tests {
     fn ready_only_when_applied_healthy_and_core_ok() {
         let now = SystemTime::now();
         assert!(readiness(&base(), now).0);
-        assert!(!readiness(&Readiness { applied: false, ..base() }, now).0);
-        assert!(!readiness(&Readiness { apply_failed: true, ..base() }, now).0);
-        assert!(!readiness(&Readiness { backend_failed: true, ..base() }, now).0);
+        assert!(
+            !readiness(
+                &Readiness {
+                    applied: false,
+                    ..base()
+                },
+                now
+            )
+            .0
+        );
+        assert!(
+            !readiness(
+                &Readiness {
+                    apply_failed: true,
+                    ..base()
+                },
+                now
+            )
+            .0
+        );
+        assert!(
+            !readiness(
+                &Readiness {
+                    backend_failed: true,
+                    ..base()
+                },
+                now
+            )
+            .0
+        );
     }
 
     #[test]

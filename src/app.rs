@@ -1,0 +1,297 @@
+//! Wiring: turns a validated [`Config`] into the agent's [`Settings`] and backend, sets up
+//! logging and signals, and implements the `status` and `diff` commands (HTTP clients of a
+//! running agent). `main.rs` only parses the command line and calls in here.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tracing::info;
+
+use crate::agent::client::CoreSettings;
+use crate::agent::status::Status;
+use crate::agent::{self, Settings};
+use crate::backend::userspace::{UserspaceBackend, UserspaceConfig};
+use crate::backend::{memory::MemoryBackend, Backend, BackendError, BackendKind};
+use crate::config::{Config, LogFormat, OfflinePolicy};
+use crate::hooks::Hooks;
+use crate::http::DiffReport;
+
+/// Resolves what the event loop needs from the configuration (reads the TLS files).
+pub fn settings(config: &Config) -> anyhow::Result<Settings> {
+    let read = |path: &std::path::Path, key: &str| {
+        std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))
+    };
+    let ca_pem = match &config.core.ca_file {
+        Some(p) => Some(read(p, "core.ca_file")?),
+        None => None,
+    };
+    let client_identity = match (&config.core.client_cert_file, &config.core.client_key_file) {
+        (Some(c), Some(k)) => Some((
+            read(c, "core.client_cert_file")?,
+            read(k, "core.client_key_file")?,
+        )),
+        _ => None,
+    };
+    let mut url = config.core.url.to_string();
+    // `Url` renders "http://host:1/" with a trailing slash; the gRPC endpoint wants none.
+    if url.ends_with('/') {
+        url.pop();
+    }
+    Ok(Settings {
+        name: config.gateway.name.clone().unwrap_or_else(hostname),
+        interface: config.gateway.interface.clone(),
+        backend_name: config.gateway.backend.to_string(),
+        state_dir: config.gateway.state_dir.clone(),
+        core: CoreSettings {
+            url,
+            token: config.core.token.clone(),
+            ca_pem,
+            client_identity,
+            connect_timeout: config.core.connect_timeout,
+            keepalive_interval: config.core.keepalive_interval,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        },
+        stats_interval: config.gateway.stats_interval,
+        resync_interval: config.gateway.resync_interval,
+        offline_remove_after: match config.gateway.offline_policy {
+            OfflinePolicy::Keep => None,
+            OfflinePolicy::RemoveAfter(d) => Some(d),
+        },
+        remove_on_shutdown: config.gateway.remove_on_shutdown,
+        gateway_id: config.gateway.id.clone(),
+        http_listen: config.http.listen,
+        hooks: Hooks::new(config.hooks.clone(), config.gateway.interface.clone()),
+    })
+}
+
+/// Opens the configured backend.
+pub fn backend(config: &Config) -> Result<Box<dyn Backend>, BackendError> {
+    let iface = &config.gateway.interface;
+    Ok(match config.gateway.backend {
+        BackendKind::Kernel => {
+            return Err(BackendError::Unsupported(format!(
+                "{iface}: kernel backend not wired yet (MERGE-PENDING)"
+            )))
+        }
+        BackendKind::Userspace => Box::new(UserspaceBackend::new(
+            iface.clone(),
+            UserspaceConfig {
+                binary: config.gateway.wireguard_go.clone().into(),
+                ..UserspaceConfig::default()
+            },
+        )?),
+        BackendKind::Memory => Box::new(MemoryBackend::new(iface.clone())),
+    })
+}
+
+/// `gatehouse run`: the agent until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let settings = settings(&config)?;
+    let backend =
+        backend(&config).map_err(|e| anyhow::anyhow!("backend {}: {e}", config.gateway.backend))?;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        interface = %settings.interface,
+        backend = %settings.backend_name,
+        core = %settings.core.url,
+        "gatehouse starting"
+    );
+    agent::run(settings, backend, shutdown_signal()).await
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send {
+    async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        }
+    }
+}
+
+/// Logging to stderr, text or JSON, with the configured filter.
+pub fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// `gatehouse status`: prints the running agent's status; exit 0 when ready, 1 when not,
+/// 3 when the agent cannot be reached.
+pub async fn status(base: &str) -> i32 {
+    let url = format!("{}/status", base.trim_end_matches('/'));
+    match fetch::<Status>(&url).await {
+        Ok(s) => {
+            print!("{}", render_status(&s));
+            if s.ready {
+                0
+            } else {
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            3
+        }
+    }
+}
+
+/// `gatehouse diff`: prints what differs between the desired state and the interface;
+/// exit 0 when nothing differs, 1 when something does, 3 when the agent cannot be reached.
+pub async fn diff(base: &str) -> i32 {
+    let url = format!("{}/diff", base.trim_end_matches('/'));
+    match fetch::<DiffReport>(&url).await {
+        Ok(d) => {
+            if let Some(e) = &d.error {
+                println!("revision {}: cannot compare: {e}", d.held_revision);
+                return 1;
+            }
+            if d.operations.is_empty() {
+                println!(
+                    "revision {}: the interface matches the desired state",
+                    d.held_revision
+                );
+                return 0;
+            }
+            println!(
+                "revision {}: {} difference(s) (the next reconcile applies them):",
+                d.held_revision,
+                d.operations.len()
+            );
+            for op in &d.operations {
+                println!("  {op}");
+            }
+            1
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            3
+        }
+    }
+}
+
+async fn fetch<T: serde::de::DeserializeOwned>(url: &str) -> anyhow::Result<T> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the agent at {url}"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{url} answered {}",
+        response.status()
+    );
+    Ok(response.json().await?)
+}
+
+/// The human form of the status.
+pub fn render_status(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let since = |ms: Option<i64>| {
+        ms.map(|ms| {
+            let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+            humantime::format_rfc3339_seconds(t).to_string()
+        })
+        .unwrap_or_else(|| "-".into())
+    };
+    let _ = writeln!(
+        out,
+        "gateway    {} ({}), gatehouse {}",
+        s.name, s.gateway_id, s.version
+    );
+    let _ = writeln!(out, "interface  {} ({} backend)", s.interface, s.backend);
+    let _ = writeln!(
+        out,
+        "ready      {} ({})",
+        if s.ready { "yes" } else { "no" },
+        s.ready_reason
+    );
+    let core = if s.core.connected {
+        format!(
+            "connected to {} since {}",
+            s.core.url,
+            since(s.core.since_unix_ms)
+        )
+    } else {
+        format!(
+            "UNREACHABLE ({}) since {}: {}",
+            s.core.url,
+            since(s.core.since_unix_ms),
+            s.core.last_error.as_deref().unwrap_or("not connected yet")
+        )
+    };
+    let _ = writeln!(out, "core       {core}");
+    let _ = writeln!(
+        out,
+        "revision   held {}, applied {}",
+        s.held_revision, s.applied_revision
+    );
+    let _ = writeln!(
+        out,
+        "peers      {} desired, {} on the interface",
+        s.desired_peers, s.kernel_peers
+    );
+    if let Some(t) = s.mfa_threshold_secs {
+        let _ = writeln!(
+            out,
+            "mfa        threshold {t}s, {} removed for inactivity, {} events unacknowledged",
+            s.mfa_removals, s.pending_events
+        );
+    }
+    let _ = writeln!(
+        out,
+        "reconcile  last {} ({} operations), {} drift repairs",
+        since(s.last_reconcile_unix_ms),
+        s.last_reconcile_ops,
+        s.drift_repairs
+    );
+    if let Some(e) = &s.apply_error {
+        let _ = writeln!(out, "apply      FAILED: {e}");
+    }
+    if let Some(r) = &s.last_rejected {
+        let _ = writeln!(
+            out,
+            "rejected   revision {}: {}",
+            r.revision,
+            r.items.join("; ")
+        );
+    }
+    if let Some(e) = &s.backend_error {
+        let _ = writeln!(out, "backend    UNHEALTHY: {e}");
+    }
+    if s.offline_removed {
+        let _ = writeln!(out, "offline    peers removed by the offline policy");
+    }
+    out
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "gatehouse".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
