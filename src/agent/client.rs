@@ -61,6 +61,8 @@ pub enum FromCore {
         error: String,
         unauthenticated: bool,
         retry_in: Duration,
+        /// The upper bound `retry_in` was drawn from (grows with each failure).
+        retry_ceiling: Duration,
     },
 }
 
@@ -87,6 +89,7 @@ pub async fn run(
         let Some((error, unauthenticated)) = outcome else {
             return;
         };
+        let retry_ceiling = backoff.ceiling();
         let retry_in = backoff.next_delay(rand::random::<f64>());
         if unauthenticated {
             warn!(%error, retry_in = ?retry_in, "the Core refused this gateway's token");
@@ -97,6 +100,7 @@ pub async fn run(
             error,
             unauthenticated,
             retry_in,
+            retry_ceiling,
         };
         if to_loop.send(note).await.is_err() {
             return;

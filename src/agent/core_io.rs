@@ -27,6 +27,7 @@ impl Agent {
                 self.core.since_unix_ms = Some(unix_ms(now));
                 self.core.consecutive_failures = 0;
                 self.core.retry_in_ms = None;
+                self.core.retry_ceiling_ms = None;
                 self.last_contact = Some(now);
                 self.stats.reset();
                 if self.offline_removed {
@@ -43,6 +44,7 @@ impl Agent {
                 error,
                 unauthenticated: _,
                 retry_in,
+                retry_ceiling,
             } => {
                 if self.outbound.take().is_some() || self.core.since_unix_ms.is_none() {
                     self.core.since_unix_ms = Some(unix_ms(SystemTime::now()));
@@ -51,6 +53,7 @@ impl Agent {
                 self.core.last_error = Some(error);
                 self.core.consecutive_failures += 1;
                 self.core.retry_in_ms = Some(retry_in.as_millis() as u64);
+                self.core.retry_ceiling_ms = Some(retry_ceiling.as_millis() as u64);
                 self.sent_up_to = 0;
             }
         }
@@ -71,6 +74,7 @@ impl Agent {
         use v1::core_message::Kind;
         let update = match msg.kind {
             Some(Kind::Snapshot(snapshot)) => {
+                self.core.snapshots += 1;
                 info!(
                     revision = snapshot.revision,
                     peers = snapshot.location.as_ref().map_or(0, |l| l.peers.len()),

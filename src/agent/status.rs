@@ -55,6 +55,10 @@ pub struct CoreStatus {
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     pub retry_in_ms: Option<u64>,
+    /// Snapshots received since start (one per connection, plus one per detected gap).
+    pub snapshots: u64,
+    /// The backoff ceiling the delay was drawn from (full jitter).
+    pub retry_ceiling_ms: Option<u64>,
 }
 
 /// A rejected revision.
