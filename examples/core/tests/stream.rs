@@ -204,6 +204,17 @@ async fn events_in_hello_are_processed_before_the_snapshot_and_stored_once() {
         matches!(&d.changes[..], [pb::Change { kind: Some(C::RemovePeer(k)) }] if *k == raw(&a.public_key))
     );
 
+    // gw-1 does not get the delta of its own event after the snapshot that includes it:
+    // its next delta is the following revision.
+    let mut gw = gw;
+    t.admin.add_peer(loc, &peer(3)).await.unwrap();
+    let next = gw.delta().await;
+    assert_eq!(
+        (next.revision, next.base_revision),
+        (snap.revision + 1, snap.revision)
+    );
+    assert_eq!(other.delta().await.revision, snap.revision + 1);
+
     // The same events again (the gateway did not see the ack): stored once, no new revision.
     drop(gw);
     let revision = t.revision(loc).await;
