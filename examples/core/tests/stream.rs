@@ -436,3 +436,17 @@ async fn injected_messages_reach_every_gateway_of_the_location() {
         assert_eq!((d.revision, d.base_revision), (99, 42));
     }
 }
+
+#[tokio::test]
+async fn stop_ends_open_streams_and_returns() {
+    let t = TestCore::start().await;
+    let (_loc, token) = t.location(false).await;
+    let (mut gw, _, _) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
+    let started = Instant::now();
+    let TestCore {
+        core, dir: _dir, ..
+    } = t;
+    core.stop().await;
+    eprintln!("stop with one open stream took {:?}", started.elapsed());
+    assert_eq!(gw.next().await.unwrap_err().code(), Code::Unavailable);
+}
