@@ -155,6 +155,12 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_parses_to_the_defaults() {
+        let doc = FileConfig::parse(include_str!("../../../config/core.toml")).unwrap();
+        assert_eq!(doc, FileConfig::parse("").unwrap());
+    }
+
+    #[test]
     fn tls_files_go_together() {
         let text = "admin_token = \"x\"\ntls_cert_file = \"/a\"";
         assert!(FileConfig::parse(text).unwrap().resolve().is_err());

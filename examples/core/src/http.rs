@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -47,6 +48,8 @@ pub fn router(shared: Arc<Shared>, admin_token: &str) -> Router {
         .route(&format!("{loc}/events"), get(events))
         .route(&format!("{loc}/firewall"), axum::routing::put(put_firewall))
         .fallback(|| async { CoreError::not_found("no such endpoint") })
+        // Bulk peer adds of many thousand peers are legitimate.
+        .layer(DefaultBodyLimit::max(gatehouse_proto::MAX_MESSAGE_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .with_state(state)
 }

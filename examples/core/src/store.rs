@@ -269,7 +269,7 @@ impl Store {
                     location as i64,
                     public_key.as_slice(),
                     psk.as_ref().map(|k| k.as_slice()),
-                    ips.join("\n"),
+                    validate::sorted_ips(&ips).join("\n"),
                     keepalive,
                     endpoint,
                     now
@@ -336,9 +336,10 @@ impl Store {
             new.endpoint = validate::endpoint(e)?;
         }
         if let Some(ips) = &patch.allowed_ips {
-            new.allowed_ips = validate::allowed_ips("allowed_ips", ips)?;
+            let ips = validate::allowed_ips("allowed_ips", ips)?;
+            new.allowed_ips = validate::sorted_ips(&ips);
             tx.execute("DELETE FROM peer_ips WHERE peer_id = ?1", [peer as i64])?;
-            ClaimIps::new(&tx)?.claim(location, peer as i64, &new.allowed_ips)?;
+            ClaimIps::new(&tx)?.claim(location, peer as i64, &ips)?;
         }
         tx.execute(
             "UPDATE peers SET public_key = ?2, preshared_key = ?3, allowed_ips = ?4,
@@ -936,8 +937,9 @@ impl<'a> ClaimIps<'a> {
         })
     }
 
-    fn claim(&mut self, location: u64, peer: i64, ips: &[String]) -> Result<()> {
-        for (i, ip) in ips.iter().enumerate() {
+    /// `ips`: (index in the user's input, normalized CIDR).
+    fn claim(&mut self, location: u64, peer: i64, ips: &[(usize, String)]) -> Result<()> {
+        for (i, ip) in ips {
             let owner: Option<i64> = self
                 .owner
                 .query_row(params![location as i64, ip], |r| r.get(0))

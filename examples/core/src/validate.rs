@@ -23,16 +23,28 @@ pub fn key(field: &str, s: &str) -> Result<[u8; 32]> {
 }
 
 /// Allowed IPs, normalized as WireGuard stores them (host bits cleared; a bare address
-/// is a /32 or /128), sorted and without repeats.
-pub fn allowed_ips(field: &str, items: &[String]) -> Result<Vec<String>> {
-    let mut out = BTreeSet::new();
+/// is a /32 or /128), without repeats. Each keeps the index it had in the input, so a
+/// later conflict can name the field the user wrote.
+pub fn allowed_ips(field: &str, items: &[String]) -> Result<Vec<(usize, String)>> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::with_capacity(items.len());
     for (i, s) in items.iter().enumerate() {
         let net = cidr(s).ok_or_else(|| {
             CoreError::invalid(format!("{field}[{i}]"), format!("not a CIDR: {s:?}"))
         })?;
-        out.insert(net.trunc());
+        let net = net.trunc();
+        if seen.insert(net) {
+            out.push((i, net.to_string()));
+        }
     }
-    Ok(out.into_iter().map(|n| n.to_string()).collect())
+    Ok(out)
+}
+
+/// The stored form of validated allowed IPs: sorted by network.
+pub fn sorted_ips(ips: &[(usize, String)]) -> Vec<String> {
+    let mut nets: Vec<IpNet> = ips.iter().filter_map(|(_, s)| s.parse().ok()).collect();
+    nets.sort();
+    nets.into_iter().map(|n| n.to_string()).collect()
 }
 
 /// Interface addresses: CIDR with host bits kept (they are the gateway's own addresses).
@@ -173,7 +185,16 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(got, vec!["10.0.0.0/24", "192.168.1.1/32", "fd00::1/128"]);
+        let indices: Vec<usize> = got.iter().map(|(i, _)| *i).collect();
+        assert_eq!(
+            indices,
+            vec![0, 2, 3],
+            "the repeat is dropped, indices kept"
+        );
+        assert_eq!(
+            sorted_ips(&got),
+            vec!["10.0.0.0/24", "192.168.1.1/32", "fd00::1/128"]
+        );
     }
 
     #[test]
