@@ -70,11 +70,7 @@ pub fn settings(config: &Config) -> anyhow::Result<Settings> {
 pub fn backend(config: &Config) -> Result<Box<dyn Backend>, BackendError> {
     let iface = &config.gateway.interface;
     Ok(match config.gateway.backend {
-        BackendKind::Kernel => {
-            return Err(BackendError::Unsupported(format!(
-                "{iface}: kernel backend not wired yet (MERGE-PENDING)"
-            )))
-        }
+        BackendKind::Kernel => Box::new(crate::backend::kernel::KernelBackend::new(iface)?),
         BackendKind::Userspace => Box::new(UserspaceBackend::new(
             iface.clone(),
             UserspaceConfig {

@@ -5,6 +5,7 @@
 //! and `memory` (a simulated interface for tests). Backends decide nothing: the plan says
 //! what to do; a backend only does it, counting the write messages it sends.
 
+pub mod kernel;
 pub mod link;
 pub mod memory;
 pub mod userspace;

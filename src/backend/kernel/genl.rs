@@ -1,0 +1,415 @@
+//! The WireGuard generic netlink socket: ONE socket, the `wireguard` family id resolved
+//! once when it opens, then `WG_CMD_SET_DEVICE` requests (each waits for its ACK) and
+//! `WG_CMD_GET_DEVICE` dumps (multi-part answers read until `NLMSG_DONE`, restarted when
+//! the kernel flags the dump as interrupted by a concurrent change).
+//!
+//! Errors are `io::Error`s carrying the kernel's errno, so that callers can tell
+//! `ENOENT` (no such family), `ENODEV` and `EADDRINUSE` apart.
+
+use std::io;
+
+use netlink_packet_core::{
+    Emitable, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK,
+    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+};
+use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
+use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
+use netlink_packet_generic::{GenlHeader, GenlMessage};
+use netlink_packet_wireguard::{WireguardAttribute, WireguardCmd, WireguardMessage};
+use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
+use zeroize::Zeroize;
+
+/// The generic netlink family name of WireGuard.
+pub const FAMILY: &str = "wireguard";
+/// `WG_GENL_VERSION`.
+const WG_VERSION: u8 = 1;
+/// Receive buffer: the kernel sizes dump messages up to 32 KiB after the buffer we read
+/// with, and ACKs are small (`NETLINK_CAP_ACK`).
+const RECV_BUFFER: usize = 64 * 1024;
+/// How long to wait for one answer before giving up (a dump of 10,000 peers is many
+/// answers, each one quick; under TCG emulation too).
+const RECEIVE_TIMEOUT_SECS: libc::time_t = 30;
+/// A dump interrupted this many times in a row by concurrent changes is an error.
+const DUMP_RETRIES: usize = 5;
+
+/// The WireGuard generic netlink socket.
+pub struct WgSocket {
+    socket: Socket,
+    family: u16,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl WgSocket {
+    /// Opens the socket and resolves the `wireguard` family. A kernel without WireGuard
+    /// answers `ENOENT` (the lookup also makes the kernel load the module if it can).
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_GENERIC)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        // Errors come back without a copy of our (up to MESSAGE_LIMIT bytes) request.
+        socket.set_cap_ack(true)?;
+        socket.set_ext_ack(true)?;
+        set_receive_timeout(&socket, RECEIVE_TIMEOUT_SECS)?;
+        let mut this = WgSocket {
+            socket,
+            family: 0,
+            seq: 0,
+            buf: Vec::with_capacity(RECV_BUFFER),
+        };
+        this.family = this.resolve_family()?;
+        Ok(this)
+    }
+
+    /// The resolved family id.
+    pub fn family(&self) -> u16 {
+        self.family
+    }
+
+    /// Sends one `WG_CMD_SET_DEVICE` request and waits for its ACK.
+    pub fn set_device(&mut self, attributes: &[WireguardAttribute]) -> io::Result<()> {
+        let seq = self.next_seq();
+        let mut request = encode(
+            self.family,
+            WireguardCmd::SetDevice,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            attributes,
+        );
+        let sent = self.socket.send(&request, 0);
+        request.zeroize();
+        sent?;
+        self.receive::<GenlMessage<WireguardMessage>>(seq, Expect::Ack)
+            .map(|_| ())
+    }
+
+    /// Dumps the device `interface`: every part of the multi-part answer, in order.
+    /// `ENODEV`: no such interface; `EOPNOTSUPP`: it is not a WireGuard interface.
+    pub fn get_device(&mut self, interface: &str) -> io::Result<Vec<WireguardMessage>> {
+        let mut attempt = 0;
+        loop {
+            let seq = self.next_seq();
+            let request = encode(
+                self.family,
+                WireguardCmd::GetDevice,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                seq,
+                &[WireguardAttribute::IfName(interface.to_owned())],
+            );
+            self.socket.send(&request, 0)?;
+            match self.receive::<GenlMessage<WireguardMessage>>(seq, Expect::Dump) {
+                Ok(parts) => return Ok(parts.into_iter().map(|m| m.payload).collect()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && attempt < DUMP_RETRIES => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn resolve_family(&mut self) -> io::Result<u16> {
+        let seq = self.next_seq();
+        let mut msg = NetlinkMessage::from(GenlMessage::from_payload(GenlCtrl {
+            cmd: GenlCtrlCmd::GetFamily,
+            nlas: vec![GenlCtrlAttrs::FamilyName(FAMILY.to_owned())],
+        }));
+        msg.header.flags = NLM_F_REQUEST;
+        msg.header.sequence_number = seq;
+        msg.finalize();
+        let mut request = vec![0; msg.buffer_len()];
+        msg.serialize(&mut request);
+        self.socket.send(&request, 0)?;
+        let replies = self.receive::<GenlMessage<GenlCtrl>>(seq, Expect::Reply)?;
+        replies
+            .iter()
+            .flat_map(|m| &m.payload.nlas)
+            .find_map(|a| match a {
+                GenlCtrlAttrs::FamilyId(id) => Some(*id),
+                _ => None,
+            })
+            .ok_or_else(|| invalid("family lookup answered without a family id"))
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Reads the answers to request `seq` (answers to earlier requests are skipped).
+    fn receive<T>(&mut self, seq: u32, expect: Expect) -> io::Result<Vec<T>>
+    where
+        T: NetlinkDeserializable,
+    {
+        let mut out = Vec::new();
+        let mut interrupted = false;
+        loop {
+            self.buf.clear();
+            let n = self.socket.recv(&mut self.buf, libc::MSG_TRUNC)?;
+            if n > self.buf.len() {
+                return Err(invalid(format!(
+                    "netlink answer of {n} bytes truncated to {}",
+                    self.buf.len()
+                )));
+            }
+            let result =
+                parse_datagram::<T>(&self.buf[..n], seq, expect, &mut out, &mut interrupted);
+            // Dumps carry private and preshared keys.
+            self.buf.zeroize();
+            match result? {
+                Progress::More => continue,
+                Progress::Done if interrupted => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Interrupted,
+                        "dump interrupted by a concurrent change",
+                    ))
+                }
+                Progress::Done => return Ok(out),
+            }
+        }
+    }
+}
+
+/// What answer a request expects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// An `NLMSG_ERROR` with code 0.
+    Ack,
+    /// One message.
+    Reply,
+    /// Messages until `NLMSG_DONE`.
+    Dump,
+}
+
+enum Progress {
+    More,
+    Done,
+}
+
+/// Parses one datagram (it may hold several netlink messages).
+fn parse_datagram<T: NetlinkDeserializable>(
+    mut bytes: &[u8],
+    seq: u32,
+    expect: Expect,
+    out: &mut Vec<T>,
+    interrupted: &mut bool,
+) -> io::Result<Progress> {
+    while !bytes.is_empty() {
+        let msg = NetlinkMessage::<T>::deserialize(bytes)
+            .map_err(|e| invalid(format!("bad netlink answer: {e}")))?;
+        let len = msg.header.length as usize;
+        if len < 16 || len > bytes.len() {
+            return Err(invalid(format!("bad netlink message length {len}")));
+        }
+        bytes = advance(bytes, len);
+        if msg.header.sequence_number != seq {
+            continue;
+        }
+        if msg.header.flags & NLM_F_DUMP_INTR != 0 {
+            *interrupted = true;
+        }
+        match msg.payload {
+            NetlinkPayload::Error(e) => match e.code {
+                None if expect == Expect::Ack => return Ok(Progress::Done),
+                None => {}
+                Some(_) => return Err(e.to_io()),
+            },
+            NetlinkPayload::Done(done) => {
+                if done.code < 0 {
+                    return Err(io::Error::from_raw_os_error(-done.code));
+                }
+                return Ok(Progress::Done);
+            }
+            NetlinkPayload::InnerMessage(m) => {
+                out.push(m);
+                if expect == Expect::Reply {
+                    return Ok(Progress::Done);
+                }
+            }
+            NetlinkPayload::Overrun(_) => return Err(invalid("netlink overrun")),
+            _ => {}
+        }
+    }
+    Ok(Progress::More)
+}
+
+fn advance(bytes: &[u8], len: usize) -> &[u8] {
+    let aligned = (len + 3) & !3;
+    bytes.get(aligned..).unwrap_or(&[])
+}
+
+/// Encodes a WireGuard request: netlink header, generic netlink header, attributes.
+pub fn encode(
+    family: u16,
+    cmd: WireguardCmd,
+    flags: u16,
+    seq: u32,
+    attributes: &[WireguardAttribute],
+) -> Vec<u8> {
+    let len = super::pack::HEADERS_LEN + attributes.buffer_len();
+    let mut buf = vec![0; len];
+    let mut header = NetlinkHeader::default();
+    header.length = len as u32;
+    header.message_type = family;
+    header.flags = flags;
+    header.sequence_number = seq;
+    header.emit(&mut buf[..16]);
+    GenlHeader {
+        cmd: cmd.into(),
+        version: WG_VERSION,
+    }
+    .emit(&mut buf[16..20]);
+    attributes.emit(&mut buf[20..]);
+    buf
+}
+
+fn set_receive_timeout(socket: &Socket, secs: libc::time_t) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: secs,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid socket fd owned by `socket`; `tv` outlives the call, its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn invalid(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_core::{DoneMessage, ErrorMessage, NLM_F_MULTIPART};
+
+    type Wg = GenlMessage<WireguardMessage>;
+
+    fn part(seq: u32, flags: u16, port: u16) -> Vec<u8> {
+        encode(
+            0x1d,
+            WireguardCmd::GetDevice,
+            flags,
+            seq,
+            &[WireguardAttribute::ListenPort(port)],
+        )
+    }
+
+    fn control(seq: u32, payload: NetlinkPayload<Wg>) -> Vec<u8> {
+        let mut msg = NetlinkMessage::new(NetlinkHeader::default(), payload);
+        msg.header.sequence_number = seq;
+        msg.finalize();
+        let mut buf = vec![0; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        buf
+    }
+
+    fn done(seq: u32, code: i32) -> Vec<u8> {
+        let mut d = DoneMessage::default();
+        d.code = code;
+        control(seq, NetlinkPayload::Done(d))
+    }
+
+    fn error(seq: u32, code: i32) -> Vec<u8> {
+        let mut e = ErrorMessage::default();
+        e.code = std::num::NonZeroI32::new(code);
+        e.header = vec![0; 16];
+        control(seq, NetlinkPayload::Error(e))
+    }
+
+    fn ports(out: &[Wg]) -> Vec<u16> {
+        out.iter()
+            .flat_map(|m| &m.payload.attributes)
+            .filter_map(|a| match a {
+                WireguardAttribute::ListenPort(p) => Some(*p),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dump_spans_datagrams_until_done_and_skips_stale_answers() {
+        let mut out = Vec::new();
+        let mut intr = false;
+        let first = [part(6, NLM_F_MULTIPART, 99), part(7, NLM_F_MULTIPART, 1)].concat();
+        assert!(matches!(
+            parse_datagram::<Wg>(&first, 7, Expect::Dump, &mut out, &mut intr),
+            Ok(Progress::More)
+        ));
+        let second = [part(7, NLM_F_MULTIPART, 2), done(7, 0)].concat();
+        assert!(matches!(
+            parse_datagram::<Wg>(&second, 7, Expect::Dump, &mut out, &mut intr),
+            Ok(Progress::Done)
+        ));
+        assert_eq!(
+            ports(&out),
+            vec![1, 2],
+            "the answer to request 6 is skipped"
+        );
+        assert!(!intr);
+    }
+
+    #[test]
+    fn interrupted_dumps_and_errors_are_reported() {
+        let mut out = Vec::new();
+        let mut intr = false;
+        let dg = [part(3, NLM_F_MULTIPART | NLM_F_DUMP_INTR, 1), done(3, 0)].concat();
+        parse_datagram::<Wg>(&dg, 3, Expect::Dump, &mut out, &mut intr).unwrap();
+        assert!(intr);
+
+        let e = parse_datagram::<Wg>(
+            &error(4, -libc::ENODEV),
+            4,
+            Expect::Dump,
+            &mut out,
+            &mut intr,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODEV));
+        let e = parse_datagram::<Wg>(
+            &done(5, -libc::EINVAL),
+            5,
+            Expect::Dump,
+            &mut out,
+            &mut intr,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        let e = parse_datagram::<Wg>(
+            &error(6, -libc::EADDRINUSE),
+            6,
+            Expect::Ack,
+            &mut out,
+            &mut intr,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
+        assert!(matches!(
+            parse_datagram::<Wg>(&error(8, 0), 8, Expect::Ack, &mut out, &mut intr),
+            Ok(Progress::Done)
+        ));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut out = Vec::new();
+        let mut intr = false;
+        for bytes in [&[1u8, 2, 3][..], &[0xff; 40][..], &part(1, 0, 1)[..18]] {
+            assert!(parse_datagram::<Wg>(bytes, 1, Expect::Dump, &mut out, &mut intr).is_err());
+        }
+    }
+}

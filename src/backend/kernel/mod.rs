@@ -1,0 +1,267 @@
+//! The kernel backend: a WireGuard interface of the Linux kernel, driven over netlink.
+//!
+//! The link (create, MTU, up, addresses) goes through [`super::link`] (rtnetlink); the
+//! device and its peers through one generic netlink socket ([`genl`]) whose `wireguard`
+//! family id is resolved once. Device and peer operations are packed into as few
+//! `WG_CMD_SET_DEVICE` messages as fit ([`pack`]); dumps are merged by [`dump`].
+//!
+//! The backend decides nothing: it executes the plan. Link operations run first (the plan
+//! puts them first), then the device messages in plan order. An interface this backend
+//! created during a failed `apply` is deleted again; an adopted one never is.
+
+pub mod dump;
+pub mod genl;
+pub mod pack;
+
+use std::io;
+
+use super::link::{check_interface_name, Link, LinkInfo};
+use super::{Backend, BackendError, WriteCounters};
+use crate::model::{LinkState, Observed};
+use crate::plan::{Op, Plan};
+
+use self::genl::WgSocket;
+use self::pack::{pack, SetDevice, MESSAGE_LIMIT};
+
+/// The link kind of WireGuard interfaces.
+const KIND: &str = "wireguard";
+
+/// What to tell an operator whose kernel has no WireGuard.
+fn unsupported(detail: &str) -> BackendError {
+    BackendError::Unsupported(format!(
+        "the kernel has no WireGuard support ({detail}); set backend = \"userspace\" to use \
+         wireguard-go"
+    ))
+}
+
+/// A kernel WireGuard interface.
+pub struct KernelBackend {
+    name: String,
+    link: Link,
+    wg: WgSocket,
+    message_limit: usize,
+    device_writes: u64,
+}
+
+impl std::fmt::Debug for KernelBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelBackend")
+            .field("interface", &self.name)
+            .field("device_writes", &self.device_writes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KernelBackend {
+    /// Opens the netlink sockets for `interface` in the calling thread's network namespace.
+    ///
+    /// `Config` for an invalid interface name; `Unsupported` when the kernel has no
+    /// WireGuard (the `wireguard` generic netlink family is missing after the kernel
+    /// tried to load the module).
+    pub fn new(interface: &str) -> Result<Self, BackendError> {
+        check_interface_name(interface)?;
+        let wg = WgSocket::open().map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) => unsupported("generic netlink family \"wireguard\" not found"),
+            _ => BackendError::io("open the WireGuard generic netlink socket", e),
+        })?;
+        let link = Link::open()?;
+        Ok(KernelBackend {
+            name: interface.to_owned(),
+            link,
+            wg,
+            message_limit: MESSAGE_LIMIT,
+            device_writes: 0,
+        })
+    }
+
+    /// Changes the size limit of `WG_CMD_SET_DEVICE` messages (default [`MESSAGE_LIMIT`];
+    /// for benchmarks and tests).
+    pub fn with_message_limit(mut self, limit: usize) -> Self {
+        self.message_limit = limit;
+        self
+    }
+
+    /// Reads the link, refusing one that is not a WireGuard interface.
+    fn wireguard_link(&mut self) -> Result<Option<LinkInfo>, BackendError> {
+        match self.link.get(&self.name)? {
+            Some(info) if info.kind.as_deref() != Some(KIND) => Err(BackendError::Config(format!(
+                "interface {} exists but is a {} link, not WireGuard; choose another \
+                     interface name",
+                self.name,
+                info.kind.as_deref().unwrap_or("plain")
+            ))),
+            other => Ok(other),
+        }
+    }
+
+    fn apply_steps(&mut self, plan: &Plan, created: &mut Option<u32>) -> Result<(), BackendError> {
+        let mut index = None;
+        for step in &plan.steps {
+            match &step.op {
+                Op::CreateLink => {
+                    // A kernel without WireGuard fails here with `Unsupported`.
+                    let i = self.link.create_wireguard(&self.name)?;
+                    *created = Some(i);
+                    index = Some(i);
+                }
+                Op::SetMtu(mtu) => {
+                    let i = self.index(&mut index)?;
+                    self.link.set_mtu(i, *mtu)?;
+                }
+                Op::SetLinkUp => {
+                    let i = self.index(&mut index)?;
+                    self.link.set_up(i)?;
+                }
+                Op::AddAddress(addr) => {
+                    let i = self.index(&mut index)?;
+                    self.link.add_address(i, *addr)?;
+                }
+                Op::RemoveAddress(addr) => {
+                    let i = self.index(&mut index)?;
+                    self.link.remove_address(i, *addr)?;
+                }
+                Op::ConfigureDevice(_) | Op::AddPeer(_) | Op::UpdatePeer(_) | Op::RemovePeer(_) => {
+                }
+            }
+        }
+        let messages = pack(
+            &self.name,
+            plan.steps.iter().map(|s| &s.op),
+            self.message_limit,
+        );
+        let total = messages.len();
+        for (n, message) in messages.iter().enumerate() {
+            self.device_writes += 1;
+            self.wg
+                .set_device(message.attributes())
+                .map_err(|e| self.device_error(e, message, n, total))?;
+        }
+        if total > 0 {
+            tracing::debug!(interface = %self.name, messages = total, "WireGuard device configured");
+        }
+        Ok(())
+    }
+
+    /// The link's index, read once per apply when no step created it.
+    fn index(&mut self, cached: &mut Option<u32>) -> Result<u32, BackendError> {
+        if let Some(i) = *cached {
+            return Ok(i);
+        }
+        match self.wireguard_link()? {
+            Some(info) => {
+                *cached = Some(info.index);
+                Ok(info.index)
+            }
+            None => Err(BackendError::Operation {
+                op: format!("configure interface {}", self.name),
+                message: "the interface does not exist (removed while applying?)".into(),
+            }),
+        }
+    }
+
+    fn device_error(
+        &self,
+        e: io::Error,
+        message: &SetDevice,
+        n: usize,
+        total: usize,
+    ) -> BackendError {
+        let op = format!(
+            "configure WireGuard device {} (message {} of {total})",
+            self.name,
+            n + 1
+        );
+        match (e.raw_os_error(), message.listen_port()) {
+            (Some(libc::EADDRINUSE), Some(port)) => BackendError::Operation {
+                op,
+                message: format!(
+                    "listen port {port} is already in use on this host (another WireGuard \
+                     interface or program holds UDP port {port}); free it or choose another \
+                     listen_port"
+                ),
+            },
+            (Some(libc::EOPNOTSUPP), _) => BackendError::Config(format!(
+                "interface {} is not a WireGuard interface",
+                self.name
+            )),
+            (Some(libc::ENODEV), _) => BackendError::Operation {
+                op,
+                message: "the interface does not exist (removed while applying?)".into(),
+            },
+            _ => BackendError::Operation {
+                op,
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+impl Backend for KernelBackend {
+    fn interface(&self) -> &str {
+        &self.name
+    }
+
+    fn observe(&mut self) -> Result<Observed, BackendError> {
+        let Some(info) = self.wireguard_link()? else {
+            return Ok(Observed::default());
+        };
+        let addresses = self.link.addresses(info.index)?;
+        let mut parts = match self.wg.get_device(&self.name) {
+            Ok(parts) => parts,
+            // Removed between the two reads: it is missing now.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(Observed::default()),
+            Err(e) => {
+                return Err(BackendError::io(
+                    format!("read WireGuard device {}", self.name),
+                    e,
+                ))
+            }
+        };
+        let device = dump::merge_dump(&parts);
+        for part in &mut parts {
+            pack::zeroize_attributes(&mut part.attributes);
+        }
+        let device = device.map_err(|e| BackendError::Operation {
+            op: format!("read WireGuard device {}", self.name),
+            message: e.to_string(),
+        })?;
+        Ok(Observed {
+            link: Some(LinkState {
+                mtu: info.mtu,
+                up: info.up,
+                addresses,
+            }),
+            device,
+        })
+    }
+
+    fn apply(&mut self, plan: &Plan) -> Result<(), BackendError> {
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let mut created = None;
+        let result = self.apply_steps(plan, &mut created);
+        if let (Err(e), Some(index)) = (&result, created) {
+            // No half-configured interface left behind: the next apply starts over.
+            tracing::warn!(interface = %self.name, error = %e, "deleting the interface created by the failed apply");
+            if let Err(del) = self.link.delete(index) {
+                tracing::warn!(interface = %self.name, error = %del, "could not delete the interface");
+            }
+        }
+        result
+    }
+
+    fn counters(&self) -> WriteCounters {
+        WriteCounters {
+            device_writes: self.device_writes,
+            link_writes: self.link.writes(),
+        }
+    }
+
+    fn remove(&mut self) -> Result<(), BackendError> {
+        match self.wireguard_link()? {
+            Some(info) => self.link.delete(info.index),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,48 @@
+#!/bin/bash
+# run-kernel-tests.sh - build a test binary on the host and run it, ignored tests
+# included, inside ONE throw-away VM with kernel WireGuard (run-in-wg-vm.sh).
+#
+#   tests/vm/run-kernel-tests.sh                      # the kernel backend tests (tests/kernel.rs)
+#   tests/vm/run-kernel-tests.sh --test agent_vm      # any other integration test binary
+#   tests/vm/run-kernel-tests.sh -- some_test_name    # arguments after -- go to the harness
+#
+# Exit status: the test binary's (0 = all passed); 124 = VM timed out; 125 = VM failure.
+# Environment: WGVM_CACHE (default ~/.cache/wgvm, built once in ~10-20 s), WGVM_TIMEOUT
+# (default 900 s here), WGVM_MEM, WGVM_CPUS; CARGO_PROFILE=release to test optimized code.
+# Needs root and qemu-system-x86, busybox-static, wireguard-tools, iproute2, xz-utils.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/../.."
+
+test_name=kernel
+while [ $# -gt 0 ]; do
+	case $1 in
+	--test) test_name=$2; shift 2 ;;
+	--) shift; break ;;
+	*) break ;;
+	esac
+done
+
+profile_args=()
+[ "${CARGO_PROFILE:-dev}" = release ] && profile_args=(--release)
+
+# The binary cargo builds for the test target, read from its JSON messages.
+bin=$(cargo test -p gatehouse "${profile_args[@]}" --test "$test_name" --no-run --message-format=json |
+	python3 -c '
+import json, sys
+name = sys.argv[1]
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and \
+       m["target"]["name"] == name and m["profile"].get("test"):
+        print(m["executable"])
+' "$test_name" | tail -1)
+[ -n "$bin" ] && [ -x "$bin" ] || { echo "run-kernel-tests: no test binary for --test $test_name" >&2; exit 125; }
+echo "run-kernel-tests: $bin" >&2
+
+# The binary lives under target/ inside this directory, which the VM shares read-write.
+export WGVM_TIMEOUT=${WGVM_TIMEOUT:-900}
+exec "$here/run-in-wg-vm.sh" -- "$bin" --include-ignored --test-threads="${WGVM_CPUS:-2}" "$@"
