@@ -84,6 +84,11 @@ pub fn backend(config: &Config) -> Result<Box<dyn Backend>, BackendError> {
 
 /// `gatehouse run`: the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    config
+        .core
+        .token
+        .read()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let settings = settings(&config)?;
     let backend =
         backend(&config).map_err(|e| anyhow::anyhow!("backend {}: {e}", config.gateway.backend))?;

@@ -130,6 +130,13 @@ pub fn check_config(
     }
     match load(cli, env) {
         Ok(config) => {
+            if config.core.token == config::TokenSource::Missing {
+                let _ = writeln!(
+                    err,
+                    "warning: core.token: {} (`gatehouse run` will refuse to start)",
+                    config::MISSING_TOKEN
+                );
+            }
             let _ = out.write_all(config.effective_toml().as_bytes());
             0
         }

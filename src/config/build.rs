@@ -54,15 +54,9 @@ pub(super) fn build(l: &Layered) -> Result<Config, ConfigError> {
                 "core.token and core.token_file are both set; set only one".into(),
             ))
         }
-        (None, None) => {
-            return Err(err(
-                "core",
-                "token",
-                "no Core token: set core.token or core.token_file (GATEHOUSE_CORE_TOKEN, \
-                 --token-file, or systemd LoadCredential=token:FILE)"
-                    .into(),
-            ))
-        }
+        // `run` refuses to start without a token; `check-config` only warns, so a
+        // configuration whose token arrives later (a systemd credential) still validates.
+        (None, None) => TokenSource::Missing,
     };
     let (client_cert_file, client_key_file) = (
         path("core", "client_cert_file"),

@@ -38,6 +38,10 @@ pub use secret::{Secret, REDACTED};
 /// The configuration file read when `--config` is not given (only if it exists).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/gatehouse/gateway.toml";
 
+/// Why a configuration without a token cannot run.
+pub const MISSING_TOKEN: &str = "no Core token: set core.token or core.token_file \
+     (GATEHOUSE_CORE_TOKEN, --token-file, or systemd LoadCredential=token:FILE)";
+
 /// Prefix of the configuration environment variables.
 pub const ENV_PREFIX: &str = "GATEHOUSE_";
 
@@ -78,6 +82,8 @@ pub enum TokenSource {
     Inline(Secret),
     /// Read at each connect (so a rotated file is picked up).
     File(PathBuf),
+    /// Neither `token` nor `token_file` (nor a systemd credential): `run` refuses to start.
+    Missing,
 }
 
 /// `[gateway]`: the local WireGuard side.
@@ -297,6 +303,7 @@ impl TokenSource {
         match self {
             TokenSource::Inline(secret) => Ok(secret.clone()),
             TokenSource::File(path) => build::read_token_file(path),
+            TokenSource::Missing => Err(ConfigError::invalid("core.token", MISSING_TOKEN)),
         }
     }
 }

@@ -42,11 +42,11 @@ fn value_of(c: &Config, name: &str) -> Value {
         "core.url" => s(c.core.url.as_str().trim_end_matches('/')),
         "core.token" => match &c.core.token {
             TokenSource::Inline(_) => s(REDACTED),
-            TokenSource::File(_) => s(""),
+            TokenSource::File(_) | TokenSource::Missing => s(""),
         },
         "core.token_file" => match &c.core.token {
             TokenSource::File(p) => s(&p.to_string_lossy()),
-            TokenSource::Inline(_) => s(""),
+            TokenSource::Inline(_) | TokenSource::Missing => s(""),
         },
         "core.ca_file" => path(&c.core.ca_file),
         "core.client_cert_file" => path(&c.core.client_cert_file),

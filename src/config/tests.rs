@@ -185,8 +185,10 @@ fn token_sources() {
     assert_eq!(e.key(), "core.token");
     assert!(e.to_string().contains("both set"), "{e}");
 
-    let e = err("[core]\nurl = \"https://h:1\"\n");
-    assert_eq!(e.key(), "core.token");
+    // No token validates (check-config warns) but cannot be read (run refuses).
+    let c = ok("[core]\nurl = \"https://h:1\"\n");
+    assert_eq!(c.core.token, TokenSource::Missing);
+    assert_eq!(c.core.token.read().unwrap_err().key(), "core.token");
 
     // A higher layer's token replaces a lower layer's token_file, and the other way round.
     let file = "[core]\nurl = \"https://h:1\"\ntoken_file = \"/from/file\"\n";
