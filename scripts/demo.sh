@@ -26,7 +26,7 @@ cleanup() {
 	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
 	ip netns del $NS_GW 2>/dev/null
 	ip netns del $NS_CL 2>/dev/null
-	rm -f /var/run/wireguard/$IF_GW.sock /var/run/wireguard/$IF_CL.sock
+	rm -f /var/run/wireguard/$IF_GW.sock /var/run/wireguard/$IF_CL.sock /var/run/wireguard/$IF_GW.log
 	rm -rf "$T"
 }
 trap cleanup EXIT
