@@ -265,13 +265,22 @@ impl Drop for Agent {
     }
 }
 
-/// Polls `check` until it is true, failing the test after [`CONVERGE`].
+/// How long to wait for convergence: [`CONVERGE`], or `GATEHOUSE_TEST_CONVERGE_SECS`
+/// (the emulated VM is ~20 times slower than the host).
+pub fn converge_limit() -> Duration {
+    std::env::var("GATEHOUSE_TEST_CONVERGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(CONVERGE, Duration::from_secs)
+}
+
+/// Polls `check` until it is true, failing the test after [`converge_limit`].
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + CONVERGE;
+    let deadline = tokio::time::Instant::now() + converge_limit();
     loop {
         if check().await {
             return;
