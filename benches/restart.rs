@@ -1,0 +1,196 @@
+//! Restart benchmark: an agent holding 10,000 peers is stopped and started again, with the
+//! Core down (the worst case: everything comes from the state file) and with the Core up.
+//! Measures the time from start to ready (`/readyz` logic) and counts the writes the
+//! restart makes (the promise: zero).
+//!
+//!   cargo bench --bench restart                 # memory backend (agent overhead only)
+//!   sudo cargo bench --bench restart            # + userspace backend (wireguard-go, netns)
+//!   tests/vm/run-kernel-bench.sh restart        # + kernel backend, inside the VM
+//!
+//! Prints a markdown table; `BENCHMARKS.md` records the figures with this command.
+
+#[path = "../tests/netns/mod.rs"]
+mod netns;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use gatehouse::agent::status::Status;
+use gatehouse::agent::{self, Settings};
+use gatehouse::backend::kernel::KernelBackend;
+use gatehouse::backend::memory::MemoryBackend;
+use gatehouse::backend::userspace::{UserspaceBackend, UserspaceConfig};
+use gatehouse::backend::Backend;
+use support::{plain_location, Core};
+use tokio::sync::{oneshot, watch};
+
+const PEERS: usize = 10_000;
+const RUNS: usize = 5;
+
+struct Row {
+    backend: &'static str,
+    core: &'static str,
+    median: Duration,
+    max: Duration,
+    writes: u64,
+}
+
+/// Runs the agent until ready (and, with the Core up, until its snapshot is applied), then
+/// stops it; returns (time to ready, writes made by this run).
+async fn start_until_ready(
+    settings: Settings,
+    backend: Box<dyn Backend>,
+    core_up: bool,
+) -> (Duration, u64) {
+    let before = backend.counters();
+    let (tx, mut status) = watch::channel(Status::default());
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let started = Instant::now();
+    let task = tokio::spawn(agent::run_with_status(
+        settings,
+        backend,
+        async move {
+            let _ = stop_rx.await;
+        },
+        tx,
+    ));
+    let ready = loop {
+        if status.borrow().ready {
+            break started.elapsed();
+        }
+        if tokio::time::timeout(Duration::from_secs(600), status.changed())
+            .await
+            .is_err()
+        {
+            panic!("agent never became ready");
+        }
+    };
+    while core_up && {
+        let s = status.borrow();
+        s.core.snapshots == 0 || s.applied_revision != s.held_revision
+    } {
+        if tokio::time::timeout(Duration::from_secs(600), status.changed())
+            .await
+            .is_err()
+        {
+            panic!("the Core's snapshot was never applied");
+        }
+    }
+    let s = status.borrow().clone();
+    let _ = stop.send(());
+    task.await.expect("agent panicked").expect("agent failed");
+    let writes = s.device_writes + s.link_writes - before.device_writes - before.link_writes;
+    (ready, writes)
+}
+
+async fn scenario(
+    name: &'static str,
+    make: &dyn Fn() -> Box<dyn Backend>,
+    rows: &mut Vec<Row>,
+) {
+    let mut core = Core::start().await;
+    let (loc, token) = core.location(plain_location("bench"), PEERS).await;
+    let rev = core.revision(loc).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut settings = support::settings(&core.url(), &token, state.path());
+    settings.interface = "ghbench0".into();
+    settings.stats_interval = Duration::from_secs(3600);
+    settings.resync_interval = Duration::from_secs(3600);
+
+    // First start: the cold apply (not measured here; see the kernel benchmark).
+    let (cold, _) = start_until_ready(settings.clone(), make(), true).await;
+    eprintln!("{name}: cold start to ready {cold:?} (revision {rev})");
+
+    for core_up in [true, false] {
+        if !core_up {
+            core.stop().await;
+        }
+        let mut times = Vec::new();
+        let mut writes = 0;
+        for _ in 0..RUNS {
+            let (t, w) = start_until_ready(settings.clone(), make(), core_up).await;
+            times.push(t);
+            writes += w;
+        }
+        times.sort();
+        rows.push(Row {
+            backend: name,
+            core: if core_up { "up" } else { "down" },
+            median: times[times.len() / 2],
+            max: times[times.len() - 1],
+            writes,
+        });
+    }
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut rows = Vec::new();
+    rt.block_on(async {
+        let memory = MemoryBackend::new("ghbench0");
+        scenario(
+            "memory",
+            &|| Box::new(memory.clone()) as Box<dyn Backend>,
+            &mut rows,
+        )
+        .await;
+    });
+    if netns::is_root() && std::path::Path::new("/sys/module/wireguard").exists() {
+        let ns = netns::Netns::new("bk");
+        rt.block_on(async {
+            scenario(
+                "kernel",
+                &|| {
+                    Box::new(ns.enter(|| KernelBackend::new("ghbench0").expect("kernel")))
+                        as Box<dyn Backend>
+                },
+                &mut rows,
+            )
+            .await;
+        });
+    }
+    let have_wg_go = std::process::Command::new("wireguard-go")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if netns::is_root() && have_wg_go {
+        let ns = netns::Netns::new("bu");
+        let iface = format!("ghbu{}", std::process::id() % 10_000);
+        rt.block_on(async {
+            scenario(
+                "userspace",
+                &|| {
+                    let i = iface.clone();
+                    Box::new(ns.enter(move || {
+                        UserspaceBackend::new(i, UserspaceConfig::default()).expect("userspace")
+                    })) as Box<dyn Backend>
+                },
+                &mut rows,
+            )
+            .await;
+        });
+        // wireguard-go keeps running by design (the tunnel survives restarts); end it.
+        let _ = std::process::Command::new("pkill")
+            .args(["-f", &format!("wireguard-go -f {iface}")])
+            .status();
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{iface}.log"));
+    }
+    println!("\nRestart of an agent holding {PEERS} peers ({RUNS} runs each)\n");
+    println!("| backend | Core | start to ready (median) | max | writes by the restarts |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.0} ms | {:.0} ms | {} |",
+            r.backend,
+            r.core,
+            r.median.as_secs_f64() * 1000.0,
+            r.max.as_secs_f64() * 1000.0,
+            r.writes
+        );
+    }
+}
