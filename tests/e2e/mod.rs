@@ -27,7 +27,8 @@
 //! is cleaned up by guards, also when a test panics: the agent and client processes by
 //! pid, every other process found in the site's namespaces (e.g. the wireguard-go a
 //! SIGKILLed agent leaves behind) by pid, the UAPI sockets, the namespaces, the temporary
-//! directory. On a panic the tail of the agent's log is printed.
+//! directory. On a panic the tail of the agent's log is printed (all of it, also on
+//! success, with `GATEHOUSE_E2E_SHOW_LOG=1` and `--nocapture`).
 
 #![allow(dead_code)]
 
@@ -639,6 +640,12 @@ impl Drop for Site {
                 "---- agent log of site {} (last 60 lines) ----\n{}\n----",
                 self.tag,
                 agent::tail(&self.paths.log, 60)
+            );
+        } else if std::env::var_os("GATEHOUSE_E2E_SHOW_LOG").is_some() {
+            eprintln!(
+                "---- agent log of site {} ----\n{}\n----",
+                self.tag,
+                self.agent_log()
             );
         }
     }
