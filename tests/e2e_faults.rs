@@ -129,7 +129,9 @@ fn sigkilled_agent_restarts_from_its_state_while_the_core_is_down() {
         let before = site.gw_dump().await;
         let wg_pid = site.gw_wireguard_go_pid().expect("wireguard-go");
         let first = site.status().await;
+        let stopped_ms = now_ms();
         site.stop_core().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         site.kill_agent();
         site.start_agent().await;
 
@@ -140,6 +142,15 @@ fn sigkilled_agent_restarts_from_its_state_while_the_core_is_down() {
         assert!(!status.core.connected);
         assert_eq!(status.gateway_id, first.gateway_id);
         assert_eq!(status.applied_revision, first.applied_revision);
+        // Unreachable since before the restart, not since the agent started again.
+        let since = eventually("unreachable since", CONVERGE, || async {
+            site.try_status().await.and_then(|s| s.core.since_unix_ms)
+        })
+        .await;
+        assert!(
+            since <= stopped_ms + 500,
+            "unreachable since {since}, but the Core stopped at {stopped_ms}"
+        );
         let (code, body) = site.readyz().await.expect("/readyz");
         assert_eq!(code, 200, "{body}");
         assert!(site
@@ -446,11 +457,27 @@ fn reboot_while_the_core_is_down_restores_the_tunnel_from_the_state_file() {
 #[ignore = "root + wireguard-go: tests/netns/run-root-tests.sh e2e_userspace e2e_faults"]
 fn offline_allowance_removes_peers_and_the_core_brings_them_back() {
     e2e::run("fa", async |mut site: Site| {
-        site.options.offline_policy = "4s".into();
+        let allowance = Duration::from_secs(8);
+        site.options.offline_policy = "8s".into();
         up(&mut site).await;
         let before = site.gw_dump().await;
         let wg_pid = site.gw_wireguard_go_pid().expect("wireguard-go");
+        // Connected but idle (nothing from the Core) for longer than the allowance: the
+        // allowance counts from when the Core went away, not from its last message.
+        tokio::time::sleep(allowance + Duration::from_secs(2)).await;
         site.stop_core().await;
+        let stopped = Instant::now();
+        while stopped.elapsed() < allowance / 2 {
+            let s = site.status().await;
+            assert!(
+                !s.offline_removed && s.ready,
+                "peers removed {:?} after the Core went away, allowance {allowance:?}: {}",
+                stopped.elapsed(),
+                s.ready_reason
+            );
+            assert_eq!(site.gw_dump().await.config(), before.config());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         let status = eventually("peers removed by the offline policy", CONVERGE, || async {
             site.try_status().await.filter(|s| s.offline_removed)
         })
