@@ -46,8 +46,16 @@ impl Agent {
                 retry_in,
                 retry_ceiling,
             } => {
-                if self.outbound.take().is_some() || self.core.since_unix_ms.is_none() {
-                    self.core.since_unix_ms = Some(unix_ms(SystemTime::now()));
+                let now = SystemTime::now();
+                if self.outbound.take().is_some() {
+                    // The stream was up until now: the Core was reachable until now, however
+                    // long ago it last sent something (an idle location sends nothing).
+                    self.last_contact = Some(now);
+                    self.core.since_unix_ms = Some(unix_ms(now));
+                } else if self.core.since_unix_ms.is_none() {
+                    // The first failure of this run: unreachable since the last contact a
+                    // previous run recorded, if any.
+                    self.core.since_unix_ms = Some(unix_ms(self.last_contact.unwrap_or(now)));
                 }
                 self.core.connected = false;
                 self.core.last_error = Some(error);

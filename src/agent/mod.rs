@@ -447,7 +447,10 @@ impl Agent {
 
     async fn on_resync(&mut self) {
         match self.backend.check() {
-            Ok(Some(repair)) => warn!(%repair, "backend repaired itself"),
+            Ok(Some(repair)) => {
+                warn!(%repair, "backend repaired itself");
+                self.backend_error = None;
+            }
             Ok(None) => self.backend_error = None,
             Err(e) => {
                 error!(error = %e, "backend unhealthy");
@@ -581,7 +584,12 @@ impl Agent {
             epochs: self.epochs.clone(),
             pending_events: self.pending.clone(),
             next_seq: self.next_seq,
-            core_last_contact_unix_ms: self.last_contact.map(unix_ms),
+            // While the stream is up the Core is in contact now, even if idle.
+            core_last_contact_unix_ms: if self.outbound.is_some() {
+                Some(unix_ms(SystemTime::now()))
+            } else {
+                self.last_contact.map(unix_ms)
+            },
         }
     }
 
