@@ -84,11 +84,7 @@ async fn start_until_ready(
     (ready, writes)
 }
 
-async fn scenario(
-    name: &'static str,
-    make: &dyn Fn() -> Box<dyn Backend>,
-    rows: &mut Vec<Row>,
-) {
+async fn scenario(name: &'static str, make: &dyn Fn() -> Box<dyn Backend>, rows: &mut Vec<Row>) {
     let mut core = Core::start().await;
     let (loc, token) = core.location(plain_location("bench"), PEERS).await;
     let rev = core.revision(loc).await;
