@@ -50,7 +50,7 @@ pub fn settings(config: &Config) -> anyhow::Result<Settings> {
             connect_timeout: config.core.connect_timeout,
             keepalive_interval: config.core.keepalive_interval,
             backoff_base: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(30),
+            backoff_max: config.core.reconnect_max,
         },
         stats_interval: config.gateway.stats_interval,
         resync_interval: config.gateway.resync_interval,

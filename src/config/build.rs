@@ -103,6 +103,7 @@ pub(super) fn build(l: &Layered) -> Result<Config, ConfigError> {
         allow_insecure,
         connect_timeout: duration("core", "connect_timeout")?,
         keepalive_interval: duration("core", "keepalive_interval")?,
+        reconnect_max: duration("core", "reconnect_max")?,
     };
 
     let interface = l.str("gateway", "interface").to_owned();

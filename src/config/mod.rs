@@ -74,6 +74,8 @@ pub struct CoreConfig {
     pub connect_timeout: Duration,
     /// HTTP/2 keepalive ping interval (detects a dead Core).
     pub keepalive_interval: Duration,
+    /// Longest wait between reconnection attempts (exponential backoff with full jitter).
+    pub reconnect_max: Duration,
 }
 
 /// Where the Core token comes from.

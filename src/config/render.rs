@@ -54,6 +54,7 @@ fn value_of(c: &Config, name: &str) -> Value {
         "core.allow_insecure" => Value::Boolean(c.core.allow_insecure),
         "core.connect_timeout" => dur(c.core.connect_timeout),
         "core.keepalive_interval" => dur(c.core.keepalive_interval),
+        "core.reconnect_max" => dur(c.core.reconnect_max),
         "gateway.id" => opt(&c.gateway.id),
         "gateway.name" => opt(&c.gateway.name),
         "gateway.interface" => s(&c.gateway.interface),

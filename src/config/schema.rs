@@ -139,6 +139,7 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     b("core", "allow_insecure", false),
     d("core", "connect_timeout", "10s"),
     d("core", "keepalive_interval", "10s"),
+    d("core", "reconnect_max", "30s"),
     s("gateway", "id", ""),
     s("gateway", "name", ""),
     s("gateway", "interface", "wg0"),
