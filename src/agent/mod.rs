@@ -256,6 +256,9 @@ impl Agent {
             error!(error = %e, "backend check failed");
         }
         if self.held.is_some() {
+            // A start long after the Core went away: the offline policy decides before
+            // any peer is restored, so removed peers are not briefly re-added.
+            self.check_offline_policy();
             let revision = self.held.as_ref().map_or(0, |h| h.revision);
             match self.reconcile("start: restore from state file") {
                 Ok(_) => {
