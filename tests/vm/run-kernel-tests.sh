@@ -5,6 +5,7 @@
 #   tests/vm/run-kernel-tests.sh                      # the kernel backend tests (tests/kernel.rs)
 #   tests/vm/run-kernel-tests.sh --test agent_vm      # any other integration test binary
 #   tests/vm/run-kernel-tests.sh -- some_test_name    # arguments after -- go to the harness
+#   tests/vm/run-kernel-tests.sh --bench kernel       # a bench target (optimized), run once
 #
 # Exit status: the test binary's (0 = all passed); 124 = VM timed out; 125 = VM failure.
 # Environment: WGVM_CACHE (default ~/.cache/wgvm, built once in ~10-20 s), WGVM_TIMEOUT
@@ -15,9 +16,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 cd "$here/../.."
 
 test_name=kernel
+kind=test
 while [ $# -gt 0 ]; do
 	case $1 in
-	--test) test_name=$2; shift 2 ;;
+	--test) kind=test; test_name=$2; shift 2 ;;
+	--bench) kind=bench; test_name=$2; shift 2 ;;
 	--) shift; break ;;
 	*) break ;;
 	esac
@@ -27,7 +30,12 @@ profile_args=()
 [ "${CARGO_PROFILE:-dev}" = release ] && profile_args=(--release)
 
 # The binary cargo builds for the test target, read from its JSON messages.
-bin=$(cargo test -p gatehouse "${profile_args[@]}" --test "$test_name" --no-run --message-format=json |
+if [ "$kind" = bench ]; then
+	build=(cargo bench -p gatehouse --bench "$test_name" --no-run --message-format=json)
+else
+	build=(cargo test -p gatehouse "${profile_args[@]}" --test "$test_name" --no-run --message-format=json)
+fi
+bin=$("${build[@]}" |
 	python3 -c '
 import json, sys
 name = sys.argv[1]
@@ -40,9 +48,12 @@ for line in sys.stdin:
        m["target"]["name"] == name and m["profile"].get("test"):
         print(m["executable"])
 ' "$test_name" | tail -1)
-[ -n "$bin" ] && [ -x "$bin" ] || { echo "run-kernel-tests: no test binary for --test $test_name" >&2; exit 125; }
+[ -n "$bin" ] && [ -x "$bin" ] || { echo "run-kernel-tests: no binary for --$kind $test_name" >&2; exit 125; }
 echo "run-kernel-tests: $bin" >&2
 
 # The binary lives under target/ inside this directory, which the VM shares read-write.
 export WGVM_TIMEOUT=${WGVM_TIMEOUT:-900}
+if [ "$kind" = bench ]; then
+	exec "$here/run-in-wg-vm.sh" -- "$bin" --bench "$@"
+fi
 exec "$here/run-in-wg-vm.sh" -- "$bin" --include-ignored --test-threads="${WGVM_CPUS:-2}" "$@"

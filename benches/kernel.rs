@@ -1,0 +1,261 @@
+//! Kernel backend benchmark, beside the `wg` tool on the same (virtual) machine. Needs
+//! root and kernel WireGuard: run it in the VM with `tests/vm/run-kernel-bench.sh`.
+//! Prints a markdown table of medians; absolute times under TCG emulation are slow, the
+//! ratios are what to read.
+
+#[path = "../tests/vm/support.rs"]
+mod support;
+
+use std::io::Write as _;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gatehouse::backend::kernel::KernelBackend;
+use gatehouse::backend::Backend;
+use gatehouse::model::Desired;
+use gatehouse::plan::plan;
+
+/// Peers (`GATEHOUSE_BENCH_PEERS`, default 10,000) and rounds per scenario
+/// (`GATEHOUSE_BENCH_ROUNDS`, default 3; the median is shown).
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn progress(what: &str, d: Duration) {
+    eprintln!("kernel bench: {what}: {:.1} ms", d.as_secs_f64() * 1e3);
+}
+/// The benchmark runs in its own network namespace, deleted when it ends: deleting a
+/// WireGuard interface with 10,000 peers takes minutes under TCG, deleting a namespace
+/// returns at once (the kernel tears it down in the background).
+struct Namespace(String);
+
+impl Namespace {
+    fn enter_new() -> anyhow::Result<Namespace> {
+        let name = format!("ghbench{}", std::process::id());
+        sh("ip", &["netns", "add", &name])?;
+        let ns = Namespace(name);
+        let file = std::fs::File::open(format!("/var/run/netns/{}", ns.0))?;
+        // SAFETY: a valid namespace fd; this single-threaded program (and the commands it
+        // starts) then live in the namespace.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        anyhow::ensure!(rc == 0, "setns: {}", std::io::Error::last_os_error());
+        Ok(ns)
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "del", &self.0]);
+    }
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("kernel bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program).args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn time(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    f()?;
+    Ok(start.elapsed())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn wg_config(want: &Desired, port: u16) -> anyhow::Result<tempfile::NamedTempFile> {
+    let mut f = tempfile::NamedTempFile::new()?;
+    writeln!(
+        f,
+        "[Interface]\nPrivateKey = {}\nListenPort = {port}",
+        want.interface.private_key.expose_base64()
+    )?;
+    for p in want.peers.values() {
+        let ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
+        writeln!(
+            f,
+            "[Peer]\nPublicKey = {}\nAllowedIPs = {}",
+            p.public_key,
+            ips.join(",")
+        )?;
+        if let Some(psk) = &p.preshared_key {
+            writeln!(f, "PresharedKey = {}", psk.expose_base64())?;
+        }
+        if p.persistent_keepalive != 0 {
+            writeln!(f, "PersistentKeepalive = {}", p.persistent_keepalive)?;
+        }
+    }
+    f.flush()?;
+    Ok(f)
+}
+
+fn converge(b: &mut KernelBackend, want: &Desired) -> anyhow::Result<()> {
+    let observed = b.observe()?;
+    b.apply(&plan(want, &observed))?;
+    Ok(())
+}
+
+struct Row {
+    what: &'static str,
+    ours: Duration,
+    messages: u64,
+    tool: Duration,
+    tool_cmd: &'static str,
+}
+
+fn run() -> anyhow::Result<()> {
+    let peers = setting("GATEHOUSE_BENCH_PEERS", 10_000);
+    let rounds = setting("GATEHOUSE_BENCH_ROUNDS", 3).max(1);
+    let want = support::desired(9, 41000, u32::try_from(peers)?, 0);
+    let _ns = Namespace::enter_new()?;
+    let mut rows = Vec::new();
+
+    // Cold: ours from nothing (link, MTU, addresses, up, device, peers); the tool on a
+    // link created beforehand (device and peers only). Fresh interfaces every round.
+    let (mut ours, mut tool) = (Vec::new(), Vec::new());
+    let mut messages = 0;
+    let mut backend = None;
+    let mut conf = None;
+    let mut tool_if = String::new();
+    for round in 0..rounds {
+        let port = 41000 + 2 * round as u16;
+        let mut round_want = want.clone();
+        round_want.interface.listen_port = port;
+        let mut b = KernelBackend::new(&format!("ghb{round}"))?;
+        ours.push(time(|| converge(&mut b, &round_want))?);
+        progress("cold apply", ours[ours.len() - 1]);
+        messages = b.counters().device_writes;
+        backend = Some((b, round_want));
+        tool_if = format!("ght{round}");
+        let c = wg_config(&want, port + 1)?;
+        let path = c.path().to_str().unwrap_or_default().to_owned();
+        sh("ip", &["link", "add", &tool_if, "type", "wireguard"])?;
+        tool.push(time(|| sh("wg", &["setconf", &tool_if, &path]))?);
+        progress("wg setconf", tool[tool.len() - 1]);
+        conf = Some((c, path));
+    }
+    let (mut backend, want) = backend.ok_or_else(|| anyhow::anyhow!("no rounds"))?;
+    let (_conf, conf_path) = conf.ok_or_else(|| anyhow::anyhow!("no rounds"))?;
+    rows.push(Row {
+        what: "cold apply, 10,000 peers",
+        ours: median(ours),
+        messages,
+        tool: median(tool),
+        tool_cmd: "`wg setconf` (same config, link pre-created)",
+    });
+
+    // No-op snapshot: observe + plan + apply of the state the kernel already has.
+    let (mut ours, mut tool) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let before = backend.counters();
+        ours.push(time(|| converge(&mut backend, &want))?);
+        anyhow::ensure!(backend.counters() == before, "no-op snapshot wrote");
+        progress("no-op snapshot", ours[ours.len() - 1]);
+        tool.push(time(|| sh("wg", &["syncconf", &tool_if, &conf_path]))?);
+        progress("wg syncconf", tool[tool.len() - 1]);
+    }
+    rows.push(Row {
+        what: "no-op snapshot, 10,000 peers (observe+plan+apply)",
+        ours: median(ours),
+        messages: 0,
+        tool: median(tool),
+        tool_cmd: "`wg syncconf` (same config)",
+    });
+
+    // One peer changed (its keepalive toggled) at 10,000 peers.
+    let key = *want
+        .peers
+        .keys()
+        .nth(4_321)
+        .unwrap_or_else(|| unreachable!());
+    let (mut ours, mut ours_apply, mut tool) = (Vec::new(), Vec::new(), Vec::new());
+    let mut changed = want.clone();
+    for round in 0..rounds {
+        let keepalive = if round % 2 == 0 { 25 } else { 0 };
+        if let Some(p) = changed.peers.get_mut(&key) {
+            p.persistent_keepalive = keepalive;
+        }
+        ours.push(time(|| converge(&mut backend, &changed))?);
+        // Apply only: the plan made against an observation taken before.
+        let observed = backend.observe()?;
+        if let Some(p) = changed.peers.get_mut(&key) {
+            p.persistent_keepalive = 25 - keepalive;
+        }
+        let p = plan(&changed, &observed);
+        anyhow::ensure!(p.len() == 1, "one-peer plan has {} steps", p.len());
+        ours_apply.push(time(|| Ok(backend.apply(&p)?))?);
+        progress("one peer", ours[ours.len() - 1]);
+        let k = key.to_base64();
+        tool.push(time(|| {
+            sh(
+                "wg",
+                &[
+                    "set",
+                    &tool_if,
+                    "peer",
+                    &k,
+                    "persistent-keepalive",
+                    &keepalive.to_string(),
+                ],
+            )
+        })?);
+    }
+    let tool_one = median(tool);
+    rows.push(Row {
+        what: "one peer changed at 10,000 (observe+plan+apply)",
+        ours: median(ours),
+        messages: 1,
+        tool: tool_one,
+        tool_cmd: "`wg set <if> peer <key> persistent-keepalive N`",
+    });
+    rows.push(Row {
+        what: "one peer changed at 10,000 (apply of a known plan)",
+        ours: median(ours_apply),
+        messages: 1,
+        tool: tool_one,
+        tool_cmd: "`wg set <if> peer <key> persistent-keepalive N`",
+    });
+
+    println!("| scenario | gatehouse | messages | wg tool | tool command | gatehouse / tool |");
+    println!("|---|---:|---:|---:|---|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.1} ms | {} | {:.1} ms | {} | {:.2} |",
+            r.what,
+            r.ours.as_secs_f64() * 1e3,
+            r.messages,
+            r.tool.as_secs_f64() * 1e3,
+            r.tool_cmd,
+            r.ours.as_secs_f64() / r.tool.as_secs_f64()
+        );
+    }
+    println!(
+        "\nmedian of {rounds} rounds, {peers} peers; kernel {}",
+        kernel_release()
+    );
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
