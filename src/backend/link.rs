@@ -523,7 +523,9 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-fn set_receive_timeout(socket: &Socket, secs: i64) -> io::Result<()> {
+/// Bounds how long a netlink answer is awaited (a kernel that never answers is an error,
+/// not a hung agent). Shared by the rtnetlink and generic-netlink sockets.
+pub(crate) fn set_receive_timeout(socket: &Socket, secs: i64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let tv = libc::timeval {
         tv_sec: secs,

@@ -19,6 +19,8 @@ use netlink_packet_wireguard::{WireguardAttribute, WireguardCmd, WireguardMessag
 use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
 use zeroize::Zeroize;
 
+use crate::backend::link::set_receive_timeout;
+
 /// The generic netlink family name of WireGuard.
 pub const FAMILY: &str = "wireguard";
 /// `WG_GENL_VERSION`.
@@ -260,29 +262,6 @@ pub fn encode(
     .emit(&mut buf[16..20]);
     attributes.emit(&mut buf[20..]);
     buf
-}
-
-fn set_receive_timeout(socket: &Socket, secs: libc::time_t) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let tv = libc::timeval {
-        tv_sec: secs,
-        tv_usec: 0,
-    };
-    // SAFETY: a valid socket fd owned by `socket`; `tv` outlives the call, its size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 fn invalid(message: impl Into<String>) -> io::Error {
