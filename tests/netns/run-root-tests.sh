@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/bash
 # Runs the root-only (#[ignore]d) integration tests that use network namespaces.
 #
 #   tests/netns/run-root-tests.sh                  # the default list below
@@ -23,6 +23,8 @@ done
 [ "${1:-}" = "--" ] && shift
 [ -n "$tests" ] || tests="userspace_link userspace"
 
+# Namespaces that existed before (another run on this host): not ours to report.
+before=$(ip netns list | awk '{print $1}' | grep '^gh-' | sort || true)
 status=0
 for t in $tests; do
     echo "== root tests: $t"
@@ -31,7 +33,8 @@ for t in $tests; do
     cargo test -p gatehouse --test "$t" -- --include-ignored --test-threads=2 "$@" || status=1
 done
 
-leftover=$(ip netns list | grep '^gh-' || true)
+after=$(ip netns list | awk '{print $1}' | grep '^gh-' | sort || true)
+leftover=$(comm -13 <(echo "$before") <(echo "$after") | grep . || true)
 if [ -n "$leftover" ]; then
     echo "run-root-tests.sh: namespaces left behind:" >&2
     echo "$leftover" >&2
