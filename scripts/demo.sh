@@ -106,6 +106,8 @@ sleep 3
 
 say "gatehouse status"
 in_gw "$BIN/gatehouse" status --http http://127.0.0.1:9180
+say "gatehouse diff (desired state vs the interface)"
+in_gw "$BIN/gatehouse" diff --http http://127.0.0.1:9180 || echo "(the next reconcile applies these)"
 say "the Core's view: gateways of location $LOC_ID"
 api GET /locations/$LOC_ID/gateways | python3 -m json.tool
 say "the Core's view: peer stats"
