@@ -2,7 +2,6 @@
 //! logging and signals, and implements the `status` and `diff` commands (HTTP clients of a
 //! running agent). `main.rs` only parses the command line and calls in here.
 
-use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -102,20 +101,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Completes on SIGINT or SIGTERM.
-pub fn shutdown_signal() -> impl Future<Output = ()> + Send {
-    async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
         }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
     }
 }
 

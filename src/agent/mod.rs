@@ -447,7 +447,10 @@ impl Agent {
 
     async fn on_resync(&mut self) {
         match self.backend.check() {
-            Ok(Some(repair)) => warn!(%repair, "backend repaired itself"),
+            Ok(Some(repair)) => {
+                warn!(%repair, "backend repaired itself");
+                self.backend_error = None;
+            }
             Ok(None) => self.backend_error = None,
             Err(e) => {
                 error!(error = %e, "backend unhealthy");
