@@ -253,15 +253,17 @@ async fn a_location_without_mfa_never_removes_idle_peers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_core_removes_the_peer_from_every_gateway_of_the_location() {
+    // A longer threshold, so that the second gateway, started half a threshold later,
+    // is far from expiring the peer by itself when the first one does.
+    let threshold = T * 2;
     let core = Core::start().await;
-    let (loc, token) = core.location(mfa_location("mfapair"), 2).await;
+    let new = NewLocation {
+        disconnect_threshold_secs: threshold.as_secs(),
+        ..mfa_location("mfapair")
+    };
+    let (loc, token) = core.location(new, 2).await;
     let sessions = start_sessions(&core, loc).await;
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let gw1 = Agent::start(&core.url(), &token, d1.path()).await;
-    let gw2 = Agent::start(&core.url(), &token, d2.path()).await;
     let rev = core.revision(loc).await;
-    gw1.applied(rev).await;
-    gw2.applied(rev).await;
     let (a, b) = (key(0), key(1));
     let b_id = sessions
         .iter()
@@ -269,13 +271,19 @@ async fn the_core_removes_the_peer_from_every_gateway_of_the_location() {
         .map(|(p, _)| p.id)
         .unwrap();
 
-    // A is active on both gateways. B shows traffic on gateway 2 only, so gateway 2
-    // would never expire it by itself: when it goes, it is the Core's doing. (The
-    // session is per location: a peer idle on one gateway loses it on all of them.)
+    // B is idle on both gateways; A is active on both.
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let gw1 = Agent::start(&core.url(), &token, d1.path()).await;
+    gw1.applied(rev).await;
     let _a1 = Traffic::start(&gw1.backend, &[a]);
+    tokio::time::sleep(threshold / 2).await;
+    let gw2 = Agent::start(&core.url(), &token, d2.path()).await;
+    gw2.applied(rev).await;
     let _a2 = Traffic::start(&gw2.backend, &[a]);
-    let _b2 = Traffic::start(&gw2.backend, &[b]);
+    assert!(has(&gw2.backend, b));
 
+    // Gateway 1 expires B; the Core ends the session and removes B from the location,
+    // so gateway 2 removes it too, before its own timer would.
     eventually("gateway 1 removed the idle peer", || async {
         !has(&gw1.backend, b)
     })
@@ -290,12 +298,16 @@ async fn the_core_removes_the_peer_from_every_gateway_of_the_location() {
     assert_eq!(
         gw2.status().mfa_removals,
         0,
-        "gateway 2 did not expire it itself"
+        "gateway 2 removed it on the Core's word, not by its own timer"
     );
     assert!(!peer_view(&core, loc, b_id).await.active);
     let rev = core.revision(loc).await;
     gw1.applied(rev).await;
     gw2.applied(rev).await;
+    // Gateway 2 keeps it removed past its own deadline and reports nothing.
+    tokio::time::sleep(threshold / 2).await;
+    assert!(!has(&gw2.backend, b));
+    assert_eq!(events(&core, loc).await.len(), 1);
     assert!(has(&gw1.backend, a) && has(&gw2.backend, a));
     gw1.stop().await.unwrap();
     gw2.stop().await.unwrap();
