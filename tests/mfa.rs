@@ -391,3 +391,53 @@ async fn offline_removal_survives_an_agent_restart_and_reaches_the_core_once() {
     assert_eq!(events(&core, loc).await.len(), 1);
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_after_a_lost_state_file_are_not_mistaken_for_old_ones() {
+    // The gateway id survives in its own file; the event numbering must not start over,
+    // or the Core takes the new events for repeats of the old ones and drops them.
+    let core = Core::start().await;
+    let (loc, token) = core.location(mfa_location("mfalost"), 2).await;
+    let sessions = start_sessions(&core, loc).await;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = MemoryBackend::new("wgtest0");
+    let url = core.url();
+    let start = || Agent::start_with(settings(&url, &token, dir.path()), backend.clone());
+    let (a, b) = (key(0), key(1));
+    let b_id = sessions
+        .iter()
+        .find(|(p, _)| p.public_key == b.to_base64())
+        .map(|(p, _)| p.id)
+        .unwrap();
+    let _traffic_a = Traffic::start(&backend, &[a]);
+
+    let agent = start().await;
+    agent.applied(core.revision(loc).await).await;
+    eventually("first removal stored", || async {
+        events(&core, loc).await.len() == 1 && agent.status().pending_events == 0
+    })
+    .await;
+    let gateway_id = agent.status().gateway_id;
+    agent.stop().await.unwrap();
+
+    // The state file is lost; B gets a new session and goes idle again.
+    std::fs::remove_file(dir.path().join(gatehouse::state::STATE_FILE)).unwrap();
+    let again = core.admin.start_mfa_session(loc, b_id, None).await.unwrap();
+    let agent = start().await;
+    agent.applied(again.revision).await;
+    assert_eq!(agent.status().gateway_id, gateway_id, "same gateway id");
+    eventually("the second removal stored as a new event", || async {
+        events(&core, loc).await.len() == 2
+    })
+    .await;
+    let ev = events(&core, loc).await;
+    assert!(ev.iter().all(|e| e.gateway_id == gateway_id));
+    assert_ne!(ev[0].seq, ev[1].seq);
+    assert_eq!(ev[1].mfa_session, again.session_id);
+    eventually("the new session ended", || async {
+        peer_view(&core, loc, b_id).await.mfa_session.is_none()
+    })
+    .await;
+    assert!(!has(&backend, b));
+    agent.stop().await.unwrap();
+}
