@@ -7,6 +7,7 @@
 //!   the gateway removes it within 15 s of the last ping, the Core stores one event and
 //!   ends the session, and a second gateway (another agent process, in its own
 //!   namespace, reaching the Core through a loopback proxy) removes it too.
+//! - A client that sends nothing but persistent keepalives stays.
 //! - Offline: the Core stopped, the client silent, the agent removes the peer, is
 //!   SIGKILLed and restarted with the Core still down; when the Core returns the event is
 //!   stored exactly once and the peer is not sent back.
@@ -197,6 +198,53 @@ fn silent_mfa_client_is_removed_from_every_gateway() {
         assert_eq!(events(&site).await.len(), 1, "one event in all");
         assert!(!on_gateway(&site, &peer).await);
         second.assert_peer(&peer, false).await;
+    });
+}
+
+#[test]
+#[ignore = "root + wireguard-go: tests/netns/run-root-tests.sh e2e_mfa"]
+fn client_sending_only_keepalives_stays() {
+    // No data at all, only the client's persistent keepalive every 3 s: received bytes
+    // are a sign of life (a handshake-only rule would remove it after the threshold, as
+    // WireGuard renews handshakes only every two minutes).
+    e2e::run("ma", async |mut site: Site| {
+        let peer = mfa_up(&mut site).await;
+        let ns = site.client_ns.name().to_string();
+        let iface = site.client().interface.clone();
+        let gw_key = site.location().public_key.clone();
+        cmd_ok(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "wg",
+                "set",
+                &iface,
+                "peer",
+                &gw_key,
+                "persistent-keepalive",
+                "3",
+            ],
+        )
+        .await;
+        let handshake = site.gw_dump().await.peers[&peer].latest_handshake;
+        let t = Instant::now();
+        while t.elapsed() < T * 2 + Duration::from_secs(5) {
+            assert!(
+                on_gateway(&site, &peer).await,
+                "removed while keepalives flow"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let dump = site.gw_dump().await;
+        assert_eq!(
+            dump.peers[&peer].latest_handshake, handshake,
+            "no new handshake: only keepalives kept it"
+        );
+        let s = site.status().await;
+        assert_eq!((s.mfa_removals, s.pending_events), (0, 0));
+        assert!(events(&site).await.is_empty());
     });
 }
 
