@@ -519,8 +519,11 @@ impl Agent {
             .expired(policy, now)
             .into_iter()
             .filter(|e| {
+                // A buried peer still on the interface is a removal that failed to apply:
+                // the reconcile retries it; it is not a new expiry (nor a new event).
                 observed.device.peers.contains_key(&e.key)
                     && held.valid.desired.peers.contains_key(&e.key)
+                    && !self.tombstones.contains(&e.key)
             })
             .collect();
         if expired.is_empty() {
