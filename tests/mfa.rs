@@ -441,3 +441,50 @@ async fn events_after_a_lost_state_file_are_not_mistaken_for_old_ones() {
     assert!(!has(&backend, b));
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_that_fails_to_apply_is_retried_without_a_second_event() {
+    // Offline (no Core delta to retry the removal for us), with the periodic resync, which
+    // retries a failed apply, coming long after the threshold.
+    let mut core = Core::start().await;
+    let (loc, token) = core.location(mfa_location("mfafail"), 2).await;
+    start_sessions(&core, loc).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&core.url(), &token, dir.path());
+    s.resync_interval = T * 4;
+    let agent = Agent::start_with(s, MemoryBackend::new("wgtest0")).await;
+    agent.applied(core.revision(loc).await).await;
+    let (a, b) = (key(0), key(1));
+    let _traffic_a = Traffic::start(&agent.backend, &[a]);
+    let traffic_b = Traffic::start(&agent.backend, &[b]);
+    core.stop().await;
+    eventually("the agent noticed the Core is gone", || async {
+        !agent.status().core.connected
+    })
+    .await;
+
+    // B goes idle; removing it fails once.
+    agent.backend.fail_next_apply("injected: netlink busy");
+    traffic_b.stop().await;
+    eventually("the removal failed", || async {
+        agent.status().apply_error.is_some()
+    })
+    .await;
+    assert!(has(&agent.backend, b), "still there after the failed apply");
+    eventually("the removal retried", || async { !has(&agent.backend, b) }).await;
+    let s = agent.status();
+    assert_eq!(
+        (s.pending_events, s.mfa_removals),
+        (1, 1),
+        "one removal, one event: {s:?}"
+    );
+
+    core.start_again().await;
+    eventually("the event stored", || async {
+        agent.status().pending_events == 0
+    })
+    .await;
+    assert_eq!(events(&core, loc).await.len(), 1);
+    assert!(has(&agent.backend, a) && !has(&agent.backend, b));
+    agent.stop().await.unwrap();
+}
