@@ -29,7 +29,7 @@ use crate::location::Held;
 use crate::mfa::{MfaPolicy, MfaTracker, PeerSample, Session, Tombstones};
 use crate::model::{Desired, Key, Observed};
 use crate::plan::{plan, Op, Plan, PlanSummary};
-use crate::state::{LoadOutcome, PendingEvent, PersistedState, StateStore};
+use crate::state::{first_event_seq, LoadOutcome, PendingEvent, PersistedState, StateStore};
 use crate::stats::{batches, Epochs, StatsTracker};
 use crate::validate::validate_location;
 use client::{CoreSettings, FromCore};
@@ -183,7 +183,8 @@ impl Agent {
             epochs: Epochs::default(),
             stats: StatsTracker::default(),
             pending: Vec::new(),
-            next_seq: 1,
+            // A fresh start (no usable state file) must not reuse earlier event numbers.
+            next_seq: first_event_seq(SystemTime::now()),
             sent_up_to: 0,
             outbound: None,
             last_contact: None,
@@ -521,8 +522,11 @@ impl Agent {
             .expired(policy, now)
             .into_iter()
             .filter(|e| {
+                // A buried peer still on the interface is a removal that failed to apply:
+                // the reconcile retries it; it is not a new expiry (nor a new event).
                 observed.device.peers.contains_key(&e.key)
                     && held.valid.desired.peers.contains_key(&e.key)
+                    && !self.tombstones.contains(&e.key)
             })
             .collect();
         if expired.is_empty() {

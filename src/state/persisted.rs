@@ -1,6 +1,7 @@
 //! What the state file holds: the agent's memory across restarts (design §5).
 
 use std::fmt;
+use std::time::SystemTime;
 
 use gatehouse_proto::v1::{PeerEvent, PeerEventReason};
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,19 @@ impl fmt::Debug for PersistedState {
             .field("core_last_contact_unix_ms", &self.core_last_contact_unix_ms)
             .finish()
     }
+}
+
+/// The first event number of a gateway that has no state file (a first start, or a lost
+/// or corrupt file). Event numbers must never be reused for one gateway id (the Core
+/// takes a repeated (gateway id, seq) for a repeat of the stored event and drops it), and
+/// the gateway id outlives the state file (its own `gateway-id` file). So a fresh start
+/// numbers from the wall clock in Unix milliseconds, above every number an earlier run
+/// can have used unless it produced more events than milliseconds have passed since it
+/// started (or the clock went back that far). 1 when the clock reads before 1970.
+pub fn first_event_seq(now: SystemTime) -> u64 {
+    now.duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
 }
 
 /// A `PeerEvent` waiting for the Core's `EventAck`.

@@ -242,3 +242,18 @@ fn debug_redacts_the_location() {
     assert!(!shown.contains("80, 82"), "{shown}");
     assert!(shown.contains("redacted"));
 }
+
+#[test]
+fn a_fresh_start_numbers_events_above_an_earlier_run() {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+    assert_eq!(first_event_seq(t), 1_700_000_000_123);
+    // An earlier run started a second before and used 999 numbers: no overlap.
+    let earlier = first_event_seq(t - Duration::from_secs(1));
+    assert!(earlier + 999 < first_event_seq(t));
+    // A clock before 1970 still gives a valid (nonzero) number.
+    assert_eq!(first_event_seq(SystemTime::UNIX_EPOCH), 1);
+    assert_eq!(
+        first_event_seq(SystemTime::UNIX_EPOCH - Duration::from_secs(5)),
+        1
+    );
+}

@@ -1,8 +1,15 @@
 //! Exact traffic totals across counter resets (the epoch rule of the proto's `Stats`).
 //!
 //! Per (gateway, peer) the Core keeps the last reported counters and a running base.
-//! When a report's epoch differs from the stored one, or a counter went down, the stored
-//! counter run has ended: it is added to the base. total = base + current counter.
+//! When a counter run has ended, the stored counters are added to the base;
+//! total = base + current counters. A run ends when
+//! - a counter went down (the kernel re-created the peer), whatever the epochs;
+//! - the epoch changed from one nonzero value to another (the gateway re-created the
+//!   peer), or from 0 to nonzero (the peer was re-created after an adoption).
+//!
+//! Epoch 0 means "the gateway does not know when the counters started" (it lost its state
+//! and adopted the peer): such a report continues the stored run unless a counter is lower.
+//! Treating 0 as a new epoch would count the adopted peer's counters twice.
 
 /// What the Core stores per (gateway, peer).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -28,7 +35,10 @@ impl CounterRun {
         };
         // Both counters restart together when the kernel (re)creates the peer, so a drop
         // of either one ends the run for both.
-        let run_ended = epoch != prev.epoch || rx < prev.rx || tx < prev.tx;
+        let dropped = rx < prev.rx || tx < prev.tx;
+        // Epoch 0 is "unknown start": it never ends a run by itself.
+        let new_epoch = epoch != 0 && epoch != prev.epoch;
+        let run_ended = dropped || new_epoch;
         let (base_rx, base_tx) = if run_ended {
             (
                 prev.base_rx.saturating_add(prev.rx),
@@ -46,10 +56,12 @@ impl CounterRun {
         }
     }
 
+    /// Total received bytes across every run.
     pub fn total_rx(&self) -> u64 {
         self.base_rx.saturating_add(self.rx)
     }
 
+    /// Total sent bytes across every run.
     pub fn total_tx(&self) -> u64 {
         self.base_tx.saturating_add(self.tx)
     }
@@ -89,5 +101,74 @@ mod tests {
         assert_eq!((r.total_rx(), r.total_tx()), (110, 85));
         let r = CounterRun::advance(Some(r), 0, 20, 50);
         assert_eq!((r.total_rx(), r.total_tx()), (120, 90));
+    }
+
+    #[test]
+    fn epoch_zero_after_a_known_epoch_continues_the_run() {
+        // The gateway lost its state file and adopted the peer: same kernel counters.
+        let r = CounterRun::advance(None, 5, 100, 40);
+        let r = CounterRun::advance(Some(r), 0, 130, 50);
+        assert_eq!(
+            (r.total_rx(), r.total_tx()),
+            (130, 50),
+            "not double-counted"
+        );
+        assert_eq!(r.epoch, 0);
+        let r = CounterRun::advance(Some(r), 0, 170, 60);
+        assert_eq!((r.total_rx(), r.total_tx()), (170, 60));
+    }
+
+    #[test]
+    fn epoch_zero_with_a_lower_counter_is_a_reset() {
+        let r = CounterRun::advance(None, 5, 100, 40);
+        let r = CounterRun::advance(Some(r), 0, 30, 50);
+        assert_eq!((r.total_rx(), r.total_tx()), (130, 90));
+        // Only tx went down: still a reset of both.
+        let r = CounterRun::advance(Some(r), 0, 35, 10);
+        assert_eq!((r.total_rx(), r.total_tx()), (165, 100));
+    }
+
+    #[test]
+    fn epoch_zero_to_nonzero_ends_the_run() {
+        // An adopted peer (epoch 0) is re-created by the gateway: a new, known run.
+        let r = CounterRun::advance(None, 0, 100, 40);
+        let r = CounterRun::advance(Some(r), 7, 120, 45);
+        assert_eq!((r.total_rx(), r.total_tx()), (220, 85));
+        assert_eq!(r.epoch, 7);
+        // Then it continues in that epoch.
+        let r = CounterRun::advance(Some(r), 7, 150, 60);
+        assert_eq!((r.total_rx(), r.total_tx()), (250, 100));
+    }
+
+    #[test]
+    fn same_nonzero_epoch_with_a_lower_counter_is_a_reset() {
+        let r = CounterRun::advance(None, 5, 100, 40);
+        let r = CounterRun::advance(Some(r), 5, 10, 5);
+        assert_eq!((r.total_rx(), r.total_tx()), (110, 45));
+    }
+
+    #[test]
+    fn a_sequence_of_mixed_reports_gives_exact_totals() {
+        // (epoch, rx, tx, expected total rx, expected total tx)
+        let steps = [
+            (3, 10, 1, 10, 1),
+            (3, 20, 2, 20, 2),
+            (0, 25, 3, 25, 3), // adopted without state: continues
+            (0, 5, 1, 30, 4),  // counters reset (kernel re-created it)
+            (9, 0, 0, 30, 4),  // re-created by the gateway, nothing yet
+            (9, 8, 2, 38, 6),
+            (11, 8, 2, 46, 8), // re-created again, same counters by chance
+            (0, 9, 3, 47, 9),  // state lost again: continues
+        ];
+        let mut run = None;
+        for (i, (epoch, rx, tx, total_rx, total_tx)) in steps.into_iter().enumerate() {
+            let r = CounterRun::advance(run, epoch, rx, tx);
+            assert_eq!(
+                (r.total_rx(), r.total_tx()),
+                (total_rx, total_tx),
+                "step {i}"
+            );
+            run = Some(r);
+        }
     }
 }
