@@ -179,6 +179,27 @@ impl MfaTracker {
         }
     }
 
+    /// A sign of life another gateway of the location saw at wall time `at` (relayed by
+    /// the Core): the peer is active, only not here. Counts like a handshake seen here:
+    /// its age is `now_wall - at`, clamped at 0 for a time in the future and never
+    /// older than the peer's current sign of life. Unknown peers are ignored (they start
+    /// their timer when first observed).
+    pub fn seen_elsewhere(
+        &mut self,
+        key: &Key,
+        at: SystemTime,
+        now: Duration,
+        now_wall: SystemTime,
+    ) {
+        let Some(entry) = self.peers.get_mut(key) else {
+            return;
+        };
+        let age = now_wall.duration_since(at).unwrap_or(Duration::ZERO);
+        if age < entry.life.age(now) {
+            entry.life = Mark::aged(now, age);
+        }
+    }
+
     /// Peers inactive for longer than the threshold, by key. Nothing when disabled.
     /// Call right after [`observe`](Self::observe) with a fresh read.
     pub fn expired(&self, policy: MfaPolicy, now: Duration) -> Vec<Expiry> {
@@ -698,5 +719,32 @@ mod tests {
         assert_eq!(back, snap);
         let r = MfaTracker::restore(&back, s(5), wall(5));
         assert_eq!(r.persist(s(5), wall(5)), snap);
+    }
+
+    #[test]
+    fn activity_seen_by_another_gateway_keeps_the_peer() {
+        let policy = MfaPolicy::from_settings(true, 30).unwrap();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let k = Key([1; 32]);
+        let mut t = MfaTracker::new();
+        let idle = PeerSample {
+            rx_bytes: 0,
+            last_handshake: None,
+        };
+        t.observe([(k, idle)], Duration::ZERO, wall);
+        let now = Duration::from_secs(25);
+        // Active elsewhere 2 s ago: the timer restarts from then.
+        t.seen_elsewhere(&k, wall + Duration::from_secs(23), now, wall + now);
+        let later = Duration::from_secs(40);
+        assert!(t.expired(policy, later).is_empty());
+        assert_eq!(t.inactive_for(&k, later), Some(Duration::from_secs(17)));
+        // An older relayed sign of life changes nothing; a future one counts as now.
+        t.seen_elsewhere(&k, wall, later, wall + later);
+        assert_eq!(t.inactive_for(&k, later), Some(Duration::from_secs(17)));
+        t.seen_elsewhere(&k, wall + Duration::from_secs(3600), later, wall + later);
+        assert_eq!(t.inactive_for(&k, later), Some(Duration::ZERO));
+        // Unknown peers are not tracked by a relay.
+        t.seen_elsewhere(&Key([2; 32]), wall, later, wall + later);
+        assert_eq!(t.len(), 1);
     }
 }

@@ -491,13 +491,10 @@ async fn a_removal_that_fails_to_apply_is_retried_without_a_second_event() {
     agent.stop().await.unwrap();
 }
 
-/// KNOWN DESIGN ISSUE, kept as an executable statement of the expected behaviour: all
-/// gateways of a location share one key, so a client talks to ONE of them and is idle on
-/// every other. The other gateways expire it after T and the Core ends the session, so
-/// with two gateways every MFA user is cut after T however active. Fails today.
+/// Several gateways per location (protocol rule 8): a client talks to ONE gateway and is
+/// idle on every other. The Core relays its signs of life (`PeerActivity`), so the other
+/// gateways keep it; once it really goes idle, both remove it and the session ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known design issue (MFA with several gateways per location): a peer active on \
-            one gateway is cut by another's idle view; run with --ignored to see it"]
 async fn a_peer_active_on_one_gateway_is_not_cut_by_another() {
     let core = Core::start().await;
     let (loc, token) = core.location(mfa_location("mfaboth"), 1).await;
@@ -510,9 +507,34 @@ async fn a_peer_active_on_one_gateway_is_not_cut_by_another() {
     gw2.applied(rev).await;
     let a = key(0);
     // The client uses gateway 1 only.
-    let _traffic = Traffic::start(&gw1.backend, &[a]);
-    tokio::time::sleep(T * 3).await;
+    let traffic = Traffic::start(&gw1.backend, &[a]);
+    tokio::time::sleep(T * 4).await;
     assert!(has(&gw1.backend, a), "an active user was cut");
+    assert!(
+        has(&gw2.backend, a),
+        "the idle gateway removed an active user"
+    );
+    assert!(
+        events(&core, loc)
+            .await
+            .iter()
+            .all(|e| e.outcome != "session_ended"),
+        "the session was ended while the client was active"
+    );
+    assert_eq!(gw2.status().mfa_removals, 0);
+
+    // The client stops: both gateways remove it, the session ends.
+    let last = traffic.stop().await;
+    let deadline = last + T + Duration::from_secs(5);
+    removed_before(&gw1.backend, a, deadline).await;
+    removed_before(&gw2.backend, a, deadline).await;
+    eventually("the Core ended the session", || async {
+        events(&core, loc)
+            .await
+            .iter()
+            .any(|e| e.outcome == "session_ended")
+    })
+    .await;
     gw1.stop().await.unwrap();
     gw2.stop().await.unwrap();
 }

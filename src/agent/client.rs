@@ -240,6 +240,7 @@ pub fn message_kind(msg: &v1::CoreMessage) -> &'static str {
         Some(Kind::Snapshot(_)) => "snapshot",
         Some(Kind::Delta(_)) => "delta",
         Some(Kind::EventAck(_)) => "event_ack",
+        Some(Kind::PeerActivity(_)) => "peer_activity",
         None => "unknown",
     }
 }

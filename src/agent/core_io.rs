@@ -5,13 +5,13 @@
 use std::time::SystemTime;
 
 use gatehouse_proto::v1::{self, gateway_message::Kind as Out};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::client::{message_kind, FromCore};
 use super::status::{unix_ms, Rejected};
 use super::{batches, Agent, STATS_MESSAGE_BYTES};
 use crate::location::{self, Update};
-use crate::model::Observed;
+use crate::model::{Key, Observed};
 use crate::validate::Rejection;
 
 impl Agent {
@@ -112,6 +112,10 @@ impl Agent {
                 }
                 return;
             }
+            Some(Kind::PeerActivity(activity)) => {
+                self.on_peer_activity(&activity);
+                return;
+            }
             None => {
                 warn!(
                     kind = message_kind(&msg),
@@ -198,6 +202,20 @@ impl Agent {
                     }),
                 );
             }
+        }
+    }
+
+    /// Signs of life other gateways saw: activity for MFA expiry here.
+    fn on_peer_activity(&mut self, activity: &v1::PeerActivity) {
+        let (now, wall) = (self.mono(), SystemTime::now());
+        for peer in &activity.peers {
+            let Some(key) = Key::from_slice(&peer.public_key) else {
+                debug!("peer activity with a malformed key ignored");
+                continue;
+            };
+            let at = SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_millis(peer.last_active_ms.max(0) as u64);
+            self.mfa.seen_elsewhere(&key, at, now, wall);
         }
     }
 

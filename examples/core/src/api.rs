@@ -232,6 +232,10 @@ pub struct EventView {
     pub at: i64,
     pub mfa_session: u64,
     pub detail: String,
+    /// What the Core did: `session_ended`, `session_renewed` (the peer was active on
+    /// another gateway), `stale_session`, or empty.
+    #[serde(default)]
+    pub outcome: String,
 }
 
 /// `PUT /api/v1/locations/{id}/firewall`: mirrors the proto `FirewallPolicy`.

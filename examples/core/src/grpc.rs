@@ -225,6 +225,25 @@ impl Session {
                     tracing::debug!(location, gateway_id = %self.gateway_id,
                         unknown = outcome.unknown, "stats rows for unknown peers ignored");
                 }
+                if !outcome.active.is_empty() {
+                    // Protocol rule 8: the other gateways count it as activity for MFA.
+                    let peers = outcome
+                        .active
+                        .into_iter()
+                        .map(|(public_key, last_active_ms)| pb::ActivePeer {
+                            public_key,
+                            last_active_ms,
+                        })
+                        .collect();
+                    self.shared.hub.relay(
+                        location,
+                        pb::CoreMessage {
+                            kind: Some(pb::core_message::Kind::PeerActivity(pb::PeerActivity {
+                                peers,
+                            })),
+                        },
+                    );
+                }
                 Ok(Some(()))
             }
             Some(Kind::PeerEvent(ev)) => {

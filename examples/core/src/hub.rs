@@ -95,6 +95,11 @@ impl Hub {
     }
 
     /// Sends a raw message to every connected gateway of the location.
+    /// Sends a message to every connected gateway of the location (peer activity relay).
+    pub fn relay(&self, location: u64, msg: pb::CoreMessage) {
+        self.inject(location, msg)
+    }
+
     pub fn inject(&self, location: u64, msg: pb::CoreMessage) {
         let mut inner = self.lock();
         let loc = inner.entry(location).or_insert_with(LocationHub::new);

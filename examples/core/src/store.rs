@@ -15,7 +15,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::api;
 use crate::error::CoreError;
-use crate::stats::CounterRun;
+use crate::stats::{self, CounterRun};
 use crate::validate;
 
 type Result<T> = std::result::Result<T, CoreError>;
@@ -31,6 +31,9 @@ pub struct StatsOutcome {
     pub stored: usize,
     /// Rows for public keys that are not peers of the location (ignored).
     pub unknown: usize,
+    /// Peers this batch showed active (a newer handshake or received bytes), with the
+    /// time of that sign of life: relayed to the other gateways (protocol rule 8).
+    pub active: Vec<(Vec<u8>, i64)>,
 }
 
 /// A gateway row, without the live `connected` flag.
@@ -45,6 +48,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store { conn })
     }
 
@@ -575,19 +579,44 @@ impl Store {
         )?;
         let mut delta = None;
         if inserted == 1 {
+            let mut outcome = "";
             match ev.reason() {
                 pb::PeerEventReason::MfaInactive => {
                     if let Some(id) = peer_id {
                         let row = load_peer(&tx, location, id as u64)?;
                         let current = row.session.as_ref().map(|s| s.id);
                         if loc.mfa && ev.mfa_session != 0 && current == Some(ev.mfa_session) {
-                            delta = Some(end_session(&tx, &loc, &row, now, "mfa_inactive")?);
+                            // Protocol rule 8: active on another gateway within the
+                            // threshold → keep the session, renew its id.
+                            let elsewhere: i64 = tx.query_row(
+                                "SELECT COALESCE(MAX(last_active), 0) FROM stats
+                                 WHERE location_id = ?1 AND peer_id = ?2 AND gateway_id != ?3",
+                                params![location as i64, id, gateway],
+                                |r| r.get(0),
+                            )?;
+                            let threshold_ms = i64::from(loc.threshold) * 1000;
+                            if elsewhere > 0 && now.saturating_sub(elsewhere) <= threshold_ms {
+                                tracing::info!(location, gateway, peer = id, last_active = elsewhere,
+                                    "MFA inactivity event for a peer active on another gateway: session renewed");
+                                delta = Some(renew_session(&tx, &loc, &row, now)?);
+                                outcome = "session_renewed";
+                            } else {
+                                delta = Some(end_session(&tx, &loc, &row, now, "mfa_inactive")?);
+                                outcome = "session_ended";
+                            }
+                        } else {
+                            outcome = "stale_session";
                         }
                     }
                 }
                 // The gateway re-adds those when the Core is back: nothing to change.
                 pb::PeerEventReason::OfflinePolicy | pb::PeerEventReason::Unspecified => {}
             }
+            tx.execute(
+                "UPDATE events SET outcome = ?4
+                 WHERE location_id = ?1 AND gateway_id = ?2 AND seq = ?3",
+                params![location as i64, gateway, ev.seq as i64, outcome],
+            )?;
         }
         tx.commit()?;
         Ok(delta)
@@ -607,13 +636,14 @@ impl Store {
             let mut find =
                 tx.prepare("SELECT id FROM peers WHERE location_id = ?1 AND public_key = ?2")?;
             let mut prev = tx.prepare(
-                "SELECT epoch, rx, tx, base_rx, base_tx FROM stats
+                "SELECT epoch, rx, tx, base_rx, base_tx, last_handshake, last_active FROM stats
                  WHERE location_id = ?1 AND gateway_id = ?2 AND peer_id = ?3",
             )?;
             let mut upsert = tx.prepare(
                 "INSERT OR REPLACE INTO stats (location_id, gateway_id, peer_id, public_key,
-                     endpoint, rx, tx, epoch, base_rx, base_tx, last_handshake, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                     endpoint, rx, tx, epoch, base_rx, base_tx, last_handshake, updated_at,
+                     last_active)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
             let at = if stats.collected_at_ms > 0 {
                 stats.collected_at_ms
@@ -638,15 +668,35 @@ impl Store {
                 };
                 let old = prev
                     .query_row(params![location as i64, gateway, peer_id], |r| {
-                        Ok(CounterRun {
-                            epoch: r.get::<_, i64>(0)? as u64,
-                            rx: r.get::<_, i64>(1)? as u64,
-                            tx: r.get::<_, i64>(2)? as u64,
-                            base_rx: r.get::<_, i64>(3)? as u64,
-                            base_tx: r.get::<_, i64>(4)? as u64,
-                        })
+                        Ok((
+                            CounterRun {
+                                epoch: r.get::<_, i64>(0)? as u64,
+                                rx: r.get::<_, i64>(1)? as u64,
+                                tx: r.get::<_, i64>(2)? as u64,
+                                base_rx: r.get::<_, i64>(3)? as u64,
+                                base_tx: r.get::<_, i64>(4)? as u64,
+                            },
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, i64>(6)?,
+                        ))
                     })
                     .optional()?;
+                let (old, old_handshake, old_active) = match old {
+                    Some((run, hs, active)) => (Some(run), hs, active),
+                    None => (None, 0, 0),
+                };
+                let last_active = stats::last_active(
+                    old.as_ref(),
+                    old_handshake,
+                    old_active,
+                    p.counter_epoch,
+                    p.rx_bytes,
+                    p.last_handshake_ms,
+                    at,
+                );
+                if last_active > old_active {
+                    outcome.active.push((p.public_key.clone(), last_active));
+                }
                 let run = CounterRun::advance(old, p.counter_epoch, p.rx_bytes, p.tx_bytes);
                 upsert.execute(params![
                     location as i64,
@@ -660,7 +710,8 @@ impl Store {
                     run.base_rx as i64,
                     run.base_tx as i64,
                     p.last_handshake_ms,
-                    at
+                    at,
+                    last_active
                 ])?;
                 outcome.stored += 1;
             }
@@ -744,7 +795,7 @@ impl Store {
         self.location_exists(location)?;
         let mut stmt = self.conn.prepare(
             "SELECT gateway_id, seq, public_key, peer_id, reason, last_handshake, at_ms,
-                 mfa_session, detail
+                 mfa_session, detail, outcome
              FROM events WHERE location_id = ?1 ORDER BY received_at, gateway_id, seq",
         )?;
         let rows = stmt.query_map([location as i64], |r| {
@@ -759,6 +810,7 @@ impl Store {
                 at: r.get(6)?,
                 mfa_session: r.get::<_, i64>(7)? as u64,
                 detail: r.get(8)?,
+                outcome: r.get(9)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -850,6 +902,8 @@ CREATE TABLE IF NOT EXISTS stats (
     base_tx INTEGER NOT NULL,
     last_handshake INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
+    -- Latest sign of life this gateway saw (a newer handshake, or rx grew), Unix ms.
+    last_active INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (location_id, gateway_id, peer_id)
 );
 CREATE INDEX IF NOT EXISTS stats_peer ON stats(peer_id);
@@ -865,6 +919,9 @@ CREATE TABLE IF NOT EXISTS events (
     mfa_session INTEGER NOT NULL,
     detail TEXT NOT NULL,
     received_at INTEGER NOT NULL,
+    -- What the Core did: session_ended, session_renewed (active on another gateway),
+    -- stale_session, or empty.
+    outcome TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (location_id, gateway_id, seq)
 );
 ";
@@ -899,6 +956,54 @@ fn bump(tx: &Transaction<'_>, location: u64, changes: Vec<pb::Change>) -> Result
         base_revision: revision - 1,
         changes,
     })
+}
+
+/// Replaces the peer's active session by a new one with the same preshared key and start:
+/// the client notices nothing; a gateway holding a tombstone for the old session id adds
+/// the peer back.
+fn renew_session(
+    tx: &Transaction<'_>,
+    loc: &LocationRow,
+    row: &PeerRow,
+    now: i64,
+) -> Result<pb::Delta> {
+    let Some(session) = &row.session else {
+        return bump(tx, loc.id, Vec::new());
+    };
+    tx.execute(
+        "UPDATE mfa_sessions SET ended_at = ?2, end_reason = 'renewed'
+         WHERE peer_id = ?1 AND ended_at IS NULL",
+        params![row.id as i64, now],
+    )?;
+    tx.execute(
+        "INSERT INTO mfa_sessions (peer_id, preshared_key, started_at) VALUES (?1, ?2, ?3)",
+        params![row.id as i64, session.preshared_key, session.started_at],
+    )?;
+    let renewed = load_peer(tx, loc.id, row.id)?;
+    let changes = renewed
+        .desired(loc.mfa)
+        .map(|p| change(pb::change::Kind::UpsertPeer(p)))
+        .into_iter()
+        .collect();
+    bump(tx, loc.id, changes)
+}
+
+/// Columns added after the first schema: added to databases created before them.
+fn migrate(conn: &Connection) -> Result<()> {
+    for (table, column, decl) in [
+        ("stats", "last_active", "INTEGER NOT NULL DEFAULT 0"),
+        ("events", "outcome", "TEXT NOT NULL DEFAULT ''"),
+    ] {
+        let exists: bool = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists([column])?;
+        if !exists {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn end_session(

@@ -450,3 +450,90 @@ async fn stop_ends_open_streams_and_returns() {
     eprintln!("stop with one open stream took {:?}", started.elapsed());
     assert_eq!(gw.next().await.unwrap_err().code(), Code::Unavailable);
 }
+
+fn active_stats(public_key: &str, rx: u64, handshake_ms: i64) -> pb::Stats {
+    pb::Stats {
+        collected_at_ms: handshake_ms,
+        peers: vec![pb::PeerStats {
+            public_key: raw(public_key),
+            rx_bytes: rx,
+            tx_bytes: rx,
+            last_handshake_ms: handshake_ms,
+            counter_epoch: 7,
+            ..Default::default()
+        }],
+        more: false,
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test]
+async fn activity_on_one_gateway_is_relayed_to_the_others() {
+    let t = TestCore::start().await;
+    let (loc, token) = t.location(true).await;
+    let a = t.admin.add_peer(loc, &peer(1)).await.unwrap();
+    t.admin.start_mfa_session(loc, a.id, None).await.unwrap();
+    let (gw1, _, _) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
+    let (mut gw2, _, _) = Gw::hello(t.grpc(), &token, "gw-2", vec![]).await;
+    let hs = unix_ms();
+    gw1.send(G::Stats(active_stats(&a.public_key, 500, hs)))
+        .await;
+    let relayed = gw2.activity().await;
+    assert_eq!(relayed.peers.len(), 1);
+    assert_eq!(relayed.peers[0].public_key, raw(&a.public_key));
+    assert_eq!(relayed.peers[0].last_active_ms, hs);
+    // Unchanged counters and handshake are no new activity: nothing relayed. Growth is.
+    gw1.send(G::Stats(active_stats(&a.public_key, 500, hs)))
+        .await;
+    let mut later = active_stats(&a.public_key, 900, hs);
+    later.collected_at_ms = hs + 1_000;
+    gw1.send(G::Stats(later)).await;
+    let relayed = gw2.activity().await;
+    assert_eq!(relayed.peers[0].last_active_ms, hs + 1_000);
+    assert!(gw2.relayed.is_empty(), "one relay per sign of life");
+}
+
+#[tokio::test]
+async fn an_inactivity_event_for_a_peer_active_elsewhere_renews_the_session() {
+    let t = TestCore::start().await;
+    let (loc, token) = t.location(true).await;
+    let a = t.admin.add_peer(loc, &peer(1)).await.unwrap();
+    let s = t.admin.start_mfa_session(loc, a.id, None).await.unwrap();
+    let (gw1, _, _) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
+    let (mut gw2, _, _) = Gw::hello(t.grpc(), &token, "gw-2", vec![]).await;
+    // The client is active on gateway 1 ...
+    gw1.send(G::Stats(active_stats(&a.public_key, 500, unix_ms())))
+        .await;
+    let _ = gw2.activity().await;
+    // ... and gateway 2, which never saw it, reports it inactive.
+    gw2.send(G::PeerEvent(mfa_event(1, &a.public_key, s.session_id)))
+        .await;
+    let mut renewed = None;
+    for _ in 0..2 {
+        match gw2.next().await.unwrap() {
+            M::EventAck(ack) => assert_eq!(ack.up_to_seq, 1),
+            M::Delta(d) => renewed = Some(d),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let d = renewed.expect("a delta renewing the session");
+    let Some(C::UpsertPeer(p)) = &d.changes[0].kind else {
+        panic!("expected an upsert, got {d:?}");
+    };
+    assert_ne!(p.mfa_session, s.session_id, "a new session id");
+    assert_eq!(
+        p.preshared_key,
+        raw(&s.preshared_key),
+        "the same preshared key"
+    );
+    let peers = t.admin.peers(loc).await.unwrap();
+    assert!(peers[0].active, "the session goes on");
+    let events = t.admin.events(loc).await.unwrap();
+    assert_eq!(events[0].outcome, "session_renewed");
+}

@@ -116,6 +116,8 @@ pub fn peer(n: u32) -> NewPeer {
 pub struct Gw {
     pub tx: mpsc::Sender<pb::GatewayMessage>,
     pub rx: Streaming<pb::CoreMessage>,
+    /// Peer-activity relays `next` skipped.
+    pub relayed: Vec<pb::PeerActivity>,
 }
 
 impl Gw {
@@ -136,7 +138,11 @@ impl Gw {
                 .insert("authorization", format!("Bearer {t}").parse().unwrap());
         }
         let rx = client.connect(req).await?.into_inner();
-        Ok(Gw { tx, rx })
+        Ok(Gw {
+            tx,
+            rx,
+            relayed: Vec::new(),
+        })
     }
 
     /// Opens a stream, sends Hello and returns the EventAck and the Snapshot.
@@ -167,13 +173,36 @@ impl Gw {
             .expect("stream open");
     }
 
-    /// The next message, or the status that ended the stream.
+    /// The next message other than a peer-activity relay, or the status that ended the
+    /// stream. Relays are kept for [`Gw::activity`].
     pub async fn next(&mut self) -> Result<pb::core_message::Kind, Status> {
+        loop {
+            match self.next_any().await? {
+                pb::core_message::Kind::PeerActivity(a) => self.relayed.push(a),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// The next message of any kind.
+    pub async fn next_any(&mut self) -> Result<pb::core_message::Kind, Status> {
         match tokio::time::timeout(HANG, self.rx.message()).await {
             Err(_) => panic!("no message from the Core (hung)"),
             Ok(Err(status)) => Err(status),
             Ok(Ok(None)) => Err(Status::cancelled("stream ended")),
             Ok(Ok(Some(m))) => Ok(m.kind.expect("message kind")),
+        }
+    }
+
+    /// The next peer-activity relay (one skipped by `next` first).
+    pub async fn activity(&mut self) -> pb::PeerActivity {
+        if !self.relayed.is_empty() {
+            return self.relayed.remove(0);
+        }
+        match self.next_any().await {
+            Ok(pb::core_message::Kind::PeerActivity(a)) => a,
+            Ok(other) => panic!("expected peer activity, got {other:?}"),
+            Err(status) => panic!("expected peer activity, stream ended: {status}"),
         }
     }
 
