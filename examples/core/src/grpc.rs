@@ -270,9 +270,12 @@ impl Session {
     async fn event(&self, ev: &pb::PeerEvent) -> Result<(), Status> {
         let (location, gateway, now, ev) =
             (self.location, self.gateway_id.clone(), now_ms(), ev.clone());
+        let connected = self.shared.hub.connected(location);
+        let started_at = self.shared.started_at;
         self.shared
             .change(location, move |s| {
-                Ok(((), s.record_event(location, &gateway, &ev, now)?))
+                let delta = s.record_event(location, &gateway, &ev, now, &connected, started_at)?;
+                Ok(((), delta))
             })
             .await
             .map_err(internal)

@@ -13,6 +13,9 @@ use crate::store::Store;
 
 /// The Core's state.
 pub struct Shared {
+    /// When this Core process started (Unix ms): right after a start its view of the
+    /// gateways' activity is incomplete (protocol rule 8).
+    pub started_at: i64,
     store: Arc<Mutex<Store>>,
     pub hub: Arc<Hub>,
 }
@@ -20,6 +23,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(store: Store) -> Self {
         Shared {
+            started_at: now_ms(),
             store: Arc::new(Mutex::new(store)),
             hub: Arc::new(Hub::default()),
         }

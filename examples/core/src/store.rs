@@ -5,7 +5,7 @@
 //! holds the store, so deltas leave in revision order. Snapshots are built with one query
 //! over the peers (no per-peer round trips).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
@@ -543,12 +543,19 @@ impl Store {
 
     /// Stores a peer event once per (gateway, seq) and acts on it. Returns the delta when
     /// the event changed the location (an MFA peer removed for inactivity).
+    ///
+    /// Less than a threshold after this Core started (`core_started_at`), gateways not in
+    /// `connected` may have seen a peer active while the Core was away: a peer such a
+    /// gateway saw active before keeps its session (renewed) rather than being cut on
+    /// another gateway's idle view (protocol rule 8).
     pub fn record_event(
         &mut self,
         location: u64,
         gateway: &str,
         ev: &pb::PeerEvent,
         now: i64,
+        connected: &BTreeSet<String>,
+        core_started_at: i64,
     ) -> Result<Option<pb::Delta>> {
         let tx = self.conn.transaction()?;
         let loc = load_location(&tx, location)?;
@@ -595,7 +602,21 @@ impl Store {
                                 |r| r.get(0),
                             )?;
                             let threshold_ms = i64::from(loc.threshold) * 1000;
-                            if elsewhere > 0 && now.saturating_sub(elsewhere) <= threshold_ms {
+                            let core_view_incomplete =
+                                now.saturating_sub(core_started_at) <= threshold_ms;
+                            let active_before_on_unknown = core_view_incomplete && {
+                                let mut q = tx.prepare_cached(
+                                    "SELECT gateway_id FROM stats
+                                     WHERE location_id = ?1 AND peer_id = ?2 AND last_active > 0",
+                                )?;
+                                let seen: Vec<String> = q
+                                    .query_map(params![location as i64, id], |r| r.get(0))?
+                                    .collect::<rusqlite::Result<_>>()?;
+                                seen.iter().any(|g| g != gateway && !connected.contains(g))
+                            };
+                            if (elsewhere > 0 && now.saturating_sub(elsewhere) <= threshold_ms)
+                                || active_before_on_unknown
+                            {
                                 tracing::info!(location, gateway, peer = id, last_active = elsewhere,
                                     "MFA inactivity event for a peer active on another gateway: session renewed");
                                 delta = Some(renew_session(&tx, &loc, &row, now)?);

@@ -537,3 +537,57 @@ async fn an_inactivity_event_for_a_peer_active_elsewhere_renews_the_session() {
     let events = t.admin.events(loc).await.unwrap();
     assert_eq!(events[0].outcome, "session_renewed");
 }
+
+/// Right after the Core starts, a gateway that is not connected yet may have carried the
+/// client while the Core was away: its idle peer's session is kept (renewed), not cut on
+/// another gateway's idle view. A connected gateway's old activity is known: cut.
+#[tokio::test]
+async fn after_a_core_start_a_gateway_not_back_yet_gets_the_benefit_of_the_doubt() {
+    let t = TestCore::start().await;
+    let (loc, token) = t.location(true).await; // threshold 600 s, Core up for less
+    let a = t.admin.add_peer(loc, &peer(1)).await.unwrap();
+    let b = t.admin.add_peer(loc, &peer(2)).await.unwrap();
+    let sa = t.admin.start_mfa_session(loc, a.id, None).await.unwrap();
+    let sb = t.admin.start_mfa_session(loc, b.id, None).await.unwrap();
+    let long_ago = unix_ms() - 3_600_000;
+    let (gw1, _, _) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
+    let (mut gw2, _, _) = Gw::hello(t.grpc(), &token, "gw-2", vec![]).await;
+    // gw-1 saw both peers active, an hour ago.
+    let mut old = active_stats(&a.public_key, 500, long_ago);
+    old.peers
+        .extend(active_stats(&b.public_key, 500, long_ago).peers);
+    gw1.send(G::Stats(old)).await;
+    let _ = gw2.activity().await;
+
+    // gw-1 still connected: its (old) view is known, the session of `a` ends.
+    gw2.send(G::PeerEvent(mfa_event(1, &a.public_key, sa.session_id)))
+        .await;
+    let _ = (gw2.next().await, gw2.next().await);
+    // gw-1 gone (as after a Core outage, before it reconnects): `b` is kept.
+    drop(gw1);
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while t
+        .admin
+        .gateways(loc)
+        .await
+        .unwrap()
+        .iter()
+        .any(|g| g.gateway_id == "gw-1" && g.connected)
+    {
+        assert!(Instant::now() < deadline, "gw-1 still listed as connected");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    gw2.send(G::PeerEvent(mfa_event(2, &b.public_key, sb.session_id)))
+        .await;
+    let _ = (gw2.next().await, gw2.next().await);
+    let events = t.admin.events(loc).await.unwrap();
+    let outcome = |seq: u64| {
+        events
+            .iter()
+            .find(|e| e.seq == seq)
+            .map(|e| e.outcome.clone())
+            .unwrap()
+    };
+    assert_eq!(outcome(1), "session_ended");
+    assert_eq!(outcome(2), "session_renewed");
+}
