@@ -91,8 +91,10 @@ pub struct Step {
     pub reasons: Vec<Reason>,
 }
 
-/// Operations in the order they must run: link, addresses, device, peer removals
-/// (which free allowed IPs), updates, additions.
+/// Operations in the order they must run: link, addresses, peer removals (which free
+/// allowed IPs), updates, additions, then device settings last: a device setting the
+/// kernel refuses (a listen port taken by another program) must not keep peer changes,
+/// revocations among them, from the interface.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub steps: Vec<Step>,
@@ -162,8 +164,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         }
     };
     plan_link(desired, link, &mut steps);
-    plan_device(desired, &observed.device, &mut steps);
     plan_peers(desired, &observed.device, &mut steps);
+    plan_device(desired, &observed.device, &mut steps);
     Plan { steps }
 }
 
@@ -291,8 +293,11 @@ fn peer_update(want: &PeerSpec, have: &PeerSpec) -> Option<Step> {
             join(&want.allowed_ips),
         ));
     }
+    // A configured endpoint is where to reach a peer that has not been heard from; once the
+    // kernel knows an endpoint (the peer's packets set it when it roams or sits behind a
+    // NAT), rewriting it would send the gateway's packets to the old address.
     if let Some(endpoint) = want.endpoint {
-        if have.endpoint != Some(endpoint) {
+        if have.endpoint.is_none() {
             update.endpoint = Some(endpoint);
             reasons.push(reason(
                 &subject,
@@ -479,7 +484,11 @@ mod tests {
         assert_eq!(ops[0], &Op::CreateLink);
         assert!(ops.contains(&&Op::SetLinkUp));
         assert!(ops.contains(&&Op::AddAddress(net("10.0.0.1/24"))));
-        assert!(matches!(ops.last(), Some(Op::AddPeer(_))));
+        assert!(
+            matches!(ops.last(), Some(Op::ConfigureDevice(_))),
+            "device last"
+        );
+        assert!(matches!(ops[ops.len() - 2], Op::AddPeer(_)));
         assert!(plan(&d, &converge(&d, &Observed::default())).is_empty());
     }
 
@@ -556,6 +565,17 @@ mod tests {
                 Op::RemovePeer(key(2))
             ]
         );
+    }
+
+    #[test]
+    fn a_roamed_endpoint_is_not_rewritten() {
+        let mut spec = PeerSpec::new(key(1), [net("10.0.0.2/32")]);
+        spec.endpoint = Some("192.0.2.1:51820".parse().unwrap());
+        let d = desired(vec![spec]);
+        let mut o = converge(&d, &Observed::default());
+        o.device.peers.get_mut(&key(1)).unwrap().config.endpoint =
+            Some("198.51.100.7:40000".parse().unwrap());
+        assert!(plan(&d, &o).is_empty(), "the peer's current endpoint stays");
     }
 
     #[test]
@@ -698,7 +718,7 @@ mod tests {
                 prop_assert_eq!(&have.preshared_key, &want.preshared_key);
                 prop_assert_eq!(have.persistent_keepalive, want.persistent_keepalive);
                 if want.endpoint.is_some() {
-                    prop_assert_eq!(have.endpoint, want.endpoint);
+                    prop_assert!(have.endpoint.is_some(), "a configured endpoint is set");
                 }
             }
             prop_assert_eq!(got.keys().collect::<Vec<_>>(), d.peers.keys().collect::<Vec<_>>());
@@ -723,7 +743,7 @@ mod tests {
                     (Some(w), Some(h)) => w.preshared_key == h.config.preshared_key
                         && w.allowed_ips == h.config.allowed_ips
                         && w.persistent_keepalive == h.config.persistent_keepalive
-                        && (w.endpoint.is_none() || w.endpoint == h.config.endpoint),
+                        && (w.endpoint.is_none() || h.config.endpoint.is_some()),
                     _ => false,
                 };
                 prop_assert!(!same, "unchanged peer {} touched by {:?}", key, step.op);

@@ -76,6 +76,35 @@ pub struct UserspaceBackend {
 }
 
 impl UserspaceBackend {
+    /// Sends one UAPI `set` transaction and maps wireguard-go's answer.
+    fn set(&mut self, request: &uapi::SetRequest) -> Result<(), BackendError> {
+        self.device_writes += 1;
+        let answer = self.uapi(request.as_bytes())?;
+        let op = || format!("configure WireGuard device {}", self.interface);
+        match uapi::parse_errno(&answer) {
+            Ok(()) => Ok(()),
+            Err(UapiError::Errno(code)) if code == libc::EADDRINUSE => {
+                Err(BackendError::Operation {
+                    op: op(),
+                    message: match request.listen_port {
+                        Some(port) => format!(
+                            "listen port {port} is already in use (wireguard-go answered \
+                             errno={code})"
+                        ),
+                        None => UapiError::Errno(code).to_string(),
+                    },
+                })
+            }
+            Err(e) => Err(BackendError::Operation {
+                op: op(),
+                message: format!(
+                    "{e}; wireguard-go log: {}",
+                    process::last_lines(&self.log_path(), 3)
+                ),
+            }),
+        }
+    }
+
     /// A backend for `interface` in the calling thread's network namespace. Adopts a
     /// wireguard-go that already answers on the interface's socket; starts nothing
     /// otherwise (the plan's `CreateLink` does).
@@ -271,34 +300,16 @@ impl Backend for UserspaceBackend {
                 }
             }
         }
-        let Some(request) = uapi::encode_set(plan.steps.iter().map(|s| &s.op)) else {
-            return Ok(());
-        };
-        self.device_writes += 1;
-        let answer = self.uapi(request.as_bytes())?;
-        let op = || format!("configure WireGuard device {}", self.interface);
-        match uapi::parse_errno(&answer) {
-            Ok(()) => Ok(()),
-            Err(UapiError::Errno(code)) if code == libc::EADDRINUSE => {
-                Err(BackendError::Operation {
-                    op: op(),
-                    message: match request.listen_port {
-                        Some(port) => format!(
-                            "listen port {port} is already in use (wireguard-go answered \
-                             errno={code})"
-                        ),
-                        None => UapiError::Errno(code).to_string(),
-                    },
-                })
-            }
-            Err(e) => Err(BackendError::Operation {
-                op: op(),
-                message: format!(
-                    "{e}; wireguard-go log: {}",
-                    process::last_lines(&self.log_path(), 3)
-                ),
-            }),
+        // Peers first, device settings (key, port, fwmark) in their own transaction after
+        // them: wireguard-go stops a transaction at its first error, and a taken listen
+        // port must not keep peer changes (revocations) from the interface.
+        let ops = || plan.steps.iter().map(|s| &s.op);
+        let peers = uapi::encode_set(ops().filter(|op| !matches!(op, Op::ConfigureDevice(_))));
+        let device = uapi::encode_set(ops().filter(|op| matches!(op, Op::ConfigureDevice(_))));
+        for request in [peers, device].into_iter().flatten() {
+            self.set(&request)?;
         }
+        Ok(())
     }
 
     fn counters(&self) -> WriteCounters {

@@ -367,10 +367,11 @@ impl PeerBuilder {
 
     fn build(mut self) -> PeerState {
         if self.handshake_sec != 0 || self.handshake_nsec != 0 {
-            self.state.last_handshake = SystemTime::UNIX_EPOCH.checked_add(
-                Duration::from_secs(self.handshake_sec)
-                    + Duration::from_nanos(u64::from(self.handshake_nsec)),
-            );
+            // checked: absurd values from a misbehaving wireguard-go are "no handshake",
+            // never an overflow panic in the event loop.
+            self.state.last_handshake = Duration::from_secs(self.handshake_sec)
+                .checked_add(Duration::from_nanos(u64::from(self.handshake_nsec)))
+                .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d));
         }
         self.state
     }
