@@ -135,7 +135,8 @@ pub fn init_logging(level: &str, format: LogFormat) {
 pub async fn status(base: &str) -> i32 {
     let url = format!("{}/status", base.trim_end_matches('/'));
     match fetch::<Status>(&url).await {
-        Ok(s) => {
+        Ok(mut s) => {
+            (s.ready, s.ready_reason) = s.readiness_now(std::time::SystemTime::now());
             print!("{}", render_status(&s));
             if s.ready {
                 0
@@ -273,6 +274,9 @@ pub fn render_status(s: &Status) -> String {
             r.revision,
             r.items.join("; ")
         );
+    }
+    if let Some(e) = &s.state_error {
+        let _ = writeln!(out, "state      NOT SAVED: {e}");
     }
     if let Some(e) = &s.backend_error {
         let _ = writeln!(out, "backend    UNHEALTHY: {e}");

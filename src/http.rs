@@ -68,13 +68,16 @@ pub async fn serve(
 }
 
 async fn readyz(State(app): State<AppState>) -> Response {
-    let s = app.status.borrow().clone();
-    let code = if s.ready {
+    let (ready, reason) = app
+        .status
+        .borrow()
+        .readiness_now(std::time::SystemTime::now());
+    let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, format!("{}\n", s.ready_reason)).into_response()
+    (code, format!("{reason}\n")).into_response()
 }
 
 async fn status_json(State(app): State<AppState>) -> Json<Status> {

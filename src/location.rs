@@ -8,12 +8,22 @@ use gatehouse_proto::v1;
 
 use crate::validate::{validate_location, Rejection, ValidLocation};
 
-/// A revision of the location that passed validation.
-#[derive(Clone, Debug, PartialEq)]
+/// A revision of the location that passed validation. `Debug` shows no key material.
+#[derive(Clone, PartialEq)]
 pub struct Held {
     pub revision: u64,
     pub location: v1::Location,
     pub valid: ValidLocation,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("revision", &self.revision)
+            .field("location", &self.location.name)
+            .field("peers", &self.location.peers.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a Core update means for the held location.

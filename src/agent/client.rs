@@ -46,8 +46,8 @@ impl std::fmt::Debug for CoreSettings {
     }
 }
 
-/// What the connection task tells the event loop.
-#[derive(Debug)]
+/// What the connection task tells the event loop. `Debug` names messages by kind only
+/// (they carry keys).
 pub enum FromCore {
     /// The loop answers with the `Hello` that opens the next stream.
     HelloWanted(oneshot::Sender<v1::Hello>),
@@ -64,6 +64,17 @@ pub enum FromCore {
         /// The upper bound `retry_in` was drawn from (grows with each failure).
         retry_ceiling: Duration,
     },
+}
+
+impl std::fmt::Debug for FromCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FromCore::HelloWanted(_) => f.write_str("HelloWanted"),
+            FromCore::Connected { .. } => f.write_str("Connected"),
+            FromCore::Message(m) => write!(f, "Message({})", message_kind(m)),
+            FromCore::Disconnected { error, .. } => write!(f, "Disconnected({error})"),
+        }
+    }
 }
 
 /// Runs until `shutdown` becomes true or the loop goes away.
@@ -149,12 +160,23 @@ async fn session(
             ))
         }
     }
-    let mut inbound = match client.connect(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
+    // A Core (or proxy) that accepts HTTP/2 but never answers must not hold the agent.
+    let opened = tokio::time::timeout(settings.connect_timeout, client.connect(request)).await;
+    let mut inbound = match opened {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => {
             return Some((
                 format!("{}: {}", status.code(), status.message()),
                 status.code() == Code::Unauthenticated,
+            ))
+        }
+        Err(_) => {
+            return Some((
+                format!(
+                    "the Core did not answer the stream within {:?}",
+                    settings.connect_timeout
+                ),
+                false,
             ))
         }
     };
@@ -166,14 +188,16 @@ async fn session(
     {
         return None;
     }
-    let mut first_message = true;
+    let mut reset = false;
     loop {
         match inbound.message().await {
             Ok(Some(msg)) => {
-                if first_message {
-                    // The Core answered: the connection is good, start backoff over.
+                if !reset && matches!(msg.kind, Some(v1::core_message::Kind::Snapshot(_))) {
+                    // The Core served the whole location: the connection is good, start
+                    // the backoff over. (Not on the first message: a Core that acks and
+                    // then fails, or two gateways sharing an id, must not reconnect hot.)
                     backoff.reset();
-                    first_message = false;
+                    reset = true;
                 }
                 debug!(kind = message_kind(&msg), "from Core");
                 if to_loop.send(FromCore::Message(msg)).await.is_err() {

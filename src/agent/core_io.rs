@@ -30,6 +30,7 @@ impl Agent {
                 self.core.retry_ceiling_ms = None;
                 self.last_contact = Some(now);
                 self.stats.reset();
+                self.snapshot_requested = false;
                 if self.offline_removed {
                     info!("the Core is back: the offline policy no longer applies");
                     self.offline_removed = false;
@@ -83,6 +84,7 @@ impl Agent {
         let update = match msg.kind {
             Some(Kind::Snapshot(snapshot)) => {
                 self.core.snapshots += 1;
+                self.snapshot_requested = false;
                 info!(
                     revision = snapshot.revision,
                     peers = snapshot.location.as_ref().map_or(0, |l| l.peers.len()),
@@ -144,8 +146,18 @@ impl Agent {
                         }
                     }
                 }
+                if held.location.firewall.as_ref().is_some_and(|f| f.enabled) {
+                    warn!(
+                        revision,
+                        "the location has a firewall policy, but this gatehouse version does \
+                         not enforce firewall policies (nftables): traffic is NOT filtered"
+                    );
+                }
                 self.held = Some(*held);
                 self.last_rejected = None;
+                // On disk before the kernel changes: a crash in between restarts from
+                // this revision, not from an older one that would re-add revoked peers.
+                self.save_state();
                 match self.reconcile(&format!("revision {revision}")) {
                     Ok(_) => {
                         self.applied_revision = revision;
@@ -166,12 +178,19 @@ impl Agent {
                     }
                 }
             }
+            Update::Gap { held, base } if self.snapshot_requested => {
+                debug!(
+                    held,
+                    base, "delta on another revision; the snapshot asked for is coming"
+                );
+            }
             Update::Gap { held, base } => {
+                self.snapshot_requested = true;
                 info!(
                     held,
                     base, "delta does not apply on the held revision: asking for a snapshot"
                 );
-                self.send(Out::SnapshotRequest(v1::SnapshotRequest {
+                self.send_or_reconnect(Out::SnapshotRequest(v1::SnapshotRequest {
                     held_revision: held,
                     reason: format!("delta base {base} is not the held revision {held}"),
                 }));
@@ -226,7 +245,7 @@ impl Agent {
         } else {
             attempted
         };
-        self.send(Out::Applied(v1::Applied {
+        self.send_or_reconnect(Out::Applied(v1::Applied {
             revision,
             attempted_revision: attempted,
             error,
@@ -245,14 +264,23 @@ impl Agent {
             .collect();
         for event in unsent {
             let seq = event.seq;
-            if self.send(Out::PeerEvent(event)) {
-                self.sent_up_to = seq;
+            if !self.send(Out::PeerEvent(event)) {
+                // In order or not at all: the Core acknowledges by seq, and a later event
+                // acknowledged before an earlier one arrived would drop the earlier one.
+                break;
             }
+            self.sent_up_to = seq;
         }
     }
 
     pub(super) fn send_stats(&mut self, observed: &Observed) {
-        if self.outbound.is_none() {
+        let Some(tx) = &self.outbound else {
+            return;
+        };
+        if tx.capacity() < tx.max_capacity() / 2 {
+            // The Core is not keeping up: skip this report (the next one carries the
+            // changes) rather than queue megabytes of stats.
+            self.stats.reset();
             return;
         }
         let peers = self.stats.changed(&observed.device.peers, &self.epochs);
@@ -262,6 +290,18 @@ impl Agent {
                 self.stats.reset();
                 return;
             }
+        }
+    }
+
+    /// Queues a message the protocol cannot lose (Applied, SnapshotRequest). When it
+    /// cannot be queued, the stream is given up: the next one starts with Hello and a
+    /// snapshot, which carry the same information.
+    fn send_or_reconnect(&mut self, kind: Out) {
+        if self.outbound.is_some() && !self.send(kind) {
+            warn!("the stream to the Core is congested: reconnecting to resynchronize");
+            // Dropping the only sender ends the request stream; the connection task sees
+            // the stream end and reconnects.
+            self.outbound = None;
         }
     }
 

@@ -124,6 +124,8 @@ struct Agent {
     applied_revision: u64,
     apply_error: Option<String>,
     backend_error: Option<String>,
+    /// The last state-file write failed (a restart without the Core would use older state).
+    state_error: Option<String>,
     last_rejected: Option<status::Rejected>,
     mfa: MfaTracker,
     tombstones: Tombstones,
@@ -133,6 +135,8 @@ struct Agent {
     next_seq: u64,
     /// Events up to this seq went out on the current stream (in Hello or after).
     sent_up_to: u64,
+    /// A snapshot was asked for on this stream and has not arrived yet.
+    snapshot_requested: bool,
     outbound: Option<mpsc::Sender<v1::GatewayMessage>>,
     core: status::CoreStatus,
     last_contact: Option<SystemTime>,
@@ -177,6 +181,7 @@ impl Agent {
             applied_revision: 0,
             apply_error: None,
             backend_error: None,
+            state_error: None,
             last_rejected: None,
             mfa: MfaTracker::new(),
             tombstones: Tombstones::default(),
@@ -186,6 +191,7 @@ impl Agent {
             // A fresh start (no usable state file) must not reuse earlier event numbers.
             next_seq: first_event_seq(SystemTime::now()),
             sent_up_to: 0,
+            snapshot_requested: false,
             outbound: None,
             last_contact: None,
             offline_removed: false,
@@ -365,7 +371,11 @@ impl Agent {
         let summary = plan.summary();
         log_plan(trigger, &plan, summary);
         let result = self.backend.apply(&plan);
-        self.account(&plan, result.is_ok());
+        if result.is_ok() {
+            // After a failed apply the next observation tells what happened; a peer added
+            // then has counter epoch 0 (unknown start), which the Core handles.
+            self.account(&plan);
+        }
         match result {
             Ok(()) => {
                 self.apply_error = None;
@@ -379,8 +389,16 @@ impl Agent {
         }
     }
 
+    /// Reads the interface; the backend's health is the outcome of the last read.
     fn observe(&mut self) -> Result<Observed, BackendError> {
-        let observed = self.backend.observe()?;
+        let observed = match self.backend.observe() {
+            Ok(o) => o,
+            Err(e) => {
+                self.backend_error = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        self.backend_error = None;
         self.counts.kernel_peers = observed.device.peers.len();
         let now = self.mono();
         let wall = SystemTime::now();
@@ -397,7 +415,7 @@ impl Agent {
     }
 
     /// Bookkeeping after an apply: counter epochs and trackers of added/removed peers.
-    fn account(&mut self, plan: &Plan, _ok: bool) {
+    fn account(&mut self, plan: &Plan) {
         for step in &plan.steps {
             match &step.op {
                 Op::AddPeer(spec) => {
@@ -451,11 +469,9 @@ impl Agent {
 
     async fn on_resync(&mut self) {
         match self.backend.check() {
-            Ok(Some(repair)) => {
-                warn!(%repair, "backend repaired itself");
-                self.backend_error = None;
-            }
-            Ok(None) => self.backend_error = None,
+            // Health is cleared by the next successful read of the interface (below).
+            Ok(Some(repair)) => warn!(%repair, "backend repaired itself"),
+            Ok(None) => {}
             Err(e) => {
                 error!(error = %e, "backend unhealthy");
                 self.backend_error = Some(e.to_string());
@@ -517,18 +533,21 @@ impl Agent {
         let policy = self.mfa_policy();
         let Some(held) = &self.held else { return };
         let now = self.mono();
-        let expired: Vec<_> = self
-            .mfa
-            .expired(policy, now)
-            .into_iter()
-            .filter(|e| {
+        let (expired, moot): (Vec<_>, Vec<_>) =
+            self.mfa.expired(policy, now).into_iter().partition(|e| {
                 // A buried peer still on the interface is a removal that failed to apply:
                 // the reconcile retries it; it is not a new expiry (nor a new event).
                 observed.device.peers.contains_key(&e.key)
                     && held.valid.desired.peers.contains_key(&e.key)
                     && !self.tombstones.contains(&e.key)
-            })
-            .collect();
+            });
+        // Timers of peers that are not (or no longer) both desired and on the interface
+        // cannot lead to a removal: dropped, so they do not hold the next deadline in the
+        // past (a wake-up and an interface dump every second). A peer that comes back
+        // starts a new timer.
+        for e in &moot {
+            self.mfa.forget(&e.key);
+        }
         if expired.is_empty() {
             return;
         }
@@ -601,8 +620,12 @@ impl Agent {
     }
 
     fn save_state(&mut self) {
-        if let Err(e) = self.store.save(&self.persisted()) {
-            error!(error = %e, "cannot write the state file");
+        match self.store.save(&self.persisted()) {
+            Ok(()) => self.state_error = None,
+            Err(e) => {
+                error!(error = %e, "cannot write the state file");
+                self.state_error = Some(e.to_string());
+            }
         }
     }
 
@@ -644,9 +667,17 @@ impl Agent {
             device_writes: counters.device_writes,
             link_writes: counters.link_writes,
             backend_error: self.backend_error.clone(),
+            state_error: self.state_error.clone(),
             offline_removed: self.offline_removed,
             ready,
             ready_reason,
+            published_unix_ms: unix_ms(SystemTime::now()),
+            stale_after_ms: (2 * self
+                .settings
+                .stats_interval
+                .max(self.settings.resync_interval)
+                + Duration::from_secs(10))
+            .as_millis() as u64,
         };
         tx.send_replace(status);
     }

@@ -39,10 +39,35 @@ pub struct Status {
     pub link_writes: u64,
     /// The backend's own health (e.g. wireguard-go running).
     pub backend_error: Option<String>,
+    /// The last write of the state file failed.
+    pub state_error: Option<String>,
     /// Set when the offline policy removed the peers.
     pub offline_removed: bool,
     pub ready: bool,
     pub ready_reason: String,
+    /// When the event loop published this status (unix ms). The loop publishes at least
+    /// every stats and resync interval; an older status means the loop is stuck.
+    pub published_unix_ms: i64,
+    /// After how long without a new status `/readyz` stops trusting it.
+    pub stale_after_ms: u64,
+}
+
+impl Status {
+    /// Readiness as served: the loop's verdict, unless the loop has not published for
+    /// longer than `stale_after_ms` (a hung gateway is never reported ready).
+    pub fn readiness_now(&self, now: SystemTime) -> (bool, String) {
+        let age = unix_ms(now).saturating_sub(self.published_unix_ms);
+        if self.stale_after_ms > 0 && age > self.stale_after_ms as i64 {
+            return (
+                false,
+                format!(
+                    "the agent's event loop has not reported for {}s",
+                    age / 1000
+                ),
+            );
+        }
+        (self.ready, self.ready_reason.clone())
+    }
 }
 
 /// The Core connection as the event loop sees it.
@@ -183,6 +208,26 @@ mod tests {
             )
             .0
         );
+    }
+
+    #[test]
+    fn a_stale_status_is_not_ready() {
+        let now = SystemTime::now();
+        let s = Status {
+            ready: true,
+            ready_reason: "ok".into(),
+            published_unix_ms: unix_ms(now) - 5_000,
+            stale_after_ms: 60_000,
+            ..Default::default()
+        };
+        assert!(s.readiness_now(now).0);
+        let stuck = Status {
+            published_unix_ms: unix_ms(now) - 120_000,
+            ..s
+        };
+        let (ok, why) = stuck.readiness_now(now);
+        assert!(!ok);
+        assert!(why.contains("not reported for 120s"), "{why}");
     }
 
     #[test]
