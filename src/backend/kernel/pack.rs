@@ -469,6 +469,32 @@ mod tests {
     }
 
     #[test]
+    fn device_settings_after_peers_go_in_their_own_last_message() {
+        // The plan puts device settings last; a refused listen port then fails only the
+        // last message, after every peer change went through.
+        let ops = vec![
+            Op::RemovePeer(key(9)),
+            Op::AddPeer(peer(1)),
+            Op::ConfigureDevice(DeviceChange {
+                listen_port: Some(51820),
+                ..Default::default()
+            }),
+        ];
+        let msgs = wire(&pack("wg0", &ops, MESSAGE_LIMIT));
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert_eq!(peers_of(&msgs[0]).len(), 2);
+        assert!(!msgs[0]
+            .attributes
+            .iter()
+            .any(|a| matches!(a, WireguardAttribute::ListenPort(_))));
+        assert!(peers_of(&msgs[1]).is_empty());
+        assert!(msgs[1]
+            .attributes
+            .iter()
+            .any(|a| matches!(a, WireguardAttribute::ListenPort(51820))));
+    }
+
+    #[test]
     fn ten_thousand_peers_go_out_in_few_full_messages() {
         let ops: Vec<Op> = (0..10_000).map(|n| Op::AddPeer(peer(n))).collect();
         let messages = pack("wg0", &ops, MESSAGE_LIMIT);
