@@ -196,8 +196,8 @@ fn tunnel_lifecycle_with_real_wireguard_go() {
     assert!(b.pid().is_some());
     assert_eq!(
         b.counters().device_writes,
-        1,
-        "one UAPI set for all device ops"
+        2,
+        "one UAPI set for all peer ops, one for the device settings after them"
     );
     assert!(lab.tunnel_works(5), "ping through the tunnel");
     let shown = lab.gw.ip(&["addr", "show", "dev", &lab.gw_if]);

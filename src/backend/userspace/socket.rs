@@ -12,13 +12,22 @@ use zeroize::Zeroizing;
 /// The largest answer read (a `get` of many thousand peers stays far below).
 const MAX_ANSWER: usize = 256 * 1024 * 1024;
 
+/// Connects with a deadline: a wireguard-go that is stopped (not accepting) must not
+/// block the agent's event loop.
+fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.connect_timeout(&socket2::SockAddr::unix(path)?, timeout)?;
+    socket.set_nonblocking(false)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
+}
+
 /// Sends `request` and reads the answer up to its terminating blank line.
 pub(super) fn transact(
     path: &Path,
     request: &[u8],
     timeout: Duration,
 ) -> io::Result<Zeroizing<String>> {
-    let mut stream = UnixStream::connect(path)?;
+    let mut stream = connect(path, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(request)?;
