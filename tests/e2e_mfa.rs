@@ -58,7 +58,7 @@ async fn mfa_up(site: &mut Site) -> String {
         .await
         .expect("start the MFA session");
     let psk_file = site.dir.path().join("client.psk");
-    write_secret(&psk_file, &started.preshared_key);
+    e2e::write_secret(&psk_file, &started.preshared_key);
     let ns = site.client_ns.name().to_string();
     let iface = site.client().interface.clone();
     let gw_key = site.location().public_key.clone();
@@ -516,19 +516,4 @@ async fn proxy(listener: TcpListener, target: SocketAddr) {
             }
         });
     }
-}
-
-/// Writes a secret file with mode 0600.
-fn write_secret(path: &std::path::Path, content: &str) {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("create a secret file");
-    f.write_all(content.as_bytes())
-        .expect("write a secret file");
 }

@@ -26,6 +26,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use super::BackendError;
+use crate::model::LinkState;
 
 /// A link as rtnetlink reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,6 +196,15 @@ impl Link {
             0,
             format!("set link {index} up"),
         )
+    }
+
+    /// The link as the reconciler sees it: MTU, administrative state and addresses.
+    pub fn state(&mut self, info: &LinkInfo) -> Result<LinkState, BackendError> {
+        Ok(LinkState {
+            mtu: info.mtu,
+            up: info.up,
+            addresses: self.addresses(info.index)?,
+        })
     }
 
     /// The link's IPv4 and IPv6 addresses with their prefix length (host bits kept).

@@ -686,7 +686,7 @@ async fn wg_pubkey(private: &str) -> String {
 }
 
 /// Writes a secret file with mode 0600.
-fn write_secret(path: &std::path::Path, content: &str) {
+pub fn write_secret(path: &std::path::Path, content: &str) {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = std::fs::OpenOptions::new()

@@ -17,7 +17,7 @@ use std::io;
 
 use super::link::{check_interface_name, Link, LinkInfo};
 use super::{Backend, BackendError, WriteCounters};
-use crate::model::{LinkState, Observed};
+use crate::model::Observed;
 use crate::plan::{Op, Plan};
 
 use self::genl::WgSocket;
@@ -205,7 +205,7 @@ impl Backend for KernelBackend {
         let Some(info) = self.wireguard_link()? else {
             return Ok(Observed::default());
         };
-        let addresses = self.link.addresses(info.index)?;
+        let link = self.link.state(&info)?;
         let mut parts = match self.wg.get_device(&self.name) {
             Ok(parts) => parts,
             // Removed between the two reads: it is missing now.
@@ -226,11 +226,7 @@ impl Backend for KernelBackend {
             message: e.to_string(),
         })?;
         Ok(Observed {
-            link: Some(LinkState {
-                mtu: info.mtu,
-                up: info.up,
-                addresses,
-            }),
+            link: Some(link),
             device,
         })
     }

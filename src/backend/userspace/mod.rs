@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use super::link::{check_interface_name, Link};
 use super::{Backend, BackendError, WriteCounters};
-use crate::model::{LinkState, Observed};
+use crate::model::Observed;
 use crate::plan::{Op, Plan};
 use process::{LogFollower, Process};
 use uapi::UapiError;
@@ -262,14 +262,10 @@ impl Backend for UserspaceBackend {
                 )))
             }
         };
-        let addresses = self.link.addresses(info.index)?;
+        let link = self.link.state(&info)?;
         self.wanted = true;
         Ok(Observed {
-            link: Some(LinkState {
-                mtu: info.mtu,
-                up: info.up,
-                addresses,
-            }),
+            link: Some(link),
             device,
         })
     }
