@@ -261,7 +261,7 @@ mod tests {
             panic!()
         };
         assert_eq!(revision, 6);
-        assert_eq!(rejections[0].item, "peers[3].allowed_ips");
+        assert_eq!(rejections[0].item, "peers[3].allowed_ips[0]");
     }
 
     #[test]

@@ -1,18 +1,20 @@
 //! Validation of everything the Core sends: a `Location` (from a snapshot, or the result of
 //! a delta) becomes a [`ValidLocation`] or a list of [`Rejection`]s naming each bad item.
-//! Nothing of a rejected revision is applied. Pure: no I/O.
+//! The rules are the shared crate `gatehouse-validate` (the Core checks admin input with the
+//! same code); this module maps its result to the agent's domain types. Nothing of a
+//! rejected revision is applied; [`valid_peer_keys`] and [`listed_peer_keys`] tell which
+//! peers a rejected revision still lists as valid, and which it lists at all. Pure: no I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
 
 use gatehouse_proto::v1;
-use ipnet::IpNet;
+use gatehouse_validate as rules;
 
 use crate::mfa::MfaPolicy;
 use crate::model::{Desired, InterfaceSpec, Key, PeerSpec, SecretKey};
 
 /// Rejections listed in one `Applied` (more are summarized by a count).
-pub const MAX_REJECTIONS: usize = 100;
+pub const MAX_REJECTIONS: usize = rules::MAX_REJECTIONS;
 
 /// One rejected item: `item` is a path such as `peers[3].allowed_ips[1]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,288 +64,73 @@ pub struct ValidLocation {
 
 /// Validates a whole location. All problems are reported, not just the first.
 pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Rejection>> {
-    let mut errs = Errors::default();
-    let interface = match &loc.interface {
-        Some(iface) => validate_interface(iface, &mut errs),
-        None => {
-            errs.push("interface", "missing");
-            None
-        }
+    let checked = rules::validate_location(loc)
+        .map_err(|list| list.into_iter().map(Rejection::from).collect::<Vec<_>>())?;
+    let mfa = MfaPolicy::from_settings(checked.mfa_enabled, checked.mfa_threshold_secs)
+        .map_err(|_| {
+            vec![Rejection::new(
+                "mfa.disconnect_threshold_secs",
+                "must be > 0 when MFA is enabled",
+            )]
+        })?;
+    let iface = &checked.interface;
+    let interface = InterfaceSpec {
+        private_key: SecretKey::new(iface.private_key.0),
+        listen_port: iface.listen_port,
+        addresses: iface.addresses.clone(),
+        mtu: iface.mtu,
+        fwmark: iface.fwmark,
     };
-    let own_public = interface.as_ref().map(|i| i.private_key.public_key());
-
     let mut peers = BTreeMap::new();
     let mut meta = BTreeMap::new();
-    let mut owners: BTreeMap<IpNet, usize> = BTreeMap::new();
-    for (i, p) in loc.peers.iter().enumerate() {
-        let Some(spec) = validate_peer(i, p, &mut errs) else {
-            continue;
-        };
-        if Some(spec.public_key) == own_public {
-            errs.push(
-                format!("peers[{i}].public_key"),
-                "is the interface's own public key",
-            );
-            continue;
-        }
-        if peers.contains_key(&spec.public_key) {
-            errs.push(
-                format!("peers[{i}].public_key"),
-                format!("duplicate public key {}", spec.public_key),
-            );
-            continue;
-        }
-        for ip in &spec.allowed_ips {
-            if let Some(other) = owners.insert(*ip, i) {
-                errs.push(
-                    format!("peers[{i}].allowed_ips"),
-                    format!("{ip} is already allowed for peers[{other}]"),
-                );
-            }
-        }
+    for (key, p) in &checked.peers {
+        let key = Key(*key);
         meta.insert(
-            spec.public_key,
+            key,
             PeerMeta {
                 id: p.id,
                 mfa_session: p.mfa_session,
             },
         );
-        peers.insert(spec.public_key, spec);
-    }
-
-    let mfa = loc.mfa.unwrap_or_default();
-    let mfa =
-        MfaPolicy::from_settings(mfa.enabled, mfa.disconnect_threshold_secs).unwrap_or_else(|_| {
-            errs.push(
-                "mfa.disconnect_threshold_secs",
-                "must be > 0 when MFA is enabled",
-            );
-            MfaPolicy::Disabled
-        });
-    if let Some(fw) = &loc.firewall {
-        validate_firewall(fw, &mut errs);
-    }
-
-    match (errs.finish(), interface) {
-        (Ok(()), Some(interface)) => Ok(ValidLocation {
-            name: loc.name.clone(),
-            desired: Desired { interface, peers },
-            meta,
-            mfa,
-        }),
-        (Err(list), _) => Err(list),
-        (Ok(()), None) => Err(vec![Rejection::new("interface", "missing")]),
-    }
-}
-
-fn validate_interface(iface: &v1::Interface, errs: &mut Errors) -> Option<InterfaceSpec> {
-    // Clamped here: WireGuard stores and reports the clamped form.
-    let private_key = SecretKey::from_slice(&iface.private_key).map(|k| k.clamped());
-    if private_key.is_none() {
-        errs.push(
-            "interface.private_key",
-            format!("must be 32 bytes, got {}", iface.private_key.len()),
+        peers.insert(
+            key,
+            PeerSpec {
+                public_key: key,
+                preshared_key: p.preshared_key.as_ref().map(|k| SecretKey::new(k.0)),
+                allowed_ips: p.allowed_ips.clone(),
+                persistent_keepalive: p.persistent_keepalive,
+                endpoint: p.endpoint,
+            },
         );
     }
-    let listen_port = u16::try_from(iface.listen_port).ok();
-    if listen_port.is_none() {
-        errs.push(
-            "interface.listen_port",
-            format!("{} is out of range 0..=65535", iface.listen_port),
-        );
-    }
-    let mtu = match iface.mtu {
-        0 => Some(None),
-        1280..=9000 => Some(Some(iface.mtu)),
-        other => {
-            errs.push(
-                "interface.mtu",
-                format!("{other} is out of range 1280..=9000 (0 = default)"),
-            );
-            None
-        }
-    };
-    let mut addresses = BTreeSet::new();
-    for (i, a) in iface.addresses.iter().enumerate() {
-        match parse_cidr(a) {
-            Ok(net) => {
-                if !addresses.insert(net) {
-                    errs.push(
-                        format!("interface.addresses[{i}]"),
-                        format!("duplicate {a}"),
-                    );
-                }
-            }
-            Err(e) => errs.push(format!("interface.addresses[{i}]"), e),
-        }
-    }
-    Some(InterfaceSpec {
-        private_key: private_key?,
-        listen_port: listen_port?,
-        addresses,
-        mtu: mtu?,
-        fwmark: iface.fwmark,
+    Ok(ValidLocation {
+        name: checked.name,
+        desired: Desired { interface, peers },
+        meta,
+        mfa,
     })
 }
 
-fn validate_peer(i: usize, p: &v1::Peer, errs: &mut Errors) -> Option<PeerSpec> {
-    let at = |field: &str| format!("peers[{i}].{field}");
-    let public_key = Key::from_slice(&p.public_key);
-    if public_key.is_none() {
-        errs.push(
-            at("public_key"),
-            format!("must be 32 bytes, got {}", p.public_key.len()),
-        );
-    }
-    let preshared_key = if p.preshared_key.is_empty() {
-        Some(None)
-    } else {
-        match SecretKey::from_slice(&p.preshared_key) {
-            Some(k) => Some(Some(k)),
-            None => {
-                errs.push(
-                    at("preshared_key"),
-                    format!("must be 32 bytes or empty, got {}", p.preshared_key.len()),
-                );
-                None
-            }
-        }
-    };
-    let keepalive = u16::try_from(p.persistent_keepalive).ok();
-    if keepalive.is_none() {
-        errs.push(
-            at("persistent_keepalive"),
-            format!("{} is out of range 0..=65535", p.persistent_keepalive),
-        );
-    }
-    let endpoint = if p.endpoint.is_empty() {
-        Some(None)
-    } else {
-        match p.endpoint.parse::<SocketAddr>() {
-            Ok(e) if e.port() != 0 => Some(Some(e)),
-            _ => {
-                errs.push(
-                    at("endpoint"),
-                    format!("not ip:port or [ip6]:port: {:?}", p.endpoint),
-                );
-                None
-            }
-        }
-    };
-    let mut allowed_ips = BTreeSet::new();
-    let mut ok = true;
-    for (j, a) in p.allowed_ips.iter().enumerate() {
-        match parse_cidr(a) {
-            Ok(net) => {
-                if !allowed_ips.insert(net.trunc()) {
-                    errs.push(
-                        format!("peers[{i}].allowed_ips[{j}]"),
-                        format!("duplicate {a}"),
-                    );
-                    ok = false;
-                }
-            }
-            Err(e) => {
-                errs.push(format!("peers[{i}].allowed_ips[{j}]"), e);
-                ok = false;
-            }
-        }
-    }
-    if !ok {
-        return None;
-    }
-    Some(PeerSpec {
-        public_key: public_key?,
-        preshared_key: preshared_key?,
-        allowed_ips,
-        persistent_keepalive: keepalive?,
-        endpoint: endpoint?,
-    })
+/// For a revision (valid or not): the peers it lists that pass every rule on their own and
+/// against the others. A gateway may keep these as they are when the revision is rejected.
+pub fn valid_peer_keys(loc: &v1::Location) -> BTreeSet<Key> {
+    rules::valid_peer_keys(loc).into_iter().map(Key).collect()
 }
 
-fn validate_firewall(fw: &v1::FirewallPolicy, errs: &mut Errors) {
-    for (i, rule) in fw.rules.iter().enumerate() {
-        let specs = rule
-            .sources
-            .iter()
-            .map(|s| ("sources", s))
-            .chain(rule.destinations.iter().map(|s| ("destinations", s)));
-        for (j, (field, spec)) in specs.enumerate() {
-            if let Err(e) = parse_address_spec(spec) {
-                let k = if field == "sources" {
-                    j
-                } else {
-                    j - rule.sources.len()
-                };
-                errs.push(format!("firewall.rules[{i}].{field}[{k}]"), e);
-            }
-        }
-        for (j, r) in rule.ports.iter().enumerate() {
-            if r.start == 0 || r.start > r.end || r.end > 65535 {
-                errs.push(
-                    format!("firewall.rules[{i}].ports[{j}]"),
-                    format!("bad port range {}-{}", r.start, r.end),
-                );
-            }
-        }
-        if v1::Verdict::try_from(rule.verdict).is_err() {
-            errs.push(
-                format!("firewall.rules[{i}].verdict"),
-                format!("unknown verdict {}", rule.verdict),
-            );
-        }
-    }
+/// For a revision (valid or not): every public key it lists. A peer held but not listed is
+/// one the Core removed: it goes also when the revision is rejected.
+pub fn listed_peer_keys(loc: &v1::Location) -> BTreeSet<Key> {
+    rules::location::listed_peer_keys(loc)
+        .into_iter()
+        .map(Key)
+        .collect()
 }
 
-/// Parses `10.0.0.0/24`, `fd00::/64`, or a bare address (a /32 or /128). Host bits are kept.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Ok(net);
-    }
-    match s.parse::<IpAddr>() {
-        Ok(ip) => Ok(IpNet::from(ip)),
-        Err(_) => Err(format!("not a CIDR: {s:?}")),
-    }
-}
-
-/// A firewall address: a CIDR, a bare address or a range `a-b` of the same family.
-pub fn parse_address_spec(s: &str) -> Result<(), String> {
-    if let Some((a, b)) = s.split_once('-') {
-        let (a, b) = (a.trim().parse::<IpAddr>(), b.trim().parse::<IpAddr>());
-        return match (a, b) {
-            (Ok(a), Ok(b)) if a.is_ipv4() == b.is_ipv4() && a <= b => Ok(()),
-            _ => Err(format!("not an address range: {s:?}")),
-        };
-    }
-    parse_cidr(s).map(|_| ())
-}
-
-#[derive(Default)]
-struct Errors {
-    list: Vec<Rejection>,
-    dropped: usize,
-}
-
-impl Errors {
-    fn push(&mut self, item: impl Into<String>, reason: impl Into<String>) {
-        if self.list.len() < MAX_REJECTIONS {
-            self.list.push(Rejection::new(item, reason));
-        } else {
-            self.dropped += 1;
-        }
-    }
-
-    fn finish(mut self) -> Result<(), Vec<Rejection>> {
-        if self.dropped > 0 {
-            self.list.push(Rejection::new(
-                "...",
-                format!("{} more rejected items not listed", self.dropped),
-            ));
-        }
-        if self.list.is_empty() {
-            Ok(())
-        } else {
-            Err(self.list)
+impl From<rules::Rejection> for Rejection {
+    fn from(r: rules::Rejection) -> Self {
+        Rejection {
+            item: r.item,
+            reason: r.reason,
         }
     }
 }
@@ -351,6 +138,10 @@ impl Errors {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn public(seed: u8) -> Key {
+        SecretKey::new([seed; 32]).public_key()
+    }
 
     pub(crate) fn location(peers: Vec<v1::Peer>) -> v1::Location {
         v1::Location {
@@ -371,7 +162,7 @@ mod tests {
 
     fn peer(k: u8, ips: &[&str]) -> v1::Peer {
         v1::Peer {
-            public_key: vec![k; 32],
+            public_key: public(k).0.to_vec(),
             allowed_ips: ips.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }
@@ -386,67 +177,40 @@ mod tests {
     }
 
     #[test]
-    fn valid_location_normalizes_allowed_ips() {
-        let v = validate_location(&location(vec![peer(2, &["10.0.0.2", "10.1.2.3/16"])])).unwrap();
-        let p = &v.desired.peers[&Key([2; 32])];
+    fn valid_location_maps_to_the_domain() {
+        let mut p = peer(2, &["10.0.0.2/32", "10.1.0.0/16"]);
+        p.preshared_key = vec![9; 32];
+        p.endpoint = "192.0.2.1:51820".into();
+        p.id = 7;
+        p.mfa_session = 3;
+        let v = validate_location(&location(vec![p])).unwrap();
+        let p = &v.desired.peers[&public(2)];
         let ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
         assert_eq!(ips, vec!["10.0.0.2/32", "10.1.0.0/16"]);
+        assert_eq!(p.preshared_key, Some(SecretKey::new([9; 32])));
+        assert_eq!(p.endpoint, Some("192.0.2.1:51820".parse().unwrap()));
+        assert_eq!(
+            v.meta[&public(2)],
+            PeerMeta {
+                id: 7,
+                mfa_session: 3
+            }
+        );
         assert_eq!(v.desired.interface.addresses.len(), 2);
+        assert_eq!(v.desired.interface.mtu, Some(1420));
         assert_eq!(v.mfa, MfaPolicy::Disabled);
     }
 
     #[test]
-    fn each_bad_item_is_named() {
-        let mut loc = location(vec![
-            peer(2, &["10.0.0.300/32"]),
-            v1::Peer {
-                public_key: vec![3; 31],
-                ..Default::default()
-            },
-            peer(4, &["10.0.0.4/32"]),
-            peer(4, &["10.0.0.5/32"]),
-            peer(5, &["10.0.0.4/32"]),
-            v1::Peer {
-                preshared_key: vec![1; 3],
-                ..peer(6, &[])
-            },
-            v1::Peer {
-                persistent_keepalive: 70000,
-                ..peer(7, &[])
-            },
-        ]);
-        let iface = loc.interface.as_mut().unwrap();
-        iface.listen_port = 70000;
-        iface.mtu = 100;
-        iface.private_key = vec![0; 5];
-        iface.addresses.push("nonsense".into());
+    fn only_canonical_input_is_accepted_on_the_wire() {
+        let loc = location(vec![peer(2, &["10.0.0.2", "10.1.2.3/16", " 10.2.0.0/16"])]);
         assert_eq!(
             items(&loc),
             vec![
-                "interface.private_key",
-                "interface.listen_port",
-                "interface.mtu",
-                "interface.addresses[2]",
                 "peers[0].allowed_ips[0]",
-                "peers[1].public_key",
-                "peers[3].public_key",
-                "peers[4].allowed_ips",
-                "peers[5].preshared_key",
-                "peers[6].persistent_keepalive",
+                "peers[0].allowed_ips[1]",
+                "peers[0].allowed_ips[2]",
             ]
-        );
-    }
-
-    #[test]
-    fn duplicate_key_and_shared_allowed_ip_are_explained() {
-        let errs = validate_location(&location(vec![
-            peer(4, &["10.0.0.4/32"]),
-            peer(5, &["10.0.0.4"]),
-        ]))
-        .unwrap_err();
-        assert_eq!(
-            errs[0].reason,
-            "10.0.0.4/32 is already allowed for peers[0]"
         );
     }
 
@@ -492,44 +256,20 @@ mod tests {
     }
 
     #[test]
-    fn missing_interface_and_bad_endpoint() {
-        let mut loc = location(vec![v1::Peer {
-            endpoint: "1.2.3.4".into(),
-            ..peer(2, &[])
-        }]);
-        loc.interface = None;
-        assert_eq!(items(&loc), vec!["interface", "peers[0].endpoint"]);
-    }
-
-    #[test]
-    fn firewall_specs_are_checked() {
-        let mut loc = location(vec![]);
-        loc.firewall = Some(v1::FirewallPolicy {
-            enabled: true,
-            default_verdict: v1::Verdict::Drop as i32,
-            rules: vec![v1::FirewallRule {
-                sources: vec!["10.0.0.1-10.0.0.9".into(), "10.0.0.9-10.0.0.1".into()],
-                destinations: vec!["fd00::/64".into(), "x".into()],
-                ports: vec![v1::PortRange { start: 80, end: 79 }],
-                verdict: v1::Verdict::Accept as i32,
-                ..Default::default()
-            }],
-        });
+    fn a_rejected_revision_still_names_its_valid_and_listed_peers() {
+        let loc = location(vec![
+            peer(2, &["10.0.0.2/32"]),
+            peer(3, &["10.0.0.2/32"]),
+            v1::Peer {
+                endpoint: "1.2.3.4:0".into(),
+                ..peer(4, &[])
+            },
+        ]);
+        assert!(validate_location(&loc).is_err());
+        assert_eq!(valid_peer_keys(&loc), [public(2)].into_iter().collect());
         assert_eq!(
-            items(&loc),
-            vec![
-                "firewall.rules[0].sources[1]",
-                "firewall.rules[0].destinations[1]",
-                "firewall.rules[0].ports[0]",
-            ]
+            listed_peer_keys(&loc),
+            [public(2), public(3), public(4)].into_iter().collect()
         );
-    }
-
-    #[test]
-    fn rejections_are_capped() {
-        let peers = (0..300).map(|_| peer(9, &[])).collect();
-        let errs = validate_location(&location(peers)).unwrap_err();
-        assert_eq!(errs.len(), MAX_REJECTIONS + 1);
-        assert!(errs.last().unwrap().reason.contains("more rejected"));
     }
 }

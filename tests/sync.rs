@@ -224,7 +224,7 @@ async fn invalid_content_is_rejected_naming_the_item_and_nothing_is_applied() {
         (
             "allowed IP of another peer",
             vec![Kind::UpsertPeer(bad_peer(vec![1; 32], &["10.1.0.2/32"]))],
-            "peers[3].allowed_ips",
+            "peers[3].allowed_ips[0]",
         ),
         (
             "port out of range",

@@ -254,22 +254,10 @@ pub fn unknown_env_vars(env: &BTreeMap<String, String>) -> Vec<String> {
     schema::unknown_env_vars(env)
 }
 
-/// Checks that an interface name is one Linux accepts: 1..=15 bytes, not `.` or `..`, no
-/// `/`, `:` or whitespace.
+/// Checks an interface name with the shared rule: 1..=15 bytes of `[A-Za-z0-9_.-]`, not
+/// `.` or `..` (so `wg%d`, which the kernel expands to a new name, is refused).
 pub fn validate_interface_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 15 {
-        return Err(format!("{name:?}: must be 1 to 15 bytes long"));
-    }
-    if name == "." || name == ".." {
-        return Err(format!("{name:?} is not a valid interface name"));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control())
-    {
-        return Err(format!("{name:?}: must not contain {c:?}"));
-    }
-    Ok(())
+    gatehouse_validate::text::interface_name(name)
 }
 
 impl Config {

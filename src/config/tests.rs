@@ -243,6 +243,7 @@ fn interface_names() {
     for bad in [
         "",
         "gatehouse-012345",
+        "wg%d",
         "wg/0",
         "wg 0",
         "wg:0",

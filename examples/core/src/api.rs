@@ -6,12 +6,13 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `POST /api/v1/locations`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// `POST /api/v1/locations`. An absent `listen_port` is WireGuard's usual 51820 (the port is
+/// 1..=65535: gateways behind one floating address share it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewLocation {
     pub name: String,
-    #[serde(default)]
+    #[serde(default = "default_listen_port")]
     pub listen_port: u64,
     #[serde(default)]
     pub addresses: Vec<String>,
@@ -26,6 +27,28 @@ pub struct NewLocation {
     /// Base64; generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_key: Option<String>,
+}
+
+/// The listen port of a location created without one.
+pub const DEFAULT_LISTEN_PORT: u64 = 51820;
+
+fn default_listen_port() -> u64 {
+    DEFAULT_LISTEN_PORT
+}
+
+impl Default for NewLocation {
+    fn default() -> Self {
+        NewLocation {
+            name: String::new(),
+            listen_port: DEFAULT_LISTEN_PORT,
+            addresses: Vec::new(),
+            mtu: 0,
+            fwmark: 0,
+            mfa: false,
+            disconnect_threshold_secs: 0,
+            private_key: None,
+        }
+    }
 }
 
 /// `PATCH /api/v1/locations/{id}`: absent fields stay as they are.

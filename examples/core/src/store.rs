@@ -92,13 +92,14 @@ impl Store {
         new: api::NewLocation,
         now: i64,
     ) -> Result<api::LocationView> {
+        let name = validate::name(&new.name)?;
         let listen_port = validate::listen_port(new.listen_port)?;
         let addresses = validate::addresses("addresses", &new.addresses)?;
         let mtu = validate::mtu(new.mtu)?;
         let fwmark = validate::fwmark(new.fwmark)?;
         let threshold = validate::threshold(new.mfa, new.disconnect_threshold_secs)?;
         let private_key = match &new.private_key {
-            Some(k) => validate::key("private_key", k)?,
+            Some(k) => validate::private_key("private_key", k)?,
             None => x25519_dalek::StaticSecret::random().to_bytes(),
         };
         self.conn.execute(
@@ -106,7 +107,7 @@ impl Store {
                  disconnect_threshold_secs, firewall, revision, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, 1, ?9)",
             params![
-                new.name,
+                name,
                 private_key.as_slice(),
                 listen_port,
                 addresses.join("\n"),
@@ -133,8 +134,8 @@ impl Store {
         let tx = self.conn.transaction()?;
         let old = load_location(&tx, id)?;
         let mut new = old.clone();
-        if let Some(name) = patch.name {
-            new.name = name;
+        if let Some(name) = &patch.name {
+            new.name = validate::name(name)?;
         }
         if let Some(v) = patch.listen_port {
             new.listen_port = validate::listen_port(v)?;
@@ -158,7 +159,20 @@ impl Store {
                 .unwrap_or(u64::from(new.threshold)),
         )?;
         if let Some(k) = &patch.private_key {
-            new.private_key = validate::key("private_key", k)?;
+            new.private_key = validate::private_key("private_key", k)?;
+        }
+        if old.interface() != new.interface() {
+            let before = cross_check(&tx, &old, &[])?.unchanged.len();
+            let after = cross_check(&tx, &new, &[])?;
+            if let Some((k, _, reason)) = after.unchanged.get(before) {
+                let field = if reason.contains("own public key") {
+                    "private_key"
+                } else {
+                    "addresses"
+                };
+                return Err(CoreError::conflict(field, format!("peer {k}: {reason}")));
+            }
+            after.into_result(|_, f, _| f.to_owned())?;
         }
         tx.execute(
             "UPDATE locations SET name = ?2, private_key = ?3, listen_port = ?4, addresses = ?5,
@@ -208,7 +222,8 @@ impl Store {
         id: u64,
         policy: api::FirewallPolicy,
     ) -> Result<(api::FirewallPolicy, pb::Delta)> {
-        validate::firewall(&policy)?;
+        let mut policy = policy;
+        validate::firewall(&mut policy)?;
         let tx = self.conn.transaction()?;
         load_location(&tx, id)?;
         let json =
@@ -236,6 +251,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         let loc = load_location(&tx, location)?;
         let mut ids = Vec::with_capacity(peers.len());
+        let mut request_ips = Vec::with_capacity(peers.len());
         {
             let mut insert = tx.prepare(
                 "INSERT INTO peers (location_id, public_key, preshared_key, allowed_ips,
@@ -252,11 +268,12 @@ impl Store {
                     String::new()
                 };
                 let wrap = |e: CoreError| e.in_item(&prefix);
-                let public_key = validate::key("public_key", &p.public_key).map_err(wrap)?;
+                let public_key =
+                    validate::public_key("public_key", &p.public_key).map_err(wrap)?;
                 let psk = p
                     .preshared_key
                     .as_deref()
-                    .map(|k| validate::key("preshared_key", k))
+                    .map(|k| validate::preshared_key("preshared_key", k))
                     .transpose()
                     .map_err(wrap)?;
                 let ips = validate::allowed_ips("allowed_ips", &p.allowed_ips).map_err(wrap)?;
@@ -281,8 +298,18 @@ impl Store {
                 let id = tx.last_insert_rowid();
                 claim.claim(location, id, &ips).map_err(wrap)?;
                 ids.push(id as u64);
+                request_ips.push(ips);
             }
         }
+        cross_check(&tx, &loc, &ids)?.only_peers().into_result(|k, field, stored| {
+            let prefix = if item_prefix {
+                format!("[{k}].")
+            } else {
+                String::new()
+            };
+            let field = validate::request_field(field, stored, &request_ips[k]);
+            format!("{prefix}{field}")
+        })?;
         let rows = load_peers_by_ids(&tx, location, &ids)?;
         let changes = rows
             .iter()
@@ -313,7 +340,7 @@ impl Store {
         let old = load_peer(&tx, location, peer)?;
         let mut new = old.clone();
         if let Some(k) = &patch.public_key {
-            new.public_key = validate::key("public_key", k)?.to_vec();
+            new.public_key = validate::public_key("public_key", k)?.to_vec();
             if new.public_key != old.public_key {
                 let taken: bool = tx
                     .prepare("SELECT 1 FROM peers WHERE location_id = ?1 AND public_key = ?2")?
@@ -330,7 +357,7 @@ impl Store {
             new.preshared_key = if k.is_empty() {
                 None
             } else {
-                Some(validate::key("preshared_key", k)?.to_vec())
+                Some(validate::preshared_key("preshared_key", k)?.to_vec())
             };
         }
         if let Some(v) = patch.persistent_keepalive {
@@ -339,8 +366,10 @@ impl Store {
         if let Some(e) = &patch.endpoint {
             new.endpoint = validate::endpoint(e)?;
         }
+        let mut request_ips = Vec::new();
         if let Some(ips) = &patch.allowed_ips {
             let ips = validate::allowed_ips("allowed_ips", ips)?;
+            request_ips.clone_from(&ips);
             new.allowed_ips = validate::sorted_ips(&ips);
             tx.execute("DELETE FROM peer_ips WHERE peer_id = ?1", [peer as i64])?;
             ClaimIps::new(&tx)?.claim(location, peer as i64, &ips)?;
@@ -357,6 +386,11 @@ impl Store {
                 new.endpoint
             ],
         )?;
+        cross_check(&tx, &loc, &[peer])?
+            .only_peers()
+            .into_result(|_, field, stored| {
+            validate::request_field(field, stored, &request_ips)
+        })?;
         let mut changes = Vec::new();
         let (was, is) = (old.desired(loc.mfa), new.desired(loc.mfa));
         if let Some(was) = &was {
@@ -398,7 +432,7 @@ impl Store {
         now: i64,
     ) -> Result<(api::MfaSessionStarted, pb::Delta)> {
         let psk = match preshared_key {
-            Some(k) => validate::key("preshared_key", k)?,
+            Some(k) => validate::preshared_key("preshared_key", k)?,
             None => rand::random::<[u8; 32]>(),
         };
         let tx = self.conn.transaction()?;
@@ -1047,6 +1081,28 @@ fn end_session(
     bump(tx, loc.id, changes)
 }
 
+/// The location checked as a gateway will, with the peers `changed` (ids, in request order)
+/// listed last, so that a conflict is blamed on them.
+fn cross_check(
+    conn: &Connection,
+    loc: &LocationRow,
+    changed: &[u64],
+) -> Result<validate::CrossCheck> {
+    let wanted: BTreeSet<u64> = changed.iter().copied().collect();
+    let mut by_id = BTreeMap::new();
+    let mut unchanged = Vec::new();
+    for r in load_peers(conn, loc.id, None)? {
+        let Some(p) = r.desired(false) else { continue };
+        if wanted.contains(&r.id) {
+            by_id.insert(r.id, p);
+        } else {
+            unchanged.push(p);
+        }
+    }
+    let changed = changed.iter().filter_map(|id| by_id.remove(id)).collect();
+    Ok(validate::cross_check(loc.interface(), unchanged, changed))
+}
+
 /// Claims allowed IPs for a peer: each normalized CIDR at most once per location.
 struct ClaimIps<'a> {
     owner: rusqlite::Statement<'a>,
@@ -1321,7 +1377,7 @@ fn split_lines(s: &str) -> Vec<String> {
 }
 
 /// The proto form of a stored policy; none stored = firewall management off.
-fn firewall_pb(policy: Option<&api::FirewallPolicy>) -> pb::FirewallPolicy {
+pub(crate) fn firewall_pb(policy: Option<&api::FirewallPolicy>) -> pb::FirewallPolicy {
     let Some(p) = policy else {
         return pb::FirewallPolicy {
             enabled: false,

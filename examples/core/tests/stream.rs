@@ -46,7 +46,7 @@ async fn hello_gets_event_ack_then_the_whole_location() {
     let mut p = peer(1);
     p.preshared_key = Some(key());
     p.persistent_keepalive = 25;
-    p.allowed_ips = vec!["10.9.0.7/24".into(), "fd09::5".into()];
+    p.allowed_ips = vec![" 10.9.0.0/24".into(), "fd09::5".into()];
     let added = t.admin.add_peer(loc, &p).await.unwrap();
     let (_gw, ack, snap) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
     assert_eq!(ack.up_to_seq, 0);
