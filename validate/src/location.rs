@@ -119,6 +119,13 @@ pub fn listed_peer_keys(loc: &v1::Location) -> BTreeSet<[u8; 32]> {
         .collect()
 }
 
+/// `peers[3].allowed_ips[0]` → (3, `allowed_ips[0]`): the peer a rejection names.
+pub fn peer_item(item: &str) -> Option<(usize, String)> {
+    let rest = item.strip_prefix("peers[")?;
+    let (k, field) = rest.split_once("].")?;
+    Some((k.parse().ok()?, field.to_owned()))
+}
+
 /// The interface and the peers, each checked on its own, then the peers against each other
 /// and against the interface.
 struct Checked {

@@ -146,6 +146,11 @@ impl AdminClient {
             .await
     }
 
+    /// `GET /api/v1/audit`: stored items that fail the shared rules.
+    pub async fn audit(&self) -> Result<Vec<crate::audit::Finding>> {
+        self.get("/api/v1/audit").await
+    }
+
     pub async fn stats(&self, location: u64) -> Result<Vec<StatsView>> {
         self.get(&format!("/api/v1/locations/{location}/stats"))
             .await

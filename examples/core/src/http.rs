@@ -47,6 +47,7 @@ pub fn router(shared: Arc<Shared>, admin_token: &str) -> Router {
         .route(&format!("{loc}/stats"), get(stats))
         .route(&format!("{loc}/events"), get(events))
         .route(&format!("{loc}/firewall"), axum::routing::put(put_firewall))
+        .route("/api/v1/audit", get(audit_findings))
         .fallback(|| async { CoreError::not_found("no such endpoint") })
         // Bulk peer adds of many thousand peers are legitimate.
         .layer(DefaultBodyLimit::max(gatehouse_proto::MAX_MESSAGE_BYTES))
@@ -290,4 +291,11 @@ async fn put_firewall(
         })
         .await?;
     Ok(Json(policy))
+}
+
+/// Stored items that fail the shared rules (checked at start) and what is served instead.
+async fn audit_findings(
+    State(st): State<AppState>,
+) -> ApiResult<Json<Vec<crate::audit::Finding>>> {
+    Ok(Json(st.shared.read(|s| Ok(s.audit_findings())).await?))
 }

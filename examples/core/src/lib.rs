@@ -4,6 +4,7 @@
 //! Core in-process; `main.rs` only reads the configuration and calls it.
 
 pub mod api;
+pub mod audit;
 pub mod client;
 pub mod config;
 mod error;

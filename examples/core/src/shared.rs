@@ -53,6 +53,7 @@ impl Shared {
         tokio::task::spawn_blocking(move || {
             let mut store = lock(&store);
             let (r, delta) = f(&mut store)?;
+            let delta = delta.map(|d| store.served_delta(location, d)).transpose()?;
             if let Some(delta) = delta {
                 tracing::debug!(
                     location,

@@ -14,6 +14,7 @@ use gatehouse_proto::v1 as pb;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::api;
+use crate::audit::{self, Audit};
 use crate::error::CoreError;
 use crate::stats::{self, CounterRun};
 use crate::validate;
@@ -23,6 +24,8 @@ type Result<T> = std::result::Result<T, CoreError>;
 /// The Core's database. Not `Sync`: the server wraps it in a mutex.
 pub struct Store {
     conn: Connection,
+    /// Stored items the shared rules reject: reported, and left out of what is served.
+    audit: Audit,
 }
 
 /// What a stats batch did.
@@ -49,7 +52,73 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        Ok(Store { conn })
+        let mut store = Store {
+            conn,
+            audit: Audit::default(),
+        };
+        store.audit_all()?;
+        Ok(store)
+    }
+
+    // ------------------------------------------------------------------- audit --
+
+    /// Checks every stored location against the shared rules (at start) and logs each
+    /// failing item.
+    fn audit_all(&mut self) -> Result<()> {
+        let ids: Vec<u64> = self
+            .conn
+            .prepare("SELECT id FROM locations ORDER BY id")?
+            .query_map([], |r| r.get::<_, i64>(0))?
+            .map(|r| r.map(|id| id as u64))
+            .collect::<rusqlite::Result<_>>()?;
+        for id in ids {
+            self.audit_location(id)?;
+            for f in self.audit.get(id).map(|a| a.findings.clone()).unwrap_or_default() {
+                tracing::warn!(
+                    location = f.location,
+                    peer = f.peer_id,
+                    item = %f.item,
+                    reason = %f.reason,
+                    served = %f.served,
+                    "stored content fails the shared rules"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks one location as stored (every peer, with or without an MFA session).
+    fn audit_location(&mut self, id: u64) -> Result<()> {
+        let loc = load_location(&self.conn, id)?;
+        let rows = load_peers(&self.conn, id, None)?;
+        let location = pb::Location {
+            id,
+            name: loc.name.clone(),
+            interface: Some(loc.interface()),
+            peers: rows.iter().filter_map(|r| r.desired(false)).collect(),
+            firewall: loc.firewall.as_ref().map(|p| firewall_pb(Some(p))),
+            mfa: Some(loc.mfa_settings()),
+        };
+        let ids: Vec<u64> = rows.iter().map(|r| r.id).collect();
+        self.audit.set(id, audit::check(&location, &ids));
+        Ok(())
+    }
+
+    /// Every stored item that fails the shared rules, and what is served instead.
+    pub fn audit_findings(&self) -> Vec<audit::Finding> {
+        self.audit.findings()
+    }
+
+    /// A delta as served: while the location has findings it is checked again (a change
+    /// may have fixed them) and the failing items are left out.
+    pub fn served_delta(&mut self, location: u64, mut delta: pb::Delta) -> Result<pb::Delta> {
+        if self.audit.has_findings(location) {
+            self.audit_location(location)?;
+            if let Some(a) = self.audit.get(location) {
+                a.serve_delta(&mut delta);
+            }
+        }
+        Ok(delta)
     }
 
     /// Writes the WAL back into the database file (done on a graceful stop).
@@ -487,6 +556,14 @@ impl Store {
 
     /// The whole location at its current revision.
     pub fn snapshot(&self, location: u64) -> Result<pb::Snapshot> {
+        let mut snapshot = self.stored_snapshot(location)?;
+        if let (Some(a), Some(loc)) = (self.audit.get(location), &mut snapshot.location) {
+            a.serve_location(loc);
+        }
+        Ok(snapshot)
+    }
+
+    fn stored_snapshot(&self, location: u64) -> Result<pb::Snapshot> {
         let loc = load_location(&self.conn, location)?;
         let peers = load_peers(&self.conn, location, None)?
             .iter()

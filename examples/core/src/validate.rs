@@ -176,7 +176,7 @@ pub fn cross_check(
         return out;
     };
     for r in list {
-        match peer_item(&r.item) {
+        match rules::location::peer_item(&r.item) {
             Some((k, field)) if k >= first_changed => {
                 let allowed_ips = &loc.peers[k].allowed_ips;
                 out.peers.push((k - first_changed, field, r.reason, allowed_ips.clone()));
@@ -221,13 +221,6 @@ impl CrossCheck {
         }
         Ok(())
     }
-}
-
-/// `peers[3].allowed_ips[0]` → (3, `allowed_ips[0]`).
-pub fn peer_item(item: &str) -> Option<(usize, String)> {
-    let rest = item.strip_prefix("peers[")?;
-    let (k, field) = rest.split_once("].")?;
-    Some((k.parse().ok()?, field.to_owned()))
 }
 
 /// Maps `allowed_ips[j]` of the stored (sorted) list back to the index the request used.

@@ -187,3 +187,77 @@ async fn reproduced_cases_are_refused_naming_the_field() {
         gatehouse_validate::validate_location(&served).err()
     );
 }
+
+/// Content stored before the rules tightened: reported at start, and the location is served
+/// without it (not frozen); fixing an item clears its finding and serves it again.
+#[tokio::test]
+async fn stored_content_failing_the_rules_is_reported_not_served() {
+    let t = TestCore::start().await;
+    let (loc, token) = t.location(false).await;
+    let good = t.admin.add_peer(loc, &peer(1)).await.unwrap();
+    let port0 = t.admin.add_peer(loc, &peer(2)).await.unwrap();
+    let slash0 = t.admin.add_peer(loc, &peer(3)).await.unwrap();
+    let db = t.db();
+    let TestCore { core, dir, .. } = t;
+    core.stop().await;
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute(
+            "UPDATE peers SET endpoint = '192.0.2.1:0' WHERE id = ?1",
+            [port0.id as i64],
+        )
+        .unwrap();
+        conn.execute(
+            "UPDATE peers SET allowed_ips = '0.0.0.0/0' WHERE id = ?1",
+            [slash0.id as i64],
+        )
+        .unwrap();
+    }
+    let core = start_on(&db).await;
+    let t = TestCore {
+        admin: gatehouse_core::client::AdminClient::new(core.http_url(), ADMIN),
+        core,
+        dir,
+    };
+
+    let mut findings: Vec<(Option<u64>, String)> = t
+        .admin
+        .audit()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.peer_id, f.item))
+        .collect();
+    findings.sort();
+    assert_eq!(
+        findings,
+        vec![
+            (Some(port0.id), "endpoint".to_string()),
+            (Some(slash0.id), "allowed_ips[0]".to_string()),
+        ]
+    );
+
+    let (mut gw, _, snap) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
+    let served = snap.location.expect("location");
+    assert_eq!(served.peers.len(), 1, "only the valid peer is served");
+    assert_eq!(served.peers[0].id, good.id);
+    assert!(gatehouse_validate::validate_location(&served).is_ok());
+
+    // The location is not frozen: a new peer goes out as a delta the gateway accepts.
+    t.admin.add_peer(loc, &peer(4)).await.unwrap();
+    let d = gw.delta().await;
+    assert_eq!(d.changes.len(), 1);
+    // Fixing the endpoint clears its finding and serves the peer again.
+    let fix = PeerPatch {
+        endpoint: Some(String::new()),
+        ..Default::default()
+    };
+    t.admin.patch_peer(loc, port0.id, &fix).await.unwrap();
+    let d = gw.delta().await;
+    assert!(matches!(
+        &d.changes[0].kind,
+        Some(gatehouse_proto::v1::change::Kind::UpsertPeer(p)) if p.id == port0.id
+    ));
+    let left: Vec<Option<u64>> = t.admin.audit().await.unwrap().iter().map(|f| f.peer_id).collect();
+    assert_eq!(left, vec![Some(slash0.id)]);
+}
