@@ -9,6 +9,7 @@ PKGS=(
 	iproute2 iputils-ping nftables procps curl     # demo and end-to-end tests
 	wireguard-tools wireguard-go                   # userspace backend, real clients, `wg` observer
 	qemu-system-x86 busybox-static xz-utils        # the kernel-WireGuard VM (tests/vm)
+	g++                                            # libFuzzer (scripts/fuzz.sh)
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -20,4 +21,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 	$SUDO apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+# The fuzz targets (scripts/fuzz.sh) are built with cargo-fuzz.
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 cargo build --workspace --bins

@@ -4,6 +4,7 @@
 #   2. unit and in-process integration tests (no root): cargo test --workspace
 #   3. root end-to-end tests in network namespaces with real wireguard-go clients
 #   4. kernel WireGuard tests inside a QEMU VM (tests/vm)
+#   5. fuzz targets, each for a short fixed time, and their regression inputs (scripts/fuzz.sh)
 # Each stage runs even when an earlier one failed; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,8 @@ else
 	echo "not root: skipping the namespace and VM tests (run as root for the full suite)" >&2
 	failed+=("root tests skipped")
 fi
+
+stage "fuzz targets (30 s each) and regression inputs" scripts/fuzz.sh
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then

@@ -197,6 +197,17 @@ enum Read {
     Bad(String),
 }
 
+/// Decodes the bytes of a state file as [`StateStore::open`] reads them: the state, or why
+/// it is unreadable. Public for the fuzz target.
+pub fn decode_state(bytes: &[u8]) -> Result<PersistedState, String> {
+    match parse_state(Path::new(STATE_FILE), bytes) {
+        Ok(Read::Ok(state)) => Ok(*state),
+        Ok(Read::Missing) => Err("missing".into()),
+        Ok(Read::Bad(reason)) => Err(reason),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn read_state(path: &Path) -> Result<Read, StateError> {
     let mut bytes = match fs::read(path) {
         Ok(b) => b,

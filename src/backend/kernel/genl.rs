@@ -234,6 +234,19 @@ fn parse_datagram<T: NetlinkDeserializable>(
     Ok(Progress::More)
 }
 
+/// Parses the datagrams of a device dump as [`WgSocket::get_device`] receives them (answers to
+/// sequence number `seq`) into its parts. Public for the fuzz target.
+pub fn parse_dump(datagrams: &[&[u8]], seq: u32) -> io::Result<Vec<WireguardMessage>> {
+    let mut out = Vec::<GenlMessage<WireguardMessage>>::new();
+    let mut interrupted = false;
+    for d in datagrams {
+        if let Progress::Done = parse_datagram(d, seq, Expect::Dump, &mut out, &mut interrupted)? {
+            break;
+        }
+    }
+    Ok(out.into_iter().map(|m| m.payload).collect())
+}
+
 fn advance(bytes: &[u8], len: usize) -> &[u8] {
     let aligned = (len + 3) & !3;
     bytes.get(aligned..).unwrap_or(&[])
