@@ -160,11 +160,7 @@ impl Session {
             .read(move |s| s.gateway_hello(location, &record, now))
             .await
             .map_err(internal)?;
-        let mut up_to_seq = 0;
-        for ev in &hello.pending_events {
-            self.event(ev).await?;
-            up_to_seq = up_to_seq.max(ev.seq);
-        }
+        let up_to_seq = self.events(hello.pending_events.clone()).await?;
         if self.send(ack(up_to_seq)).await.is_err() {
             return Ok(Closed);
         }
@@ -195,8 +191,23 @@ impl Session {
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(msg)) => {
-                        if self.handle(msg, &mut throttle).await?.is_none() {
-                            return Ok(Closed);
+                        let mut next = Some(msg);
+                        while let Some(msg) = next.take() {
+                            let (batch, rest) = drain_events(msg, &mut inbound);
+                            if !batch.is_empty() {
+                                let up_to_seq = self.events(batch).await?;
+                                if self.send(ack(up_to_seq)).await.is_err() {
+                                    return Ok(Closed);
+                                }
+                            }
+                            next = rest;
+                            if let Some(other) = next.take() {
+                                if other_is_event(&other) {
+                                    next = Some(other);
+                                } else if self.handle(other, &mut throttle).await?.is_none() {
+                                    return Ok(Closed);
+                                }
+                            }
                         }
                     }
                     Ok(None) => return Ok(Closed),
@@ -349,8 +360,8 @@ impl Session {
                 Ok(Some(()))
             }
             Some(Kind::PeerEvent(ev)) => {
-                self.event(&input::event(&ev)).await?;
-                Ok(self.send(ack(ev.seq)).await.ok())
+                let up_to_seq = self.events(vec![ev]).await?;
+                Ok(self.send(ack(up_to_seq)).await.ok())
             }
             Some(Kind::SnapshotRequest(req)) => {
                 let reason = input::text(&req.reason, input::MAX_TEXT);
@@ -376,19 +387,26 @@ impl Session {
         }
     }
 
-    /// Stores an event once and acts on it (publishing the revision it causes).
-    async fn event(&self, ev: &pb::PeerEvent) -> Result<(), Status> {
-        let (location, gateway, now, ev) =
-            (self.location, self.gateway_id.clone(), now_ms(), ev.clone());
+    /// Stores events (each once) in one transaction and acts on them, publishing the
+    /// revisions they cause. Returns the highest seq (0 for none), to acknowledge.
+    async fn events(&self, events: Vec<pb::PeerEvent>) -> Result<u64, Status> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let events: Vec<pb::PeerEvent> = events.iter().map(input::event).collect();
+        let up_to_seq = events.iter().map(|e| e.seq).max().unwrap_or(0);
+        let (location, gateway, now) = (self.location, self.gateway_id.clone(), now_ms());
         let connected = self.shared.hub.connected(location);
         let started_at = self.shared.started_at;
         self.shared
-            .change(location, move |s| {
-                let delta = s.record_event(location, &gateway, &ev, now, &connected, started_at)?;
-                Ok(((), delta))
+            .change_many(location, move |s| {
+                let deltas =
+                    s.record_events(location, &gateway, &events, now, &connected, started_at)?;
+                Ok(((), deltas))
             })
             .await
-            .map_err(internal)
+            .map_err(internal)?;
+        Ok(up_to_seq)
     }
 
     /// Builds and sends a snapshot. `None`: the gateway is gone.
@@ -409,6 +427,37 @@ impl Session {
     async fn send(&self, msg: pb::CoreMessage) -> Result<(), ()> {
         self.out.send(Ok(msg)).await.map_err(|_| ())
     }
+}
+
+/// Most events stored in one transaction (and acknowledged by one `EventAck`).
+const EVENT_BATCH: usize = 1000;
+
+/// `first` and the peer events that already arrived after it (without waiting), so a
+/// backlog is stored in few transactions. Returns the events and the first message that
+/// is not one (handled next). A stream end or error is left for the next read to see.
+fn drain_events(
+    first: pb::GatewayMessage,
+    inbound: &mut Streaming<pb::GatewayMessage>,
+) -> (Vec<pb::PeerEvent>, Option<pb::GatewayMessage>) {
+    use futures::FutureExt as _;
+    let mut batch = match first.kind {
+        Some(pb::gateway_message::Kind::PeerEvent(ev)) => vec![ev],
+        _ => return (Vec::new(), Some(first)),
+    };
+    while batch.len() < EVENT_BATCH {
+        match inbound.message().now_or_never() {
+            Some(Ok(Some(pb::GatewayMessage {
+                kind: Some(pb::gateway_message::Kind::PeerEvent(ev)),
+            }))) => batch.push(ev),
+            Some(Ok(Some(other))) => return (batch, Some(other)),
+            _ => break,
+        }
+    }
+    (batch, None)
+}
+
+fn other_is_event(msg: &pb::GatewayMessage) -> bool {
+    matches!(msg.kind, Some(pb::gateway_message::Kind::PeerEvent(_)))
 }
 
 /// Resolves when the token expires (never without an expiry).

@@ -76,6 +76,27 @@ impl Shared {
         .map_err(|e| CoreError::Internal(format!("store task: {e}")))?
     }
 
+    /// Like [`Self::change`] for a change that makes several revisions: publishes each
+    /// delta it returns, in order, while the store is still held.
+    pub async fn change_many<R, F>(&self, location: u64, f: F) -> Result<R, CoreError>
+    where
+        F: FnOnce(&mut Store) -> Result<(R, Vec<pb::Delta>), CoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let store = Arc::clone(&self.store);
+        let hub = Arc::clone(&self.hub);
+        tokio::task::spawn_blocking(move || {
+            let mut store = lock(&store);
+            let (r, deltas) = f(&mut store)?;
+            for delta in deltas {
+                hub.publish(location, delta);
+            }
+            Ok(r)
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("store task: {e}")))?
+    }
+
     /// Flushes the database (graceful stop).
     pub async fn flush(&self) -> Result<(), CoreError> {
         self.read(|s| s.checkpoint()).await

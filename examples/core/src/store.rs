@@ -526,106 +526,32 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a peer event once per (gateway, seq) and acts on it. Returns the delta when
-    /// the event changed the location (an MFA peer removed for inactivity).
-    ///
-    /// Less than a threshold after this Core started (`core_started_at`), gateways not in
-    /// `connected` may have seen a peer active while the Core was away: a peer such a
-    /// gateway saw active before keeps its session (renewed) rather than being cut on
-    /// another gateway's idle view (protocol rule 8).
-    pub fn record_event(
+    /// Stores peer events (see [`record_event`]) in one transaction, in order. Returns the
+    /// deltas they caused, in revision order.
+    pub fn record_events(
         &mut self,
         location: u64,
         gateway: &str,
-        ev: &pb::PeerEvent,
+        events: &[pb::PeerEvent],
         now: i64,
         connected: &BTreeSet<String>,
         core_started_at: i64,
-    ) -> Result<Option<pb::Delta>> {
+    ) -> Result<Vec<pb::Delta>> {
         let tx = self.conn.transaction()?;
-        let loc = load_location(&tx, location)?;
-        let peer_id: Option<i64> = tx
-            .query_row(
-                "SELECT id FROM peers WHERE location_id = ?1 AND public_key = ?2",
-                params![location as i64, ev.public_key],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let inserted = tx.execute(
-            "INSERT OR IGNORE INTO events (location_id, gateway_id, seq, public_key, peer_id,
-                 reason, last_handshake, at_ms, mfa_session, detail, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                location as i64,
+        let mut deltas = Vec::new();
+        for ev in events {
+            deltas.extend(record_event(
+                &tx,
+                location,
                 gateway,
-                ev.seq as i64,
-                ev.public_key,
-                peer_id,
-                short_name(ev.reason().as_str_name(), "PEER_EVENT_REASON_"),
-                ev.last_handshake_ms,
-                ev.at_ms,
-                ev.mfa_session as i64,
-                ev.detail,
-                now
-            ],
-        )?;
-        let mut delta = None;
-        if inserted == 1 {
-            let mut outcome = "";
-            match ev.reason() {
-                pb::PeerEventReason::MfaInactive => {
-                    if let Some(id) = peer_id {
-                        let row = load_peer(&tx, location, id as u64)?;
-                        let current = row.session.as_ref().map(|s| s.id);
-                        if loc.mfa && ev.mfa_session != 0 && current == Some(ev.mfa_session) {
-                            // Protocol rule 8: active on another gateway within the
-                            // threshold → keep the session, renew its id.
-                            let elsewhere: i64 = tx.query_row(
-                                "SELECT COALESCE(MAX(last_active), 0) FROM stats
-                                 WHERE location_id = ?1 AND peer_id = ?2 AND gateway_id != ?3",
-                                params![location as i64, id, gateway],
-                                |r| r.get(0),
-                            )?;
-                            let threshold_ms = i64::from(loc.threshold) * 1000;
-                            let core_view_incomplete =
-                                now.saturating_sub(core_started_at) <= threshold_ms;
-                            let active_before_on_unknown = core_view_incomplete && {
-                                let mut q = tx.prepare_cached(
-                                    "SELECT gateway_id FROM stats
-                                     WHERE location_id = ?1 AND peer_id = ?2 AND last_active > 0",
-                                )?;
-                                let seen: Vec<String> = q
-                                    .query_map(params![location as i64, id], |r| r.get(0))?
-                                    .collect::<rusqlite::Result<_>>()?;
-                                seen.iter().any(|g| g != gateway && !connected.contains(g))
-                            };
-                            if (elsewhere > 0 && now.saturating_sub(elsewhere) <= threshold_ms)
-                                || active_before_on_unknown
-                            {
-                                tracing::info!(location, gateway, peer = id, last_active = elsewhere,
-                                    "MFA inactivity event for a peer active on another gateway: session renewed");
-                                delta = Some(renew_session(&tx, &loc, &row, now)?);
-                                outcome = "session_renewed";
-                            } else {
-                                delta = Some(end_session(&tx, &loc, &row, now, "mfa_inactive")?);
-                                outcome = "session_ended";
-                            }
-                        } else {
-                            outcome = "stale_session";
-                        }
-                    }
-                }
-                // The gateway re-adds those when the Core is back: nothing to change.
-                pb::PeerEventReason::OfflinePolicy | pb::PeerEventReason::Unspecified => {}
-            }
-            tx.execute(
-                "UPDATE events SET outcome = ?4
-                 WHERE location_id = ?1 AND gateway_id = ?2 AND seq = ?3",
-                params![location as i64, gateway, ev.seq as i64, outcome],
-            )?;
+                ev,
+                now,
+                connected,
+                core_started_at,
+            )?);
         }
         tx.commit()?;
-        Ok(delta)
+        Ok(deltas)
     }
 
     /// Folds a stats batch into the per (gateway, peer) rows; unknown peers are skipped.
@@ -851,6 +777,106 @@ impl Store {
 }
 
 // ------------------------------------------------------------------- internals --
+
+/// Stores a peer event once per (gateway, seq) and acts on it. Returns the delta when
+/// the event changed the location (an MFA peer removed for inactivity).
+///
+/// Less than a threshold after this Core started (`core_started_at`), gateways not in
+/// `connected` may have seen a peer active while the Core was away: a peer such a
+/// gateway saw active before keeps its session (renewed) rather than being cut on
+/// another gateway's idle view (protocol rule 8).
+fn record_event(
+    tx: &Transaction<'_>,
+    location: u64,
+    gateway: &str,
+    ev: &pb::PeerEvent,
+    now: i64,
+    connected: &BTreeSet<String>,
+    core_started_at: i64,
+) -> Result<Option<pb::Delta>> {
+    let loc = load_location(tx, location)?;
+    let peer_id: Option<i64> = tx
+        .query_row(
+            "SELECT id FROM peers WHERE location_id = ?1 AND public_key = ?2",
+            params![location as i64, ev.public_key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let inserted = tx.execute(
+        "INSERT OR IGNORE INTO events (location_id, gateway_id, seq, public_key, peer_id,
+             reason, last_handshake, at_ms, mfa_session, detail, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            location as i64,
+            gateway,
+            ev.seq as i64,
+            ev.public_key,
+            peer_id,
+            short_name(ev.reason().as_str_name(), "PEER_EVENT_REASON_"),
+            ev.last_handshake_ms,
+            ev.at_ms,
+            ev.mfa_session as i64,
+            ev.detail,
+            now
+        ],
+    )?;
+    let mut delta = None;
+    if inserted == 1 {
+        let mut outcome = "";
+        match ev.reason() {
+            pb::PeerEventReason::MfaInactive => {
+                if let Some(id) = peer_id {
+                    let row = load_peer(tx, location, id as u64)?;
+                    let current = row.session.as_ref().map(|s| s.id);
+                    if loc.mfa && ev.mfa_session != 0 && current == Some(ev.mfa_session) {
+                        // Protocol rule 8: active on another gateway within the
+                        // threshold → keep the session, renew its id.
+                        let elsewhere: i64 = tx.query_row(
+                            "SELECT COALESCE(MAX(last_active), 0) FROM stats
+                             WHERE location_id = ?1 AND peer_id = ?2 AND gateway_id != ?3",
+                            params![location as i64, id, gateway],
+                            |r| r.get(0),
+                        )?;
+                        let threshold_ms = i64::from(loc.threshold) * 1000;
+                        let core_view_incomplete =
+                            now.saturating_sub(core_started_at) <= threshold_ms;
+                        let active_before_on_unknown = core_view_incomplete && {
+                            let mut q = tx.prepare_cached(
+                                "SELECT gateway_id FROM stats
+                                 WHERE location_id = ?1 AND peer_id = ?2 AND last_active > 0",
+                            )?;
+                            let seen: Vec<String> = q
+                                .query_map(params![location as i64, id], |r| r.get(0))?
+                                .collect::<rusqlite::Result<_>>()?;
+                            seen.iter().any(|g| g != gateway && !connected.contains(g))
+                        };
+                        if (elsewhere > 0 && now.saturating_sub(elsewhere) <= threshold_ms)
+                            || active_before_on_unknown
+                        {
+                            tracing::info!(location, gateway, peer = id, last_active = elsewhere,
+                                "MFA inactivity event for a peer active on another gateway: session renewed");
+                            delta = Some(renew_session(tx, &loc, &row, now)?);
+                            outcome = "session_renewed";
+                        } else {
+                            delta = Some(end_session(tx, &loc, &row, now, "mfa_inactive")?);
+                            outcome = "session_ended";
+                        }
+                    } else {
+                        outcome = "stale_session";
+                    }
+                }
+            }
+            // The gateway re-adds those when the Core is back: nothing to change.
+            pb::PeerEventReason::OfflinePolicy | pb::PeerEventReason::Unspecified => {}
+        }
+        tx.execute(
+            "UPDATE events SET outcome = ?4
+             WHERE location_id = ?1 AND gateway_id = ?2 AND seq = ?3",
+            params![location as i64, gateway, ev.seq as i64, outcome],
+        )?;
+    }
+    Ok(delta)
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS locations (
