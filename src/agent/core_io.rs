@@ -16,7 +16,7 @@ use crate::model::{Key, Observed};
 use crate::validate::Rejection;
 
 /// Peer events sent and not yet acknowledged, at most (a small part of the outbound queue).
-const EVENTS_IN_FLIGHT: usize = 256;
+const EVENTS_IN_FLIGHT: usize = 1000;
 
 impl Agent {
     pub(super) async fn on_core(&mut self, event: FromCore) {
