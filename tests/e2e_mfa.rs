@@ -408,9 +408,14 @@ impl SecondGateway {
         let proxy = tokio::spawn(proxy(listener, core));
 
         let interface = unique("ghh");
+        // One token per gateway: a token is bound to the first gateway id using it.
+        let location = site.location.as_ref().expect("the site's location").id;
+        let token = site.admin().create_token(location).await.expect("token");
+        let token_file = site.dir.path().join("token2");
+        e2e::write_secret(&token_file, &token);
         let paths = AgentPaths {
             config: site.dir.path().join("gateway2.toml"),
-            token_file: site.paths.token_file.clone(),
+            token_file,
             state_dir: site.dir.path().join("state2"),
             log: site.dir.path().join("agent2.log"),
             http: "127.0.0.1:9180".parse().expect("address"),

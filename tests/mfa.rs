@@ -279,7 +279,8 @@ async fn the_core_removes_the_peer_from_every_gateway_of_the_location() {
     gw1.applied(rev).await;
     let _a1 = Traffic::start(&gw1.backend, &[a]);
     tokio::time::sleep(threshold / 2).await;
-    let gw2 = Agent::start(&core.url(), &token, d2.path()).await;
+    let token2 = core.admin.create_token(loc).await.unwrap();
+    let gw2 = Agent::start(&core.url(), &token2, d2.path()).await;
     gw2.applied(rev).await;
     let _a2 = Traffic::start(&gw2.backend, &[a]);
     assert!(has(&gw2.backend, b));
@@ -501,7 +502,8 @@ async fn a_peer_active_on_one_gateway_is_not_cut_by_another() {
     start_sessions(&core, loc).await;
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let gw1 = Agent::start(&core.url(), &token, d1.path()).await;
-    let gw2 = Agent::start(&core.url(), &token, d2.path()).await;
+    let token2 = core.admin.create_token(loc).await.unwrap();
+    let gw2 = Agent::start(&core.url(), &token2, d2.path()).await;
     let rev = core.revision(loc).await;
     gw1.applied(rev).await;
     gw2.applied(rev).await;

@@ -378,7 +378,8 @@ async fn two_gateways_of_one_location_both_converge() {
     let (loc, token) = core.location(plain_location("pair"), 5).await;
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Agent::start(&core.url(), &token, d1.path()).await;
-    let b = Agent::start(&core.url(), &token, d2.path()).await;
+    let token_b = core.admin.create_token(loc).await.unwrap();
+    let b = Agent::start(&core.url(), &token_b, d2.path()).await;
     let both = |rev: u64| {
         let (a, b) = (&a, &b);
         let core = &core;

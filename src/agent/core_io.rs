@@ -5,6 +5,7 @@
 use std::time::SystemTime;
 
 use gatehouse_proto::v1::{self, gateway_message::Kind as Out};
+use gatehouse_proto::MAX_HELLO_EVENTS;
 use tracing::{debug, info, warn};
 
 use super::client::{message_kind, FromCore};
@@ -13,6 +14,9 @@ use super::{batches, Agent, STATS_MESSAGE_BYTES};
 use crate::location::{self, Update};
 use crate::model::{Key, Observed};
 use crate::validate::Rejection;
+
+/// Peer events sent and not yet acknowledged, at most (a small part of the outbound queue).
+const EVENTS_IN_FLIGHT: usize = 1000;
 
 impl Agent {
     pub(super) async fn on_core(&mut self, event: FromCore) {
@@ -68,14 +72,17 @@ impl Agent {
         }
     }
 
+    /// The `Hello` of the next stream: the oldest pending events, at most
+    /// `MAX_HELLO_EVENTS` of them; the rest follow as `PeerEvent`s once the stream is up.
     fn hello(&mut self) -> v1::Hello {
-        self.sent_up_to = self.pending.last().map_or(0, |e| e.seq);
+        let carried = &self.pending[..self.pending.len().min(MAX_HELLO_EVENTS)];
+        self.sent_up_to = carried.last().map_or(0, |e| e.seq);
         v1::Hello {
             gateway_id: self.gateway_id.clone(),
             name: self.settings.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             applied_revision: self.applied_revision,
-            pending_events: self.pending.iter().map(|e| e.to_proto()).collect(),
+            pending_events: carried.iter().map(|e| e.to_proto()).collect(),
         }
     }
 
@@ -110,8 +117,15 @@ impl Agent {
                         acknowledged = before - self.pending.len(),
                         "the Core stored peer events"
                     );
-                    self.save_state();
+                    // A rewrite costs the whole backlog: while a long one drains, acked
+                    // events leave the file with a later save (a crash in between only
+                    // repeats events, and the Core takes a repeat as one event).
+                    if self.pending.len() <= EVENTS_IN_FLIGHT {
+                        self.save_state();
+                    }
                 }
+                // Acknowledged events make room for the next ones of a backlog.
+                self.send_pending_events();
                 return;
             }
             Some(Kind::PeerActivity(activity)) => {
@@ -252,14 +266,23 @@ impl Agent {
         }));
     }
 
+    /// Sends pending events not sent on this stream yet, keeping at most
+    /// `EVENTS_IN_FLIGHT` unacknowledged: a long backlog goes out as acks come back and
+    /// never fills the queue that `Applied` and `Stats` need.
     pub(super) fn send_pending_events(&mut self) {
         if self.outbound.is_none() {
             return;
         }
+        let in_flight = self
+            .pending
+            .iter()
+            .take_while(|e| e.seq <= self.sent_up_to)
+            .count();
         let unsent: Vec<v1::PeerEvent> = self
             .pending
             .iter()
             .filter(|e| e.seq > self.sent_up_to)
+            .take(EVENTS_IN_FLIGHT.saturating_sub(in_flight))
             .map(|e| e.to_proto())
             .collect();
         for event in unsent {

@@ -90,10 +90,46 @@ pub struct LocationView {
     pub firewall: Option<FirewallPolicy>,
 }
 
-/// `POST /api/v1/locations/{id}/tokens`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `POST /api/v1/locations/{id}/tokens` body (optional: empty means all defaults).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// The gateway id the token is bound to; absent: the first id that uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_id: Option<String>,
+    /// Absent: never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// `POST /api/v1/locations/{id}/tokens` answer: the only place the secret is shown.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct TokenView {
+    pub id: u64,
     pub token: String,
+}
+
+impl std::fmt::Debug for TokenView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenView")
+            .field("id", &self.id)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `GET /api/v1/locations/{id}/tokens`: a token without its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: u64,
+    /// Null until the token is bound (at creation or by its first use).
+    pub gateway_id: Option<String>,
+    /// Unix ms.
+    pub created: i64,
+    /// Unix ms; null = never.
+    pub expires: Option<i64>,
+    /// Unix ms of the last stream it opened; null = never used.
+    pub last_used: Option<i64>,
 }
 
 /// One peer of `POST /api/v1/locations/{id}/peers`.
@@ -238,6 +274,9 @@ pub struct StatsView {
     pub last_handshake: Option<i64>,
     /// Unix ms (the gateway's collection time).
     pub updated_at: i64,
+    /// The row's id (the pagination key; kept across updates).
+    #[serde(default)]
+    pub id: u64,
 }
 
 /// `GET /api/v1/locations/{id}/events`.
@@ -259,6 +298,9 @@ pub struct EventView {
     /// another gateway), `stale_session`, or empty.
     #[serde(default)]
     pub outcome: String,
+    /// The event's id, in the order the Core received events (the pagination key).
+    #[serde(default)]
+    pub id: u64,
 }
 
 /// `PUT /api/v1/locations/{id}/firewall`: mirrors the proto `FirewallPolicy`.

@@ -81,16 +81,62 @@ impl AdminClient {
         .await
     }
 
-    /// A new gateway token for the location.
+    /// A new gateway token for the location (unbound, no expiry): its secret.
     pub async fn create_token(&self, location: u64) -> Result<String> {
         let t: TokenView = self
-            .call(
-                Method::POST,
-                &format!("/api/v1/locations/{location}/tokens"),
-                None::<&()>,
-            )
+            .call(Method::POST, &tokens(location), None::<&()>)
             .await?;
         Ok(t.token)
+    }
+
+    /// A new gateway token, bound to a gateway id and/or expiring: its id and secret.
+    pub async fn create_gateway_token(&self, location: u64, new: &NewToken) -> Result<TokenView> {
+        self.call(Method::POST, &tokens(location), Some(new)).await
+    }
+
+    /// Every token of the location (never their secrets).
+    pub async fn tokens(&self, location: u64) -> Result<Vec<TokenInfo>> {
+        self.all(&tokens(location), |t: &TokenInfo| t.id.to_string())
+            .await
+    }
+
+    /// Revokes a token: streams using it end, and it is refused from now on.
+    pub async fn revoke_token(&self, location: u64, token_id: u64) -> Result<()> {
+        let path = format!("{}/{token_id}", tokens(location));
+        self.call_empty(Method::DELETE, &path).await
+    }
+
+    /// One page of a list endpoint (`path` without query): `?limit=N&after=ID`.
+    pub async fn page<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<T>> {
+        let mut query = format!("{path}?limit={limit}");
+        if let Some(a) = after {
+            query.push_str("&after=");
+            query.push_str(&urlencode(a));
+        }
+        self.get(&query).await
+    }
+
+    /// Every item of a list endpoint, page by page; `key` is the item's pagination key.
+    async fn all<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        key: impl Fn(&T) -> String,
+    ) -> Result<Vec<T>> {
+        let mut out: Vec<T> = Vec::new();
+        loop {
+            let after = out.last().map(&key);
+            let page: Vec<T> = self.page(path, LIST_PAGE, after.as_deref()).await?;
+            let last = page.len() < LIST_PAGE as usize;
+            out.extend(page);
+            if last {
+                return Ok(out);
+            }
+        }
     }
 
     /// Adds one peer.
@@ -103,8 +149,10 @@ impl AdminClient {
         self.call(Method::POST, &peers(location), Some(&new)).await
     }
 
+    /// Every peer of the location (all pages).
     pub async fn peers(&self, location: u64) -> Result<Vec<PeerView>> {
-        self.get(&peers(location)).await
+        self.all(&peers(location), |p: &PeerView| p.id.to_string())
+            .await
     }
 
     pub async fn patch_peer(
@@ -141,8 +189,10 @@ impl AdminClient {
         self.call(Method::DELETE, &path, None::<&()>).await
     }
 
+    /// Every gateway seen (all pages).
     pub async fn gateways(&self, location: u64) -> Result<Vec<GatewayView>> {
-        self.get(&format!("/api/v1/locations/{location}/gateways"))
+        let path = format!("/api/v1/locations/{location}/gateways");
+        self.all(&path, |g: &GatewayView| g.gateway_id.clone())
             .await
     }
 
@@ -151,14 +201,16 @@ impl AdminClient {
         self.get("/api/v1/audit").await
     }
 
+    /// Every stats row (all pages).
     pub async fn stats(&self, location: u64) -> Result<Vec<StatsView>> {
-        self.get(&format!("/api/v1/locations/{location}/stats"))
-            .await
+        let path = format!("/api/v1/locations/{location}/stats");
+        self.all(&path, |r: &StatsView| r.id.to_string()).await
     }
 
+    /// Every event (all pages).
     pub async fn events(&self, location: u64) -> Result<Vec<EventView>> {
-        self.get(&format!("/api/v1/locations/{location}/events"))
-            .await
+        let path = format!("/api/v1/locations/{location}/events");
+        self.all(&path, |e: &EventView| e.id.to_string()).await
     }
 
     pub async fn put_firewall(
@@ -172,6 +224,20 @@ impl AdminClient {
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.call(Method::GET, path, None::<&()>).await
+    }
+
+    /// A call whose success has no body (204).
+    async fn call_empty(&self, method: Method, path: &str) -> Result<()> {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        Err(api_error(resp).await)
     }
 
     async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
@@ -192,13 +258,37 @@ impl AdminClient {
         if status.is_success() {
             return Ok(resp.json().await?);
         }
-        let text = resp.text().await.unwrap_or_default();
-        let body = serde_json::from_str(&text).unwrap_or(ErrorBody {
-            error: text,
-            field: None,
-        });
-        Err(ClientError::Api { status, body })
+        Err(api_error(resp).await)
     }
+}
+
+/// Items per page when a list is read whole.
+const LIST_PAGE: u32 = 1000;
+
+async fn api_error(resp: reqwest::Response) -> ClientError {
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(ErrorBody {
+        error: text,
+        field: None,
+    });
+    ClientError::Api { status, body }
+}
+
+/// Percent-encodes a query value (gateway ids are printable ASCII).
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn tokens(location: u64) -> String {
+    format!("/api/v1/locations/{location}/tokens")
 }
 
 fn peers(location: u64) -> String {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::DefaultBodyLimit;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,7 @@ use axum::{Json, Router};
 
 use crate::api;
 use crate::error::CoreError;
+use crate::page::PageQuery;
 use crate::shared::{now_ms, Shared};
 
 #[derive(Clone)]
@@ -33,7 +35,14 @@ pub fn router(shared: Arc<Shared>, admin_token: &str) -> Router {
     Router::new()
         .route("/api/v1/locations", post(create_location))
         .route(loc, get(get_location).patch(patch_location))
-        .route(&format!("{loc}/tokens"), post(create_token))
+        .route(
+            &format!("{loc}/tokens"),
+            get(list_tokens).post(create_token),
+        )
+        .route(
+            &format!("{loc}/tokens/{{token_id}}"),
+            axum::routing::delete(revoke_token),
+        )
         .route(&format!("{loc}/peers"), get(list_peers).post(add_peers))
         .route(
             &format!("{loc}/peers/{{peer_id}}"),
@@ -95,6 +104,23 @@ where
     }
 }
 
+/// `?limit=N&after=ID`, whose rejections answer in the API's error shape.
+struct Paging(PageQuery);
+
+impl<S: Send + Sync> FromRequestParts<S> for Paging {
+    type Rejection = CoreError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, CoreError> {
+        match Query::<PageQuery>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(Paging(q)),
+            Err(e) => Err(CoreError::Invalid {
+                msg: e.body_text(),
+                field: None,
+            }),
+        }
+    }
+}
+
 type ApiResult<T> = Result<T, CoreError>;
 
 async fn create_location(
@@ -132,18 +158,56 @@ async fn patch_location(
 async fn create_token(
     State(st): State<AppState>,
     Path(id): Path<u64>,
+    body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<api::TokenView>)> {
     let now = now_ms();
-    let token = st.shared.read(move |s| s.create_token(id, now)).await?;
-    tracing::info!(location = id, "gateway token created");
-    Ok((StatusCode::CREATED, Json(api::TokenView { token })))
+    // The body is optional: empty means an unbound token that never expires.
+    let new = if body.iter().all(u8::is_ascii_whitespace) {
+        api::NewToken::default()
+    } else {
+        serde_json::from_slice::<api::NewToken>(&body).map_err(|e| CoreError::Invalid {
+            msg: format!("invalid JSON body: {e}"),
+            field: None,
+        })?
+    };
+    let token = st
+        .shared
+        .read(move |s| s.create_token(id, &new, now))
+        .await?;
+    tracing::info!(location = id, token_id = token.id, "gateway token created");
+    Ok((StatusCode::CREATED, Json(token)))
+}
+
+async fn list_tokens(
+    State(st): State<AppState>,
+    Path(id): Path<u64>,
+    Paging(q): Paging,
+) -> ApiResult<Json<Vec<api::TokenInfo>>> {
+    let page = q.check(true)?;
+    Ok(Json(st.shared.read(move |s| s.tokens(id, page)).await?))
+}
+
+/// Deletes the token, then ends the streams that use it.
+async fn revoke_token(
+    State(st): State<AppState>,
+    Path((id, token_id)): Path<(u64, u64)>,
+) -> ApiResult<StatusCode> {
+    st.shared
+        .read(move |s| s.revoke_token(id, token_id))
+        .await?;
+    // No receiver: no stream is open.
+    let _ = st.shared.revocations.send(token_id);
+    tracing::info!(location = id, token_id, "gateway token revoked");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_peers(
     State(st): State<AppState>,
     Path(id): Path<u64>,
+    Paging(q): Paging,
 ) -> ApiResult<Json<Vec<api::PeerView>>> {
-    Ok(Json(st.shared.read(move |s| s.peers(id)).await?))
+    let page = q.check(true)?;
+    Ok(Json(st.shared.read(move |s| s.peers(id, &page)).await?))
 }
 
 async fn add_peers(
@@ -255,8 +319,10 @@ async fn end_mfa(
 async fn gateways(
     State(st): State<AppState>,
     Path(id): Path<u64>,
+    Paging(q): Paging,
 ) -> ApiResult<Json<Vec<api::GatewayView>>> {
-    let mut rows = st.shared.read(move |s| s.gateways(id)).await?;
+    let page = q.check(false)?;
+    let mut rows = st.shared.read(move |s| s.gateways(id, &page)).await?;
     let live = st.shared.hub.connected(id);
     for row in &mut rows {
         row.connected = live.contains(&row.gateway_id);
@@ -267,15 +333,19 @@ async fn gateways(
 async fn stats(
     State(st): State<AppState>,
     Path(id): Path<u64>,
+    Paging(q): Paging,
 ) -> ApiResult<Json<Vec<api::StatsView>>> {
-    Ok(Json(st.shared.read(move |s| s.stats(id)).await?))
+    let page = q.check(true)?;
+    Ok(Json(st.shared.read(move |s| s.stats(id, &page)).await?))
 }
 
 async fn events(
     State(st): State<AppState>,
     Path(id): Path<u64>,
+    Paging(q): Paging,
 ) -> ApiResult<Json<Vec<api::EventView>>> {
-    Ok(Json(st.shared.read(move |s| s.events(id)).await?))
+    let page = q.check(true)?;
+    Ok(Json(st.shared.read(move |s| s.events(id, &page)).await?))
 }
 
 async fn put_firewall(

@@ -7,13 +7,18 @@ pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
+mod dbfile;
 mod error;
 mod grpc;
 mod http;
 mod hub;
+mod input;
+mod page;
 mod shared;
 mod stats;
 mod store;
+mod throttle;
+mod tokens;
 mod validate;
 
 use std::fmt;
@@ -134,7 +139,9 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         Arc::clone(&shared),
         shutdown_rx.clone(),
     ))
-    .max_decoding_message_size(gatehouse_proto::MAX_MESSAGE_BYTES)
+    // Gateways' messages are small (ordering rule 7): a larger one is refused before it is
+    // buffered. Snapshots towards gateways may be large.
+    .max_decoding_message_size(gatehouse_proto::MAX_GATEWAY_MESSAGE_BYTES)
     .max_encoding_message_size(gatehouse_proto::MAX_MESSAGE_BYTES);
     let mut server = Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE))

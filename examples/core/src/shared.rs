@@ -6,10 +6,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gatehouse_proto::v1 as pb;
+use tokio::sync::broadcast;
 
 use crate::error::CoreError;
 use crate::hub::Hub;
 use crate::store::Store;
+
+/// Revocations a stream may fall behind by before it re-checks its token in the store.
+const REVOCATIONS_CAPACITY: usize = 256;
 
 /// The Core's state.
 pub struct Shared {
@@ -18,6 +22,9 @@ pub struct Shared {
     pub started_at: i64,
     store: Arc<Mutex<Store>>,
     pub hub: Arc<Hub>,
+    /// Ids of revoked gateway tokens: every stream watches it and ends when its token's
+    /// id comes by (streams subscribe before their token is checked, so none is missed).
+    pub revocations: broadcast::Sender<u64>,
 }
 
 impl Shared {
@@ -26,6 +33,7 @@ impl Shared {
             started_at: now_ms(),
             store: Arc::new(Mutex::new(store)),
             hub: Arc::new(Hub::default()),
+            revocations: broadcast::channel(REVOCATIONS_CAPACITY).0,
         }
     }
 
@@ -61,6 +69,27 @@ impl Shared {
                     changes = delta.changes.len(),
                     "new revision"
                 );
+                hub.publish(location, delta);
+            }
+            Ok(r)
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("store task: {e}")))?
+    }
+
+    /// Like [`Self::change`] for a change that makes several revisions: publishes each
+    /// delta it returns, in order, while the store is still held.
+    pub async fn change_many<R, F>(&self, location: u64, f: F) -> Result<R, CoreError>
+    where
+        F: FnOnce(&mut Store) -> Result<(R, Vec<pb::Delta>), CoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let store = Arc::clone(&self.store);
+        let hub = Arc::clone(&self.hub);
+        tokio::task::spawn_blocking(move || {
+            let mut store = lock(&store);
+            let (r, deltas) = f(&mut store)?;
+            for delta in deltas {
                 hub.publish(location, delta);
             }
             Ok(r)

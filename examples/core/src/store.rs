@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
+use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use gatehouse_proto::v1 as pb;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -16,6 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use crate::api;
 use crate::audit::{self, Audit};
 use crate::error::CoreError;
+use crate::page::Page;
 use crate::stats::{self, CounterRun};
 use crate::validate;
 
@@ -23,7 +24,7 @@ type Result<T> = std::result::Result<T, CoreError>;
 
 /// The Core's database. Not `Sync`: the server wraps it in a mutex.
 pub struct Store {
-    conn: Connection,
+    pub(crate) conn: Connection,
     /// Stored items the shared rules reject: reported, and left out of what is served.
     audit: Audit,
 }
@@ -45,6 +46,7 @@ pub type GatewayRow = api::GatewayView;
 impl Store {
     /// Opens (or creates) the database and its schema.
     pub fn open(path: &Path) -> Result<Store> {
+        crate::dbfile::prepare(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -52,6 +54,8 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
+        crate::tokens::init(&conn)?;
+        crate::dbfile::restrict(path)?;
         let mut store = Store {
             conn,
             audit: Audit::default(),
@@ -126,32 +130,6 @@ impl Store {
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(())
-    }
-
-    // ------------------------------------------------------------------ tokens --
-
-    /// A fresh random gateway token for the location; only its hash is stored.
-    pub fn create_token(&mut self, location: u64, now: i64) -> Result<String> {
-        self.location_exists(location)?;
-        let token = format!("ght_{}", B64URL.encode(rand::random::<[u8; 32]>()));
-        self.conn.execute(
-            "INSERT INTO tokens (hash, location_id, created_at) VALUES (?1, ?2, ?3)",
-            params![token_hash(&token), location as i64, now],
-        )?;
-        Ok(token)
-    }
-
-    /// The location a gateway token belongs to.
-    pub fn location_for_token(&self, token: &str) -> Result<Option<u64>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT location_id FROM tokens WHERE hash = ?1",
-                [token_hash(token)],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()?
-            .map(|v| v as u64))
     }
 
     // --------------------------------------------------------------- locations --
@@ -390,12 +368,19 @@ impl Store {
         Ok((rows.iter().map(|r| r.view(loc.mfa)).collect(), delta))
     }
 
-    pub fn peers(&self, location: u64) -> Result<Vec<api::PeerView>> {
+    /// A page of the location's peers, by id.
+    pub fn peers(&self, location: u64, page: &Page) -> Result<Vec<api::PeerView>> {
         let loc = load_location(&self.conn, location)?;
-        Ok(load_peers(&self.conn, location, None)?
-            .iter()
-            .map(|r| r.view(loc.mfa))
-            .collect())
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "{PEER_SELECT} AND p.id > ?2 ORDER BY p.id LIMIT ?3"
+        ))?;
+        let rows = stmt
+            .query_map(
+                params![location as i64, page.after_id(), page.limit as i64],
+                peer_from_row,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows.iter().map(|r| r.view(loc.mfa)).collect())
     }
 
     pub fn patch_peer(
@@ -652,106 +637,32 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a peer event once per (gateway, seq) and acts on it. Returns the delta when
-    /// the event changed the location (an MFA peer removed for inactivity).
-    ///
-    /// Less than a threshold after this Core started (`core_started_at`), gateways not in
-    /// `connected` may have seen a peer active while the Core was away: a peer such a
-    /// gateway saw active before keeps its session (renewed) rather than being cut on
-    /// another gateway's idle view (protocol rule 8).
-    pub fn record_event(
+    /// Stores peer events (see [`record_event`]) in one transaction, in order. Returns the
+    /// deltas they caused, in revision order.
+    pub fn record_events(
         &mut self,
         location: u64,
         gateway: &str,
-        ev: &pb::PeerEvent,
+        events: &[pb::PeerEvent],
         now: i64,
         connected: &BTreeSet<String>,
         core_started_at: i64,
-    ) -> Result<Option<pb::Delta>> {
+    ) -> Result<Vec<pb::Delta>> {
         let tx = self.conn.transaction()?;
-        let loc = load_location(&tx, location)?;
-        let peer_id: Option<i64> = tx
-            .query_row(
-                "SELECT id FROM peers WHERE location_id = ?1 AND public_key = ?2",
-                params![location as i64, ev.public_key],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let inserted = tx.execute(
-            "INSERT OR IGNORE INTO events (location_id, gateway_id, seq, public_key, peer_id,
-                 reason, last_handshake, at_ms, mfa_session, detail, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                location as i64,
+        let mut deltas = Vec::new();
+        for ev in events {
+            deltas.extend(record_event(
+                &tx,
+                location,
                 gateway,
-                ev.seq as i64,
-                ev.public_key,
-                peer_id,
-                short_name(ev.reason().as_str_name(), "PEER_EVENT_REASON_"),
-                ev.last_handshake_ms,
-                ev.at_ms,
-                ev.mfa_session as i64,
-                ev.detail,
-                now
-            ],
-        )?;
-        let mut delta = None;
-        if inserted == 1 {
-            let mut outcome = "";
-            match ev.reason() {
-                pb::PeerEventReason::MfaInactive => {
-                    if let Some(id) = peer_id {
-                        let row = load_peer(&tx, location, id as u64)?;
-                        let current = row.session.as_ref().map(|s| s.id);
-                        if loc.mfa && ev.mfa_session != 0 && current == Some(ev.mfa_session) {
-                            // Protocol rule 8: active on another gateway within the
-                            // threshold → keep the session, renew its id.
-                            let elsewhere: i64 = tx.query_row(
-                                "SELECT COALESCE(MAX(last_active), 0) FROM stats
-                                 WHERE location_id = ?1 AND peer_id = ?2 AND gateway_id != ?3",
-                                params![location as i64, id, gateway],
-                                |r| r.get(0),
-                            )?;
-                            let threshold_ms = i64::from(loc.threshold) * 1000;
-                            let core_view_incomplete =
-                                now.saturating_sub(core_started_at) <= threshold_ms;
-                            let active_before_on_unknown = core_view_incomplete && {
-                                let mut q = tx.prepare_cached(
-                                    "SELECT gateway_id FROM stats
-                                     WHERE location_id = ?1 AND peer_id = ?2 AND last_active > 0",
-                                )?;
-                                let seen: Vec<String> = q
-                                    .query_map(params![location as i64, id], |r| r.get(0))?
-                                    .collect::<rusqlite::Result<_>>()?;
-                                seen.iter().any(|g| g != gateway && !connected.contains(g))
-                            };
-                            if (elsewhere > 0 && now.saturating_sub(elsewhere) <= threshold_ms)
-                                || active_before_on_unknown
-                            {
-                                tracing::info!(location, gateway, peer = id, last_active = elsewhere,
-                                    "MFA inactivity event for a peer active on another gateway: session renewed");
-                                delta = Some(renew_session(&tx, &loc, &row, now)?);
-                                outcome = "session_renewed";
-                            } else {
-                                delta = Some(end_session(&tx, &loc, &row, now, "mfa_inactive")?);
-                                outcome = "session_ended";
-                            }
-                        } else {
-                            outcome = "stale_session";
-                        }
-                    }
-                }
-                // The gateway re-adds those when the Core is back: nothing to change.
-                pb::PeerEventReason::OfflinePolicy | pb::PeerEventReason::Unspecified => {}
-            }
-            tx.execute(
-                "UPDATE events SET outcome = ?4
-                 WHERE location_id = ?1 AND gateway_id = ?2 AND seq = ?3",
-                params![location as i64, gateway, ev.seq as i64, outcome],
-            )?;
+                ev,
+                now,
+                connected,
+                core_started_at,
+            )?);
         }
         tx.commit()?;
-        Ok(delta)
+        Ok(deltas)
     }
 
     /// Folds a stats batch into the per (gateway, peer) rows; unknown peers are skipped.
@@ -772,10 +683,17 @@ impl Store {
                  WHERE location_id = ?1 AND gateway_id = ?2 AND peer_id = ?3",
             )?;
             let mut upsert = tx.prepare(
-                "INSERT OR REPLACE INTO stats (location_id, gateway_id, peer_id, public_key,
+                // An upsert, not a replace: the row keeps its id (the pagination key).
+                "INSERT INTO stats (location_id, gateway_id, peer_id, public_key,
                      endpoint, rx, tx, epoch, base_rx, base_tx, last_handshake, updated_at,
                      last_active)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                 ON CONFLICT (location_id, gateway_id, peer_id) DO UPDATE SET
+                     public_key = excluded.public_key, endpoint = excluded.endpoint,
+                     rx = excluded.rx, tx = excluded.tx, epoch = excluded.epoch,
+                     base_rx = excluded.base_rx, base_tx = excluded.base_tx,
+                     last_handshake = excluded.last_handshake,
+                     updated_at = excluded.updated_at, last_active = excluded.last_active",
             )?;
             let at = if stats.collected_at_ms > 0 {
                 stats.collected_at_ms
@@ -835,7 +753,7 @@ impl Store {
                     gateway,
                     peer_id,
                     p.public_key,
-                    p.endpoint,
+                    crate::input::endpoint(&p.endpoint),
                     run.rx as i64,
                     run.tx as i64,
                     run.epoch as i64,
@@ -857,13 +775,15 @@ impl Store {
     }
 
     /// Every gateway seen for the location (`connected` is filled in by the caller).
-    pub fn gateways(&self, location: u64) -> Result<Vec<GatewayRow>> {
+    pub fn gateways(&self, location: u64, page: &Page) -> Result<Vec<GatewayRow>> {
         self.location_exists(location)?;
         let mut stmt = self.conn.prepare(
             "SELECT gateway_id, name, version, applied_revision, last_error, last_seen
-             FROM gateways WHERE location_id = ?1 ORDER BY gateway_id",
+             FROM gateways WHERE location_id = ?1 AND gateway_id > ?2
+             ORDER BY gateway_id LIMIT ?3",
         )?;
-        let rows = stmt.query_map([location as i64], |r| {
+        let args = params![location as i64, page.after_key(), page.limit as i64];
+        let rows = stmt.query_map(args, |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -889,14 +809,16 @@ impl Store {
         Ok(out)
     }
 
-    pub fn stats(&self, location: u64) -> Result<Vec<api::StatsView>> {
+    /// A page of the stats rows, by row id (a row keeps its id across updates).
+    pub fn stats(&self, location: u64, page: &Page) -> Result<Vec<api::StatsView>> {
         self.location_exists(location)?;
         let mut stmt = self.conn.prepare(
             "SELECT gateway_id, peer_id, public_key, endpoint, rx, tx, epoch, base_rx, base_tx,
-                 last_handshake, updated_at
-             FROM stats WHERE location_id = ?1 ORDER BY gateway_id, peer_id",
+                 last_handshake, updated_at, rowid
+             FROM stats WHERE location_id = ?1 AND rowid > ?2 ORDER BY rowid LIMIT ?3",
         )?;
-        let rows = stmt.query_map([location as i64], |r| {
+        let args = params![location as i64, page.after_id(), page.limit as i64];
+        let rows = stmt.query_map(args, |r| {
             let run = CounterRun {
                 epoch: r.get::<_, i64>(6)? as u64,
                 rx: r.get::<_, i64>(4)? as u64,
@@ -918,19 +840,22 @@ impl Store {
                 counter_epoch: run.epoch,
                 last_handshake: (handshake > 0).then_some(handshake),
                 updated_at: r.get(10)?,
+                id: r.get::<_, i64>(11)? as u64,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    pub fn events(&self, location: u64) -> Result<Vec<api::EventView>> {
+    /// A page of the events, in the order they were received (by id).
+    pub fn events(&self, location: u64, page: &Page) -> Result<Vec<api::EventView>> {
         self.location_exists(location)?;
         let mut stmt = self.conn.prepare(
             "SELECT gateway_id, seq, public_key, peer_id, reason, last_handshake, at_ms,
-                 mfa_session, detail, outcome
-             FROM events WHERE location_id = ?1 ORDER BY received_at, gateway_id, seq",
+                 mfa_session, detail, outcome, rowid
+             FROM events WHERE location_id = ?1 AND rowid > ?2 ORDER BY rowid LIMIT ?3",
         )?;
-        let rows = stmt.query_map([location as i64], |r| {
+        let args = params![location as i64, page.after_id(), page.limit as i64];
+        let rows = stmt.query_map(args, |r| {
             let handshake: i64 = r.get(5)?;
             Ok(api::EventView {
                 gateway_id: r.get(0)?,
@@ -943,6 +868,7 @@ impl Store {
                 mfa_session: r.get::<_, i64>(7)? as u64,
                 detail: r.get(8)?,
                 outcome: r.get(9)?,
+                id: r.get::<_, i64>(10)? as u64,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -963,6 +889,106 @@ impl Store {
 
 // ------------------------------------------------------------------- internals --
 
+/// Stores a peer event once per (gateway, seq) and acts on it. Returns the delta when
+/// the event changed the location (an MFA peer removed for inactivity).
+///
+/// Less than a threshold after this Core started (`core_started_at`), gateways not in
+/// `connected` may have seen a peer active while the Core was away: a peer such a
+/// gateway saw active before keeps its session (renewed) rather than being cut on
+/// another gateway's idle view (protocol rule 8).
+fn record_event(
+    tx: &Transaction<'_>,
+    location: u64,
+    gateway: &str,
+    ev: &pb::PeerEvent,
+    now: i64,
+    connected: &BTreeSet<String>,
+    core_started_at: i64,
+) -> Result<Option<pb::Delta>> {
+    let loc = load_location(tx, location)?;
+    let peer_id: Option<i64> = tx
+        .query_row(
+            "SELECT id FROM peers WHERE location_id = ?1 AND public_key = ?2",
+            params![location as i64, ev.public_key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let inserted = tx.execute(
+        "INSERT OR IGNORE INTO events (location_id, gateway_id, seq, public_key, peer_id,
+             reason, last_handshake, at_ms, mfa_session, detail, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            location as i64,
+            gateway,
+            ev.seq as i64,
+            ev.public_key,
+            peer_id,
+            short_name(ev.reason().as_str_name(), "PEER_EVENT_REASON_"),
+            ev.last_handshake_ms,
+            ev.at_ms,
+            ev.mfa_session as i64,
+            ev.detail,
+            now
+        ],
+    )?;
+    let mut delta = None;
+    if inserted == 1 {
+        let mut outcome = "";
+        match ev.reason() {
+            pb::PeerEventReason::MfaInactive => {
+                if let Some(id) = peer_id {
+                    let row = load_peer(tx, location, id as u64)?;
+                    let current = row.session.as_ref().map(|s| s.id);
+                    if loc.mfa && ev.mfa_session != 0 && current == Some(ev.mfa_session) {
+                        // Protocol rule 8: active on another gateway within the
+                        // threshold → keep the session, renew its id.
+                        let elsewhere: i64 = tx.query_row(
+                            "SELECT COALESCE(MAX(last_active), 0) FROM stats
+                             WHERE location_id = ?1 AND peer_id = ?2 AND gateway_id != ?3",
+                            params![location as i64, id, gateway],
+                            |r| r.get(0),
+                        )?;
+                        let threshold_ms = i64::from(loc.threshold) * 1000;
+                        let core_view_incomplete =
+                            now.saturating_sub(core_started_at) <= threshold_ms;
+                        let active_before_on_unknown = core_view_incomplete && {
+                            let mut q = tx.prepare_cached(
+                                "SELECT gateway_id FROM stats
+                                 WHERE location_id = ?1 AND peer_id = ?2 AND last_active > 0",
+                            )?;
+                            let seen: Vec<String> = q
+                                .query_map(params![location as i64, id], |r| r.get(0))?
+                                .collect::<rusqlite::Result<_>>()?;
+                            seen.iter().any(|g| g != gateway && !connected.contains(g))
+                        };
+                        if (elsewhere > 0 && now.saturating_sub(elsewhere) <= threshold_ms)
+                            || active_before_on_unknown
+                        {
+                            tracing::info!(location, gateway, peer = id, last_active = elsewhere,
+                                "MFA inactivity event for a peer active on another gateway: session renewed");
+                            delta = Some(renew_session(tx, &loc, &row, now)?);
+                            outcome = "session_renewed";
+                        } else {
+                            delta = Some(end_session(tx, &loc, &row, now, "mfa_inactive")?);
+                            outcome = "session_ended";
+                        }
+                    } else {
+                        outcome = "stale_session";
+                    }
+                }
+            }
+            // The gateway re-adds those when the Core is back: nothing to change.
+            pb::PeerEventReason::OfflinePolicy | pb::PeerEventReason::Unspecified => {}
+        }
+        tx.execute(
+            "UPDATE events SET outcome = ?4
+             WHERE location_id = ?1 AND gateway_id = ?2 AND seq = ?3",
+            params![location as i64, gateway, ev.seq as i64, outcome],
+        )?;
+    }
+    Ok(delta)
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS locations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -976,11 +1002,6 @@ CREATE TABLE IF NOT EXISTS locations (
     disconnect_threshold_secs INTEGER NOT NULL,
     firewall TEXT,
     revision INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tokens (
-    hash BLOB PRIMARY KEY,
-    location_id INTEGER NOT NULL REFERENCES locations(id) ON DELETE CASCADE,
     created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS peers (
@@ -1057,12 +1078,6 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (location_id, gateway_id, seq)
 );
 ";
-
-fn token_hash(token: &str) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .to_vec()
-}
 
 /// "PEER_EVENT_REASON_MFA_INACTIVE" -> "mfa_inactive".
 fn short_name(name: &str, prefix: &str) -> String {

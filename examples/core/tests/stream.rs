@@ -74,7 +74,13 @@ async fn one_change_is_one_delta_to_every_gateway() {
     let t = TestCore::start().await;
     let (loc, token) = t.location(false).await;
     let (mut a, _, sa) = Gw::hello(t.grpc(), &token, "gw-a", vec![]).await;
-    let (mut b, _, sb) = Gw::hello(t.grpc(), &token, "gw-b", vec![]).await;
+    let (mut b, _, sb) = Gw::hello(
+        t.grpc(),
+        &t.admin.create_token(loc).await.unwrap(),
+        "gw-b",
+        vec![],
+    )
+    .await;
     assert_eq!(sa.revision, sb.revision);
     let base = sa.revision;
 
@@ -186,7 +192,13 @@ async fn events_in_hello_are_processed_before_the_snapshot_and_stored_once() {
     assert!(sa.session_id != 0 && sb.session_id != 0);
 
     // Another gateway of the location, connected throughout.
-    let (mut other, _, before) = Gw::hello(t.grpc(), &token, "gw-other", vec![]).await;
+    let (mut other, _, before) = Gw::hello(
+        t.grpc(),
+        &t.admin.create_token(loc).await.unwrap(),
+        "gw-other",
+        vec![],
+    )
+    .await;
     assert_eq!(snapshot_keys(&before).len(), 2);
 
     // gw-1 removed A for inactivity while the Core was away; a stale event for B (an
@@ -249,7 +261,13 @@ async fn a_later_peer_event_is_acked_and_removes_the_peer_for_other_gateways() {
         snap.location.as_ref().unwrap().peers[0].preshared_key,
         raw(&s.preshared_key)
     );
-    let (mut other, _, _) = Gw::hello(t.grpc(), &token, "gw-2", vec![]).await;
+    let (mut other, _, _) = Gw::hello(
+        t.grpc(),
+        &t.admin.create_token(loc).await.unwrap(),
+        "gw-2",
+        vec![],
+    )
+    .await;
     gw.send(G::PeerEvent(mfa_event(3, &a.public_key, s.session_id)))
         .await;
     // The sender gets the delta (removing what it already removed is harmless) and the ack.
@@ -422,7 +440,13 @@ async fn injected_messages_reach_every_gateway_of_the_location() {
     let t = TestCore::start().await;
     let (loc, token) = t.location(false).await;
     let (mut a, _, _) = Gw::hello(t.grpc(), &token, "gw-a", vec![]).await;
-    let (mut b, _, _) = Gw::hello(t.grpc(), &token, "gw-b", vec![]).await;
+    let (mut b, _, _) = Gw::hello(
+        t.grpc(),
+        &t.admin.create_token(loc).await.unwrap(),
+        "gw-b",
+        vec![],
+    )
+    .await;
     let msg = pb::CoreMessage {
         kind: Some(M::Delta(pb::Delta {
             revision: 99,
@@ -480,7 +504,13 @@ async fn activity_on_one_gateway_is_relayed_to_the_others() {
     let a = t.admin.add_peer(loc, &peer(1)).await.unwrap();
     t.admin.start_mfa_session(loc, a.id, None).await.unwrap();
     let (gw1, _, _) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
-    let (mut gw2, _, _) = Gw::hello(t.grpc(), &token, "gw-2", vec![]).await;
+    let (mut gw2, _, _) = Gw::hello(
+        t.grpc(),
+        &t.admin.create_token(loc).await.unwrap(),
+        "gw-2",
+        vec![],
+    )
+    .await;
     let hs = unix_ms();
     gw1.send(G::Stats(active_stats(&a.public_key, 500, hs)))
         .await;
@@ -506,7 +536,13 @@ async fn an_inactivity_event_for_a_peer_active_elsewhere_renews_the_session() {
     let a = t.admin.add_peer(loc, &peer(1)).await.unwrap();
     let s = t.admin.start_mfa_session(loc, a.id, None).await.unwrap();
     let (gw1, _, _) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
-    let (mut gw2, _, _) = Gw::hello(t.grpc(), &token, "gw-2", vec![]).await;
+    let (mut gw2, _, _) = Gw::hello(
+        t.grpc(),
+        &t.admin.create_token(loc).await.unwrap(),
+        "gw-2",
+        vec![],
+    )
+    .await;
     // The client is active on gateway 1 ...
     gw1.send(G::Stats(active_stats(&a.public_key, 500, unix_ms())))
         .await;
@@ -551,7 +587,13 @@ async fn after_a_core_start_a_gateway_not_back_yet_gets_the_benefit_of_the_doubt
     let sb = t.admin.start_mfa_session(loc, b.id, None).await.unwrap();
     let long_ago = unix_ms() - 3_600_000;
     let (gw1, _, _) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
-    let (mut gw2, _, _) = Gw::hello(t.grpc(), &token, "gw-2", vec![]).await;
+    let (mut gw2, _, _) = Gw::hello(
+        t.grpc(),
+        &t.admin.create_token(loc).await.unwrap(),
+        "gw-2",
+        vec![],
+    )
+    .await;
     // gw-1 saw both peers active, an hour ago.
     let mut old = active_stats(&a.public_key, 500, long_ago);
     old.peers
