@@ -66,13 +66,14 @@ pub struct ValidLocation {
 pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Rejection>> {
     let checked = rules::validate_location(loc)
         .map_err(|list| list.into_iter().map(Rejection::from).collect::<Vec<_>>())?;
-    let mfa = MfaPolicy::from_settings(checked.mfa_enabled, checked.mfa_threshold_secs)
-        .map_err(|_| {
+    let mfa = MfaPolicy::from_settings(checked.mfa_enabled, checked.mfa_threshold_secs).map_err(
+        |_| {
             vec![Rejection::new(
                 "mfa.disconnect_threshold_secs",
                 "must be > 0 when MFA is enabled",
             )]
-        })?;
+        },
+    )?;
     let iface = &checked.interface;
     let interface = InterfaceSpec {
         private_key: SecretKey::new(iface.private_key.0),

@@ -48,7 +48,12 @@ struct Input {
 }
 
 fn prefix() -> impl Strategy<Value = String> {
-    let v4 = (0u8..3, 0u8..3, 0u8..4, prop::sample::select(vec![0u8, 8, 16, 24, 30, 32]));
+    let v4 = (
+        0u8..3,
+        0u8..3,
+        0u8..4,
+        prop::sample::select(vec![0u8, 8, 16, 24, 30, 32]),
+    );
     let v6 = (0u16..3, prop::sample::select(vec![0u8, 64, 127, 128]));
     prop_oneof![
         4 => (v4, any::<bool>(), any::<bool>()).prop_map(|((a, b, c, len), bare, space)| {

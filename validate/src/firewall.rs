@@ -30,19 +30,28 @@ pub fn normalize_address_spec(s: &str) -> Result<String, String> {
         if a > b {
             return Err(format!("{s:?}: the range starts after it ends"));
         }
-        return Ok(if a == b { a.to_string() } else { format!("{a}-{b}") });
+        return Ok(if a == b {
+            a.to_string()
+        } else {
+            format!("{a}-{b}")
+        });
     }
     if t.contains('/') {
         let net: IpNet = t.parse().map_err(|_| bad())?;
         if net.trunc() != net {
-            return Err(format!("{net} has host bits set (the prefix is {})", net.trunc()));
+            return Err(format!(
+                "{net} has host bits set (the prefix is {})",
+                net.trunc()
+            ));
         }
         if net.prefix_len() == net.max_prefix_len() {
             return Ok(net.addr().to_string());
         }
         return Ok(net.to_string());
     }
-    t.parse::<IpAddr>().map(|a| a.to_string()).map_err(|_| bad())
+    t.parse::<IpAddr>()
+        .map(|a| a.to_string())
+        .map_err(|_| bad())
 }
 
 /// A firewall address on the wire: canonical only.
@@ -92,7 +101,10 @@ fn check_rule(rule: &v1::FirewallRule, at: &str, errs: &mut Rejections) {
         );
         return;
     }
-    for (field, list) in [("sources", &rule.sources), ("destinations", &rule.destinations)] {
+    for (field, list) in [
+        ("sources", &rule.sources),
+        ("destinations", &rule.destinations),
+    ] {
         for (j, s) in list.iter().enumerate() {
             if let Err(e) = address_spec(s) {
                 errs.push(format!("{at}{field}[{j}]"), e);
@@ -111,7 +123,10 @@ fn check_rule(rule: &v1::FirewallRule, at: &str, errs: &mut Rejections) {
             Ok(v1::Protocol::Tcp | v1::Protocol::Udp) => only_icmp = false,
             _ => {
                 only_icmp = false;
-                errs.push(format!("{at}protocols[{j}]"), format!("unknown protocol {p}"));
+                errs.push(
+                    format!("{at}protocols[{j}]"),
+                    format!("unknown protocol {p}"),
+                );
             }
         }
     }

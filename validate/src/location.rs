@@ -190,8 +190,9 @@ fn check(loc: &v1::Location) -> Checked {
     }
     let mut blamed: BTreeMap<(usize, IpNet), String> = BTreeMap::new();
     for o in find_overlaps(&entries) {
-        if let Some(((net, i), (other_net, other))) = o.blame() {
-            let whose = match other {
+        if let Some(b) = o.blame() {
+            let (i, net, other_net) = (b.peer, b.net, b.other_net);
+            let whose = match b.other {
                 Holder::Gateway => "the gateway's own address".to_string(),
                 Holder::Peer(k) => format!("peers[{k}]'s {other_net}"),
             };
@@ -241,7 +242,10 @@ fn check_interface(iface: &v1::Interface, errs: &mut Rejections) -> Option<Check
         match net::interface_address(a) {
             Ok(n) if addresses.insert(n) => {}
             Ok(_) => {
-                errs.push(format!("interface.addresses[{i}]"), format!("duplicate {a}"));
+                errs.push(
+                    format!("interface.addresses[{i}]"),
+                    format!("duplicate {a}"),
+                );
                 ok = false;
             }
             Err(e) => {

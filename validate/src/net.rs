@@ -28,7 +28,10 @@ pub fn normalize_allowed_ip(s: &str) -> Result<IpNet, String> {
         return Err(format!("{net} would route every address to one peer"));
     }
     if net.trunc() != net {
-        return Err(format!("{net} has host bits set (the prefix is {})", net.trunc()));
+        return Err(format!(
+            "{net} has host bits set (the prefix is {})",
+            net.trunc()
+        ));
     }
     Ok(net)
 }
@@ -152,7 +155,9 @@ mod tests {
             normalize_allowed_ip("fd00::1").unwrap().to_string(),
             "fd00::1/128"
         );
-        assert!(normalize_allowed_ip("10.1.2.3/16").unwrap_err().contains("host bits"));
+        assert!(normalize_allowed_ip("10.1.2.3/16")
+            .unwrap_err()
+            .contains("host bits"));
         assert!(normalize_allowed_ip("0.0.0.0/0").is_err());
         assert!(normalize_allowed_ip("::/0").is_err());
         assert!(normalize_allowed_ip("10.0.0.0/33").is_err());
@@ -166,7 +171,9 @@ mod tests {
     #[test]
     fn interface_addresses_are_unicast() {
         assert_eq!(
-            normalize_interface_address(" 10.0.0.1/24\n").unwrap().to_string(),
+            normalize_interface_address(" 10.0.0.1/24\n")
+                .unwrap()
+                .to_string(),
             "10.0.0.1/24"
         );
         for bad in [
@@ -189,11 +196,16 @@ mod tests {
     #[test]
     fn endpoints() {
         assert_eq!(
-            normalize_endpoint(" [fd00::1]:51820 ").unwrap().unwrap().to_string(),
+            normalize_endpoint(" [fd00::1]:51820 ")
+                .unwrap()
+                .unwrap()
+                .to_string(),
             "[fd00::1]:51820"
         );
         assert_eq!(normalize_endpoint("  "), Ok(None));
-        assert!(normalize_endpoint("1.2.3.4:0").unwrap_err().contains("port 0"));
+        assert!(normalize_endpoint("1.2.3.4:0")
+            .unwrap_err()
+            .contains("port 0"));
         assert!(normalize_endpoint("1.2.3.4").is_err());
         assert!(normalize_endpoint("0.0.0.0:1").is_err());
         assert!(normalize_endpoint("host:1").is_err());

@@ -23,17 +23,32 @@ pub struct Overlap<T> {
     pub narrow: (IpNet, Holder<T>),
 }
 
+/// Who is blamed for an overlap: `peer`'s prefix `net`, against `other`'s `other_net`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Blame<T> {
+    pub peer: T,
+    pub net: IpNet,
+    pub other: Holder<T>,
+    pub other_net: IpNet,
+}
+
 impl<T: Copy + Ord> Overlap<T> {
     /// The peer to blame, and the other holder: the peer whose prefix covers the gateway's
     /// address, else the later peer (the greater `T`: the one added last).
-    pub fn blame(&self) -> Option<((IpNet, T), (IpNet, Holder<T>))> {
+    pub fn blame(&self) -> Option<Blame<T>> {
+        let blame = |(net, peer): (IpNet, T), (other_net, other): (IpNet, Holder<T>)| Blame {
+            peer,
+            net,
+            other,
+            other_net,
+        };
         match (self.wide, self.narrow) {
-            ((_, Holder::Gateway), (n, Holder::Peer(p))) => Some(((n, p), self.wide)),
-            ((w, Holder::Peer(p)), (_, Holder::Gateway)) => Some(((w, p), self.narrow)),
+            ((_, Holder::Gateway), (n, Holder::Peer(p))) => Some(blame((n, p), self.wide)),
+            ((w, Holder::Peer(p)), (_, Holder::Gateway)) => Some(blame((w, p), self.narrow)),
             ((w, Holder::Peer(a)), (n, Holder::Peer(b))) => Some(if a > b {
-                ((w, a), self.narrow)
+                blame((w, a), self.narrow)
             } else {
-                ((n, b), self.wide)
+                blame((n, b), self.wide)
             }),
             _ => None,
         }
@@ -97,19 +112,19 @@ mod tests {
         let gw = gateway_hosts::<u32>(&[n("10.0.0.1/24")]);
         let mut e = gw.clone();
         e.extend([
-            p("10.0.0.2/32", 1),  // inside the subnet: fine
-            p("10.0.0.3/32", 2),  // fine
-            p("10.9.0.0/16", 3),  // fine
-            p("10.9.1.0/24", 4),  // inside peer 3's
-            p("10.0.0.3/32", 5),  // equal to peer 2's
-            p("10.0.0.0/30", 6),  // covers the gateway's address (and peers 1, 2, 5)
-            p("fd00::/64", 7),    // other family
-            p("fd00::1/128", 7),  // same peer: not a conflict here
+            p("10.0.0.2/32", 1), // inside the subnet: fine
+            p("10.0.0.3/32", 2), // fine
+            p("10.9.0.0/16", 3), // fine
+            p("10.9.1.0/24", 4), // inside peer 3's
+            p("10.0.0.3/32", 5), // equal to peer 2's
+            p("10.0.0.0/30", 6), // covers the gateway's address (and peers 1, 2, 5)
+            p("fd00::/64", 7),   // other family
+            p("fd00::1/128", 7), // same peer: not a conflict here
         ]);
         let blamed: Vec<(u32, String)> = find_overlaps(&e)
             .iter()
             .filter_map(|o| o.blame())
-            .map(|((_, p), (net, h))| (p, format!("{net} {h:?}")))
+            .map(|b| (b.peer, format!("{} {:?}", b.other_net, b.other)))
             .collect();
         assert!(blamed.contains(&(4, "10.9.0.0/16 Peer(3)".into())));
         assert!(blamed.contains(&(6, "10.0.0.1/32 Gateway".into())));
@@ -124,7 +139,7 @@ mod tests {
         e.push(p("10.0.0.1/32", 1));
         let o = find_overlaps(&e);
         assert_eq!(o.len(), 1);
-        assert_eq!(o[0].blame().unwrap().0 .1, 1);
+        assert_eq!(o[0].blame().unwrap().peer, 1);
     }
 
     fn brute(e: &[(IpNet, Holder<u32>)]) -> bool {

@@ -17,7 +17,9 @@ pub fn interface_name(name: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
-        return Err(format!("{name:?}: must not contain {c:?} (only A-Z a-z 0-9 _ . -)"));
+        return Err(format!(
+            "{name:?}: must not contain {c:?} (only A-Z a-z 0-9 _ . -)"
+        ));
     }
     Ok(())
 }
@@ -58,7 +60,18 @@ mod tests {
         for good in ["wg0", "a", "gatehouse-01234", "wg_0.1"] {
             assert!(interface_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "gatehouse-012345", "wg%d", "wg/0", "wg 0", "wg:0", ".", "..", "wg\t", "wgé"] {
+        for bad in [
+            "",
+            "gatehouse-012345",
+            "wg%d",
+            "wg/0",
+            "wg 0",
+            "wg:0",
+            ".",
+            "..",
+            "wg\t",
+            "wgé",
+        ] {
             assert!(interface_name(bad).is_err(), "{bad:?}");
         }
     }

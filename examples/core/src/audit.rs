@@ -64,7 +64,10 @@ pub fn check(location: &pb::Location, peer_ids: &[u64]) -> LocationAudit {
     for (k, p) in location.peers.iter().enumerate() {
         if !valid.contains(p.public_key.as_slice()) {
             out.withheld.insert(p.public_key.clone());
-            if !list.iter().any(|r| r.item.starts_with(&format!("peers[{k}]."))) {
+            if !list
+                .iter()
+                .any(|r| r.item.starts_with(&format!("peers[{k}].")))
+            {
                 // A peer withheld for a conflict named on another item, or beyond the
                 // listed rejections.
                 out.findings.push(Finding {
@@ -80,7 +83,11 @@ pub fn check(location: &pb::Location, peer_ids: &[u64]) -> LocationAudit {
     for r in list {
         let (peer_id, item, served) = match rules::location::peer_item(&r.item) {
             Some((k, field)) => (peer_ids.get(k).copied(), field, "withheld".to_string()),
-            None => (None, r.item.clone(), serve_instead(&r.item, location, &mut out)),
+            None => (
+                None,
+                r.item.clone(),
+                serve_instead(&r.item, location, &mut out),
+            ),
         };
         out.findings.push(Finding {
             location: id,
@@ -99,11 +106,7 @@ fn serve_instead(item: &str, location: &pb::Location, out: &mut LocationAudit) -
         .and_then(|r| r.strip_suffix(']'))
         .and_then(|i| i.parse::<usize>().ok())
     {
-        if let Some(a) = location
-            .interface
-            .as_ref()
-            .and_then(|f| f.addresses.get(i))
-        {
+        if let Some(a) = location.interface.as_ref().and_then(|f| f.addresses.get(i)) {
             out.dropped_addresses.insert(a.clone());
             return "left out".into();
         }
@@ -283,7 +286,7 @@ mod tests {
             "{:?}",
             rules::validate_location(&served)
         );
-        let fw = served.firewall.unwrap();
+        let fw = served.firewall.clone().unwrap();
         assert_eq!(
             (fw.default_verdict, fw.rules.len()),
             (pb::Verdict::Drop as i32, 0)

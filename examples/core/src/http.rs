@@ -364,8 +364,6 @@ async fn put_firewall(
 }
 
 /// Stored items that fail the shared rules (checked at start) and what is served instead.
-async fn audit_findings(
-    State(st): State<AppState>,
-) -> ApiResult<Json<Vec<crate::audit::Finding>>> {
+async fn audit_findings(State(st): State<AppState>) -> ApiResult<Json<Vec<crate::audit::Finding>>> {
     Ok(Json(st.shared.read(|s| Ok(s.audit_findings())).await?))
 }

@@ -77,7 +77,12 @@ impl Store {
             .collect::<rusqlite::Result<_>>()?;
         for id in ids {
             self.audit_location(id)?;
-            for f in self.audit.get(id).map(|a| a.findings.clone()).unwrap_or_default() {
+            for f in self
+                .audit
+                .get(id)
+                .map(|a| a.findings.clone())
+                .unwrap_or_default()
+            {
                 tracing::warn!(
                     location = f.location,
                     peer = f.peer_id,
@@ -315,8 +320,7 @@ impl Store {
                     String::new()
                 };
                 let wrap = |e: CoreError| e.in_item(&prefix);
-                let public_key =
-                    validate::public_key("public_key", &p.public_key).map_err(wrap)?;
+                let public_key = validate::public_key("public_key", &p.public_key).map_err(wrap)?;
                 let psk = p
                     .preshared_key
                     .as_deref()
@@ -348,15 +352,17 @@ impl Store {
                 request_ips.push(ips);
             }
         }
-        cross_check(&tx, &loc, &ids)?.only_peers().into_result(|k, field, stored| {
-            let prefix = if item_prefix {
-                format!("[{k}].")
-            } else {
-                String::new()
-            };
-            let field = validate::request_field(field, stored, &request_ips[k]);
-            format!("{prefix}{field}")
-        })?;
+        cross_check(&tx, &loc, &ids)?
+            .only_peers()
+            .into_result(|k, field, stored| {
+                let prefix = if item_prefix {
+                    format!("[{k}].")
+                } else {
+                    String::new()
+                };
+                let field = validate::request_field(field, stored, &request_ips[k]);
+                format!("{prefix}{field}")
+            })?;
         let rows = load_peers_by_ids(&tx, location, &ids)?;
         let changes = rows
             .iter()
@@ -442,9 +448,7 @@ impl Store {
         )?;
         cross_check(&tx, &loc, &[peer])?
             .only_peers()
-            .into_result(|_, field, stored| {
-            validate::request_field(field, stored, &request_ips)
-        })?;
+            .into_result(|_, field, stored| validate::request_field(field, stored, &request_ips))?;
         let mut changes = Vec::new();
         let (was, is) = (old.desired(loc.mfa), new.desired(loc.mfa));
         if let Some(was) = &was {

@@ -179,7 +179,8 @@ pub fn cross_check(
         match rules::location::peer_item(&r.item) {
             Some((k, field)) if k >= first_changed => {
                 let allowed_ips = &loc.peers[k].allowed_ips;
-                out.peers.push((k - first_changed, field, r.reason, allowed_ips.clone()));
+                out.peers
+                    .push((k - first_changed, field, r.reason, allowed_ips.clone()));
             }
             Some((k, field)) => out.unchanged.push((k, field, r.reason)),
             None => out.location.push(r),
@@ -208,15 +209,16 @@ impl CrossCheck {
 
     /// The first problem as an admin error: `field_of(position, field, stored allowed IPs)`
     /// names the field as the request wrote it.
-    pub fn into_result(
-        self,
-        field_of: impl Fn(usize, &str, &[String]) -> String,
-    ) -> Result<()> {
+    pub fn into_result(self, field_of: impl Fn(usize, &str, &[String]) -> String) -> Result<()> {
         if let Some((k, field, reason, ips)) = self.peers.into_iter().next() {
             return Err(CoreError::conflict(field_of(k, &field, &ips), reason));
         }
         if let Some(r) = self.location.into_iter().next() {
-            let field = r.item.strip_prefix("interface.").unwrap_or(&r.item).to_owned();
+            let field = r
+                .item
+                .strip_prefix("interface.")
+                .unwrap_or(&r.item)
+                .to_owned();
             return Err(CoreError::invalid(field, r.reason));
         }
         Ok(())
@@ -262,7 +264,10 @@ mod tests {
             Some("public_key".into())
         );
         assert!(public_key("k", "not base64!").is_err());
-        assert!(public_key("k", &B64.encode([0u8; 32])).is_err(), "low order");
+        assert!(
+            public_key("k", &B64.encode([0u8; 32])).is_err(),
+            "low order"
+        );
         assert!(private_key("k", &B64.encode([0u8; 32])).is_err());
         assert!(preshared_key("k", &B64.encode([0u8; 32])).is_err());
         assert!(preshared_key("k", &B64.encode([5u8; 32])).is_ok());
@@ -281,7 +286,11 @@ mod tests {
         )
         .unwrap();
         let indices: Vec<usize> = got.iter().map(|(i, _)| *i).collect();
-        assert_eq!(indices, vec![0, 2, 3], "the repeat is dropped, indices kept");
+        assert_eq!(
+            indices,
+            vec![0, 2, 3],
+            "the repeat is dropped, indices kept"
+        );
         assert_eq!(
             sorted_ips(&got),
             vec!["10.0.0.0/24", "192.168.1.1/32", "fd00::1/128"]
@@ -404,7 +413,11 @@ mod tests {
         assert_eq!(c.peers.len(), 1, "{c:?}");
         assert!(c.location.is_empty());
         assert_eq!(
-            request_field("allowed_ips[1]", &["a".into(), "b".into()], &[(4, "b".into())]),
+            request_field(
+                "allowed_ips[1]",
+                &["a".into(), "b".into()],
+                &[(4, "b".into())]
+            ),
             "allowed_ips[4]"
         );
     }

@@ -36,15 +36,26 @@ async fn reproduced_cases_are_refused_naming_the_field() {
         endpoint: Some("192.0.2.1:0".into()),
         ..peer(2)
     };
-    expect(t.admin.add_peer(loc, &endpoint_port_0).await.unwrap_err(), 400, "endpoint");
+    expect(
+        t.admin.add_peer(loc, &endpoint_port_0).await.unwrap_err(),
+        400,
+        "endpoint",
+    );
     let own_key = NewPeer {
         public_key: own.clone(),
         ..peer(2)
     };
-    expect(t.admin.add_peer(loc, &own_key).await.unwrap_err(), 409, "public_key");
+    expect(
+        t.admin.add_peer(loc, &own_key).await.unwrap_err(),
+        409,
+        "public_key",
+    );
     // Overlapping the other peer's /32, in either direction.
     expect(
-        t.admin.add_peer(loc, &with_ips(&["10.9.0.0/24"])).await.unwrap_err(),
+        t.admin
+            .add_peer(loc, &with_ips(&["10.9.0.0/24"]))
+            .await
+            .unwrap_err(),
         409,
         "allowed_ips[0]",
     );
@@ -57,7 +68,10 @@ async fn reproduced_cases_are_refused_naming_the_field() {
         "allowed_ips[1]",
     );
     expect(
-        t.admin.add_peer(loc, &with_ips(&["0.0.0.0/0"])).await.unwrap_err(),
+        t.admin
+            .add_peer(loc, &with_ips(&["0.0.0.0/0"]))
+            .await
+            .unwrap_err(),
         400,
         "allowed_ips[0]",
     );
@@ -71,17 +85,26 @@ async fn reproduced_cases_are_refused_naming_the_field() {
     );
     // Covering the gateway's own address; a /32 elsewhere in its subnet is normal.
     expect(
-        t.admin.add_peer(loc, &with_ips(&["10.8.0.0/30"])).await.unwrap_err(),
+        t.admin
+            .add_peer(loc, &with_ips(&["10.8.0.0/30"]))
+            .await
+            .unwrap_err(),
         409,
         "allowed_ips[0]",
     );
     expect(
-        t.admin.add_peer(loc, &with_ips(&["fd08::1/128"])).await.unwrap_err(),
+        t.admin
+            .add_peer(loc, &with_ips(&["fd08::1/128"]))
+            .await
+            .unwrap_err(),
         409,
         "allowed_ips[0]",
     );
     expect(
-        t.admin.add_peer(loc, &with_ips(&["10.9.1.7/24"])).await.unwrap_err(),
+        t.admin
+            .add_peer(loc, &with_ips(&["10.9.1.7/24"]))
+            .await
+            .unwrap_err(),
         400,
         "allowed_ips[0]",
     );
@@ -90,18 +113,30 @@ async fn reproduced_cases_are_refused_naming_the_field() {
         preshared_key: Some(zero.clone()),
         ..peer(2)
     };
-    expect(t.admin.add_peer(loc, &zero_psk).await.unwrap_err(), 400, "preshared_key");
+    expect(
+        t.admin.add_peer(loc, &zero_psk).await.unwrap_err(),
+        400,
+        "preshared_key",
+    );
     let low_order = NewPeer {
         public_key: zero.clone(),
         ..peer(2)
     };
-    expect(t.admin.add_peer(loc, &low_order).await.unwrap_err(), 400, "public_key");
+    expect(
+        t.admin.add_peer(loc, &low_order).await.unwrap_err(),
+        400,
+        "public_key",
+    );
     let order_8 = "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=";
     let low_order = NewPeer {
         public_key: order_8.into(),
         ..peer(2)
     };
-    expect(t.admin.add_peer(loc, &low_order).await.unwrap_err(), 400, "public_key");
+    expect(
+        t.admin.add_peer(loc, &low_order).await.unwrap_err(),
+        400,
+        "public_key",
+    );
     // In a bulk add the item is named.
     expect(
         t.admin
@@ -116,50 +151,90 @@ async fn reproduced_cases_are_refused_naming_the_field() {
         allowed_ips: Some(vec!["10.8.0.1/32".into()]),
         ..Default::default()
     };
-    expect(t.admin.patch_peer(loc, a.id, &patch).await.unwrap_err(), 409, "allowed_ips[0]");
+    expect(
+        t.admin.patch_peer(loc, a.id, &patch).await.unwrap_err(),
+        409,
+        "allowed_ips[0]",
+    );
     let patch = PeerPatch {
         public_key: Some(own),
         ..Default::default()
     };
-    expect(t.admin.patch_peer(loc, a.id, &patch).await.unwrap_err(), 409, "public_key");
+    expect(
+        t.admin.patch_peer(loc, a.id, &patch).await.unwrap_err(),
+        409,
+        "public_key",
+    );
     let patch = PeerPatch {
         preshared_key: Some(zero.clone()),
         ..Default::default()
     };
-    expect(t.admin.patch_peer(loc, a.id, &patch).await.unwrap_err(), 400, "preshared_key");
+    expect(
+        t.admin.patch_peer(loc, a.id, &patch).await.unwrap_err(),
+        400,
+        "preshared_key",
+    );
     // The location: its address moved onto a peer's, a zero private key, port 0, /0.
     let onto_peer = LocationPatch {
         addresses: Some(vec!["10.9.0.3/16".into()]),
         ..Default::default()
     };
-    expect(t.admin.patch_location(loc, &onto_peer).await.unwrap_err(), 409, "addresses");
+    expect(
+        t.admin.patch_location(loc, &onto_peer).await.unwrap_err(),
+        409,
+        "addresses",
+    );
     let zero_key = LocationPatch {
         private_key: Some(zero.clone()),
         ..Default::default()
     };
-    expect(t.admin.patch_location(loc, &zero_key).await.unwrap_err(), 400, "private_key");
+    expect(
+        t.admin.patch_location(loc, &zero_key).await.unwrap_err(),
+        400,
+        "private_key",
+    );
     let port_0 = LocationPatch {
         listen_port: Some(0),
         ..Default::default()
     };
-    expect(t.admin.patch_location(loc, &port_0).await.unwrap_err(), 400, "listen_port");
+    expect(
+        t.admin.patch_location(loc, &port_0).await.unwrap_err(),
+        400,
+        "listen_port",
+    );
     let slash_0 = LocationPatch {
         addresses: Some(vec!["10.8.0.1/0".into()]),
         ..Default::default()
     };
-    expect(t.admin.patch_location(loc, &slash_0).await.unwrap_err(), 400, "addresses[0]");
+    expect(
+        t.admin.patch_location(loc, &slash_0).await.unwrap_err(),
+        400,
+        "addresses[0]",
+    );
     let bad_name = NewLocation {
         name: "a\u{1b}[2J".into(),
         ..Default::default()
     };
-    expect(t.admin.create_location(&bad_name).await.unwrap_err(), 400, "name");
+    expect(
+        t.admin.create_location(&bad_name).await.unwrap_err(),
+        400,
+        "name",
+    );
     let zero_key = NewLocation {
         name: "z".into(),
         private_key: Some(zero),
         ..Default::default()
     };
-    expect(t.admin.create_location(&zero_key).await.unwrap_err(), 400, "private_key");
-    assert_eq!(t.revision(loc).await, rev, "nothing refused made a revision");
+    expect(
+        t.admin.create_location(&zero_key).await.unwrap_err(),
+        400,
+        "private_key",
+    );
+    assert_eq!(
+        t.revision(loc).await,
+        rev,
+        "nothing refused made a revision"
+    );
 
     // A firewall address with a leading space is stored in canonical form.
     let fw = FirewallPolicy {
@@ -258,6 +333,13 @@ async fn stored_content_failing_the_rules_is_reported_not_served() {
         &d.changes[0].kind,
         Some(gatehouse_proto::v1::change::Kind::UpsertPeer(p)) if p.id == port0.id
     ));
-    let left: Vec<Option<u64>> = t.admin.audit().await.unwrap().iter().map(|f| f.peer_id).collect();
+    let left: Vec<Option<u64>> = t
+        .admin
+        .audit()
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.peer_id)
+        .collect();
     assert_eq!(left, vec![Some(slash0.id)]);
 }
