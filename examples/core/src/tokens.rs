@@ -262,6 +262,83 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tokens_of_the_first_schema_are_kept_unbound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE locations (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT);
+                 INSERT INTO locations (name) VALUES ('office');
+                 CREATE TABLE tokens (hash BLOB PRIMARY KEY, location_id INTEGER NOT NULL,
+                     created_at INTEGER NOT NULL);",
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO tokens VALUES (?1, 1, 5)",
+                [token_hash("ght_old")],
+            )
+            .unwrap();
+        }
+        let conn = Connection::open(&path).unwrap();
+        init(&conn).unwrap();
+        init(&conn).unwrap(); // idempotent
+        let mut store = Store { conn };
+        let grant = store
+            .authenticate("ght_old", 10)
+            .unwrap()
+            .expect("still valid");
+        assert_eq!((grant.location, grant.expires_at), (1, None));
+        assert_eq!(
+            store.bind_token(grant.id, "gw-1", 10).unwrap(),
+            Binding::Bind
+        );
+        assert_eq!(
+            store.bind_token(grant.id, "gw-1", 11).unwrap(),
+            Binding::Keep
+        );
+        assert!(store.authenticate("ght_other", 10).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_expired_token_does_not_authenticate_nor_hold_its_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.db")).unwrap();
+        let loc = store
+            .create_location(
+                api::NewLocation {
+                    name: "x".into(),
+                    listen_port: 51820,
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap()
+            .id;
+        let new = api::NewToken {
+            gateway_id: Some("gw-1".into()),
+            expires_in_secs: Some(60),
+        };
+        let old = store.create_token(loc, &new, 0).unwrap();
+        assert!(store.authenticate(&old.token, 59_999).unwrap().is_some());
+        assert!(store.authenticate(&old.token, 60_000).unwrap().is_none());
+        assert!(!store.token_valid(old.id, 60_000).unwrap());
+        // Once it expired, a new unbound token may take the id.
+        let fresh = store
+            .create_token(loc, &api::NewToken::default(), 0)
+            .unwrap();
+        let grant = store.authenticate(&fresh.token, 1).unwrap().unwrap();
+        assert!(matches!(
+            store.bind_token(grant.id, "gw-1", 1).unwrap(),
+            Binding::Refuse(_)
+        ));
+        assert_eq!(
+            store.bind_token(grant.id, "gw-1", 60_000).unwrap(),
+            Binding::Bind
+        );
+    }
+
+    #[test]
     fn binding_rule() {
         assert_eq!(binding(Some("a"), "a", false), Binding::Keep);
         assert_eq!(binding(Some("a"), "a", true), Binding::Keep);

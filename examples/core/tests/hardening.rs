@@ -363,7 +363,50 @@ async fn pagination_returns_every_item_exactly_once() {
     assert_eq!(seen, want, "every peer once, in id order");
     assert_eq!(t.admin.peers(loc).await.unwrap().len(), 25);
 
-    // Events (2,500 over three Hellos and PeerEvents) and gateways (string key).
+    // Stats rows (one per peer), keyed by row id, and kept ids across updates.
+    let tok = t.admin.create_token(loc).await.unwrap();
+    let (gw, _, _) = Gw::hello(t.grpc(), &tok, "gw-stats", vec![]).await;
+    for round in 1..=2u64 {
+        let rows = added
+            .iter()
+            .map(|p| pb::PeerStats {
+                public_key: raw(&p.public_key),
+                rx_bytes: round,
+                ..Default::default()
+            })
+            .collect();
+        gw.send(G::Stats(pb::Stats {
+            collected_at_ms: round as i64,
+            peers: rows,
+            more: false,
+        }))
+        .await;
+    }
+    eventually("both stats rounds stored", || async {
+        let rows = t.admin.stats(loc).await.unwrap();
+        rows.len() == 25 && rows.iter().all(|r| r.rx_bytes == 2)
+    })
+    .await;
+    let stats_path = format!("/api/v1/locations/{loc}/stats");
+    let mut rows: Vec<u64> = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page: Vec<gatehouse_core::api::StatsView> = t
+            .admin
+            .page(&stats_path, 7, after.as_deref())
+            .await
+            .unwrap();
+        rows.extend(page.iter().map(|r| r.peer_id));
+        if page.len() < 7 {
+            break;
+        }
+        after = page.last().map(|r| r.id.to_string());
+    }
+    rows.sort();
+    assert_eq!(rows, want, "every stats row once");
+    drop(gw);
+
+    // Events (3,000 over three Hellos) and gateways (string key).
     for g in 0..3 {
         let tok = t.admin.create_token(loc).await.unwrap();
         let events = (1..=1000).map(|s| mfa_event(s, &key(), 1)).collect();
