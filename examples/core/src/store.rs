@@ -26,7 +26,7 @@ type Result<T> = std::result::Result<T, CoreError>;
 pub struct Store {
     pub(crate) conn: Connection,
     /// Stored items the shared rules reject: reported, and left out of what is served.
-    audit: Audit,
+    pub(crate) audit: Audit,
 }
 
 /// What a stats batch did.

@@ -283,7 +283,10 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         init(&conn).unwrap();
         init(&conn).unwrap(); // idempotent
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            audit: Default::default(),
+        };
         let grant = store
             .authenticate("ght_old", 10)
             .unwrap()
