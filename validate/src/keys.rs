@@ -37,11 +37,43 @@ pub fn preshared_key(bytes: &[u8]) -> Result<Option<[u8; 32]>, String> {
     Ok(Some(key))
 }
 
-/// Whether `u` (a Montgomery u-coordinate, any encoding) has order dividing 8: multiplied by
-/// a clamped scalar (a multiple of 8 that is not a multiple of either prime subgroup order) it
-/// gives the all-zero point exactly then. This is WireGuard's own test on the DH result.
+/// The u-coordinates of the points of order dividing 8 (0 and 1, the two of order 8, p-1),
+/// and the non-canonical encodings p and p+1 of 0 and 1. The top bit is ignored by X25519.
+const LOW_ORDER: [[u8; 32]; 7] = [
+    [0; 32],
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    p_plus(-1),
+    p_plus(0),
+    p_plus(1),
+];
+
+/// The little-endian encoding of p + d (p = 2^255 - 19), for d in -1..=1.
+const fn p_plus(d: i8) -> [u8; 32] {
+    let mut k = [0xff; 32];
+    k[0] = (0xed_i16 + d as i16) as u8;
+    k[31] = 0x7f;
+    k
+}
+
+/// Whether `u` (a Montgomery u-coordinate, any encoding) is a point of low order: any shared
+/// secret with it is all-zero (WireGuard refuses such a handshake).
 pub fn is_low_order(u: &[u8; 32]) -> bool {
-    x25519_dalek::x25519([0x5a; 32], *u) == [0; 32]
+    let mut masked = *u;
+    masked[31] &= 0x7f;
+    LOW_ORDER.contains(&masked)
 }
 
 /// The interface's public key for a private key (clamped as WireGuard does).
@@ -79,6 +111,30 @@ mod tests {
             assert!(public_key(&k).is_err(), "{h}");
             k[31] |= 0x80; // the high bit is ignored by X25519
             assert!(public_key(&k).is_err(), "{h} with the high bit");
+        }
+    }
+
+    /// The table agrees with the definition: a clamped scalar (a multiple of 8) times the
+    /// point is the all-zero point exactly for points of low order.
+    #[test]
+    fn the_table_agrees_with_scalar_multiplication() {
+        let by_mult = |u: &[u8; 32]| x25519_dalek::x25519([0x5a; 32], *u) == [0; 32];
+        for h in LOW_ORDER {
+            assert!(by_mult(&hex(h)), "{h}");
+        }
+        let mut probes: Vec<[u8; 32]> = (0..=255u8).map(|b| [b; 32]).collect();
+        probes.extend((0..64u8).map(|i| {
+            let mut k = p_plus(1);
+            k[0] = k[0].wrapping_add(i);
+            k
+        }));
+        probes.extend((0..32u8).map(|i| {
+            let mut k = [0; 32];
+            k[0] = i;
+            k
+        }));
+        for u in probes {
+            assert_eq!(is_low_order(&u), by_mult(&u), "{u:?}");
         }
     }
 
