@@ -254,8 +254,9 @@ pub fn unknown_env_vars(env: &BTreeMap<String, String>) -> Vec<String> {
     schema::unknown_env_vars(env)
 }
 
-/// Checks that an interface name is one Linux accepts: 1..=15 bytes, not `.` or `..`, no
-/// `/`, `:` or whitespace.
+/// Checks an interface name: 1..=15 bytes of `[A-Za-z0-9_.-]`, not `.` or `..`. Stricter
+/// than the kernel on purpose: `%` would make the kernel pick a new name (`wg%d`) at every
+/// create, so the agent would never find its interface again.
 pub fn validate_interface_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 {
         return Err(format!("{name:?}: must be 1 to 15 bytes long"));
@@ -265,9 +266,11 @@ pub fn validate_interface_name(name: &str) -> Result<(), String> {
     }
     if let Some(c) = name
         .chars()
-        .find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control())
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
-        return Err(format!("{name:?}: must not contain {c:?}"));
+        return Err(format!(
+            "{name:?}: must not contain {c:?} (allowed: A-Z a-z 0-9 _ . -)"
+        ));
     }
     Ok(())
 }
