@@ -1,11 +1,15 @@
 //! The location the agent holds (the last revision it accepted) and how Core messages
 //! change it: a snapshot replaces it, a delta applies on top of it when its base is the
 //! held revision. Pure: returns what to do, the event loop does it.
+//!
+//! A rejected revision still says which peers it lists: its removals (peers it deletes or
+//! no longer lists) are applied all the same (design §3), see [`Held::keep_only`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use gatehouse_proto::v1;
 
+use crate::model::Key;
 use crate::validate::{validate_location, Rejection, ValidLocation};
 
 /// A revision of the location that passed validation. `Debug` shows no key material.
@@ -35,11 +39,49 @@ pub enum Update {
     Gap { held: u64, base: u64 },
     /// The revision is older than or equal to the held one: nothing to do.
     Stale { held: u64, got: u64 },
-    /// Invalid content: report it, keep the last good state.
+    /// Invalid content: report it, keep the last good state except for the peers the
+    /// revision no longer lists.
     Reject {
         revision: u64,
         rejections: Vec<Rejection>,
+        /// The public keys of the peers the rejected revision lists; None when it says
+        /// nothing about its peers (nothing is removed then).
+        listed: Option<BTreeSet<Key>>,
     },
+}
+
+impl Held {
+    /// Removes the held peers that are not in `listed`; returns their keys. The held
+    /// location then no longer equals the Core's revision `self.revision`.
+    pub fn keep_only(&mut self, listed: &BTreeSet<Key>) -> Vec<Key> {
+        let gone: Vec<Key> = self
+            .valid
+            .desired
+            .peers
+            .keys()
+            .filter(|k| !listed.contains(k))
+            .copied()
+            .collect();
+        if gone.is_empty() {
+            return gone;
+        }
+        self.valid.desired.peers.retain(|k, _| listed.contains(k));
+        self.valid.meta.retain(|k, _| listed.contains(k));
+        self.location
+            .peers
+            .retain(|p| Key::from_slice(&p.public_key).is_some_and(|k| listed.contains(&k)));
+        gone
+    }
+}
+
+/// The public keys of the peers a location lists (malformed keys are left out: no held
+/// peer has one).
+pub fn listed_keys(location: &v1::Location) -> BTreeSet<Key> {
+    location
+        .peers
+        .iter()
+        .filter_map(|p| Key::from_slice(&p.public_key))
+        .collect()
 }
 
 /// Accepts or rejects a snapshot.
@@ -48,6 +90,7 @@ pub fn on_snapshot(snapshot: &v1::Snapshot) -> Update {
         return Update::Reject {
             revision: snapshot.revision,
             rejections: vec![Rejection::new("location", "missing")],
+            listed: None,
         };
     };
     accept(snapshot.revision, location.clone())
@@ -78,14 +121,27 @@ pub fn on_delta(held: Option<&Held>, delta: &v1::Delta) -> Update {
                     delta.revision, delta.base_revision
                 ),
             )],
+            listed: None,
         };
     }
     match apply_changes(&held.location, &delta.changes) {
         Ok(location) => accept(delta.revision, location),
-        Err(rejections) => Update::Reject {
-            revision: delta.revision,
-            rejections,
-        },
+        Err(rejections) => {
+            // The changes do not all apply: the peers it removes are still removed.
+            let mut listed = listed_keys(&held.location);
+            for change in &delta.changes {
+                if let Some(v1::change::Kind::RemovePeer(key)) = &change.kind {
+                    if let Some(key) = Key::from_slice(key) {
+                        listed.remove(&key);
+                    }
+                }
+            }
+            Update::Reject {
+                revision: delta.revision,
+                rejections,
+                listed: Some(listed),
+            }
+        }
     }
 }
 
@@ -145,6 +201,7 @@ fn accept(revision: u64, location: v1::Location) -> Update {
         })),
         Err(rejections) => Update::Reject {
             revision,
+            listed: Some(listed_keys(&location)),
             rejections,
         },
     }
@@ -256,12 +313,75 @@ mod tests {
         let Update::Reject {
             revision,
             rejections,
+            listed,
         } = on_delta(Some(&h), &d)
         else {
             panic!()
         };
         assert_eq!(revision, 6);
         assert_eq!(rejections[0].item, "peers[3].allowed_ips");
+        let listed: Vec<Key> = listed.unwrap().into_iter().collect();
+        assert_eq!(listed, vec![Key([2; 32]), Key([3; 32]), Key([4; 32]), Key([5; 32])]);
+    }
+
+    #[test]
+    fn a_rejected_revision_still_names_what_it_removes() {
+        let mut h = held(5);
+        // A removal next to an invalid upsert: peer 2 is no longer listed.
+        let d = v1::Delta {
+            revision: 6,
+            base_revision: 5,
+            changes: vec![
+                change(Kind::RemovePeer(vec![2; 32])),
+                change(Kind::UpsertPeer(peer(5, "10.0.0.3/32"))),
+            ],
+        };
+        let Update::Reject { listed, .. } = on_delta(Some(&h), &d) else {
+            panic!()
+        };
+        let listed = listed.unwrap();
+        assert!(!listed.contains(&Key([2; 32])) && listed.contains(&Key([3; 32])));
+        assert_eq!(h.keep_only(&listed), vec![Key([2; 32])]);
+        let keys: Vec<Key> = h.valid.desired.peers.keys().copied().collect();
+        assert_eq!(keys, vec![Key([3; 32])]);
+        assert_eq!(h.location.peers.len(), 1);
+        assert!(!h.valid.meta.contains_key(&Key([2; 32])));
+
+        // An unknown change: the delta's removals still count.
+        let h = held(5);
+        let d = v1::Delta {
+            revision: 6,
+            base_revision: 5,
+            changes: vec![
+                change(Kind::RemovePeer(vec![3; 32])),
+                v1::Change { kind: None },
+            ],
+        };
+        let Update::Reject { listed, .. } = on_delta(Some(&h), &d) else {
+            panic!()
+        };
+        assert_eq!(listed.unwrap().into_iter().collect::<Vec<_>>(), vec![Key([2; 32])]);
+
+        // A snapshot with invalid content lists its peers; one without a location, none.
+        let mut bad = base();
+        bad.peers = vec![peer(3, "10.0.0.3/32"), peer(9, "0.0.0.300/32")];
+        let Update::Reject { listed, .. } = on_snapshot(&v1::Snapshot {
+            revision: 6,
+            location: Some(bad),
+        }) else {
+            panic!()
+        };
+        assert_eq!(
+            listed.unwrap().into_iter().collect::<Vec<_>>(),
+            vec![Key([3; 32]), Key([9; 32])]
+        );
+        let Update::Reject { listed, .. } = on_snapshot(&v1::Snapshot {
+            revision: 6,
+            location: None,
+        }) else {
+            panic!()
+        };
+        assert!(listed.is_none());
     }
 
     #[test]

@@ -1,7 +1,13 @@
 //! The event loop's side of the Core protocol: what to do with each message from the
 //! connection task (Hello, snapshots, deltas, acks, disconnects) and the messages the
 //! agent sends back (Applied, Stats, PeerEvent, SnapshotRequest).
+//!
+//! An accepted revision becomes the held one at once and is applied by
+//! [`Agent::apply_accepted`] at the end of the loop's batch of Core events (a burst of
+//! deltas is one apply of the newest state) or before any event that must see it applied
+//! (a rejection, a reconnect). A rejected revision's removals are applied at once.
 
+use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use gatehouse_proto::v1::{self, gateway_message::Kind as Out};
@@ -16,6 +22,10 @@ use crate::validate::Rejection;
 
 impl Agent {
     pub(super) async fn on_core(&mut self, event: FromCore) {
+        if !matches!(event, FromCore::Message(_)) {
+            // Hello, a new stream, a lost stream: the Core sees what is applied.
+            self.apply_accepted().await;
+        }
         match event {
             FromCore::HelloWanted(reply) => {
                 let _ = reply.send(self.hello());
@@ -93,13 +103,21 @@ impl Agent {
                 location::on_snapshot(&snapshot)
             }
             Some(Kind::Delta(delta)) => {
-                info!(
+                debug!(
                     revision = delta.revision,
                     base = delta.base_revision,
                     changes = delta.changes.len(),
                     "delta from the Core"
                 );
-                location::on_delta(self.held.as_ref(), &delta)
+                match &self.held {
+                    // The held content lost peers a rejected revision no longer listed:
+                    // it is not the base the Core means any more.
+                    Some(held) if self.held_trimmed => Update::Gap {
+                        held: held.revision,
+                        base: delta.base_revision,
+                    },
+                    held => location::on_delta(held.as_ref(), &delta),
+                }
             }
             Some(Kind::EventAck(ack)) => {
                 let before = self.pending.len();
@@ -153,30 +171,11 @@ impl Agent {
                          not enforce firewall policies (nftables): traffic is NOT filtered"
                     );
                 }
+                debug!(revision, "revision accepted");
                 self.held = Some(*held);
+                self.held_trimmed = false;
                 self.last_rejected = None;
-                // On disk before the kernel changes: a crash in between restarts from
-                // this revision, not from an older one that would re-add revoked peers.
-                self.save_state();
-                match self.reconcile(&format!("revision {revision}")) {
-                    Ok(_) => {
-                        self.applied_revision = revision;
-                        self.send_applied(revision, None);
-                        self.save_state();
-                        self.after_first_apply().await;
-                    }
-                    Err(e) => {
-                        self.send_applied(
-                            revision,
-                            Some(v1::ApplyError {
-                                kind: v1::ApplyErrorKind::Backend as i32,
-                                message: e.to_string(),
-                                rejected: vec![],
-                            }),
-                        );
-                        self.save_state();
-                    }
-                }
+                self.unapplied = true;
             }
             Update::Gap { held, base } if self.snapshot_requested => {
                 debug!(
@@ -201,7 +200,10 @@ impl Agent {
             Update::Reject {
                 revision,
                 rejections,
+                listed,
             } => {
+                // What was accepted before is applied and acknowledged first.
+                self.apply_accepted().await;
                 warn!(
                     revision,
                     count = rejections.len(),
@@ -220,6 +222,58 @@ impl Agent {
                         rejected: rejections.iter().map(Rejection::to_proto).collect(),
                     }),
                 );
+                if let Some(listed) = listed {
+                    self.remove_unlisted(revision, &listed);
+                }
+            }
+        }
+    }
+
+    /// Applies the removals of a rejected revision: held peers it no longer lists leave
+    /// the held state (on disk first) and the interface.
+    fn remove_unlisted(&mut self, revision: u64, listed: &BTreeSet<Key>) {
+        let Some(held) = &mut self.held else { return };
+        let gone = held.keep_only(listed);
+        if gone.is_empty() {
+            return;
+        }
+        self.held_trimmed = true;
+        for key in &gone {
+            info!(peer = %key, revision, "peer removed: the rejected revision no longer lists it");
+        }
+        self.save_state();
+        if let Err(e) = self.reconcile(&format!("removals of rejected revision {revision}")) {
+            warn!(error = %e, "removals of a rejected revision not complete; retried at the next resync");
+        }
+    }
+
+    /// Applies the held revision when one was accepted since the last apply, then tells
+    /// the Core (`Applied`). One apply however many revisions arrived in between.
+    pub(super) async fn apply_accepted(&mut self) {
+        if !std::mem::take(&mut self.unapplied) {
+            return;
+        }
+        let Some(revision) = self.held.as_ref().map(|h| h.revision) else {
+            return;
+        };
+        // On disk before the kernel changes: a crash in between restarts from this
+        // revision, not from an older one that would re-add revoked peers.
+        self.save_state();
+        match self.reconcile(&format!("revision {revision}")) {
+            Ok(_) => {
+                self.applied_revision = revision;
+                self.send_applied(revision, None);
+                self.save_state();
+                self.after_first_apply().await;
+            }
+            Err(e) => {
+                let error = self.steps.to_apply_error().unwrap_or(v1::ApplyError {
+                    kind: v1::ApplyErrorKind::Backend as i32,
+                    message: e.to_string(),
+                    rejected: vec![],
+                });
+                self.send_applied(revision, Some(error));
+                self.save_state();
             }
         }
     }
