@@ -245,7 +245,7 @@ pub fn render_metrics(s: &Status) -> Result<String, std::fmt::Error> {
     counter(
         &mut registry,
         "missed_deadlines",
-        "Timer runs (MFA expiry, stats, resync) more than 2s after their deadline",
+        "Timer runs (MFA expiry, stats, resync) more than 5s after their deadline",
         s.timers.missed_deadlines,
     );
     gauge(

@@ -98,21 +98,75 @@ pub fn on_snapshot(snapshot: &v1::Snapshot) -> Update {
 
 /// Applies a delta on top of the held revision, or says why it cannot.
 pub fn on_delta(held: Option<&Held>, delta: &v1::Delta) -> Update {
+    on_deltas(held, std::slice::from_ref(delta)).0
+}
+
+/// Applies a run of deltas on top of the held revision and validates only the result, so a
+/// burst of deltas costs one validation (and the agent one apply) of the newest state.
+/// Returns the update and how many deltas it used (at least one): the run stops before a
+/// delta that does not follow the one before it or holds an unknown change, which the
+/// next call then judges on its own.
+pub fn on_deltas(held: Option<&Held>, deltas: &[v1::Delta]) -> (Update, usize) {
+    let Some(first) = deltas.first() else {
+        let rev = held.map_or(0, |h| h.revision);
+        return (Update::Stale { held: rev, got: rev }, 0);
+    };
+    let held = match follows(held, first) {
+        Ok(held) => held,
+        Err(update) => return (update, 1),
+    };
+    if let Err(rejections) = check_changes(&first.changes) {
+        // The changes do not all apply: the peers it removes are still removed.
+        let mut listed = listed_keys(&held.location);
+        for change in &first.changes {
+            if let Some(v1::change::Kind::RemovePeer(key)) = &change.kind {
+                if let Some(key) = Key::from_slice(key) {
+                    listed.remove(&key);
+                }
+            }
+        }
+        let update = Update::Reject {
+            revision: first.revision,
+            rejections,
+            listed: Some(listed),
+        };
+        return (update, 1);
+    }
+    let mut run = Run::new(&held.location);
+    let mut revision = held.revision;
+    let mut used = 0;
+    for delta in deltas {
+        let next = delta.base_revision == revision
+            && delta.revision > delta.base_revision
+            && check_changes(&delta.changes).is_ok();
+        if !next {
+            break;
+        }
+        run.apply(&delta.changes);
+        revision = delta.revision;
+        used += 1;
+    }
+    (accept(revision, run.finish()), used)
+}
+
+/// Whether `delta` applies on the held revision: the held one, or the update that says
+/// why not.
+fn follows<'a>(held: Option<&'a Held>, delta: &v1::Delta) -> Result<&'a Held, Update> {
     let held_rev = held.map_or(0, |h| h.revision);
     let Some(held) = held.filter(|h| h.revision == delta.base_revision) else {
         if held_rev >= delta.revision && held_rev != 0 {
-            return Update::Stale {
+            return Err(Update::Stale {
                 held: held_rev,
                 got: delta.revision,
-            };
+            });
         }
-        return Update::Gap {
+        return Err(Update::Gap {
             held: held_rev,
             base: delta.base_revision,
-        };
+        });
     };
     if delta.revision <= delta.base_revision {
-        return Update::Reject {
+        return Err(Update::Reject {
             revision: delta.revision,
             rejections: vec![Rejection::new(
                 "revision",
@@ -122,26 +176,19 @@ pub fn on_delta(held: Option<&Held>, delta: &v1::Delta) -> Update {
                 ),
             )],
             listed: None,
-        };
+        });
     }
-    match apply_changes(&held.location, &delta.changes) {
-        Ok(location) => accept(delta.revision, location),
-        Err(rejections) => {
-            // The changes do not all apply: the peers it removes are still removed.
-            let mut listed = listed_keys(&held.location);
-            for change in &delta.changes {
-                if let Some(v1::change::Kind::RemovePeer(key)) = &change.kind {
-                    if let Some(key) = Key::from_slice(key) {
-                        listed.remove(&key);
-                    }
-                }
-            }
-            Update::Reject {
-                revision: delta.revision,
-                rejections,
-                listed: Some(listed),
-            }
-        }
+    Ok(held)
+}
+
+/// Every change is one this agent knows.
+fn check_changes(changes: &[v1::Change]) -> Result<(), Vec<Rejection>> {
+    match changes.iter().position(|c| c.kind.is_none()) {
+        Some(i) => Err(vec![Rejection::new(
+            format!("changes[{i}]"),
+            "unknown or empty change (newer protocol?)",
+        )]),
+        None => Ok(()),
     }
 }
 
@@ -150,46 +197,69 @@ pub fn apply_changes(
     base: &v1::Location,
     changes: &[v1::Change],
 ) -> Result<v1::Location, Vec<Rejection>> {
-    let mut loc = base.clone();
-    let mut index: HashMap<Vec<u8>, usize> = loc
-        .peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.public_key.clone(), i))
-        .collect();
-    let mut removed = false;
-    for (i, change) in changes.iter().enumerate() {
+    check_changes(changes)?;
+    let mut run = Run::new(base);
+    run.apply(changes);
+    Ok(run.finish())
+}
+
+/// A location being changed by deltas, with an index of its peers by key.
+struct Run {
+    loc: v1::Location,
+    index: HashMap<Vec<u8>, usize>,
+    removed: bool,
+}
+
+impl Run {
+    fn new(base: &v1::Location) -> Self {
+        let loc = base.clone();
+        let index = loc
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.public_key.clone(), i))
+            .collect();
+        Run {
+            loc,
+            index,
+            removed: false,
+        }
+    }
+
+    /// Applies checked changes (see [`check_changes`]) in order.
+    fn apply(&mut self, changes: &[v1::Change]) {
         use v1::change::Kind;
-        match &change.kind {
-            Some(Kind::UpsertPeer(peer)) => match index.get(&peer.public_key) {
-                Some(&at) => loc.peers[at] = peer.clone(),
-                None => {
-                    index.insert(peer.public_key.clone(), loc.peers.len());
-                    loc.peers.push(peer.clone());
+        for change in changes {
+            match &change.kind {
+                Some(Kind::UpsertPeer(peer)) => match self.index.get(&peer.public_key) {
+                    Some(&at) => self.loc.peers[at] = peer.clone(),
+                    None => {
+                        self.index
+                            .insert(peer.public_key.clone(), self.loc.peers.len());
+                        self.loc.peers.push(peer.clone());
+                    }
+                },
+                Some(Kind::RemovePeer(key)) => {
+                    if let Some(at) = self.index.remove(key) {
+                        // Mark and compact once at the end: removal stays O(1) per change.
+                        self.loc.peers[at].public_key.clear();
+                        self.removed = true;
+                    }
                 }
-            },
-            Some(Kind::RemovePeer(key)) => {
-                if let Some(at) = index.remove(key) {
-                    // Mark and compact once at the end: removal stays O(1) per change.
-                    loc.peers[at].public_key.clear();
-                    removed = true;
-                }
-            }
-            Some(Kind::SetInterface(iface)) => loc.interface = Some(iface.clone()),
-            Some(Kind::SetFirewall(fw)) => loc.firewall = Some(fw.clone()),
-            Some(Kind::SetMfa(mfa)) => loc.mfa = Some(*mfa),
-            None => {
-                return Err(vec![Rejection::new(
-                    format!("changes[{i}]"),
-                    "unknown or empty change (newer protocol?)",
-                )])
+                Some(Kind::SetInterface(iface)) => self.loc.interface = Some(iface.clone()),
+                Some(Kind::SetFirewall(fw)) => self.loc.firewall = Some(fw.clone()),
+                Some(Kind::SetMfa(mfa)) => self.loc.mfa = Some(*mfa),
+                None => {}
             }
         }
     }
-    if removed {
-        loc.peers.retain(|p| !p.public_key.is_empty());
+
+    fn finish(mut self) -> v1::Location {
+        if self.removed {
+            self.loc.peers.retain(|p| !p.public_key.is_empty());
+        }
+        self.loc
     }
-    Ok(loc)
 }
 
 fn accept(revision: u64, location: v1::Location) -> Update {
@@ -382,6 +452,34 @@ mod tests {
             panic!()
         };
         assert!(listed.is_none());
+    }
+
+    #[test]
+    fn a_run_of_deltas_is_one_update_and_stops_at_a_gap() {
+        let h = held(5);
+        let delta = |rev: u64, base: u64, kind: Kind| v1::Delta {
+            revision: rev,
+            base_revision: base,
+            changes: vec![change(kind)],
+        };
+        let run = vec![
+            // Peer 4 takes peer 2's address: invalid on its own, valid after the next.
+            delta(6, 5, Kind::UpsertPeer(peer(4, "10.0.0.2/32"))),
+            delta(7, 6, Kind::RemovePeer(vec![2; 32])),
+            delta(8, 7, Kind::UpsertPeer(peer(5, "10.0.0.5/32"))),
+            delta(10, 9, Kind::RemovePeer(vec![3; 32])),
+        ];
+        let (update, used) = on_deltas(Some(&h), &run);
+        assert_eq!(used, 3);
+        let Update::Accept(next) = update else {
+            panic!("{update:?}")
+        };
+        assert_eq!(next.revision, 8);
+        let keys: Vec<Key> = next.valid.desired.peers.keys().copied().collect();
+        assert_eq!(keys, vec![Key([3; 32]), Key([4; 32]), Key([5; 32])]);
+        let (update, used) = on_deltas(Some(&next), &run[3..]);
+        assert_eq!(used, 1);
+        assert!(matches!(update, Update::Gap { held: 8, base: 9 }));
     }
 
     #[test]

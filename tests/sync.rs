@@ -192,7 +192,7 @@ fn bad_peer(public_key: Vec<u8>, ips: &[&str]) -> v1::Peer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_content_is_rejected_naming_the_item_and_nothing_is_applied() {
+async fn invalid_content_is_rejected_naming_the_item_and_only_its_removals_are_applied() {
     let core = Core::start().await;
     let (loc, token) = core.location(plain_location("invalid"), 3).await;
     let dir = tempfile::tempdir().unwrap();
@@ -266,8 +266,11 @@ async fn invalid_content_is_rejected_naming_the_item_and_nothing_is_applied() {
         );
         expect_rejection(&core, loc, &agent, name, item).await;
     }
+    assert!(agent.backend.applied_ops().is_empty(), "nothing applied");
+    assert_eq!(agent.backend.state(), before, "backend unchanged");
 
-    // A duplicate public key can only come in a snapshot (a delta upsert replaces).
+    // A duplicate public key can only come in a snapshot (a delta upsert replaces). The
+    // snapshot lists only key(0): its removals (keys 1 and 2) are applied all the same.
     let mut location = v1::Location {
         id: loc,
         name: "invalid".into(),
@@ -297,19 +300,29 @@ async fn invalid_content_is_rejected_naming_the_item_and_nothing_is_applied() {
     )
     .await;
 
-    assert!(agent.backend.applied_ops().is_empty(), "nothing applied");
-    assert_eq!(agent.backend.state(), before, "backend unchanged");
+    eventually("the unlisted peers are removed", || async {
+        kernel_keys(&agent) == vec![key(0)]
+    })
+    .await;
+    let mut removed = agent.backend.applied_ops();
+    removed.sort_by_key(|op| format!("{op:?}"));
+    let mut want = vec![Op::RemovePeer(key(1)), Op::RemovePeer(key(2))];
+    want.sort_by_key(|op| format!("{op:?}"));
+    assert_eq!(removed, want, "only the removals applied");
     assert_eq!(
         agent.status().applied_revision,
         rev,
         "last good revision kept"
     );
 
-    // The next real change still applies on top of the last good revision.
+    // The next real change: the held content is no longer the Core's revision, so the
+    // delta is answered with a snapshot, which brings back what the Core still lists.
     location.peers.clear();
     core.admin.add_peer(loc, &peer(50)).await.unwrap();
     agent.applied(rev + 1).await;
-    assert!(kernel_keys(&agent).contains(&key(50)));
+    let mut want = vec![key(0), key(1), key(2), key(50)];
+    want.sort();
+    assert_eq!(kernel_keys(&agent), want);
     agent.stop().await.unwrap();
 }
 

@@ -91,6 +91,10 @@ impl Agent {
 
     async fn on_message(&mut self, msg: v1::CoreMessage) {
         use v1::core_message::Kind;
+        if !matches!(msg.kind, Some(Kind::Delta(_))) {
+            // In order: the deltas before this message are judged first.
+            self.flush_deltas().await;
+        }
         let update = match msg.kind {
             Some(Kind::Snapshot(snapshot)) => {
                 self.core.snapshots += 1;
@@ -103,21 +107,9 @@ impl Agent {
                 location::on_snapshot(&snapshot)
             }
             Some(Kind::Delta(delta)) => {
-                debug!(
-                    revision = delta.revision,
-                    base = delta.base_revision,
-                    changes = delta.changes.len(),
-                    "delta from the Core"
-                );
-                match &self.held {
-                    // The held content lost peers a rejected revision no longer listed:
-                    // it is not the base the Core means any more.
-                    Some(held) if self.held_trimmed => Update::Gap {
-                        held: held.revision,
-                        base: delta.base_revision,
-                    },
-                    held => location::on_delta(held.as_ref(), &delta),
-                }
+                // Taken together with the deltas queued behind it (see `flush_deltas`).
+                self.queued_deltas.push(delta);
+                return;
             }
             Some(Kind::EventAck(ack)) => {
                 let before = self.pending.len();
@@ -203,7 +195,7 @@ impl Agent {
                 listed,
             } => {
                 // What was accepted before is applied and acknowledged first.
-                self.apply_accepted().await;
+                self.apply_held().await;
                 warn!(
                     revision,
                     count = rejections.len(),
@@ -247,9 +239,46 @@ impl Agent {
         }
     }
 
+    /// Judges the queued deltas: runs of deltas that follow each other become one update
+    /// of the newest state ([`location::on_deltas`]).
+    async fn flush_deltas(&mut self) {
+        let deltas = std::mem::take(&mut self.queued_deltas);
+        let mut at = 0;
+        while at < deltas.len() {
+            let rest = &deltas[at..];
+            let (update, used) = match &self.held {
+                // The held content lost peers a rejected revision no longer listed: it is
+                // not the base the Core means any more.
+                Some(held) if self.held_trimmed => (
+                    Update::Gap {
+                        held: held.revision,
+                        base: rest[0].base_revision,
+                    },
+                    1,
+                ),
+                held => location::on_deltas(held.as_ref(), rest),
+            };
+            let used = used.max(1);
+            info!(
+                deltas = used,
+                base = rest[0].base_revision,
+                revision = rest[used - 1].revision,
+                "deltas from the Core"
+            );
+            at += used;
+            self.on_update(update).await;
+        }
+    }
+
     /// Applies the held revision when one was accepted since the last apply, then tells
     /// the Core (`Applied`). One apply however many revisions arrived in between.
     pub(super) async fn apply_accepted(&mut self) {
+        self.flush_deltas().await;
+        self.apply_held().await;
+    }
+
+    /// [`Agent::apply_accepted`] without the queued deltas.
+    async fn apply_held(&mut self) {
         if !std::mem::take(&mut self.unapplied) {
             return;
         }

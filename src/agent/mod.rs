@@ -169,6 +169,8 @@ struct Agent {
     timers: Timers,
     /// A revision was accepted from the Core and is not applied yet (applies coalesce).
     unapplied: bool,
+    /// Deltas received in this batch, judged together at its end.
+    queued_deltas: Vec<v1::Delta>,
     /// Peers were removed from the held revision because a newer one that no longer
     /// lists them was rejected: the held content is not the Core's any more, so the next
     /// delta is answered with a snapshot request.
@@ -232,6 +234,7 @@ impl Agent {
             last_diff_read: None,
             timers: Timers::default(),
             unapplied: false,
+            queued_deltas: Vec::new(),
             held_trimmed: false,
         };
         match outcome {

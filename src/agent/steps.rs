@@ -227,8 +227,6 @@ mod tests {
         assert!(!execute(b, p, "test", &mut errors).failed);
     }
 
-    use crate::backend::Backend as _;
-
     /// Each phase failing on its own: the removal still happens, the failure is recorded
     /// under its step, the other phases are applied, and the next reconcile retries it.
     #[test]
