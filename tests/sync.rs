@@ -429,3 +429,36 @@ async fn two_gateways_of_one_location_both_converge() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+/// The offline policy counts the time without the Core across restarts: an agent
+/// restarted every second, each run shorter than the limit, still removes the peers once
+/// the total passes it (the count is kept in the state file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_loop_does_not_defeat_the_offline_policy() {
+    let mut core = Core::start().await;
+    let (loc, token) = core.location(plain_location("offline-loop"), 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = gatehouse::backend::memory::MemoryBackend::new("wgtest0");
+    let mut s = settings(&core.url(), &token, dir.path());
+    s.offline_remove_after = Some(std::time::Duration::from_secs(3));
+    let mut agent = Agent::start_with(s.clone(), backend.clone()).await;
+    agent.applied(core.revision(loc).await).await;
+    core.stop().await;
+    eventually("the agent noticed the Core is gone", || async {
+        !agent.status().core.connected
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    while !agent.status().offline_removed {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "peers kept after 15 s of restarts"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        agent.stop().await.unwrap();
+        agent = Agent::start_with(s.clone(), backend.clone()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(backend.state().device.peers.is_empty());
+    agent.stop().await.unwrap();
+}

@@ -39,6 +39,7 @@ impl Agent {
                 self.core.retry_in_ms = None;
                 self.core.retry_ceiling_ms = None;
                 self.last_contact = Some(now);
+                self.offline.connected();
                 self.stats.reset();
                 self.snapshot_requested = false;
                 if self.offline_removed {
@@ -69,6 +70,7 @@ impl Agent {
                     self.core.since_unix_ms = Some(unix_ms(self.last_contact.unwrap_or(now)));
                 }
                 self.core.connected = false;
+                self.offline.disconnected(self.mono());
                 self.core.last_error = Some(error);
                 self.core.consecutive_failures += 1;
                 self.core.retry_in_ms = Some(retry_in.as_millis() as u64);
@@ -112,6 +114,9 @@ impl Agent {
                 return;
             }
             Some(Kind::EventAck(ack)) => {
+                // The Core has seen numbers up to this one: never use them again (an
+                // older state file restored from a backup holds a lower next number).
+                self.next_seq = self.next_seq.max(ack.up_to_seq.saturating_add(1));
                 let before = self.pending.len();
                 self.pending.retain(|e| e.seq > ack.up_to_seq);
                 if self.pending.len() != before {

@@ -8,6 +8,7 @@
 
 pub mod client;
 mod core_io;
+pub mod offline;
 pub mod status;
 pub mod steps;
 pub mod timers;
@@ -37,6 +38,7 @@ use crate::validate::validate_location;
 use client::{CoreSettings, FromCore};
 use status::{readiness, unix_ms, Readiness, Status};
 use steps::{execute, StepErrors};
+use offline::OfflineClock;
 use timers::{Timer, Timers};
 
 /// Above this many operations, a plan's steps are logged at DEBUG and summarized at INFO.
@@ -157,6 +159,8 @@ struct Agent {
     outbound: Option<mpsc::Sender<v1::GatewayMessage>>,
     core: status::CoreStatus,
     last_contact: Option<SystemTime>,
+    /// Time without the Core, for the offline policy and readiness.
+    offline: OfflineClock,
     offline_removed: bool,
     started_up: bool,
     counts: Counts,
@@ -225,6 +229,8 @@ impl Agent {
             snapshot_requested: false,
             outbound: None,
             last_contact: None,
+            // Without the Core from the start until it connects.
+            offline: OfflineClock::restore(None, None, None, SystemTime::now(), Duration::ZERO),
             offline_removed: false,
             started_up: false,
             counts: Counts::default(),
@@ -258,10 +264,19 @@ impl Agent {
         self.tombstones = state.tombstones;
         self.epochs = state.epochs;
         self.pending = state.pending_events;
-        self.next_seq = state.next_seq.max(1);
-        self.last_contact = state
-            .core_last_contact_unix_ms
-            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64));
+        // Event numbers never go back, also when an older state file is restored from a
+        // backup: at least the wall clock's count (as after a lost file), and above every
+        // number the Core acknowledges (see the EventAck handling).
+        self.next_seq = state.next_seq.max(first_event_seq(wall)).max(1);
+        let at = |ms: i64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+        self.last_contact = state.core_last_contact_unix_ms.map(at);
+        self.offline = OfflineClock::restore(
+            state.offline_ms.map(Duration::from_millis),
+            state.saved_unix_ms.map(at),
+            self.last_contact,
+            wall,
+            now,
+        );
         let Some(bytes) = state.location else {
             return;
         };
@@ -587,10 +602,7 @@ impl Agent {
         if self.outbound.is_some() || self.offline_removed {
             return;
         }
-        let Some(last) = self.last_contact else {
-            return;
-        };
-        let offline = SystemTime::now().duration_since(last).unwrap_or_default();
+        let offline = self.offline.offline_for(self.mono());
         if offline > limit {
             warn!(
                 offline_secs = offline.as_secs(),
@@ -686,6 +698,8 @@ impl Agent {
             pending_events: self.pending.clone(),
             next_seq: self.next_seq,
             // While the stream is up the Core is in contact now, even if idle.
+            offline_ms: Some(self.offline.offline_for(self.mono()).as_millis() as u64),
+            saved_unix_ms: Some(unix_ms(SystemTime::now())),
             core_last_contact_unix_ms: if self.outbound.is_some() {
                 Some(unix_ms(SystemTime::now()))
             } else {
@@ -718,7 +732,7 @@ impl Agent {
                 last_missed_deadline: self.timers.last_missed,
                 backend_failed: self.backend_error.is_some(),
                 core_connected: self.outbound.is_some(),
-                last_contact: self.last_contact,
+                offline_for: self.offline.offline_for(self.mono()),
                 offline_allowance: self.settings.offline_remove_after,
             },
             SystemTime::now(),

@@ -121,8 +121,8 @@ pub struct Readiness {
     pub last_missed_deadline: Option<SystemTime>,
     pub backend_failed: bool,
     pub core_connected: bool,
-    /// When the Core was last reachable; None: never during this run or before.
-    pub last_contact: Option<SystemTime>,
+    /// How long the gateway has been without the Core (zero while connected).
+    pub offline_for: Duration,
     /// None: keep serving without the Core forever.
     pub offline_allowance: Option<Duration>,
 }
@@ -168,10 +168,7 @@ fn verdict(r: &Readiness, now: SystemTime) -> (bool, String) {
     if r.core_connected {
         return (true, "applied, Core connected".into());
     }
-    let offline_for = r
-        .last_contact
-        .and_then(|t| now.duration_since(t).ok())
-        .unwrap_or_default();
+    let offline_for = r.offline_for;
     match r.offline_allowance {
         None => (
             true,
@@ -300,7 +297,7 @@ mod tests {
         let now = SystemTime::now();
         let offline = Readiness {
             core_connected: false,
-            last_contact: Some(now - Duration::from_secs(120)),
+            offline_for: Duration::from_secs(120),
             ..base()
         };
         let (ok, why) = readiness(&offline, now);
