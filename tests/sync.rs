@@ -462,3 +462,104 @@ async fn a_restart_loop_does_not_defeat_the_offline_policy() {
     assert!(backend.state().device.peers.is_empty());
     agent.stop().await.unwrap();
 }
+
+/// Each apply step failing on its own (fault injection in the memory backend): a peer
+/// revoked meanwhile leaves the interface all the same, the failure is reported in the
+/// status and to the Core (`Applied` names the step), and once the fault is gone the next
+/// resync applies the rest and clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_step_never_keeps_a_revoked_peer() {
+    use gatehouse::plan::Phase;
+    use gatehouse_core::api::LocationPatch;
+    for (phase, step) in [
+        (Phase::Link, "link"),
+        (Phase::Addresses, "addresses"),
+        (Phase::Peers, "peers"),
+        (Phase::Device, "device"),
+    ] {
+        let core = Core::start().await;
+        let (loc, token) = core.location(plain_location(step), 3).await;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::start(&core.url(), &token, dir.path()).await;
+        agent.applied(core.revision(loc).await).await;
+        agent.backend.fail_phase(phase, format!("injected {step} failure"));
+        // A change that needs the failing step.
+        match phase {
+            Phase::Link => agent.backend.modify(|o| o.link.as_mut().unwrap().up = false),
+            Phase::Addresses => {
+                let patch = LocationPatch {
+                    addresses: Some(vec!["10.0.0.1/16".into(), "fd00::1/64".into(), "fd01::1/64".into()]),
+                    ..Default::default()
+                };
+                core.admin.patch_location(loc, &patch).await.unwrap();
+            }
+            Phase::Peers => {
+                core.admin.add_peer(loc, &peer(10)).await.unwrap();
+            }
+            Phase::Device => {
+                let patch = LocationPatch {
+                    listen_port: Some(51999),
+                    ..Default::default()
+                };
+                core.admin.patch_location(loc, &patch).await.unwrap();
+            }
+            Phase::PeerRemovals => unreachable!(),
+        }
+        eventually(&format!("{step}: the failure reported"), || async {
+            agent
+                .status()
+                .failed_steps
+                .iter()
+                .any(|f| f.starts_with(&format!("{step}: ")))
+        })
+        .await;
+
+        // A peer revoked now leaves at once.
+        let victim = core.admin.peers(loc).await.unwrap()[0].clone();
+        core.admin.delete_peer(loc, victim.id).await.unwrap();
+        let victim_key = Key::from_base64(&victim.public_key).unwrap();
+        eventually(&format!("{step}: the revoked peer gone"), || async {
+            !kernel_keys(&agent).contains(&victim_key)
+        })
+        .await;
+        let status = agent.status();
+        assert_eq!(status.failed_steps.len(), 1, "{step}: {:?}", status.failed_steps);
+        // Addresses are a reason in the body only; the other steps make it unready.
+        assert_eq!(
+            status.ready,
+            phase == Phase::Addresses,
+            "{step}: {}",
+            status.ready_reason
+        );
+        assert!(status.ready_reason.contains(step), "{step}: {}", status.ready_reason);
+        if phase != Phase::Link {
+            eventually(&format!("{step}: the Core told which step failed"), || async {
+                let gws = core.admin.gateways(loc).await.unwrap();
+                gws[0].last_error.as_ref().is_some_and(|e| {
+                    e.rejected.iter().any(|r| r.item == format!("step.{step}"))
+                })
+            })
+            .await;
+        }
+
+        // The fault is gone: the next resync completes the apply.
+        agent.backend.clear_faults();
+        let rev = core.revision(loc).await;
+        agent.applied(rev).await;
+        eventually(&format!("{step}: the failure cleared"), || async {
+            let s = agent.status();
+            s.failed_steps.is_empty() && s.ready
+        })
+        .await;
+        let state = agent.backend.state();
+        let link = state.link.as_ref().unwrap();
+        match phase {
+            Phase::Link => assert!(link.up),
+            Phase::Addresses => assert!(link.addresses.contains(&"fd01::1/64".parse().unwrap())),
+            Phase::Peers => assert!(state.device.peers.contains_key(&key(10))),
+            Phase::Device => assert_eq!(state.device.listen_port, 51999),
+            Phase::PeerRemovals => unreachable!(),
+        }
+        agent.stop().await.unwrap();
+    }
+}
