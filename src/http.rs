@@ -71,7 +71,9 @@ struct AppState {
 pub fn is_local_client(peer: SocketAddr) -> bool {
     match peer.ip() {
         IpAddr::V4(ip) => ip.is_loopback(),
-        IpAddr::V6(ip) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -150,7 +152,11 @@ async fn diff_json(
     if !is_local_client(peer) {
         return forbidden();
     }
-    let stale = app.diff.report.borrow_and_update().is_stale(SystemTime::now());
+    let stale = app
+        .diff
+        .report
+        .borrow_and_update()
+        .is_stale(SystemTime::now());
     if stale {
         // A full queue: a refresh is already asked for; this request shares it.
         let _ = app.diff.refresh.try_send(());
@@ -315,16 +321,29 @@ mod tests {
         };
         s.timers.missed_deadlines = 4;
         let text = render_metrics(&s).unwrap();
-        assert!(text.contains("gatehouse_missed_deadlines_total 4"), "{text}");
+        assert!(
+            text.contains("gatehouse_missed_deadlines_total 4"),
+            "{text}"
+        );
         assert!(text.contains("gatehouse_failed_steps 1"), "{text}");
     }
 
     #[test]
     fn only_loopback_clients_are_local() {
-        for local in ["127.0.0.1:1", "127.3.2.1:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
+        for local in [
+            "127.0.0.1:1",
+            "127.3.2.1:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
             assert!(is_local_client(local.parse().unwrap()), "{local}");
         }
-        for remote in ["192.0.2.1:1", "0.0.0.0:1", "[2001:db8::1]:1", "[::ffff:192.0.2.1]:1"] {
+        for remote in [
+            "192.0.2.1:1",
+            "0.0.0.0:1",
+            "[2001:db8::1]:1",
+            "[::ffff:192.0.2.1]:1",
+        ] {
             assert!(!is_local_client(remote.parse().unwrap()), "{remote}");
         }
     }
@@ -354,7 +373,10 @@ mod tests {
                 let got = reqwest::get(format!("{url}{path}")).await.unwrap().status();
                 assert_eq!(got.as_u16(), want, "{client} {path}");
             }
-            let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap().status();
+            let metrics = reqwest::get(format!("{url}/metrics"))
+                .await
+                .unwrap()
+                .status();
             assert_eq!(metrics.as_u16(), 200, "{client} /metrics");
             server.abort();
         }

@@ -109,7 +109,13 @@ pub fn on_delta(held: Option<&Held>, delta: &v1::Delta) -> Update {
 pub fn on_deltas(held: Option<&Held>, deltas: &[v1::Delta]) -> (Update, usize) {
     let Some(first) = deltas.first() else {
         let rev = held.map_or(0, |h| h.revision);
-        return (Update::Stale { held: rev, got: rev }, 0);
+        return (
+            Update::Stale {
+                held: rev,
+                got: rev,
+            },
+            0,
+        );
     };
     let held = match follows(held, first) {
         Ok(held) => held,
@@ -391,7 +397,10 @@ mod tests {
         assert_eq!(revision, 6);
         assert_eq!(rejections[0].item, "peers[3].allowed_ips");
         let listed: Vec<Key> = listed.unwrap().into_iter().collect();
-        assert_eq!(listed, vec![Key([2; 32]), Key([3; 32]), Key([4; 32]), Key([5; 32])]);
+        assert_eq!(
+            listed,
+            vec![Key([2; 32]), Key([3; 32]), Key([4; 32]), Key([5; 32])]
+        );
     }
 
     #[test]
@@ -430,7 +439,10 @@ mod tests {
         let Update::Reject { listed, .. } = on_delta(Some(&h), &d) else {
             panic!()
         };
-        assert_eq!(listed.unwrap().into_iter().collect::<Vec<_>>(), vec![Key([2; 32])]);
+        assert_eq!(
+            listed.unwrap().into_iter().collect::<Vec<_>>(),
+            vec![Key([2; 32])]
+        );
 
         // A snapshot with invalid content lists its peers; one without a location, none.
         let mut bad = base();

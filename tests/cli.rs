@@ -158,11 +158,7 @@ fn out_of_range_durations_and_interface_names_name_the_key() {
         let text = base.replace("{connect}", "2s");
         // The key is set in its own section, after the base (TOML allows a section once).
         let text = match section {
-            "core" => text.replacen(
-                "[core]\n",
-                &format!("[core]\n{key} = \"{value}\"\n"),
-                1,
-            ),
+            "core" => text.replacen("[core]\n", &format!("[core]\n{key} = \"{value}\"\n"), 1),
             "gateway" => text.replacen(
                 "[gateway]\n",
                 &format!("[gateway]\n{key} = \"{value}\"\n"),

@@ -85,8 +85,13 @@ fn a_revoked_peer_leaves_the_interface_although_an_address_cannot_be_added() {
         assert_eq!(status.kernel_peers, 0);
         let (code, body) = site.readyz().await.expect("/readyz answers");
         assert!(body.contains("addresses:"), "{code} {body}");
-        let gw = site.gateway_in_core().await.expect("the gateway in the Core");
-        let error = gw.last_error.expect("the failed apply reported to the Core");
+        let gw = site
+            .gateway_in_core()
+            .await
+            .expect("the gateway in the Core");
+        let error = gw
+            .last_error
+            .expect("the failed apply reported to the Core");
         assert!(
             error.rejected.iter().any(|r| r.item == "step.addresses"),
             "{error:?}"
@@ -106,9 +111,15 @@ fn a_revoked_peer_leaves_the_interface_although_an_address_cannot_be_added() {
             &["-w", &format!("net.ipv6.conf.{iface}.disable_ipv6=0")],
         )
         .await;
-        eventually("the address added and the failure cleared", CONVERGE, || async {
-            site.try_status().await.filter(|s| s.failed_steps.is_empty())
-        })
+        eventually(
+            "the address added and the failure cleared",
+            CONVERGE,
+            || async {
+                site.try_status()
+                    .await
+                    .filter(|s| s.failed_steps.is_empty())
+            },
+        )
         .await;
         let addresses = cmd_ok("ip", &["-6", "addr", "show", "dev", &iface]).await;
         assert!(addresses.contains("fd77::1/64"), "{addresses}");

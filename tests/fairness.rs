@@ -73,7 +73,10 @@ async fn timers_fire_under_a_flood_of_status_and_diff_requests() {
                 if path == "diff" {
                     let d: DiffReport = r.json().await.unwrap();
                     assert!(d.error.is_none(), "{:?}", d.error);
-                    reads.lock().unwrap().insert(d.read_unix_ms.expect("read time"));
+                    reads
+                        .lock()
+                        .unwrap()
+                        .insert(d.read_unix_ms.expect("read time"));
                 } else {
                     r.bytes().await.unwrap();
                 }
@@ -88,7 +91,9 @@ async fn timers_fire_under_a_flood_of_status_and_diff_requests() {
     }
     let after = timers(&agent);
     let reads = reads.lock().unwrap().len();
-    eprintln!("{answered} requests answered; {reads} distinct diff reads; timers {before:?} -> {after:?}");
+    eprintln!(
+        "{answered} requests answered; {reads} distinct diff reads; timers {before:?} -> {after:?}"
+    );
     assert!(answered > 100, "the flood did not happen: {answered}");
     assert!(reads <= 12, "{reads} fresh reads in 10 s for /diff");
     let missed = after.missed_deadlines - before.missed_deadlines;
@@ -105,13 +110,16 @@ async fn timers_fire_under_a_flood_of_status_and_diff_requests() {
     agent.stop().await.unwrap();
 }
 
+/// The stream to the connected gateway.
+type Outbound = mpsc::Sender<Result<v1::CoreMessage, tonic::Status>>;
+
 /// A Core that answers Hello with a snapshot and then sends what the test pushes, at once,
 /// ignoring what the gateway sends (the reference Core paces its sends with its own
 /// database writes, so it cannot make a burst).
 #[derive(Clone, Default)]
 struct BurstCore {
     location: v1::Location,
-    out: Arc<Mutex<Option<mpsc::Sender<Result<v1::CoreMessage, tonic::Status>>>>>,
+    out: Arc<Mutex<Option<Outbound>>>,
 }
 
 #[tonic::async_trait]
@@ -168,7 +176,12 @@ impl BurstCore {
     }
 
     async fn send_all(&self, messages: Vec<v1::CoreMessage>) {
-        let tx = self.out.lock().unwrap().clone().expect("a gateway connected");
+        let tx = self
+            .out
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("a gateway connected");
         for m in messages {
             tx.send(Ok(m)).await.unwrap();
         }
@@ -222,7 +235,10 @@ async fn timers_fire_under_a_burst_of_a_thousand_deltas() {
         "1000 deltas applied in {took:?} with {writes} device writes; timers {before:?} -> {after:?}"
     );
     assert_eq!(agent.backend.state().device.peers.len(), 2000);
-    assert!(writes <= 50, "{writes} applies for 1000 deltas: not coalesced");
+    assert!(
+        writes <= 50,
+        "{writes} applies for 1000 deltas: not coalesced"
+    );
     let missed = after.missed_deadlines - before.missed_deadlines;
     assert!(missed <= 1, "{missed} deadlines missed during the burst");
     assert!(after.stats_ticks > before.stats_ticks);

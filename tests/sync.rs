@@ -482,13 +482,21 @@ async fn a_failing_step_never_keeps_a_revoked_peer() {
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(&core.url(), &token, dir.path()).await;
         agent.applied(core.revision(loc).await).await;
-        agent.backend.fail_phase(phase, format!("injected {step} failure"));
+        agent
+            .backend
+            .fail_phase(phase, format!("injected {step} failure"));
         // A change that needs the failing step.
         match phase {
-            Phase::Link => agent.backend.modify(|o| o.link.as_mut().unwrap().up = false),
+            Phase::Link => agent
+                .backend
+                .modify(|o| o.link.as_mut().unwrap().up = false),
             Phase::Addresses => {
                 let patch = LocationPatch {
-                    addresses: Some(vec!["10.0.0.1/16".into(), "fd00::1/64".into(), "fd01::1/64".into()]),
+                    addresses: Some(vec![
+                        "10.0.0.1/16".into(),
+                        "fd00::1/64".into(),
+                        "fd01::1/64".into(),
+                    ]),
                     ..Default::default()
                 };
                 core.admin.patch_location(loc, &patch).await.unwrap();
@@ -523,7 +531,12 @@ async fn a_failing_step_never_keeps_a_revoked_peer() {
         })
         .await;
         let status = agent.status();
-        assert_eq!(status.failed_steps.len(), 1, "{step}: {:?}", status.failed_steps);
+        assert_eq!(
+            status.failed_steps.len(),
+            1,
+            "{step}: {:?}",
+            status.failed_steps
+        );
         // Addresses are a reason in the body only; the other steps make it unready.
         assert_eq!(
             status.ready,
@@ -531,14 +544,21 @@ async fn a_failing_step_never_keeps_a_revoked_peer() {
             "{step}: {}",
             status.ready_reason
         );
-        assert!(status.ready_reason.contains(step), "{step}: {}", status.ready_reason);
+        assert!(
+            status.ready_reason.contains(step),
+            "{step}: {}",
+            status.ready_reason
+        );
         if phase != Phase::Link {
-            eventually(&format!("{step}: the Core told which step failed"), || async {
-                let gws = core.admin.gateways(loc).await.unwrap();
-                gws[0].last_error.as_ref().is_some_and(|e| {
-                    e.rejected.iter().any(|r| r.item == format!("step.{step}"))
-                })
-            })
+            eventually(
+                &format!("{step}: the Core told which step failed"),
+                || async {
+                    let gws = core.admin.gateways(loc).await.unwrap();
+                    gws[0].last_error.as_ref().is_some_and(|e| {
+                        e.rejected.iter().any(|r| r.item == format!("step.{step}"))
+                    })
+                },
+            )
             .await;
         }
 

@@ -394,8 +394,16 @@ fn wireguard_go_gets_a_cleared_environment() {
     // (which has PATH, HOME, CARGO_* and more).
     for name in names {
         assert!(
-            ["WG_PROCESS_FOREGROUND", "LOG_LEVEL", "PATH", "PWD", "SHLVL", "_", "OLDPWD"]
-                .contains(&name),
+            [
+                "WG_PROCESS_FOREGROUND",
+                "LOG_LEVEL",
+                "PATH",
+                "PWD",
+                "SHLVL",
+                "_",
+                "OLDPWD"
+            ]
+            .contains(&name),
             "{name} passed to wireguard-go:\n{log}"
         );
     }

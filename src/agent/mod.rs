@@ -36,9 +36,9 @@ use crate::state::{first_event_seq, LoadOutcome, PendingEvent, PersistedState, S
 use crate::stats::{batches, Epochs, StatsTracker};
 use crate::validate::validate_location;
 use client::{CoreSettings, FromCore};
+use offline::OfflineClock;
 use status::{readiness, unix_ms, Readiness, Status};
 use steps::{execute, StepErrors};
-use offline::OfflineClock;
 use timers::{Timer, Timers};
 
 /// Above this many operations, a plan's steps are logged at DEBUG and summarized at INFO.

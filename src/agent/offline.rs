@@ -89,13 +89,13 @@ mod tests {
         let mut saved_at = None;
         // Ten runs of 10 s each, 1 s apart, each saving just before it ends.
         for _ in 0..10 {
-            let c = OfflineClock::restore(saved, saved_at, None, wall, 0 * S);
+            let c = OfflineClock::restore(saved, saved_at, None, wall, Duration::ZERO);
             saved = Some(c.offline_for(10 * S));
             saved_at = Some(wall + 10 * S);
             wall += 11 * S;
         }
         // All 110 s count: the runs and the gaps between them.
-        let c = OfflineClock::restore(saved, saved_at, None, wall, 0 * S);
+        let c = OfflineClock::restore(saved, saved_at, None, wall, Duration::ZERO);
         assert_eq!(c.offline_for(Duration::ZERO), 110 * S);
     }
 

@@ -178,7 +178,12 @@ pub fn execute(
     };
     run(phases.removals, &mut outcome);
     let linked = match phases.create {
-        Some(create) => run(Plan { steps: vec![create] }, &mut outcome),
+        Some(create) => run(
+            Plan {
+                steps: vec![create],
+            },
+            &mut outcome,
+        ),
         None => true,
     };
     if linked {
