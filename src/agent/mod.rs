@@ -331,11 +331,12 @@ impl Agent {
         self.publish();
     }
 
-    /// The loop. Timers come first in each turn: each fires at most once per period, so
-    /// they cannot starve the inputs, and no input (a burst of Core messages, a flood of
-    /// HTTP requests) can starve them. Each input turn is bounded: Core events are taken
-    /// in batches whose revisions are applied once ([`Agent::on_core_batch`]), `/diff`
-    /// reads the interface at most once a second.
+    /// The loop. Timers and inputs take turns at priority: after a turn that served an
+    /// input the timers go first, after a timer the inputs do. So no input (a burst of
+    /// Core messages, a flood of HTTP requests) can starve the timers, and timers whose
+    /// work outlasts their period cannot starve the inputs. Each input turn is bounded:
+    /// Core events are taken in batches whose revisions are applied once
+    /// ([`Agent::on_core_batch`]), `/diff` reads the interface at most once a second.
     async fn event_loop(
         &mut self,
         mut core_rx: mpsc::Receiver<FromCore>,
@@ -349,31 +350,50 @@ impl Agent {
         resync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         stats_tick.tick().await;
         resync_tick.tick().await;
+        let mut timers_first = true;
         loop {
             let mfa_at = self
                 .next_mfa_deadline()
                 .map(|d| self.origin + d)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                _ = tokio::time::sleep_until(mfa_at) => {
-                    self.timer_ran(Timer::Mfa, mfa_at);
+            let turn = if timers_first {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => Turn::Stop,
+                    _ = tokio::time::sleep_until(mfa_at) => Turn::Mfa(mfa_at),
+                    due = stats_tick.tick() => Turn::Stats(due),
+                    due = resync_tick.tick() => Turn::Resync(due),
+                    event = core_rx.recv() => event.map_or(Turn::Stop, Turn::Core),
+                    Some(()) = refresh_rx.recv() => Turn::Refresh,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => Turn::Stop,
+                    event = core_rx.recv() => event.map_or(Turn::Stop, Turn::Core),
+                    Some(()) = refresh_rx.recv() => Turn::Refresh,
+                    _ = tokio::time::sleep_until(mfa_at) => Turn::Mfa(mfa_at),
+                    due = stats_tick.tick() => Turn::Stats(due),
+                    due = resync_tick.tick() => Turn::Resync(due),
+                }
+            };
+            timers_first = !matches!(turn, Turn::Mfa(_) | Turn::Stats(_) | Turn::Resync(_));
+            match turn {
+                Turn::Stop => break,
+                Turn::Mfa(due) => {
+                    self.timer_ran(Timer::Mfa, due);
                     self.on_tick("mfa deadline", false);
                 }
-                due = stats_tick.tick() => {
+                Turn::Stats(due) => {
                     self.timer_ran(Timer::Stats, due);
                     self.on_tick("stats interval", true);
                 }
-                due = resync_tick.tick() => {
+                Turn::Resync(due) => {
                     self.timer_ran(Timer::Resync, due);
                     self.on_resync().await;
                 }
-                event = core_rx.recv() => match event {
-                    Some(event) => self.on_core_batch(event, &mut core_rx).await,
-                    None => break,
-                },
-                Some(()) = refresh_rx.recv() => self.refresh_diff(),
+                Turn::Core(event) => self.on_core_batch(event, &mut core_rx).await,
+                Turn::Refresh => self.refresh_diff(),
             }
             self.publish();
         }
@@ -827,6 +847,16 @@ impl Agent {
             },
         }
     }
+}
+
+/// What one turn of the event loop serves.
+enum Turn {
+    Stop,
+    Mfa(Instant),
+    Stats(Instant),
+    Resync(Instant),
+    Core(FromCore),
+    Refresh,
 }
 
 /// Why a reconcile did not complete.
