@@ -1,11 +1,16 @@
 //! The agent's HTTP server: `/healthz` (alive), `/readyz` (ready by the rule in
 //! [`crate::agent::status::readiness`]), `/metrics` (Prometheus text), `/status` and
-//! `/diff` (JSON, for `gatehouse status` and `gatehouse diff`). It reads the status the
-//! event loop publishes and asks the loop for a diff over a channel; it owns no state.
+//! `/diff` (JSON, for `gatehouse status` and `gatehouse diff`). It reads the status and the
+//! diff the event loop publishes; it owns no state. No request makes the loop work more
+//! than once a second: `/diff` answers from the loop's last read and, when that read is
+//! older than a second, asks for one fresh read (requests in between share it). The
+//! control endpoints (`/status`, `/diff`) answer loopback clients only, whatever
+//! `http.listen` is (403 otherwise).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -16,9 +21,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
-use crate::agent::status::Status;
+use crate::agent::status::{unix_ms, Status};
+
+/// A diff older than this is refreshed on request (at most one interface read per period).
+pub const DIFF_MAX_AGE: Duration = Duration::from_secs(1);
+/// How long a `/diff` request waits for the fresh read it asked for before answering with
+/// the last one.
+const DIFF_WAIT: Duration = Duration::from_secs(2);
 
 /// The difference between the desired state and the interface, as `gatehouse diff` shows it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -27,15 +38,43 @@ pub struct DiffReport {
     /// One line per operation with its reasons; empty = the interface matches.
     pub operations: Vec<String>,
     pub error: Option<String>,
+    /// When the interface read this diff compares against was made (unix ms); None
+    /// before the first read.
+    #[serde(default)]
+    pub read_unix_ms: Option<i64>,
 }
 
-/// Requests the HTTP server sends to the event loop.
-pub type DiffRequests = mpsc::Sender<oneshot::Sender<DiffReport>>;
+impl DiffReport {
+    /// Whether the report is older than [`DIFF_MAX_AGE`] at `now`.
+    pub fn is_stale(&self, now: SystemTime) -> bool {
+        self.read_unix_ms
+            .is_none_or(|at| unix_ms(now).saturating_sub(at) >= DIFF_MAX_AGE.as_millis() as i64)
+    }
+}
+
+/// The event loop's side of `/diff`: the last diff it published, and where to ask for a
+/// fresh one (a full queue means one is already asked for).
+#[derive(Clone)]
+pub struct DiffChannel {
+    pub report: watch::Receiver<DiffReport>,
+    pub refresh: mpsc::Sender<()>,
+}
 
 #[derive(Clone)]
 struct AppState {
     status: watch::Receiver<Status>,
-    diff: DiffRequests,
+    diff: DiffChannel,
+}
+
+/// Whether a client may use the control endpoints: loopback only (IPv4, IPv6, and IPv4
+/// loopback mapped into IPv6).
+pub fn is_local_client(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        IpAddr::V4(ip) => ip.is_loopback(),
+        IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
 }
 
 /// Binds the listener (so a bad address fails at start, not later).
@@ -45,25 +84,33 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("http.listen {addr}: {e}"))
 }
 
-/// Serves until `shutdown` becomes true.
-pub async fn serve(
-    listener: TcpListener,
-    status: watch::Receiver<Status>,
-    diff: DiffRequests,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let app = Router::new()
+/// The router, without its connection info (the server adds it; tests inject it).
+pub fn router(status: watch::Receiver<Status>, diff: DiffChannel) -> Router {
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_json))
         .route("/diff", get(diff_json))
-        .with_state(AppState { status, diff });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await?;
+        .with_state(AppState { status, diff })
+}
+
+/// Serves until `shutdown` becomes true.
+pub async fn serve(
+    listener: TcpListener,
+    status: watch::Receiver<Status>,
+    diff: DiffChannel,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let app = router(status, diff);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    })
+    .await?;
     Ok(())
 }
 
@@ -80,19 +127,43 @@ async fn readyz(State(app): State<AppState>) -> Response {
     (code, format!("{reason}\n")).into_response()
 }
 
-async fn status_json(State(app): State<AppState>) -> Json<Status> {
-    Json(app.status.borrow().clone())
+fn forbidden() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        "the control endpoints answer loopback clients only\n",
+    )
+        .into_response()
 }
 
-async fn diff_json(State(app): State<AppState>) -> Response {
-    let (tx, rx) = oneshot::channel();
-    if app.diff.send(tx).await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "agent stopping\n").into_response();
+async fn status_json(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(app): State<AppState>,
+) -> Response {
+    if !is_local_client(peer) {
+        return forbidden();
     }
-    match rx.await {
-        Ok(report) => Json(report).into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "agent stopping\n").into_response(),
+    Json(app.status.borrow().clone()).into_response()
+}
+
+async fn diff_json(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(mut app): State<AppState>,
+) -> Response {
+    if !is_local_client(peer) {
+        return forbidden();
     }
+    let stale = app
+        .diff
+        .report
+        .borrow_and_update()
+        .is_stale(SystemTime::now());
+    if stale {
+        // A full queue: a refresh is already asked for; this request shares it.
+        let _ = app.diff.refresh.try_send(());
+        let _ = tokio::time::timeout(DIFF_WAIT, app.diff.report.changed()).await;
+    }
+    let report = app.diff.report.borrow().clone();
+    Json(report).into_response()
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
@@ -171,6 +242,24 @@ pub fn render_metrics(s: &Status) -> Result<String, std::fmt::Error> {
         "1 when the last apply failed",
         s.apply_error.is_some() as i64,
     );
+    gauge(
+        &mut registry,
+        "failed_steps",
+        "Apply steps (peer removals, link, addresses, peers, device, firewall) whose last attempt failed",
+        s.failed_steps.len() as i64,
+    );
+    counter(
+        &mut registry,
+        "missed_deadlines",
+        "Timer runs (MFA expiry, stats, resync) more than 5s after their deadline",
+        s.timers.missed_deadlines,
+    );
+    gauge(
+        &mut registry,
+        "timer_max_lateness_milliseconds",
+        "The latest a timer ran after its deadline since start",
+        s.timers.max_lateness_ms as i64,
+    );
     counter(
         &mut registry,
         "mfa_removals",
@@ -222,5 +311,74 @@ mod tests {
         assert!(text.contains("gatehouse_ready 1"), "{text}");
         assert!(text.contains("gatehouse_held_revision 42"), "{text}");
         assert!(text.contains("gatehouse_mfa_removals_total 3"), "{text}");
+    }
+
+    #[test]
+    fn missed_deadlines_and_failed_steps_are_metrics() {
+        let mut s = Status {
+            failed_steps: vec!["addresses: no IPv6".into()],
+            ..Default::default()
+        };
+        s.timers.missed_deadlines = 4;
+        let text = render_metrics(&s).unwrap();
+        assert!(
+            text.contains("gatehouse_missed_deadlines_total 4"),
+            "{text}"
+        );
+        assert!(text.contains("gatehouse_failed_steps 1"), "{text}");
+    }
+
+    #[test]
+    fn only_loopback_clients_are_local() {
+        for local in [
+            "127.0.0.1:1",
+            "127.3.2.1:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_local_client(local.parse().unwrap()), "{local}");
+        }
+        for remote in [
+            "192.0.2.1:1",
+            "0.0.0.0:1",
+            "[2001:db8::1]:1",
+            "[::ffff:192.0.2.1]:1",
+        ] {
+            assert!(!is_local_client(remote.parse().unwrap()), "{remote}");
+        }
+    }
+
+    /// Through the router: a non-loopback client gets 403 from `/status` and `/diff`,
+    /// while `/readyz` and `/metrics` still answer it.
+    #[tokio::test]
+    async fn control_endpoints_refuse_remote_clients() {
+        use axum::extract::connect_info::MockConnectInfo;
+        let (_status_tx, status) = watch::channel(Status::default());
+        let (_diff_tx, report) = watch::channel(DiffReport::default());
+        let (refresh, _refresh_rx) = mpsc::channel(1);
+        for (client, want) in [("192.0.2.1:4000", 403u16), ("127.0.0.1:4000", 200)] {
+            let addr: SocketAddr = client.parse().unwrap();
+            let app = router(
+                status.clone(),
+                DiffChannel {
+                    report: report.clone(),
+                    refresh: refresh.clone(),
+                },
+            )
+            .layer(MockConnectInfo(addr));
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let server = tokio::spawn(async move { axum::serve(listener, app).await });
+            for path in ["/status", "/diff"] {
+                let got = reqwest::get(format!("{url}{path}")).await.unwrap().status();
+                assert_eq!(got.as_u16(), want, "{client} {path}");
+            }
+            let metrics = reqwest::get(format!("{url}/metrics"))
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(metrics.as_u16(), 200, "{client} /metrics");
+            server.abort();
+        }
     }
 }

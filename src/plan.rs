@@ -94,13 +94,71 @@ pub struct Step {
 /// Operations in the order they must run: link, addresses, peer removals (which free
 /// allowed IPs), updates, additions, then device settings last: a device setting the
 /// kernel refuses (a listen port taken by another program) must not keep peer changes,
-/// revocations among them, from the interface.
+/// revocations among them, from the interface. The agent executes a plan by [`Phase`]
+/// (see [`Plan::into_phases`]): peer removals first and on their own.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub steps: Vec<Step>,
 }
 
+/// The kinds of operation, in the order the agent applies them. Each is applied on its
+/// own, so one failing kind never keeps the others (above all the removals) from the
+/// interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    /// Peers to remove (revocations, ended MFA sessions, expiry, offline policy).
+    PeerRemovals,
+    /// Creating the link and setting it up.
+    Link,
+    /// Interface addresses and MTU.
+    Addresses,
+    /// Peers to add or update.
+    Peers,
+    /// Device settings: private key, listen port, fwmark.
+    Device,
+}
+
+impl Op {
+    /// The phase this operation belongs to.
+    pub fn phase(&self) -> Phase {
+        match self {
+            Op::RemovePeer(_) => Phase::PeerRemovals,
+            Op::CreateLink | Op::SetLinkUp => Phase::Link,
+            Op::SetMtu(_) | Op::AddAddress(_) | Op::RemoveAddress(_) => Phase::Addresses,
+            Op::AddPeer(_) | Op::UpdatePeer(_) => Phase::Peers,
+            Op::ConfigureDevice(_) => Phase::Device,
+        }
+    }
+}
+
+/// A plan split by phase, each part in plan order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Phases {
+    pub removals: Plan,
+    /// `CreateLink`, when the link is missing (nothing else works until it exists).
+    pub create: Option<Step>,
+    /// Link and address steps after the create, each applied on its own.
+    pub link: Vec<Step>,
+    pub peers: Plan,
+    pub device: Plan,
+}
+
 impl Plan {
+    /// Splits the plan by phase, keeping the plan's order within each.
+    pub fn into_phases(self) -> Phases {
+        let mut phases = Phases::default();
+        for step in self.steps {
+            match step.op.phase() {
+                Phase::PeerRemovals => phases.removals.steps.push(step),
+                Phase::Link if step.op == Op::CreateLink => phases.create = Some(step),
+                Phase::Link | Phase::Addresses => phases.link.push(step),
+                Phase::Peers => phases.peers.steps.push(step),
+                Phase::Device => phases.device.steps.push(step),
+            }
+        }
+        phases
+    }
+
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
     }
@@ -113,16 +171,12 @@ impl Plan {
     pub fn summary(&self) -> PlanSummary {
         let mut s = PlanSummary::default();
         for step in &self.steps {
-            match step.op {
-                Op::CreateLink
-                | Op::SetMtu(_)
-                | Op::SetLinkUp
-                | Op::AddAddress(_)
-                | Op::RemoveAddress(_) => s.link += 1,
-                Op::ConfigureDevice(_) => s.device += 1,
-                Op::AddPeer(_) => s.peers_added += 1,
-                Op::UpdatePeer(_) => s.peers_updated += 1,
-                Op::RemovePeer(_) => s.peers_removed += 1,
+            match (&step.op, step.op.phase()) {
+                (_, Phase::Link | Phase::Addresses) => s.link += 1,
+                (_, Phase::Device) => s.device += 1,
+                (Op::AddPeer(_), _) => s.peers_added += 1,
+                (_, Phase::Peers) => s.peers_updated += 1,
+                (_, Phase::PeerRemovals) => s.peers_removed += 1,
             }
         }
         s
@@ -724,6 +778,29 @@ mod tests {
             prop_assert_eq!(got.keys().collect::<Vec<_>>(), d.peers.keys().collect::<Vec<_>>());
             let again = plan(&d, &after);
             prop_assert!(again.is_empty(), "second plan not empty: {:?}", again);
+        }
+
+        #[test]
+        fn applied_phase_by_phase_the_plan_converges_too(
+            d in arb_desired(),
+            o in arb_observed(),
+        ) {
+            let whole = plan(&d, &o);
+            let phases = whole.clone().into_phases();
+            let mut after = o.clone();
+            let mut count = 0;
+            let singles = phases.create.into_iter().chain(phases.link).map(|s| Plan { steps: vec![s] });
+            let parts: Vec<Plan> = std::iter::once(phases.removals)
+                .chain(singles)
+                .chain([phases.peers, phases.device])
+                .collect();
+            prop_assert!(parts[0].steps.iter().all(|s| s.op.phase() == Phase::PeerRemovals));
+            for part in &parts {
+                count += part.len();
+                simulate(&mut after, part);
+            }
+            prop_assert_eq!(count, whole.len(), "every step in exactly one phase");
+            prop_assert!(plan(&d, &after).is_empty());
         }
 
         #[test]

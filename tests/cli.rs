@@ -131,3 +131,57 @@ fn version_is_printed() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+/// Every duration key is bounded: a huge or tiny value is an error naming the key (exit 2),
+/// never a panic, in `check-config` and in `run` alike.
+#[test]
+fn out_of_range_durations_and_interface_names_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!(
+        "[core]\nurl = \"http://127.0.0.1:1\"\ntoken = \"t\"\n\
+         connect_timeout = \"{{connect}}\"\n\
+         [gateway]\nbackend = \"memory\"\nstate_dir = \"{}\"\n[http]\nlisten = \"\"\n",
+        dir.path().display()
+    );
+    let cases = [
+        ("core", "connect_timeout", "500000000y"),
+        ("core", "keepalive_interval", "100000y"),
+        ("core", "reconnect_max", "1ns"),
+        ("gateway", "stats_interval", "584942417355y"),
+        ("gateway", "resync_interval", "100000000000h"),
+        ("gateway", "offline_policy", "1000000y"),
+        ("hooks", "timeout", "1000y"),
+        ("gateway", "interface", "wg%d"),
+        ("gateway", "interface", "wg0 "),
+    ];
+    for (section, key, value) in cases {
+        let text = base.replace("{connect}", "2s");
+        // The key is set in its own section, after the base (TOML allows a section once).
+        let text = match section {
+            "core" => text.replacen("[core]\n", &format!("[core]\n{key} = \"{value}\"\n"), 1),
+            "gateway" => text.replacen(
+                "[gateway]\n",
+                &format!("[gateway]\n{key} = \"{value}\"\n"),
+                1,
+            ),
+            _ => format!("{text}[{section}]\n{key} = \"{value}\"\n"),
+        };
+        let text = if key == "connect_timeout" {
+            text.replace("connect_timeout = \"2s\"\n", "")
+        } else {
+            text
+        };
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(&file, &text).unwrap();
+        for command in ["check-config", "run"] {
+            let out = gatehouse(&[command, "--config", file.to_str().unwrap()], &[]);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{command} {key}={value}: {err}");
+            assert!(
+                err.contains(&format!("error: {section}.{key}")),
+                "{command} {key}={value}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+}

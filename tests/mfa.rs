@@ -446,6 +446,51 @@ async fn events_after_a_lost_state_file_are_not_mistaken_for_old_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_after_an_older_state_file_is_restored_are_not_mistaken_for_old_ones() {
+    // A state file restored from a backup holds an event number the Core has seen since:
+    // the numbering must still go on above it, or the Core drops the new event as a repeat.
+    let core = Core::start().await;
+    let (loc, token) = core.location(mfa_location("mfabackup"), 2).await;
+    let sessions = start_sessions(&core, loc).await;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = MemoryBackend::new("wgtest0");
+    let url = core.url();
+    let start = || Agent::start_with(settings(&url, &token, dir.path()), backend.clone());
+    let (a, b) = (key(0), key(1));
+    let b_id = sessions
+        .iter()
+        .find(|(p, _)| p.public_key == b.to_base64())
+        .map(|(p, _)| p.id)
+        .unwrap();
+    let _traffic_a = Traffic::start(&backend, &[a]);
+    let state_file = dir.path().join(gatehouse::state::STATE_FILE);
+
+    let agent = start().await;
+    agent.applied(core.revision(loc).await).await;
+    // The backup, taken before B's removal (B idles for T from now).
+    let backup = std::fs::read(&state_file).unwrap();
+    eventually("first removal stored", || async {
+        events(&core, loc).await.len() == 1 && agent.status().pending_events == 0
+    })
+    .await;
+    agent.stop().await.unwrap();
+
+    // The backup is restored; B gets a new session and goes idle again.
+    std::fs::write(&state_file, &backup).unwrap();
+    let again = core.admin.start_mfa_session(loc, b_id, None).await.unwrap();
+    let agent = start().await;
+    agent.applied(again.revision).await;
+    eventually("the second removal stored as a new event", || async {
+        events(&core, loc).await.len() == 2
+    })
+    .await;
+    let ev = events(&core, loc).await;
+    assert!(ev[1].seq > ev[0].seq, "{ev:?}");
+    assert_eq!(ev[1].mfa_session, again.session_id);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removal_that_fails_to_apply_is_retried_without_a_second_event() {
     // Offline (no Core delta to retry the removal for us), with the periodic resync, which
     // retries a failed apply, coming long after the threshold.

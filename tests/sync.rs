@@ -192,7 +192,7 @@ fn bad_peer(public_key: Vec<u8>, ips: &[&str]) -> v1::Peer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_content_is_rejected_naming_the_item_and_nothing_is_applied() {
+async fn invalid_content_is_rejected_naming_the_item_and_only_its_removals_are_applied() {
     let core = Core::start().await;
     let (loc, token) = core.location(plain_location("invalid"), 3).await;
     let dir = tempfile::tempdir().unwrap();
@@ -266,8 +266,11 @@ async fn invalid_content_is_rejected_naming_the_item_and_nothing_is_applied() {
         );
         expect_rejection(&core, loc, &agent, name, item).await;
     }
+    assert!(agent.backend.applied_ops().is_empty(), "nothing applied");
+    assert_eq!(agent.backend.state(), before, "backend unchanged");
 
-    // A duplicate public key can only come in a snapshot (a delta upsert replaces).
+    // A duplicate public key can only come in a snapshot (a delta upsert replaces). The
+    // snapshot lists only key(0): its removals (keys 1 and 2) are applied all the same.
     let mut location = v1::Location {
         id: loc,
         name: "invalid".into(),
@@ -297,19 +300,29 @@ async fn invalid_content_is_rejected_naming_the_item_and_nothing_is_applied() {
     )
     .await;
 
-    assert!(agent.backend.applied_ops().is_empty(), "nothing applied");
-    assert_eq!(agent.backend.state(), before, "backend unchanged");
+    eventually("the unlisted peers are removed", || async {
+        kernel_keys(&agent) == vec![key(0)]
+    })
+    .await;
+    let mut removed = agent.backend.applied_ops();
+    removed.sort_by_key(|op| format!("{op:?}"));
+    let mut want = vec![Op::RemovePeer(key(1)), Op::RemovePeer(key(2))];
+    want.sort_by_key(|op| format!("{op:?}"));
+    assert_eq!(removed, want, "only the removals applied");
     assert_eq!(
         agent.status().applied_revision,
         rev,
         "last good revision kept"
     );
 
-    // The next real change still applies on top of the last good revision.
+    // The next real change: the held content is no longer the Core's revision, so the
+    // delta is answered with a snapshot, which brings back what the Core still lists.
     location.peers.clear();
     core.admin.add_peer(loc, &peer(50)).await.unwrap();
     agent.applied(rev + 1).await;
-    assert!(kernel_keys(&agent).contains(&key(50)));
+    let mut want = vec![key(0), key(1), key(2), key(50)];
+    want.sort();
+    assert_eq!(kernel_keys(&agent), want);
     agent.stop().await.unwrap();
 }
 
@@ -416,4 +429,158 @@ async fn two_gateways_of_one_location_both_converge() {
     assert_eq!(kernel_keys(&a).len(), 5);
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+/// The offline policy counts the time without the Core across restarts: an agent
+/// restarted every second, each run shorter than the limit, still removes the peers once
+/// the total passes it (the count is kept in the state file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_loop_does_not_defeat_the_offline_policy() {
+    let mut core = Core::start().await;
+    let (loc, token) = core.location(plain_location("offline-loop"), 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = gatehouse::backend::memory::MemoryBackend::new("wgtest0");
+    let mut s = settings(&core.url(), &token, dir.path());
+    s.offline_remove_after = Some(std::time::Duration::from_secs(3));
+    let mut agent = Agent::start_with(s.clone(), backend.clone()).await;
+    agent.applied(core.revision(loc).await).await;
+    core.stop().await;
+    eventually("the agent noticed the Core is gone", || async {
+        !agent.status().core.connected
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    while !agent.status().offline_removed {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "peers kept after 15 s of restarts"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        agent.stop().await.unwrap();
+        agent = Agent::start_with(s.clone(), backend.clone()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(backend.state().device.peers.is_empty());
+    agent.stop().await.unwrap();
+}
+
+/// Each apply step failing on its own (fault injection in the memory backend): a peer
+/// revoked meanwhile leaves the interface all the same, the failure is reported in the
+/// status and to the Core (`Applied` names the step), and once the fault is gone the next
+/// resync applies the rest and clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_step_never_keeps_a_revoked_peer() {
+    use gatehouse::plan::Phase;
+    use gatehouse_core::api::LocationPatch;
+    for (phase, step) in [
+        (Phase::Link, "link"),
+        (Phase::Addresses, "addresses"),
+        (Phase::Peers, "peers"),
+        (Phase::Device, "device"),
+    ] {
+        let core = Core::start().await;
+        let (loc, token) = core.location(plain_location(step), 3).await;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::start(&core.url(), &token, dir.path()).await;
+        agent.applied(core.revision(loc).await).await;
+        agent
+            .backend
+            .fail_phase(phase, format!("injected {step} failure"));
+        // A change that needs the failing step.
+        match phase {
+            Phase::Link => agent
+                .backend
+                .modify(|o| o.link.as_mut().unwrap().up = false),
+            Phase::Addresses => {
+                let patch = LocationPatch {
+                    addresses: Some(vec![
+                        "10.0.0.1/16".into(),
+                        "fd00::1/64".into(),
+                        "fd01::1/64".into(),
+                    ]),
+                    ..Default::default()
+                };
+                core.admin.patch_location(loc, &patch).await.unwrap();
+            }
+            Phase::Peers => {
+                core.admin.add_peer(loc, &peer(10)).await.unwrap();
+            }
+            Phase::Device => {
+                let patch = LocationPatch {
+                    listen_port: Some(51999),
+                    ..Default::default()
+                };
+                core.admin.patch_location(loc, &patch).await.unwrap();
+            }
+            Phase::PeerRemovals => unreachable!(),
+        }
+        eventually(&format!("{step}: the failure reported"), || async {
+            agent
+                .status()
+                .failed_steps
+                .iter()
+                .any(|f| f.starts_with(&format!("{step}: ")))
+        })
+        .await;
+
+        // A peer revoked now leaves at once.
+        let victim = core.admin.peers(loc).await.unwrap()[0].clone();
+        core.admin.delete_peer(loc, victim.id).await.unwrap();
+        let victim_key = Key::from_base64(&victim.public_key).unwrap();
+        eventually(&format!("{step}: the revoked peer gone"), || async {
+            !kernel_keys(&agent).contains(&victim_key)
+        })
+        .await;
+        let status = agent.status();
+        assert_eq!(
+            status.failed_steps.len(),
+            1,
+            "{step}: {:?}",
+            status.failed_steps
+        );
+        // Addresses are a reason in the body only; the other steps make it unready.
+        assert_eq!(
+            status.ready,
+            phase == Phase::Addresses,
+            "{step}: {}",
+            status.ready_reason
+        );
+        assert!(
+            status.ready_reason.contains(step),
+            "{step}: {}",
+            status.ready_reason
+        );
+        if phase != Phase::Link {
+            eventually(
+                &format!("{step}: the Core told which step failed"),
+                || async {
+                    let gws = core.admin.gateways(loc).await.unwrap();
+                    gws[0].last_error.as_ref().is_some_and(|e| {
+                        e.rejected.iter().any(|r| r.item == format!("step.{step}"))
+                    })
+                },
+            )
+            .await;
+        }
+
+        // The fault is gone: the next resync completes the apply.
+        agent.backend.clear_faults();
+        let rev = core.revision(loc).await;
+        agent.applied(rev).await;
+        eventually(&format!("{step}: the failure cleared"), || async {
+            let s = agent.status();
+            s.failed_steps.is_empty() && s.ready
+        })
+        .await;
+        let state = agent.backend.state();
+        let link = state.link.as_ref().unwrap();
+        match phase {
+            Phase::Link => assert!(link.up),
+            Phase::Addresses => assert!(link.addresses.contains(&"fd01::1/64".parse().unwrap())),
+            Phase::Peers => assert!(state.device.peers.contains_key(&key(10))),
+            Phase::Device => assert_eq!(state.device.listen_port, 51999),
+            Phase::PeerRemovals => unreachable!(),
+        }
+        agent.stop().await.unwrap();
+    }
 }

@@ -350,3 +350,61 @@ fn missing_wireguard_go_binary_is_a_config_error() {
         .unwrap_err();
     assert!(matches!(err, BackendError::Config(_)), "{err}");
 }
+
+/// wireguard-go starts with a cleared environment: only what it needs (and PATH), nothing
+/// of the agent's (a token in GATEHOUSE_CORE_TOKEN, for one). A stand-in binary records its
+/// environment in its log and exits.
+#[test]
+#[ignore = "needs root (setns); run tests/netns/run-root-tests.sh"]
+fn wireguard_go_gets_a_cleared_environment() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("wireguard-go");
+    std::fs::write(&fake, "#!/bin/sh\n/usr/bin/env\nexit 1\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ns = Netns::new("ue");
+    let name = unique("ghe");
+    let config = UserspaceConfig {
+        binary: fake,
+        socket_dir: dir.path().to_path_buf(),
+        start_timeout: Duration::from_secs(5),
+        ..UserspaceConfig::default()
+    };
+    let socket_dir = config.socket_dir.clone();
+    let iface = name.clone();
+    let err = ns.enter(move || {
+        let mut b = UserspaceBackend::new(iface, config).expect("backend");
+        let p = Plan {
+            steps: vec![gatehouse::plan::Step {
+                op: Op::CreateLink,
+                reasons: vec![],
+            }],
+        };
+        b.apply(&p).expect_err("the stand-in exits")
+    });
+    assert!(err.to_string().contains("exited"), "{err}");
+    let log = std::fs::read_to_string(socket_dir.join(format!("{name}.log"))).unwrap();
+    let names: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    assert!(names.contains(&"WG_PROCESS_FOREGROUND"), "{log}");
+    assert!(names.contains(&"LOG_LEVEL"), "{log}");
+    // What the shell itself sets is allowed; nothing inherited from the test process
+    // (which has PATH, HOME, CARGO_* and more).
+    for name in names {
+        assert!(
+            [
+                "WG_PROCESS_FOREGROUND",
+                "LOG_LEVEL",
+                "PATH",
+                "PWD",
+                "SHLVL",
+                "_",
+                "OLDPWD"
+            ]
+            .contains(&name),
+            "{name} passed to wireguard-go:\n{log}"
+        );
+    }
+}

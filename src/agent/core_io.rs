@@ -1,7 +1,13 @@
 //! The event loop's side of the Core protocol: what to do with each message from the
 //! connection task (Hello, snapshots, deltas, acks, disconnects) and the messages the
 //! agent sends back (Applied, Stats, PeerEvent, SnapshotRequest).
+//!
+//! An accepted revision becomes the held one at once and is applied by
+//! [`Agent::apply_accepted`] at the end of the loop's batch of Core events (a burst of
+//! deltas is one apply of the newest state) or before any event that must see it applied
+//! (a rejection, a reconnect). A rejected revision's removals are applied at once.
 
+use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use gatehouse_proto::v1::{self, gateway_message::Kind as Out};
@@ -20,6 +26,10 @@ const EVENTS_IN_FLIGHT: usize = 1000;
 
 impl Agent {
     pub(super) async fn on_core(&mut self, event: FromCore) {
+        if !matches!(event, FromCore::Message(_)) {
+            // Hello, a new stream, a lost stream: the Core sees what is applied.
+            self.apply_accepted().await;
+        }
         match event {
             FromCore::HelloWanted(reply) => {
                 let _ = reply.send(self.hello());
@@ -33,6 +43,7 @@ impl Agent {
                 self.core.retry_in_ms = None;
                 self.core.retry_ceiling_ms = None;
                 self.last_contact = Some(now);
+                self.offline.connected();
                 self.stats.reset();
                 self.snapshot_requested = false;
                 if self.offline_removed {
@@ -63,6 +74,7 @@ impl Agent {
                     self.core.since_unix_ms = Some(unix_ms(self.last_contact.unwrap_or(now)));
                 }
                 self.core.connected = false;
+                self.offline.disconnected(self.mono());
                 self.core.last_error = Some(error);
                 self.core.consecutive_failures += 1;
                 self.core.retry_in_ms = Some(retry_in.as_millis() as u64);
@@ -88,6 +100,10 @@ impl Agent {
 
     async fn on_message(&mut self, msg: v1::CoreMessage) {
         use v1::core_message::Kind;
+        if !matches!(msg.kind, Some(Kind::Delta(_))) {
+            // In order: the deltas before this message are judged first.
+            self.flush_deltas().await;
+        }
         let update = match msg.kind {
             Some(Kind::Snapshot(snapshot)) => {
                 self.core.snapshots += 1;
@@ -100,15 +116,14 @@ impl Agent {
                 location::on_snapshot(&snapshot)
             }
             Some(Kind::Delta(delta)) => {
-                info!(
-                    revision = delta.revision,
-                    base = delta.base_revision,
-                    changes = delta.changes.len(),
-                    "delta from the Core"
-                );
-                location::on_delta(self.held.as_ref(), &delta)
+                // Taken together with the deltas queued behind it (see `flush_deltas`).
+                self.queued_deltas.push(delta);
+                return;
             }
             Some(Kind::EventAck(ack)) => {
+                // The Core has seen numbers up to this one: never use them again (an
+                // older state file restored from a backup holds a lower next number).
+                self.next_seq = self.next_seq.max(ack.up_to_seq.saturating_add(1));
                 let before = self.pending.len();
                 self.pending.retain(|e| e.seq > ack.up_to_seq);
                 if self.pending.len() != before {
@@ -167,30 +182,11 @@ impl Agent {
                          not enforce firewall policies (nftables): traffic is NOT filtered"
                     );
                 }
+                debug!(revision, "revision accepted");
                 self.held = Some(*held);
+                self.held_trimmed = false;
                 self.last_rejected = None;
-                // On disk before the kernel changes: a crash in between restarts from
-                // this revision, not from an older one that would re-add revoked peers.
-                self.save_state();
-                match self.reconcile(&format!("revision {revision}")) {
-                    Ok(_) => {
-                        self.applied_revision = revision;
-                        self.send_applied(revision, None);
-                        self.save_state();
-                        self.after_first_apply().await;
-                    }
-                    Err(e) => {
-                        self.send_applied(
-                            revision,
-                            Some(v1::ApplyError {
-                                kind: v1::ApplyErrorKind::Backend as i32,
-                                message: e.to_string(),
-                                rejected: vec![],
-                            }),
-                        );
-                        self.save_state();
-                    }
-                }
+                self.unapplied = true;
             }
             Update::Gap { held, base } if self.snapshot_requested => {
                 debug!(
@@ -215,7 +211,10 @@ impl Agent {
             Update::Reject {
                 revision,
                 rejections,
+                listed,
             } => {
+                // What was accepted before is applied and acknowledged first.
+                self.apply_held().await;
                 warn!(
                     revision,
                     count = rejections.len(),
@@ -234,6 +233,95 @@ impl Agent {
                         rejected: rejections.iter().map(Rejection::to_proto).collect(),
                     }),
                 );
+                if let Some(listed) = listed {
+                    self.remove_unlisted(revision, &listed);
+                }
+            }
+        }
+    }
+
+    /// Applies the removals of a rejected revision: held peers it no longer lists leave
+    /// the held state (on disk first) and the interface.
+    fn remove_unlisted(&mut self, revision: u64, listed: &BTreeSet<Key>) {
+        let Some(held) = &mut self.held else { return };
+        let gone = held.keep_only(listed);
+        if gone.is_empty() {
+            return;
+        }
+        self.held_trimmed = true;
+        for key in &gone {
+            info!(peer = %key, revision, "peer removed: the rejected revision no longer lists it");
+        }
+        self.save_state();
+        if let Err(e) = self.reconcile(&format!("removals of rejected revision {revision}")) {
+            warn!(error = %e, "removals of a rejected revision not complete; retried at the next resync");
+        }
+    }
+
+    /// Judges the queued deltas: runs of deltas that follow each other become one update
+    /// of the newest state ([`location::on_deltas`]).
+    async fn flush_deltas(&mut self) {
+        let deltas = std::mem::take(&mut self.queued_deltas);
+        let mut at = 0;
+        while at < deltas.len() {
+            let rest = &deltas[at..];
+            let (update, used) = match &self.held {
+                // The held content lost peers a rejected revision no longer listed: it is
+                // not the base the Core means any more.
+                Some(held) if self.held_trimmed => (
+                    Update::Gap {
+                        held: held.revision,
+                        base: rest[0].base_revision,
+                    },
+                    1,
+                ),
+                held => location::on_deltas(held.as_ref(), rest),
+            };
+            let used = used.max(1);
+            info!(
+                deltas = used,
+                base = rest[0].base_revision,
+                revision = rest[used - 1].revision,
+                "deltas from the Core"
+            );
+            at += used;
+            self.on_update(update).await;
+        }
+    }
+
+    /// Applies the held revision when one was accepted since the last apply, then tells
+    /// the Core (`Applied`). One apply however many revisions arrived in between.
+    pub(super) async fn apply_accepted(&mut self) {
+        self.flush_deltas().await;
+        self.apply_held().await;
+    }
+
+    /// [`Agent::apply_accepted`] without the queued deltas.
+    async fn apply_held(&mut self) {
+        if !std::mem::take(&mut self.unapplied) {
+            return;
+        }
+        let Some(revision) = self.held.as_ref().map(|h| h.revision) else {
+            return;
+        };
+        // On disk before the kernel changes: a crash in between restarts from this
+        // revision, not from an older one that would re-add revoked peers.
+        self.save_state();
+        match self.reconcile(&format!("revision {revision}")) {
+            Ok(_) => {
+                self.applied_revision = revision;
+                self.send_applied(revision, None);
+                self.save_state();
+                self.after_first_apply().await;
+            }
+            Err(e) => {
+                let error = self.steps.to_apply_error().unwrap_or(v1::ApplyError {
+                    kind: v1::ApplyErrorKind::Backend as i32,
+                    message: e.to_string(),
+                    rejected: vec![],
+                });
+                self.send_applied(revision, Some(error));
+                self.save_state();
             }
         }
     }

@@ -8,7 +8,10 @@
 
 pub mod client;
 mod core_io;
+pub mod offline;
 pub mod status;
+pub mod steps;
+pub mod timers;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,13 +21,13 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use gatehouse_proto::v1;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::backend::{Backend, BackendError};
 use crate::hooks::{Hook, Hooks};
-use crate::http::{self, DiffReport};
+use crate::http::{self, DiffChannel, DiffReport, DIFF_MAX_AGE};
 use crate::location::Held;
 use crate::mfa::{MfaPolicy, MfaTracker, PeerSample, Session, Tombstones};
 use crate::model::{Desired, Key, Observed};
@@ -33,12 +36,21 @@ use crate::state::{first_event_seq, LoadOutcome, PendingEvent, PersistedState, S
 use crate::stats::{batches, Epochs, StatsTracker};
 use crate::validate::validate_location;
 use client::{CoreSettings, FromCore};
+use offline::OfflineClock;
 use status::{readiness, unix_ms, Readiness, Status};
+use steps::{execute, StepErrors};
+use timers::{Timer, Timers};
 
 /// Above this many operations, a plan's steps are logged at DEBUG and summarized at INFO.
 const LOG_EACH_STEP_UP_TO: usize = 100;
 /// Largest `Stats` message the agent sends (well under the gRPC limit).
 const STATS_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Most Core events handled in one turn of the loop before the coalesced apply and a
+/// look at the timers.
+const CORE_BATCH_EVENTS: usize = 1024;
+/// Longest a turn keeps taking Core events before the coalesced apply (the timers wait
+/// for at most about this plus one apply).
+const CORE_BATCH_TIME: Duration = Duration::from_millis(200);
 
 /// Everything the event loop needs, resolved from the configuration by the caller.
 #[derive(Debug, Clone)]
@@ -85,9 +97,15 @@ pub async fn run_with_status(
     let mut agent = Agent::new(settings, backend, store, outcome);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (core_tx, core_rx) = mpsc::channel(1024);
-    let (diff_tx, diff_rx) = mpsc::channel(16);
+    let (refresh_tx, refresh_rx) = mpsc::channel(1);
+    let (diff_tx, diff_rx) = watch::channel(DiffReport::default());
     let status_rx = status_tx.subscribe();
     agent.status_tx = Some(status_tx);
+    agent.diff_tx = Some(diff_tx);
+    let diff = DiffChannel {
+        report: diff_rx,
+        refresh: refresh_tx,
+    };
 
     agent.start().await;
     let client = tokio::spawn(client::run(
@@ -98,13 +116,13 @@ pub async fn run_with_status(
     let http = http_listener.map(|l| {
         let stop = stop_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = http::serve(l, status_rx, diff_tx, stop).await {
+            if let Err(e) = http::serve(l, status_rx, diff, stop).await {
                 error!(error = %e, "HTTP server failed");
             }
         })
     });
 
-    agent.event_loop(core_rx, diff_rx, shutdown).await;
+    agent.event_loop(core_rx, refresh_rx, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = client.await;
     if let Some(h) = http {
@@ -122,7 +140,8 @@ struct Agent {
     origin: Instant,
     held: Option<Held>,
     applied_revision: u64,
-    apply_error: Option<String>,
+    /// The apply steps whose last attempt failed (plan phases and the firewall).
+    steps: StepErrors,
     backend_error: Option<String>,
     /// The last state-file write failed (a restart without the Core would use older state).
     state_error: Option<String>,
@@ -140,10 +159,26 @@ struct Agent {
     outbound: Option<mpsc::Sender<v1::GatewayMessage>>,
     core: status::CoreStatus,
     last_contact: Option<SystemTime>,
+    /// Time without the Core, for the offline policy and readiness.
+    offline: OfflineClock,
     offline_removed: bool,
     started_up: bool,
     counts: Counts,
     status_tx: Option<watch::Sender<Status>>,
+    diff_tx: Option<watch::Sender<DiffReport>>,
+    /// When the interface was last read (monotonic, and wall time for the status).
+    last_read: Option<(Instant, SystemTime)>,
+    /// When `/diff` last caused a read of its own.
+    last_diff_read: Option<Instant>,
+    timers: Timers,
+    /// A revision was accepted from the Core and is not applied yet (applies coalesce).
+    unapplied: bool,
+    /// Deltas received in this batch, judged together at its end.
+    queued_deltas: Vec<v1::Delta>,
+    /// Peers were removed from the held revision because a newer one that no longer
+    /// lists them was rejected: the held content is not the Core's any more, so the next
+    /// delta is answered with a snapshot request.
+    held_trimmed: bool,
 }
 
 #[derive(Default)]
@@ -179,7 +214,7 @@ impl Agent {
             origin: Instant::now(),
             held: None,
             applied_revision: 0,
-            apply_error: None,
+            steps: StepErrors::default(),
             backend_error: None,
             state_error: None,
             last_rejected: None,
@@ -194,10 +229,19 @@ impl Agent {
             snapshot_requested: false,
             outbound: None,
             last_contact: None,
+            // Without the Core from the start until it connects.
+            offline: OfflineClock::restore(None, None, None, SystemTime::now(), Duration::ZERO),
             offline_removed: false,
             started_up: false,
             counts: Counts::default(),
             status_tx: None,
+            diff_tx: None,
+            last_read: None,
+            last_diff_read: None,
+            timers: Timers::default(),
+            unapplied: false,
+            queued_deltas: Vec::new(),
+            held_trimmed: false,
         };
         match outcome {
             LoadOutcome::Fresh => {
@@ -220,10 +264,19 @@ impl Agent {
         self.tombstones = state.tombstones;
         self.epochs = state.epochs;
         self.pending = state.pending_events;
-        self.next_seq = state.next_seq.max(1);
-        self.last_contact = state
-            .core_last_contact_unix_ms
-            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64));
+        // Event numbers never go back, also when an older state file is restored from a
+        // backup: at least the wall clock's count (as after a lost file), and above every
+        // number the Core acknowledges (see the EventAck handling).
+        self.next_seq = state.next_seq.max(first_event_seq(wall)).max(1);
+        let at = |ms: i64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+        self.last_contact = state.core_last_contact_unix_ms.map(at);
+        self.offline = OfflineClock::restore(
+            state.offline_ms.map(Duration::from_millis),
+            state.saved_unix_ms.map(at),
+            self.last_contact,
+            wall,
+            now,
+        );
         let Some(bytes) = state.location else {
             return;
         };
@@ -278,10 +331,16 @@ impl Agent {
         self.publish();
     }
 
+    /// The loop. Timers and inputs take turns at priority: after a turn that served an
+    /// input the timers go first, after a timer the inputs do. So no input (a burst of
+    /// Core messages, a flood of HTTP requests) can starve the timers, and timers whose
+    /// work outlasts their period cannot starve the inputs. Each input turn is bounded:
+    /// Core events are taken in batches whose revisions are applied once
+    /// ([`Agent::on_core_batch`]), `/diff` reads the interface at most once a second.
     async fn event_loop(
         &mut self,
         mut core_rx: mpsc::Receiver<FromCore>,
-        mut diff_rx: mpsc::Receiver<oneshot::Sender<DiffReport>>,
+        mut refresh_rx: mpsc::Receiver<()>,
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
@@ -291,27 +350,83 @@ impl Agent {
         resync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         stats_tick.tick().await;
         resync_tick.tick().await;
+        let mut timers_first = true;
         loop {
             let mfa_at = self
                 .next_mfa_deadline()
                 .map(|d| self.origin + d)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                event = core_rx.recv() => match event {
-                    Some(event) => self.on_core(event).await,
-                    None => break,
-                },
-                Some(reply) = diff_rx.recv() => {
-                    let _ = reply.send(self.diff());
+            let turn = if timers_first {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => Turn::Stop,
+                    _ = tokio::time::sleep_until(mfa_at) => Turn::Mfa(mfa_at),
+                    due = stats_tick.tick() => Turn::Stats(due),
+                    due = resync_tick.tick() => Turn::Resync(due),
+                    event = core_rx.recv() => event.map_or(Turn::Stop, Turn::Core),
+                    Some(()) = refresh_rx.recv() => Turn::Refresh,
                 }
-                _ = tokio::time::sleep_until(mfa_at) => self.on_tick("mfa deadline", false),
-                _ = stats_tick.tick() => self.on_tick("stats interval", true),
-                _ = resync_tick.tick() => self.on_resync().await,
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => Turn::Stop,
+                    event = core_rx.recv() => event.map_or(Turn::Stop, Turn::Core),
+                    Some(()) = refresh_rx.recv() => Turn::Refresh,
+                    _ = tokio::time::sleep_until(mfa_at) => Turn::Mfa(mfa_at),
+                    due = stats_tick.tick() => Turn::Stats(due),
+                    due = resync_tick.tick() => Turn::Resync(due),
+                }
+            };
+            timers_first = !matches!(turn, Turn::Mfa(_) | Turn::Stats(_) | Turn::Resync(_));
+            match turn {
+                Turn::Stop => break,
+                Turn::Mfa(due) => {
+                    self.timer_ran(Timer::Mfa, due);
+                    self.on_tick("mfa deadline", false);
+                }
+                Turn::Stats(due) => {
+                    self.timer_ran(Timer::Stats, due);
+                    self.on_tick("stats interval", true);
+                }
+                Turn::Resync(due) => {
+                    self.timer_ran(Timer::Resync, due);
+                    self.on_resync().await;
+                }
+                Turn::Core(event) => self.on_core_batch(event, &mut core_rx).await,
+                Turn::Refresh => self.refresh_diff(),
             }
             self.publish();
         }
+    }
+
+    /// Counts a timer run that was due at `due`.
+    fn timer_ran(&mut self, timer: Timer, due: Instant) {
+        let late = Instant::now().saturating_duration_since(due);
+        if self.timers.ran(timer, late, SystemTime::now()) {
+            warn!(
+                ?timer,
+                late_ms = late.as_millis() as u64,
+                "the event loop missed a timer deadline"
+            );
+        }
+    }
+
+    /// Handles `first` and the Core events already queued behind it (up to
+    /// [`CORE_BATCH_EVENTS`] or [`CORE_BATCH_TIME`]); accepted revisions are applied once,
+    /// at the end, newest state only.
+    async fn on_core_batch(&mut self, first: FromCore, core_rx: &mut mpsc::Receiver<FromCore>) {
+        let started = Instant::now();
+        self.on_core(first).await;
+        let mut handled = 1;
+        while handled < CORE_BATCH_EVENTS && started.elapsed() < CORE_BATCH_TIME {
+            let Ok(event) = core_rx.try_recv() else { break };
+            self.on_core(event).await;
+            handled += 1;
+        }
+        if handled > 1 {
+            debug!(events = handled, "Core events handled in one batch");
+        }
+        self.apply_accepted().await;
     }
 
     /// Shutdown: pre_down, flush the state, keep (or remove) the interface, post_down.
@@ -354,8 +469,10 @@ impl Agent {
             .map_or(MfaPolicy::Disabled, |h| h.valid.mfa)
     }
 
-    /// Observe, plan, apply. The one path every trigger takes.
-    fn reconcile(&mut self, trigger: &str) -> Result<PlanSummary, BackendError> {
+    /// Observe, plan, apply. The one path every trigger takes. The plan is executed
+    /// phase by phase ([`steps::execute`]): removals first, each failing step recorded in
+    /// `self.steps` and retried by the next reconcile.
+    fn reconcile(&mut self, trigger: &str) -> Result<PlanSummary, ReconcileError> {
         let Some(desired) = self.effective_desired() else {
             return Ok(PlanSummary::default());
         };
@@ -363,29 +480,21 @@ impl Agent {
         let plan = plan(&desired, &observed);
         self.counts.last_reconcile = Some(SystemTime::now());
         self.counts.last_reconcile_ops = plan.len();
+        let summary = plan.summary();
         if plan.is_empty() {
             debug!(trigger, "reconcile: the interface matches");
-            self.apply_error = None;
-            return Ok(PlanSummary::default());
+        } else {
+            log_plan(trigger, &plan, summary);
         }
-        let summary = plan.summary();
-        log_plan(trigger, &plan, summary);
-        let result = self.backend.apply(&plan);
-        if result.is_ok() {
-            // After a failed apply the next observation tells what happened; a peer added
-            // then has counter epoch 0 (unknown start), which the Core handles.
-            self.account(&plan);
-        }
-        match result {
-            Ok(()) => {
-                self.apply_error = None;
-                Ok(summary)
-            }
-            Err(e) => {
-                error!(trigger, error = %e, "apply failed; the next reconcile retries");
-                self.apply_error = Some(e.to_string());
-                Err(e)
-            }
+        // An empty plan still runs: it clears the errors of steps that have nothing left
+        // to do (the interface was repaired some other way).
+        let executed = execute(self.backend.as_mut(), plan, trigger, &mut self.steps);
+        // Bookkeeping for what was applied only; after a failed step the next observation
+        // tells what happened (a peer added then has counter epoch 0, which the Core handles).
+        self.account(&executed.applied);
+        match self.steps.summary() {
+            Some(failed) if executed.failed => Err(ReconcileError::Steps(failed)),
+            _ => Ok(summary),
         }
     }
 
@@ -399,6 +508,7 @@ impl Agent {
             }
         };
         self.backend_error = None;
+        self.last_read = Some((Instant::now(), SystemTime::now()));
         self.counts.kernel_peers = observed.device.peers.len();
         let now = self.mono();
         let wall = SystemTime::now();
@@ -512,10 +622,7 @@ impl Agent {
         if self.outbound.is_some() || self.offline_removed {
             return;
         }
-        let Some(last) = self.last_contact else {
-            return;
-        };
-        let offline = SystemTime::now().duration_since(last).unwrap_or_default();
+        let offline = self.offline.offline_for(self.mono());
         if offline > limit {
             warn!(
                 offline_secs = offline.as_secs(),
@@ -611,6 +718,8 @@ impl Agent {
             pending_events: self.pending.clone(),
             next_seq: self.next_seq,
             // While the stream is up the Core is in contact now, even if idle.
+            offline_ms: Some(self.offline.offline_for(self.mono()).as_millis() as u64),
+            saved_unix_ms: Some(unix_ms(SystemTime::now())),
             core_last_contact_unix_ms: if self.outbound.is_some() {
                 Some(unix_ms(SystemTime::now()))
             } else {
@@ -637,10 +746,13 @@ impl Agent {
         let (ready, ready_reason) = readiness(
             &Readiness {
                 applied: self.applied_revision != 0,
-                apply_failed: self.apply_error.is_some(),
+                apply_failed: self.steps.blocking(),
+                failed_steps: self.steps.reasons(),
+                missed_deadlines: self.timers.missed,
+                last_missed_deadline: self.timers.last_missed,
                 backend_failed: self.backend_error.is_some(),
                 core_connected: self.outbound.is_some(),
-                last_contact: self.last_contact,
+                offline_for: self.offline.offline_for(self.mono()),
                 offline_allowance: self.settings.offline_remove_after,
             },
             SystemTime::now(),
@@ -653,11 +765,14 @@ impl Agent {
             backend: self.settings.backend_name.clone(),
             held_revision: self.held.as_ref().map_or(0, |h| h.revision),
             applied_revision: self.applied_revision,
-            apply_error: self.apply_error.clone(),
+            apply_error: self.steps.summary(),
+            failed_steps: self.steps.reasons(),
             last_rejected: self.last_rejected.clone(),
             core: self.core.clone(),
             desired_peers: self.counts.desired_peers,
             kernel_peers: self.counts.kernel_peers,
+            last_read_unix_ms: self.last_read.map(|(_, wall)| unix_ms(wall)),
+            timers: self.timers.stats.clone(),
             last_reconcile_ops: self.counts.last_reconcile_ops,
             last_reconcile_unix_ms: self.counts.last_reconcile.map(unix_ms),
             drift_repairs: self.counts.drift_repairs,
@@ -682,16 +797,34 @@ impl Agent {
         tx.send_replace(status);
     }
 
+    /// `/diff` asked for a fresh read: at most one per [`DIFF_MAX_AGE`], whatever the
+    /// number of requests; the report is published for every waiting request.
+    fn refresh_diff(&mut self) {
+        if self
+            .last_diff_read
+            .is_some_and(|at| at.elapsed() < DIFF_MAX_AGE)
+        {
+            return;
+        }
+        self.last_diff_read = Some(Instant::now());
+        let report = self.diff();
+        if let Some(tx) = &self.diff_tx {
+            tx.send_replace(report);
+        }
+    }
+
     fn diff(&mut self) -> DiffReport {
         let held_revision = self.held.as_ref().map_or(0, |h| h.revision);
+        let read_unix_ms = Some(unix_ms(SystemTime::now()));
         let Some(desired) = self.effective_desired() else {
             return DiffReport {
                 held_revision,
                 operations: vec![],
                 error: Some("no location held yet".into()),
+                read_unix_ms,
             };
         };
-        match self.backend.observe() {
+        match self.observe() {
             Ok(observed) => DiffReport {
                 held_revision,
                 operations: plan(&desired, &observed)
@@ -704,14 +837,37 @@ impl Agent {
                     })
                     .collect(),
                 error: None,
+                read_unix_ms,
             },
             Err(e) => DiffReport {
                 held_revision,
                 operations: vec![],
                 error: Some(e.to_string()),
+                read_unix_ms,
             },
         }
     }
+}
+
+/// What one turn of the event loop serves.
+enum Turn {
+    Stop,
+    Mfa(Instant),
+    Stats(Instant),
+    Resync(Instant),
+    Core(FromCore),
+    Refresh,
+}
+
+/// Why a reconcile did not complete.
+#[derive(Debug, thiserror::Error)]
+enum ReconcileError {
+    /// The interface could not be read: nothing was planned.
+    #[error("cannot read the interface: {0}")]
+    Observe(#[from] BackendError),
+    /// Some steps failed (the others were applied): one line per failed step.
+    #[error("{0}")]
+    Steps(String),
 }
 
 fn sessions(held: &Held) -> BTreeMap<Key, u64> {

@@ -18,15 +18,27 @@ pub struct Status {
     pub held_revision: u64,
     /// Revision whose state the kernel matches (0 = none yet).
     pub applied_revision: u64,
-    /// The last apply failed: the kernel may not match `held_revision` yet.
+    /// The last apply failed: the kernel may not match `held_revision` yet (all failed
+    /// steps in one line).
     pub apply_error: Option<String>,
+    /// One line per apply step whose last attempt failed ("addresses: ...", "firewall:
+    /// ..."); retried at the next reconcile. Also the reasons in `/readyz`'s body.
+    #[serde(default)]
+    pub failed_steps: Vec<String>,
     /// The last revision the Core sent that was rejected, with the reasons.
     pub last_rejected: Option<Rejected>,
     pub core: CoreStatus,
     /// Peers in the desired state (after MFA removals).
     pub desired_peers: usize,
-    /// Peers read from the interface at the last reconcile.
+    /// Peers read from the interface at the last read.
     pub kernel_peers: usize,
+    /// When the interface was last read (unix ms): what this status says about the
+    /// interface is as of then.
+    #[serde(default)]
+    pub last_read_unix_ms: Option<i64>,
+    /// Timer runs and missed deadlines of the event loop.
+    #[serde(default)]
+    pub timers: super::timers::TimerStats,
     /// Operations the last reconcile applied (0 = the kernel already matched).
     pub last_reconcile_ops: usize,
     pub last_reconcile_unix_ms: Option<i64>,
@@ -93,22 +105,44 @@ pub struct Rejected {
     pub items: Vec<String>,
 }
 
+/// A missed deadline keeps the gateway unready for this long after it happened.
+pub const MISSED_DEADLINE_WINDOW: Duration = Duration::from_secs(60);
+
 /// Inputs of the readiness rule.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Readiness {
     pub applied: bool,
+    /// A step that keeps the gateway from carrying traffic failed.
     pub apply_failed: bool,
+    /// Every failed apply step ("step: error"), blocking or not: reasons in the body.
+    pub failed_steps: Vec<String>,
+    /// Timer deadlines the event loop missed since start, and when it last missed one.
+    pub missed_deadlines: u64,
+    pub last_missed_deadline: Option<SystemTime>,
     pub backend_failed: bool,
     pub core_connected: bool,
-    /// When the Core was last reachable; None: never during this run or before.
-    pub last_contact: Option<SystemTime>,
+    /// How long the gateway has been without the Core (zero while connected).
+    pub offline_for: Duration,
     /// None: keep serving without the Core forever.
     pub offline_allowance: Option<Duration>,
 }
 
-/// Ready = the interface applied and healthy, and the Core connected or within its
-/// offline allowance. A hung or half-configured gateway is never reported ready.
+/// Ready = the interface applied and healthy, the event loop meeting its deadlines, and
+/// the Core connected or within its offline allowance. A hung or half-configured gateway
+/// is never reported ready. Failed steps that do not block (addresses, firewall) are
+/// listed after the verdict.
 pub fn readiness(r: &Readiness, now: SystemTime) -> (bool, String) {
+    let (ready, reason) = verdict(r, now);
+    if r.failed_steps.is_empty() {
+        return (ready, reason);
+    }
+    (
+        ready,
+        format!("{reason}; failed steps: {}", r.failed_steps.join("; ")),
+    )
+}
+
+fn verdict(r: &Readiness, now: SystemTime) -> (bool, String) {
     if !r.applied {
         return (false, "no configuration applied yet".into());
     }
@@ -118,13 +152,23 @@ pub fn readiness(r: &Readiness, now: SystemTime) -> (bool, String) {
     if r.apply_failed {
         return (false, "the last apply failed".into());
     }
+    if let Some(at) = r.last_missed_deadline {
+        let ago = now.duration_since(at).unwrap_or_default();
+        if ago < MISSED_DEADLINE_WINDOW {
+            return (
+                false,
+                format!(
+                    "the event loop missed {} timer deadlines (the last {}s ago)",
+                    r.missed_deadlines,
+                    ago.as_secs()
+                ),
+            );
+        }
+    }
     if r.core_connected {
         return (true, "applied, Core connected".into());
     }
-    let offline_for = r
-        .last_contact
-        .and_then(|t| now.duration_since(t).ok())
-        .unwrap_or_default();
+    let offline_for = r.offline_for;
     match r.offline_allowance {
         None => (
             true,
@@ -166,12 +210,30 @@ mod tests {
     fn base() -> Readiness {
         Readiness {
             applied: true,
-            apply_failed: false,
-            backend_failed: false,
             core_connected: true,
-            last_contact: None,
-            offline_allowance: None,
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_recent_missed_deadline_is_not_ready_and_failed_steps_are_listed() {
+        let now = SystemTime::now();
+        let late = Readiness {
+            missed_deadlines: 3,
+            last_missed_deadline: Some(now - Duration::from_secs(5)),
+            ..base()
+        };
+        let (ok, why) = readiness(&late, now);
+        assert!(!ok);
+        assert!(why.contains("missed 3 timer deadlines"), "{why}");
+        let old = Readiness {
+            last_missed_deadline: Some(now - MISSED_DEADLINE_WINDOW * 2),
+            failed_steps: vec!["addresses: no IPv6".into()],
+            ..late
+        };
+        let (ok, why) = readiness(&old, now);
+        assert!(ok, "{why}");
+        assert!(why.ends_with("failed steps: addresses: no IPv6"), "{why}");
     }
 
     #[test]
@@ -235,7 +297,7 @@ mod tests {
         let now = SystemTime::now();
         let offline = Readiness {
             core_connected: false,
-            last_contact: Some(now - Duration::from_secs(120)),
+            offline_for: Duration::from_secs(120),
             ..base()
         };
         let (ok, why) = readiness(&offline, now);
@@ -243,7 +305,7 @@ mod tests {
         assert!(why.contains("unreachable for 120s"), "{why}");
         let limited = Readiness {
             offline_allowance: Some(Duration::from_secs(60)),
-            ..offline
+            ..offline.clone()
         };
         assert!(!readiness(&limited, now).0);
         let within = Readiness {

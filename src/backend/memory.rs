@@ -1,12 +1,14 @@
 //! An in-memory interface for tests: the plan is executed with [`crate::plan::simulate`],
 //! the WireGuard model the property test checks. Clones share one interface, so a test can
-//! keep a handle, inspect what the agent did and change the "kernel" behind its back.
+//! keep a handle, inspect what the agent did and change the "kernel" behind its back, and
+//! make any phase of an apply fail (fault injection).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{Backend, BackendError, WriteCounters};
 use crate::model::Observed;
-use crate::plan::{simulate, Op, Plan};
+use crate::plan::{simulate, Op, Phase, Plan};
 
 /// A shared simulated interface.
 #[derive(Clone, Debug)]
@@ -21,6 +23,8 @@ struct Inner {
     counters: WriteCounters,
     applied: Vec<Op>,
     fail_next: Option<String>,
+    /// Every apply holding an operation of one of these phases fails with the message.
+    failing: BTreeMap<Phase, String>,
 }
 
 impl MemoryBackend {
@@ -56,6 +60,17 @@ impl MemoryBackend {
         self.lock().fail_next = Some(message.into());
     }
 
+    /// Makes every apply that holds an operation of `phase` fail (before changing
+    /// anything) until [`MemoryBackend::clear_faults`].
+    pub fn fail_phase(&self, phase: Phase, message: impl Into<String>) {
+        self.lock().failing.insert(phase, message.into());
+    }
+
+    /// Ends every fault set by [`MemoryBackend::fail_phase`].
+    pub fn clear_faults(&self) {
+        self.lock().failing.clear();
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -78,28 +93,25 @@ impl Backend for MemoryBackend {
                 message,
             });
         }
+        if let Some(message) = plan
+            .steps
+            .iter()
+            .find_map(|s| inner.failing.get(&s.op.phase()))
+        {
+            return Err(BackendError::Operation {
+                op: "apply".into(),
+                message: message.clone(),
+            });
+        }
         simulate(&mut inner.state, plan);
+        let mut device_ops = 0;
         for step in &plan.steps {
-            match step.op {
-                Op::CreateLink
-                | Op::SetMtu(_)
-                | Op::SetLinkUp
-                | Op::AddAddress(_)
-                | Op::RemoveAddress(_) => inner.counters.link_writes += 1,
-                _ => {}
+            match step.op.phase() {
+                Phase::Link | Phase::Addresses => inner.counters.link_writes += 1,
+                _ => device_ops += 1,
             }
             inner.applied.push(step.op.clone());
         }
-        let device_ops = plan
-            .steps
-            .iter()
-            .filter(|s| {
-                matches!(
-                    s.op,
-                    Op::ConfigureDevice(_) | Op::AddPeer(_) | Op::UpdatePeer(_) | Op::RemovePeer(_)
-                )
-            })
-            .count();
         if device_ops > 0 {
             inner.counters.device_writes += 1;
         }

@@ -25,7 +25,9 @@ pub(super) fn build(l: &Layered) -> Result<Config, ConfigError> {
         ConfigError::invalid(format!("{section}.{key}"), message)
     };
     let duration = |section: &str, key: &str| {
-        parse_duration(l.str(section, key)).map_err(|m| err(section, key, m))
+        parse_duration(l.str(section, key))
+            .and_then(|d| check_bounds(section, key, d))
+            .map_err(|m| err(section, key, m))
     };
     let optional = |section: &str, key: &str| {
         let v = l.str(section, key);
@@ -135,6 +137,12 @@ pub(super) fn build(l: &Layered) -> Result<Config, ConfigError> {
         stats_interval: duration("gateway", "stats_interval")?,
         resync_interval: duration("gateway", "resync_interval")?,
         offline_policy: parse_offline_policy(l.str("gateway", "offline_policy"))
+            .and_then(|p| match p {
+                OfflinePolicy::RemoveAfter(d) => {
+                    check_bounds("gateway", "offline_policy", d).map(OfflinePolicy::RemoveAfter)
+                }
+                keep => Ok(keep),
+            })
             .map_err(|m| err("gateway", "offline_policy", m))?,
         remove_on_shutdown: l.bool("gateway", "remove_on_shutdown"),
     };
@@ -285,6 +293,46 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("bad duration {s:?} ({e}); write e.g. \"30s\", \"5m\", \"24h\""))?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// The accepted range of every duration key (section, key, minimum, maximum), as
+/// documented in `config/gateway.toml`. The maximum keeps every timer computable (a
+/// deadline far beyond the monotonic clock's range would panic) and catches unit typos.
+pub(crate) const DURATION_BOUNDS: &[(&str, &str, Duration, Duration)] = &[
+    ("core", "connect_timeout", ms(100), secs(600)),
+    ("core", "keepalive_interval", secs(1), secs(3600)),
+    ("core", "reconnect_max", ms(100), secs(3600)),
+    ("gateway", "stats_interval", ms(100), secs(3600)),
+    ("gateway", "resync_interval", ms(100), secs(86_400)),
+    ("gateway", "offline_policy", secs(1), secs(365 * 86_400)),
+    ("hooks", "timeout", ms(100), secs(3600)),
+];
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// `d` when it lies within the key's documented range.
+fn check_bounds(section: &str, key: &str, d: Duration) -> Result<Duration, String> {
+    let Some(&(_, _, min, max)) = DURATION_BOUNDS
+        .iter()
+        .find(|(s, k, _, _)| *s == section && *k == key)
+    else {
+        return Ok(d);
+    };
+    if d < min || d > max {
+        return Err(format!(
+            "{} is out of range: between {} and {}",
+            humantime::format_duration(d),
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
     }
     Ok(d)
 }

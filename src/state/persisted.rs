@@ -31,8 +31,14 @@ pub struct PersistedState {
     pub pending_events: Vec<PendingEvent>,
     /// The `seq` of the next event (never reused).
     pub next_seq: u64,
-    /// Last time the Core was connected (for the offline policy), Unix ms.
+    /// Last time the Core was connected, Unix ms (shown in the status; the offline
+    /// policy counts with `offline_ms` when present).
     pub core_last_contact_unix_ms: Option<i64>,
+    /// Time without the Core counted up to this save (ms, monotonic within a run).
+    pub offline_ms: Option<u64>,
+    /// When this state was saved, Unix ms (the time the agent is stopped counts as time
+    /// without the Core).
+    pub saved_unix_ms: Option<i64>,
 }
 
 impl PersistedState {
@@ -64,6 +70,8 @@ impl fmt::Debug for PersistedState {
             .field("pending_events", &self.pending_events)
             .field("next_seq", &self.next_seq)
             .field("core_last_contact_unix_ms", &self.core_last_contact_unix_ms)
+            .field("offline_ms", &self.offline_ms)
+            .field("saved_unix_ms", &self.saved_unix_ms)
             .finish()
     }
 }

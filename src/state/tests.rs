@@ -51,6 +51,8 @@ fn sample_state(id: &str) -> PersistedState {
         }],
         next_seq: 5,
         core_last_contact_unix_ms: Some(1_700_000_000_000),
+        offline_ms: Some(42_000),
+        saved_unix_ms: Some(1_700_000_100_000),
     }
 }
 

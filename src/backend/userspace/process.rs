@@ -2,7 +2,8 @@
 //! into `tracing`.
 //!
 //! wireguard-go runs in the foreground (`-f`, `WG_PROCESS_FOREGROUND=1`) as our child, in
-//! its own process group and in the network namespace the backend was created in. Its
+//! its own process group, in the network namespace the backend was created in, with a
+//! cleared environment (only `WG_PROCESS_FOREGROUND`, `LOG_LEVEL` and `PATH`). Its
 //! output goes to a log file, not a pipe: a Go program dies of SIGPIPE when it writes to a
 //! closed stdout, so a pipe would kill the tunnel whenever the agent stops. A thread
 //! follows the file and forwards each line to `tracing`.
@@ -49,9 +50,13 @@ impl Process {
             .map_err(|e| BackendError::io("duplicate the log file", e))?;
         let netns_fd = netns.as_raw_fd();
         let mut command = Command::new(binary);
+        // A cleared environment: wireguard-go needs only these, and the agent's own (a
+        // token given as GATEHOUSE_CORE_TOKEN, credential paths) is none of its business.
+        // PATH stays: the binary is looked up with it, as before.
         command
             .arg("-f")
             .arg(interface)
+            .env_clear()
             .env("WG_PROCESS_FOREGROUND", "1")
             .env("LOG_LEVEL", log_level)
             .stdin(Stdio::null())
@@ -59,6 +64,9 @@ impl Process {
             .stderr(log_err)
             // Its own process group: a Ctrl-C meant for the agent leaves the tunnel up.
             .process_group(0);
+        if let Some(path) = std::env::var_os("PATH") {
+            command.env("PATH", path);
+        }
         // SAFETY: the closure runs in the child between fork and exec and only calls
         // setns(2), which is async-signal-safe; `netns_fd` stays open in the parent (and
         // so in the child) until spawn returns.
