@@ -492,9 +492,13 @@ impl Agent {
         // Bookkeeping for what was applied only; after a failed step the next observation
         // tells what happened (a peer added then has counter epoch 0, which the Core handles).
         self.account(&executed.applied);
+        // Any further fallible step (the firewall) runs here, after the peer steps, and
+        // records its outcome with `self.steps.record(ApplyStep::Firewall, result)`: it is
+        // then reported like the plan's steps (`Applied`, `/status`, `/readyz`) and retried
+        // by the next reconcile, and it cannot keep a removal from the interface.
         match self.steps.summary() {
-            Some(failed) if executed.failed => Err(ReconcileError::Steps(failed)),
-            _ => Ok(summary),
+            Some(failed) => Err(ReconcileError::Steps(failed)),
+            None => Ok(summary),
         }
     }
 
