@@ -157,6 +157,13 @@ pub async fn diff(base: &str) -> i32 {
     let url = format!("{}/diff", base.trim_end_matches('/'));
     match fetch::<DiffReport>(&url).await {
         Ok(d) => {
+            if let Some(ms) = d.read_unix_ms {
+                let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+                println!(
+                    "(the interface as read at {})",
+                    humantime::format_rfc3339_millis(t)
+                );
+            }
             if let Some(e) = &d.error {
                 println!("revision {}: cannot compare: {e}", d.held_revision);
                 return 1;
@@ -264,9 +271,22 @@ pub fn render_status(s: &Status) -> String {
         s.last_reconcile_ops,
         s.drift_repairs
     );
-    if let Some(e) = &s.apply_error {
-        let _ = writeln!(out, "apply      FAILED: {e}");
+    for failed in &s.failed_steps {
+        let _ = writeln!(
+            out,
+            "apply      FAILED step {failed} (retried at each resync)"
+        );
     }
+    let _ = writeln!(
+        out,
+        "timers     {} stats, {} resyncs, {} MFA checks; {} missed deadlines (max {} ms late); interface read {}",
+        s.timers.stats_ticks,
+        s.timers.resyncs,
+        s.timers.mfa_checks,
+        s.timers.missed_deadlines,
+        s.timers.max_lateness_ms,
+        since(s.last_read_unix_ms)
+    );
     if let Some(r) = &s.last_rejected {
         let _ = writeln!(
             out,

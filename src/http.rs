@@ -45,10 +45,13 @@ pub struct DiffReport {
 }
 
 impl DiffReport {
-    /// Whether the report is older than [`DIFF_MAX_AGE`] at `now`.
+    /// Whether the report is older than [`DIFF_MAX_AGE`] at `now` (or from the future: the
+    /// wall clock was set back, so its age is unknown).
     pub fn is_stale(&self, now: SystemTime) -> bool {
-        self.read_unix_ms
-            .is_none_or(|at| unix_ms(now).saturating_sub(at) >= DIFF_MAX_AGE.as_millis() as i64)
+        self.read_unix_ms.is_none_or(|at| {
+            let age = unix_ms(now).saturating_sub(at);
+            !(0..DIFF_MAX_AGE.as_millis() as i64).contains(&age)
+        })
     }
 }
 
@@ -326,6 +329,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gatehouse_failed_steps 1"), "{text}");
+    }
+
+    #[test]
+    fn a_diff_is_stale_after_a_second_or_when_the_clock_went_back() {
+        let now = SystemTime::now();
+        let at = |ms: i64| DiffReport {
+            read_unix_ms: Some(unix_ms(now) + ms),
+            ..Default::default()
+        };
+        assert!(DiffReport::default().is_stale(now));
+        assert!(!at(-500).is_stale(now));
+        assert!(at(-1000).is_stale(now));
+        assert!(at(60_000).is_stale(now));
     }
 
     #[test]

@@ -402,7 +402,7 @@ impl Agent {
     /// Counts a timer run that was due at `due`.
     fn timer_ran(&mut self, timer: Timer, due: Instant) {
         let late = Instant::now().saturating_duration_since(due);
-        if self.timers.ran(timer, late, SystemTime::now()) {
+        if self.timers.ran(timer, late, self.mono(), SystemTime::now()) {
             warn!(
                 ?timer,
                 late_ms = late.as_millis() as u64,
@@ -492,9 +492,13 @@ impl Agent {
         // Bookkeeping for what was applied only; after a failed step the next observation
         // tells what happened (a peer added then has counter epoch 0, which the Core handles).
         self.account(&executed.applied);
+        // Any further fallible step (the firewall) runs here, after the peer steps, and
+        // records its outcome with `self.steps.record(ApplyStep::Firewall, result)`: it is
+        // then reported like the plan's steps (`Applied`, `/status`, `/readyz`) and retried
+        // by the next reconcile, and it cannot keep a removal from the interface.
         match self.steps.summary() {
-            Some(failed) if executed.failed => Err(ReconcileError::Steps(failed)),
-            _ => Ok(summary),
+            Some(failed) => Err(ReconcileError::Steps(failed)),
+            None => Ok(summary),
         }
     }
 
@@ -743,20 +747,17 @@ impl Agent {
     fn publish(&mut self) {
         let Some(tx) = &self.status_tx else { return };
         let counters = self.backend.counters();
-        let (ready, ready_reason) = readiness(
-            &Readiness {
-                applied: self.applied_revision != 0,
-                apply_failed: self.steps.blocking(),
-                failed_steps: self.steps.reasons(),
-                missed_deadlines: self.timers.missed,
-                last_missed_deadline: self.timers.last_missed,
-                backend_failed: self.backend_error.is_some(),
-                core_connected: self.outbound.is_some(),
-                offline_for: self.offline.offline_for(self.mono()),
-                offline_allowance: self.settings.offline_remove_after,
-            },
-            SystemTime::now(),
-        );
+        let (ready, ready_reason) = readiness(&Readiness {
+            applied: self.applied_revision != 0,
+            apply_failed: self.steps.blocking(),
+            failed_steps: self.steps.reasons(),
+            missed_deadlines: self.timers.stats.missed_deadlines,
+            missed_deadline_ago: self.timers.missed_ago(self.mono()),
+            backend_failed: self.backend_error.is_some(),
+            core_connected: self.outbound.is_some(),
+            offline_for: self.offline.offline_for(self.mono()),
+            offline_allowance: self.settings.offline_remove_after,
+        });
         let status = Status {
             gateway_id: self.gateway_id.clone(),
             name: self.settings.name.clone(),

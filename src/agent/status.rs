@@ -1,6 +1,7 @@
 //! What the agent tells about itself: the status the event loop publishes (through a
 //! `watch` channel) for `/readyz`, `/status`, `/metrics` and `gatehouse status`, and the
-//! readiness rule. The rule is pure: inputs and `now` in, verdict out.
+//! readiness rule. The rule is pure: its inputs are facts and durations (time without the
+//! Core, since the last missed deadline) the loop measures on the monotonic clock.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -116,9 +117,10 @@ pub struct Readiness {
     pub apply_failed: bool,
     /// Every failed apply step ("step: error"), blocking or not: reasons in the body.
     pub failed_steps: Vec<String>,
-    /// Timer deadlines the event loop missed since start, and when it last missed one.
+    /// Timer deadlines the event loop missed since start, and how long ago (monotonic)
+    /// it last missed one.
     pub missed_deadlines: u64,
-    pub last_missed_deadline: Option<SystemTime>,
+    pub missed_deadline_ago: Option<Duration>,
     pub backend_failed: bool,
     pub core_connected: bool,
     /// How long the gateway has been without the Core (zero while connected).
@@ -131,8 +133,8 @@ pub struct Readiness {
 /// the Core connected or within its offline allowance. A hung or half-configured gateway
 /// is never reported ready. Failed steps that do not block (addresses, firewall) are
 /// listed after the verdict.
-pub fn readiness(r: &Readiness, now: SystemTime) -> (bool, String) {
-    let (ready, reason) = verdict(r, now);
+pub fn readiness(r: &Readiness) -> (bool, String) {
+    let (ready, reason) = verdict(r);
     if r.failed_steps.is_empty() {
         return (ready, reason);
     }
@@ -142,7 +144,7 @@ pub fn readiness(r: &Readiness, now: SystemTime) -> (bool, String) {
     )
 }
 
-fn verdict(r: &Readiness, now: SystemTime) -> (bool, String) {
+fn verdict(r: &Readiness) -> (bool, String) {
     if !r.applied {
         return (false, "no configuration applied yet".into());
     }
@@ -152,8 +154,7 @@ fn verdict(r: &Readiness, now: SystemTime) -> (bool, String) {
     if r.apply_failed {
         return (false, "the last apply failed".into());
     }
-    if let Some(at) = r.last_missed_deadline {
-        let ago = now.duration_since(at).unwrap_or_default();
+    if let Some(ago) = r.missed_deadline_ago {
         if ago < MISSED_DEADLINE_WINDOW {
             return (
                 false,
@@ -217,57 +218,46 @@ mod tests {
 
     #[test]
     fn a_recent_missed_deadline_is_not_ready_and_failed_steps_are_listed() {
-        let now = SystemTime::now();
         let late = Readiness {
             missed_deadlines: 3,
-            last_missed_deadline: Some(now - Duration::from_secs(5)),
+            missed_deadline_ago: Some(Duration::from_secs(5)),
             ..base()
         };
-        let (ok, why) = readiness(&late, now);
+        let (ok, why) = readiness(&late);
         assert!(!ok);
         assert!(why.contains("missed 3 timer deadlines"), "{why}");
         let old = Readiness {
-            last_missed_deadline: Some(now - MISSED_DEADLINE_WINDOW * 2),
+            missed_deadline_ago: Some(MISSED_DEADLINE_WINDOW * 2),
             failed_steps: vec!["addresses: no IPv6".into()],
             ..late
         };
-        let (ok, why) = readiness(&old, now);
+        let (ok, why) = readiness(&old);
         assert!(ok, "{why}");
         assert!(why.ends_with("failed steps: addresses: no IPv6"), "{why}");
     }
 
     #[test]
     fn ready_only_when_applied_healthy_and_core_ok() {
-        let now = SystemTime::now();
-        assert!(readiness(&base(), now).0);
+        assert!(readiness(&base()).0);
         assert!(
-            !readiness(
-                &Readiness {
-                    applied: false,
-                    ..base()
-                },
-                now
-            )
+            !readiness(&Readiness {
+                applied: false,
+                ..base()
+            },)
             .0
         );
         assert!(
-            !readiness(
-                &Readiness {
-                    apply_failed: true,
-                    ..base()
-                },
-                now
-            )
+            !readiness(&Readiness {
+                apply_failed: true,
+                ..base()
+            },)
             .0
         );
         assert!(
-            !readiness(
-                &Readiness {
-                    backend_failed: true,
-                    ..base()
-                },
-                now
-            )
+            !readiness(&Readiness {
+                backend_failed: true,
+                ..base()
+            },)
             .0
         );
     }
@@ -294,24 +284,23 @@ mod tests {
 
     #[test]
     fn offline_allowance_decides_without_core() {
-        let now = SystemTime::now();
         let offline = Readiness {
             core_connected: false,
             offline_for: Duration::from_secs(120),
             ..base()
         };
-        let (ok, why) = readiness(&offline, now);
+        let (ok, why) = readiness(&offline);
         assert!(ok);
         assert!(why.contains("unreachable for 120s"), "{why}");
         let limited = Readiness {
             offline_allowance: Some(Duration::from_secs(60)),
             ..offline.clone()
         };
-        assert!(!readiness(&limited, now).0);
+        assert!(!readiness(&limited).0);
         let within = Readiness {
             offline_allowance: Some(Duration::from_secs(600)),
             ..offline
         };
-        assert!(readiness(&within, now).0);
+        assert!(readiness(&within).0);
     }
 }

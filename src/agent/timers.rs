@@ -38,14 +38,14 @@ pub struct TimerStats {
 #[derive(Clone, Debug, Default)]
 pub struct Timers {
     pub stats: TimerStats,
-    pub missed: u64,
-    pub last_missed: Option<SystemTime>,
+    /// When (monotonic) a deadline was last missed.
+    pub last_missed: Option<Duration>,
 }
 
 impl Timers {
-    /// Records that `timer` runs `late` after its deadline, at wall time `now`. Returns
-    /// true when that is a missed deadline.
-    pub fn ran(&mut self, timer: Timer, late: Duration, now: SystemTime) -> bool {
+    /// Records that `timer` runs `late` after its deadline, at monotonic time `now` (wall
+    /// time `wall`, for display). Returns true when that is a missed deadline.
+    pub fn ran(&mut self, timer: Timer, late: Duration, now: Duration, wall: SystemTime) -> bool {
         let s = &mut self.stats;
         match timer {
             Timer::Mfa => s.mfa_checks += 1,
@@ -57,10 +57,14 @@ impl Timers {
             return false;
         }
         s.missed_deadlines += 1;
-        s.last_missed_unix_ms = Some(super::status::unix_ms(now));
-        self.missed = s.missed_deadlines;
+        s.last_missed_unix_ms = Some(super::status::unix_ms(wall));
         self.last_missed = Some(now);
         true
+    }
+
+    /// How long ago (at monotonic `now`) a deadline was last missed.
+    pub fn missed_ago(&self, now: Duration) -> Option<Duration> {
+        self.last_missed.map(|at| now.saturating_sub(at))
     }
 }
 
@@ -71,16 +75,25 @@ mod tests {
     #[test]
     fn a_late_run_is_a_missed_deadline() {
         let mut t = Timers::default();
-        let now = SystemTime::now();
-        assert!(!t.ran(Timer::Stats, Duration::from_millis(300), now));
-        assert!(!t.ran(Timer::Mfa, LATE_AFTER, now));
-        assert!(t.ran(Timer::Resync, LATE_AFTER + Duration::from_millis(1), now));
+        let (now, wall) = (Duration::from_secs(100), SystemTime::now());
+        assert!(!t.ran(Timer::Stats, Duration::from_millis(300), now, wall));
+        assert!(!t.ran(Timer::Mfa, LATE_AFTER, now, wall));
+        assert_eq!(t.missed_ago(now), None);
+        assert!(t.ran(
+            Timer::Resync,
+            LATE_AFTER + Duration::from_millis(1),
+            now,
+            wall
+        ));
         assert_eq!(
             (t.stats.stats_ticks, t.stats.mfa_checks, t.stats.resyncs),
             (1, 1, 1)
         );
-        assert_eq!(t.missed, 1);
-        assert_eq!(t.last_missed, Some(now));
+        assert_eq!(t.stats.missed_deadlines, 1);
+        assert_eq!(
+            t.missed_ago(now + Duration::from_secs(7)),
+            Some(Duration::from_secs(7))
+        );
         assert_eq!(t.stats.max_lateness_ms, 5001);
     }
 }
