@@ -19,7 +19,13 @@ fn location() -> v1::Location {
             v1::Peer {
                 // Any 32 bytes that are not of low order are a valid public key.
                 public_key: seed.to_vec(),
-                allowed_ips: vec![format!("10.{a}.{b}.{c}/32"), format!("{}/128", std::net::Ipv6Addr::from(0xfd00u128 << 112 | u128::from(i + 2)))],
+                allowed_ips: vec![
+                    format!("10.{a}.{b}.{c}/32"),
+                    format!(
+                        "{}/128",
+                        std::net::Ipv6Addr::from(0xfd00u128 << 112 | u128::from(i + 2))
+                    ),
+                ],
                 ..Default::default()
             }
         })
@@ -71,5 +77,8 @@ fn main() {
         .collect();
     let overlap = median(|| assert!(find_overlaps(&entries).is_empty()));
     println!("validate_location, {PEERS} peers (2 prefixes each): {whole:?} (median of 5)");
-    println!("find_overlaps, {} prefixes: {overlap:?} (median of 5)", entries.len());
+    println!(
+        "find_overlaps, {} prefixes: {overlap:?} (median of 5)",
+        entries.len()
+    );
 }
