@@ -3,6 +3,8 @@
 //! location. Each failing item is reported (logged, and listed by `GET /api/v1/audit`) and
 //! the location is served without it:
 //!
+//! - a name or firewall address stored in a form that is not canonical (surrounding
+//!   whitespace, `10.0.0.1/32`, `a - b`) is served in canonical form;
 //! - a failing peer is withheld: not in snapshots, its upserts left out of deltas (removals
 //!   still go out), so gateways remove it and keep applying everything else;
 //! - a failing interface address is left out, a failing MTU served as 0 (kernel default),
@@ -36,7 +38,7 @@ pub struct Finding {
 }
 
 /// What the audit decided for one location.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct LocationAudit {
     pub findings: Vec<Finding>,
     withheld: BTreeSet<Vec<u8>>,
@@ -44,6 +46,9 @@ pub struct LocationAudit {
     mtu_default: bool,
     name_empty: bool,
     firewall_closed: bool,
+    /// The canonical form served instead of a stored name or policy that was not.
+    name_canonical: Option<String>,
+    firewall_canonical: Option<pb::FirewallPolicy>,
 }
 
 /// Every location's audit: only those with findings are kept.
@@ -54,12 +59,13 @@ pub struct Audit {
 
 /// Checks one stored location. `location` lists every stored peer (MFA sessions or not),
 /// `peer_ids[k]` is the id of `location.peers[k]`.
-pub fn check(location: &pb::Location, peer_ids: &[u64]) -> LocationAudit {
+pub fn check(stored: &pb::Location, peer_ids: &[u64]) -> LocationAudit {
     let mut out = LocationAudit::default();
+    let id = stored.id;
+    let location = &canonical(stored, &mut out);
     let Err(list) = rules::validate_location(location) else {
         return out;
     };
-    let id = location.id;
     let valid = rules::valid_peer_keys(location);
     for (k, p) in location.peers.iter().enumerate() {
         if !valid.contains(p.public_key.as_slice()) {
@@ -98,6 +104,46 @@ pub fn check(location: &pb::Location, peer_ids: &[u64]) -> LocationAudit {
         });
     }
     out
+}
+
+/// The stored name and firewall addresses and comments in canonical form (where they have
+/// one), each change recorded as a finding served in canonical form.
+fn canonical(stored: &pb::Location, out: &mut LocationAudit) -> pb::Location {
+    let mut loc = stored.clone();
+    let trimmed = loc.name.trim();
+    if trimmed != loc.name {
+        loc.name = trimmed.to_owned();
+        out.name_canonical = Some(loc.name.clone());
+        out.findings.push(Finding {
+            location: loc.id,
+            peer_id: None,
+            item: "name".into(),
+            reason: "surrounding whitespace".into(),
+            served: format!("in canonical form {:?}", loc.name),
+        });
+    }
+    if let Some(fw) = &mut loc.firewall {
+        let before = fw.clone();
+        for rule in &mut fw.rules {
+            for spec in rule.sources.iter_mut().chain(rule.destinations.iter_mut()) {
+                if let Ok(c) = rules::firewall::normalize_address_spec(spec) {
+                    *spec = c;
+                }
+            }
+            rule.comment = rule.comment.trim().to_owned();
+        }
+        if *fw != before {
+            out.firewall_canonical = Some(fw.clone());
+            out.findings.push(Finding {
+                location: loc.id,
+                peer_id: None,
+                item: "firewall".into(),
+                reason: "addresses or comments not in canonical form".into(),
+                served: "in canonical form".into(),
+            });
+        }
+    }
+    loc
 }
 
 fn serve_instead(item: &str, location: &pb::Location, out: &mut LocationAudit) -> String {
@@ -141,6 +187,9 @@ impl LocationAudit {
     }
 
     fn serve_firewall(&self, fw: &mut pb::FirewallPolicy) {
+        if let Some(c) = &self.firewall_canonical {
+            *fw = c.clone();
+        }
         if self.firewall_closed {
             *fw = pb::FirewallPolicy {
                 enabled: true,
@@ -159,6 +208,9 @@ impl LocationAudit {
         if let Some(fw) = &mut loc.firewall {
             self.serve_firewall(fw);
         }
+        if let Some(name) = &self.name_canonical {
+            loc.name.clone_from(name);
+        }
         if self.name_empty {
             loc.name.clear();
         }
@@ -174,7 +226,9 @@ impl LocationAudit {
         for c in &mut delta.changes {
             match &mut c.kind {
                 Some(Kind::SetInterface(i)) => self.serve_interface(i),
-                Some(Kind::SetFirewall(f)) => self.serve_firewall(f),
+                // A policy in a delta is new (normalized by the admin API): served as sent
+                // unless the location is still failing on its firewall.
+                Some(Kind::SetFirewall(f)) if self.firewall_closed => self.serve_firewall(f),
                 _ => {}
             }
         }
@@ -249,14 +303,42 @@ mod tests {
             firewall: Some(pb::FirewallPolicy {
                 enabled: true,
                 default_verdict: pb::Verdict::Accept as i32,
-                rules: vec![pb::FirewallRule {
-                    sources: vec![" 10.0.0.2".into()],
-                    verdict: pb::Verdict::Drop as i32,
-                    ..Default::default()
-                }],
+                rules: vec![
+                    pb::FirewallRule {
+                        sources: vec![" 10.0.0.2".into()],
+                        verdict: pb::Verdict::Drop as i32,
+                        ..Default::default()
+                    },
+                    pb::FirewallRule {
+                        sources: vec!["10.0.0.2/24".into()],
+                        verdict: pb::Verdict::Drop as i32,
+                        ..Default::default()
+                    },
+                ],
             }),
             mfa: None,
         }
+    }
+
+    #[test]
+    fn content_with_a_canonical_form_is_served_in_it() {
+        let mut loc = stored();
+        loc.name = " office ".into();
+        loc.interface.as_mut().unwrap().addresses.truncate(1);
+        loc.interface.as_mut().unwrap().mtu = 1420;
+        loc.peers.truncate(1);
+        loc.firewall.as_mut().unwrap().rules.truncate(1);
+        let a = check(&loc, &[10]);
+        let items: Vec<&str> = a.findings.iter().map(|f| f.item.as_str()).collect();
+        assert_eq!(items, vec!["name", "firewall"]);
+        let mut served = loc.clone();
+        a.serve_location(&mut served);
+        assert_eq!(served.name, "office");
+        assert_eq!(
+            served.firewall.as_ref().unwrap().rules[0].sources,
+            vec!["10.0.0.2"]
+        );
+        assert!(rules::validate_location(&served).is_ok());
     }
 
     #[test]
@@ -271,11 +353,12 @@ mod tests {
         assert_eq!(
             items,
             vec![
+                (None, "firewall"),
                 (None, "interface.mtu"),
                 (None, "interface.addresses[1]"),
                 (Some(11), "endpoint"),
                 (Some(12), "allowed_ips[0]"),
-                (None, "firewall.rules[0].sources[0]"),
+                (None, "firewall.rules[1].sources[0]"),
             ]
         );
         let mut served = loc.clone();
@@ -309,7 +392,7 @@ mod tests {
         let mut all = Audit::default();
         all.set(4, a);
         assert!(all.has_findings(4));
-        assert_eq!(all.findings().len(), 5);
+        assert_eq!(all.findings().len(), 6);
         all.set(4, check(&served, &[10]));
         assert!(!all.has_findings(4), "fixed content clears the findings");
     }

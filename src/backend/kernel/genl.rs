@@ -217,7 +217,8 @@ fn parse_datagram<T: NetlinkDeserializable>(
             },
             NetlinkPayload::Done(done) => {
                 if done.code < 0 {
-                    return Err(io::Error::from_raw_os_error(-done.code));
+                    // A code of i32::MIN has no positive errno (found by fuzzing).
+                    return Err(io::Error::from_raw_os_error(done.code.saturating_neg()));
                 }
                 return Ok(Progress::Done);
             }
@@ -403,5 +404,7 @@ mod tests {
         for bytes in [&[1u8, 2, 3][..], &[0xff; 40][..], &part(1, 0, 1)[..18]] {
             assert!(parse_datagram::<Wg>(bytes, 1, Expect::Dump, &mut out, &mut intr).is_err());
         }
+        let min = done(1, i32::MIN);
+        assert!(parse_datagram::<Wg>(&min, 1, Expect::Dump, &mut out, &mut intr).is_err());
     }
 }
