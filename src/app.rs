@@ -62,6 +62,11 @@ pub fn settings(config: &Config) -> anyhow::Result<Settings> {
         gateway_id: config.gateway.id.clone(),
         http_listen: config.http.listen,
         hooks: Hooks::new(config.hooks.clone(), config.gateway.interface.clone()),
+        firewall: crate::agent::firewall::FirewallSettings {
+            // The in-memory backend has no kernel interface to filter.
+            enabled: config.firewall.enabled && config.gateway.backend != BackendKind::Memory,
+            masquerade: config.firewall.masquerade,
+        },
     })
 }
 

@@ -146,22 +146,24 @@ impl Agent {
                         }
                     }
                 }
-                if held.location.firewall.as_ref().is_some_and(|f| f.enabled) {
-                    warn!(
-                        revision,
-                        "the location has a firewall policy, but this gatehouse version does \
-                         not enforce firewall policies (nftables): traffic is NOT filtered"
-                    );
-                }
                 self.held = Some(*held);
                 self.last_rejected = None;
                 // On disk before the kernel changes: a crash in between restarts from
                 // this revision, not from an older one that would re-add revoked peers.
                 self.save_state();
-                match self.reconcile(&format!("revision {revision}")) {
+                let result = self.reconcile(&format!("revision {revision}"));
+                let firewall_error = self.firewall_step(&format!("revision {revision}"));
+                match result {
                     Ok(_) => {
                         self.applied_revision = revision;
-                        self.send_applied(revision, None);
+                        self.send_applied(
+                            revision,
+                            firewall_error.map(|message| v1::ApplyError {
+                                kind: v1::ApplyErrorKind::Backend as i32,
+                                message,
+                                rejected: vec![],
+                            }),
+                        );
                         self.save_state();
                         self.after_first_apply().await;
                     }
@@ -170,7 +172,10 @@ impl Agent {
                             revision,
                             Some(v1::ApplyError {
                                 kind: v1::ApplyErrorKind::Backend as i32,
-                                message: e.to_string(),
+                                message: match &firewall_error {
+                                    Some(f) => format!("{e}; {f}"),
+                                    None => e.to_string(),
+                                },
                                 rejected: vec![],
                             }),
                         );

@@ -8,6 +8,7 @@
 
 pub mod client;
 mod core_io;
+pub mod firewall;
 pub mod status;
 
 use std::collections::BTreeMap;
@@ -57,6 +58,7 @@ pub struct Settings {
     pub gateway_id: Option<String>,
     pub http_listen: Option<SocketAddr>,
     pub hooks: Hooks,
+    pub firewall: firewall::FirewallSettings,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -144,6 +146,7 @@ struct Agent {
     started_up: bool,
     counts: Counts,
     status_tx: Option<watch::Sender<Status>>,
+    firewall: firewall::FirewallStep,
 }
 
 #[derive(Default)]
@@ -164,6 +167,11 @@ impl Agent {
         outcome: LoadOutcome,
     ) -> Self {
         let mut agent = Agent {
+            firewall: firewall::FirewallStep::new(
+                &settings.interface,
+                settings.firewall,
+                Box::new(firewall::Kernel),
+            ),
             gateway_id: settings
                 .gateway_id
                 .clone()
@@ -274,6 +282,7 @@ impl Agent {
                 }
                 Err(e) => error!(error = %e, "could not restore the interface from the state file"),
             }
+            self.firewall_step("start: restore from state file");
         }
         self.publish();
     }
@@ -479,7 +488,9 @@ impl Agent {
         }
         self.check_offline_policy();
         let in_sync = self.held.as_ref().map(|h| h.revision) == Some(self.applied_revision);
-        match self.reconcile("periodic resync") {
+        let result = self.reconcile("periodic resync");
+        self.firewall_step("periodic resync");
+        match result {
             Ok(summary) if summary != PlanSummary::default() => {
                 if in_sync {
                     self.counts.drift_repairs += 1;
@@ -491,6 +502,17 @@ impl Agent {
             Err(_) => {}
         }
         self.save_state();
+    }
+
+    /// The firewall step after the peer changes (never before them: a failing firewall
+    /// never holds back a removal). Returns its error.
+    fn firewall_step(&mut self, trigger: &str) -> Option<String> {
+        let fw = self.held.as_ref()?.location.firewall.clone();
+        let desired = self.effective_desired()?;
+        self.firewall
+            .run(trigger, fw.as_ref(), &desired)
+            .err()
+            .map(|e| e.to_string())
     }
 
     /// After a successful reconcile: the held revision is what the kernel has.
@@ -645,7 +667,14 @@ impl Agent {
             },
             SystemTime::now(),
         );
+        // A firewall error is a reason, not unreadiness: one bad policy must not eject
+        // every gateway of a location.
+        let ready_reason = match self.firewall.status().error() {
+            Some(e) => format!("{ready_reason}; firewall error: {e}"),
+            None => ready_reason,
+        };
         let status = Status {
+            firewall: self.firewall.status().clone(),
             gateway_id: self.gateway_id.clone(),
             name: self.settings.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -691,6 +720,8 @@ impl Agent {
                 error: Some("no location held yet".into()),
             };
         };
+        let fw = self.held.as_ref().and_then(|h| h.location.firewall.clone());
+        let firewall = self.firewall.diff(fw.as_ref(), &desired);
         match self.backend.observe() {
             Ok(observed) => DiffReport {
                 held_revision,
@@ -702,6 +733,7 @@ impl Agent {
                             s.reasons.iter().map(|r| r.to_string()).collect();
                         reasons.join("; ")
                     })
+                    .chain(firewall)
                     .collect(),
                 error: None,
             },
