@@ -591,20 +591,13 @@ impl Socket {
         if sent < bytes.len() {
             return Err(NftError::Rejected(io::Error::other("short send")));
         }
-        // Acks: one per message flagged NLM_F_ACK (the batch end's only on kernels that
-        // acknowledge it). Read until the table's last message is answered or an error.
-        let expect = buf.count - 1;
+        // Acks: one per message flagged NLM_F_ACK (all but the batch begin and end). The
+        // kernel commits the batch before it answers the last one, or aborts all of it.
+        let expect = buf.count - 2;
         let mut acked = 0usize;
         let mut rx = vec![0u64; 1 << 14];
         while acked < expect {
-            let n = match self.recv(&mut rx) {
-                Ok(n) => n,
-                // Kernels before 6.10 do not acknowledge the batch end.
-                Err(e) if acked + 1 >= expect && e.kind() == io::ErrorKind::WouldBlock => {
-                    break
-                }
-                Err(e) => return Err(NftError::Rejected(e)),
-            };
+            let n = self.recv(&mut rx).map_err(NftError::Rejected)?;
             for msg in messages(&rx, n) {
                 if let Some(code) = msg.error_code() {
                     if code != 0 {
