@@ -269,6 +269,25 @@ pub fn render_status(s: &Status) -> String {
         s.last_reconcile_ops,
         s.drift_repairs
     );
+    let fw = &s.firewall;
+    if !fw.state.is_empty() {
+        let _ = writeln!(
+            out,
+            "firewall   {} (table inet {}: {} rules, {} set elements; {} writes, {} repairs, {} connections cut){}",
+            fw.state,
+            fw.table,
+            fw.rules,
+            fw.set_elements,
+            fw.writes,
+            fw.repairs,
+            fw.flows_cut,
+            if fw.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", fw.detail.join("; "))
+            }
+        );
+    }
     if let Some(e) = &s.apply_error {
         let _ = writeln!(out, "apply      FAILED: {e}");
     }

@@ -286,12 +286,48 @@ fn validate_firewall(fw: &v1::FirewallPolicy, errs: &mut Errors) {
                 );
             }
         }
-        if v1::Verdict::try_from(rule.verdict).is_err() {
+        if !matches!(
+            v1::Verdict::try_from(rule.verdict),
+            Ok(v1::Verdict::Accept | v1::Verdict::Drop)
+        ) {
             errs.push(
                 format!("firewall.rules[{i}].verdict"),
-                format!("unknown verdict {}", rule.verdict),
+                format!("verdict {} is not accept or drop", rule.verdict),
             );
         }
+        for (j, p) in rule.protocols.iter().enumerate() {
+            if !matches!(
+                v1::Protocol::try_from(*p),
+                Ok(v1::Protocol::Tcp | v1::Protocol::Udp | v1::Protocol::Icmp)
+            ) {
+                errs.push(
+                    format!("firewall.rules[{i}].protocols[{j}]"),
+                    format!("unknown protocol {p}"),
+                );
+            }
+        }
+        // Ports apply to TCP and UDP; a rule with ports and only ICMP could match nothing.
+        if !rule.ports.is_empty()
+            && !rule.protocols.is_empty()
+            && rule
+                .protocols
+                .iter()
+                .all(|p| *p == v1::Protocol::Icmp as i32)
+        {
+            errs.push(format!("firewall.rules[{i}].ports"), "ports with only ICMP");
+        }
+    }
+    // A disabled policy is not enforced; an enabled one needs its default.
+    if fw.enabled
+        && !matches!(
+            v1::Verdict::try_from(fw.default_verdict),
+            Ok(v1::Verdict::Accept | v1::Verdict::Drop)
+        )
+    {
+        errs.push(
+            "firewall.default_verdict",
+            format!("verdict {} is not accept or drop", fw.default_verdict),
+        );
     }
 }
 
@@ -521,6 +557,37 @@ mod tests {
                 "firewall.rules[0].sources[1]",
                 "firewall.rules[0].destinations[1]",
                 "firewall.rules[0].ports[0]",
+            ]
+        );
+    }
+
+    #[test]
+    fn firewall_verdicts_protocols_and_icmp_ports_are_checked() {
+        let mut loc = location(vec![]);
+        loc.firewall = Some(v1::FirewallPolicy {
+            enabled: true,
+            default_verdict: v1::Verdict::Unspecified as i32,
+            rules: vec![
+                v1::FirewallRule {
+                    verdict: v1::Verdict::Unspecified as i32,
+                    protocols: vec![9],
+                    ..Default::default()
+                },
+                v1::FirewallRule {
+                    ports: vec![v1::PortRange { start: 1, end: 2 }],
+                    protocols: vec![v1::Protocol::Icmp as i32],
+                    verdict: v1::Verdict::Drop as i32,
+                    ..Default::default()
+                },
+            ],
+        });
+        assert_eq!(
+            items(&loc),
+            vec![
+                "firewall.rules[0].verdict",
+                "firewall.rules[0].protocols[0]",
+                "firewall.rules[1].ports",
+                "firewall.default_verdict",
             ]
         );
     }

@@ -35,7 +35,14 @@ fn sample() -> gatehouse::firewall::Policy {
 fn one_batch_reads_back_equal_and_drift_is_found() {
     in_fresh_netns(|| {
         nft(&["add", "table", "ip", "operator"]);
-        nft(&["add", "chain", "ip", "operator", "c", "{ type filter hook forward priority 0; policy accept; }"]);
+        nft(&[
+            "add",
+            "chain",
+            "ip",
+            "operator",
+            "c",
+            "{ type filter hook forward priority 0; policy accept; }",
+        ]);
         nft(&["add", "rule", "ip", "operator", "c", "tcp dport 22 accept"]);
         let foreign = nft(&["list", "table", "ip", "operator"]);
 
@@ -70,7 +77,14 @@ fn one_batch_reads_back_equal_and_drift_is_found() {
         let have = sock.read(&rs.table).unwrap();
         let d = differences(&rs.table, Some(&want), have.as_ref());
         assert_eq!(d.len(), 1, "{d:?}");
-        nft(&["delete", "element", "inet", "gatehouse_wgfw0", "r0_d4", "{ 198.51.100.10 }"]);
+        nft(&[
+            "delete",
+            "element",
+            "inet",
+            "gatehouse_wgfw0",
+            "r0_d4",
+            "{ 198.51.100.10 }",
+        ]);
         let have = sock.read(&rs.table).unwrap();
         assert_eq!(differences(&rs.table, Some(&want), have.as_ref()).len(), 2);
         // Removal.
@@ -128,14 +142,34 @@ async fn up(site: &mut Site, masquerade: bool) -> Far {
     let (a, b) = site
         .gw
         .veth_to(&far, "fv", &format!("{GW_FAR}/24"), &format!("{FAR}/24"));
-    site.gw.ip(&["-6", "addr", "add", &format!("{GW_FAR6}/64"), "dev", &a, "nodad"]);
-    far.ip(&["-6", "addr", "add", &format!("{FAR6}/64"), "dev", &b, "nodad"]);
+    site.gw.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{GW_FAR6}/64"),
+        "dev",
+        &a,
+        "nodad",
+    ]);
+    far.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{FAR6}/64"),
+        "dev",
+        &b,
+        "nodad",
+    ]);
     far.ip(&["addr", "add", &format!("{FAR2}/24"), "dev", &b]);
     far.ip(&["route", "add", "10.77.0.0/24", "via", GW_FAR]);
     far.ip(&["-6", "route", "add", "fd77::/64", "via", GW_FAR6]);
     site.gw.exec(
         "sysctl",
-        &["-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        &[
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ],
     );
 
     site.add_client(ClientOptions {
@@ -149,13 +183,23 @@ async fn up(site: &mut Site, masquerade: bool) -> Far {
     cmd_ok(
         "ip",
         &[
-            "netns", "exec", &ns, "wg", "set", &iface, "peer", &gw_key, "allowed-ips",
+            "netns",
+            "exec",
+            &ns,
+            "wg",
+            "set",
+            &iface,
+            "peer",
+            &gw_key,
+            "allowed-ips",
             "10.77.0.0/24,198.51.100.0/24,fd77::/64,fd99::/64",
         ],
     )
     .await;
-    site.client_ip(&["route", "add", "198.51.100.0/24", "dev", &iface]).await;
-    site.client_ip(&["-6", "route", "add", "fd99::/64", "dev", &iface]).await;
+    site.client_ip(&["route", "add", "198.51.100.0/24", "dev", &iface])
+        .await;
+    site.client_ip(&["-6", "route", "add", "fd99::/64", "dev", &iface])
+        .await;
 
     let servers = Servers::start(Some(far.name()), &TCP_PORTS, &UDP_PORTS, &[FAR, FAR2, FAR6]);
     let gw_servers = Servers::start(Some(site.gw.name()), &[2222], &[], &[]);
@@ -284,8 +328,22 @@ fn policy_filters_both_families_and_cuts_what_it_now_denies() {
         let _far = up(&mut site, false).await;
         // An operator's table exists before ours and stays as it was.
         nft(&["add", "table", "ip", "operator"]);
-        nft(&["add", "chain", "ip", "operator", "opfilter", "{ type filter hook forward priority 10; policy accept; }"]);
-        nft(&["add", "rule", "ip", "operator", "opfilter", "tcp dport 9999 drop"]);
+        nft(&[
+            "add",
+            "chain",
+            "ip",
+            "operator",
+            "opfilter",
+            "{ type filter hook forward priority 10; policy accept; }",
+        ]);
+        nft(&[
+            "add",
+            "rule",
+            "ip",
+            "operator",
+            "opfilter",
+            "tcp dport 9999 drop",
+        ]);
         let foreign = nft(&["list", "table", "ip", "operator"]);
         // No policy: no table, everything passes.
         assert_eq!(our_tables(&nft(&["list", "ruleset"])), 0);
@@ -298,8 +356,11 @@ fn policy_filters_both_families_and_cuts_what_it_now_denies() {
         let status = site.status().await;
         assert_eq!(status.firewall.state, "in sync", "{:?}", status.firewall);
 
-        let tcp = |ip: &'static str, port| from_client(&site, move || tcp_probe(sa(ip, port), None).is_some());
-        let udp = |ip: &'static str, port| from_client(&site, move || udp_probe(sa(ip, port)).is_some());
+        let tcp = |ip: &'static str, port| {
+            from_client(&site, move || tcp_probe(sa(ip, port), None).is_some())
+        };
+        let udp =
+            |ip: &'static str, port| from_client(&site, move || udp_probe(sa(ip, port)).is_some());
         // IPv4 TCP: single port, a port range, priority (an earlier drop wins), default.
         assert!(tcp(FAR, 80), "TCP 80 allowed");
         assert!(tcp(FAR, 8080), "TCP 8080 in 8080-8081 allowed");
@@ -312,12 +373,18 @@ fn policy_filters_both_families_and_cuts_what_it_now_denies() {
         assert!(!tcp(FAR2, 80), "TCP 80 to .20 denied");
         // IPv6: a subnet, TCP only; the IPv4-only rules do not open IPv6.
         assert!(tcp(FAR6, 443), "TCP 443 over IPv6 allowed");
-        assert!(!tcp(FAR6, 80), "per family: the IPv6 source of the first rule has no IPv6 destination");
+        assert!(
+            !tcp(FAR6, 80),
+            "per family: the IPv6 source of the first rule has no IPv6 destination"
+        );
         assert!(!udp(FAR6, 53), "UDP 53 over IPv6: the range is IPv4 only");
         // ICMP per family.
         assert!(ping(&site, FAR), "ICMP to the far host allowed");
         assert!(!ping(&site, FAR2), "ICMP to .20 denied");
-        assert!(!ping(&site, FAR6), "the ICMP rule has IPv4 destinations only");
+        assert!(
+            !ping(&site, FAR6),
+            "the ICMP rule has IPv4 destinations only"
+        );
         // Input to the gateway host is the policy's too.
         assert!(!tcp("10.77.0.1", 2222), "TCP to the gateway host denied");
 
@@ -327,8 +394,14 @@ fn policy_filters_both_families_and_cuts_what_it_now_denies() {
         let mut kept = from_client(&site, || Conn::open(sa(FAR, 80))).expect("open 80");
         assert!(from_client(&site, || cut.alive()));
         put(&site, allow_policy()).await;
-        assert!(!from_client(&site, || cut.alive()), "8080 is denied now: cut");
-        assert!(from_client(&site, || kept.alive()), "80 is still allowed: kept");
+        assert!(
+            !from_client(&site, || cut.alive()),
+            "8080 is denied now: cut"
+        );
+        assert!(
+            from_client(&site, || kept.alive()),
+            "80 is still allowed: kept"
+        );
         assert!(site.status().await.firewall.flows_cut >= 1);
         // Default allow.
         assert!(tcp(FAR2, 443), "TCP 443 to .20: default allow");
@@ -339,9 +412,37 @@ fn policy_filters_both_families_and_cuts_what_it_now_denies() {
         assert_eq!(nft(&["list", "table", "ip", "operator"]), foreign);
 
         // A policy switched off by the Core removes the table.
-        put(&site, api::FirewallPolicy { enabled: false, ..allow_policy() }).await;
+        put(
+            &site,
+            api::FirewallPolicy {
+                enabled: false,
+                ..allow_policy()
+            },
+        )
+        .await;
         assert_eq!(our_tables(&nft(&["list", "ruleset"])), 0);
         assert!(tcp(FAR, 443));
+
+        // A removed peer's tracked connections go with it.
+        let _open = from_client(&site, || Conn::open(sa(FAR, 80))).expect("open 80");
+        let client: IpAddr = "10.77.0.2".parse().unwrap();
+        let tracked = || {
+            tokio::task::block_in_place(|| {
+                gatehouse::firewall::conntrack::dump()
+                    .expect("conntrack dump")
+                    .iter()
+                    .filter(|e| e.flow.src == client)
+                    .count()
+            })
+        };
+        assert!(tracked() >= 1);
+        site.admin()
+            .delete_peer(site.location().id, site.client().peer_id)
+            .await
+            .expect("remove the client peer");
+        let revision = site.revision().await;
+        site.wait_applied(revision).await;
+        assert_eq!(tracked(), 0, "the removed peer's connections are cut");
         nft(&["delete", "table", "ip", "operator"]);
     });
 }
@@ -352,11 +453,19 @@ fn masquerade_rewrites_client_traffic_only() {
     e2e::run("fm", async |mut site: Site| {
         let _far = up(&mut site, true).await;
         // No policy from the Core: the table holds only the masquerade.
-        let table = nft(&["list", "table", "inet", &format!("gatehouse_{}", site.interface())]);
+        let table = nft(&[
+            "list",
+            "table",
+            "inet",
+            &format!("gatehouse_{}", site.interface()),
+        ]);
         assert!(table.contains("masquerade"), "{table}");
         assert!(!table.contains("chain vpn"), "{table}");
         let seen = from_client(&site, || tcp_probe(sa(FAR, 80), None)).expect("TCP through");
-        assert_eq!(seen, GW_FAR, "client traffic leaves from the gateway's address");
+        assert_eq!(
+            seen, GW_FAR,
+            "client traffic leaves from the gateway's address"
+        );
         let seen = from_client(&site, || udp_probe(sa(FAR, 53))).expect("UDP through");
         assert_eq!(seen, GW_FAR);
         let seen = from_client(&site, || tcp_probe(sa(FAR6, 80), None)).expect("TCP6 through");
@@ -364,9 +473,15 @@ fn masquerade_rewrites_client_traffic_only() {
         // The gateway host's own traffic keeps its source.
         let gw = site.gw.name().to_string();
         let own = tokio::task::block_in_place(|| {
-            in_ns(&gw, || tcp_probe(sa(FAR, 80), Some("10.77.0.1".parse::<IpAddr>().unwrap())))
+            in_ns(&gw, || {
+                tcp_probe(sa(FAR, 80), Some("10.77.0.1".parse::<IpAddr>().unwrap()))
+            })
         });
-        assert_eq!(own.as_deref(), Some("10.77.0.1"), "the host's own traffic is not rewritten");
+        assert_eq!(
+            own.as_deref(),
+            Some("10.77.0.1"),
+            "the host's own traffic is not rewritten"
+        );
         // With a policy as well, masquerade stays.
         put(&site, allow_policy()).await;
         let seen = from_client(&site, || tcp_probe(sa(FAR, 80), None));
@@ -408,7 +523,9 @@ fn the_table_is_repaired_kept_when_stopped_and_not_rewritten_on_restart() {
         assert!(!tcp(443), "still enforced without the agent");
         site.start_agent().await;
         let status = eventually("the firewall checked after restart", CONVERGE, || async {
-            site.try_status().await.filter(|s| s.firewall.state == "in sync")
+            site.try_status()
+                .await
+                .filter(|s| s.firewall.state == "in sync")
         })
         .await;
         site.wait_synced().await;
@@ -458,7 +575,10 @@ fn atomicity_drill() {
         let count = (secs * 20).to_string();
         let ns = site.client_ns.name().to_string();
         let pinger = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &ns, "ping", "-n", "-q", "-c", &count, "-i", "0.05", "-W", "1", FAR])
+            .args([
+                "netns", "exec", &ns, "ping", "-n", "-q", "-c", &count, "-i", "0.05", "-W", "1",
+                FAR,
+            ])
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -494,7 +614,10 @@ fn atomicity_drill() {
                 p.default_verdict = api::Verdict::Drop;
                 p.rules.rotate_left(1);
             }
-            site.admin().put_firewall(site.location().id, &p).await.expect("put");
+            site.admin()
+                .put_firewall(site.location().id, &p)
+                .await
+                .expect("put");
             n += 1;
             let next = start + Duration::from_millis(100 * n as u64);
             tokio::time::sleep_until(next.into()).await;
@@ -507,9 +630,19 @@ fn atomicity_drill() {
         let text = String::from_utf8_lossy(&out.stdout);
         let r = e2e::wg::parse_ping(&text).expect("ping summary");
         assert_eq!(r.lost(), 0, "the always-allowed flow lost packets: {text}");
-        assert_eq!(leaked.load(std::sync::atomic::Ordering::Relaxed), 0, "the always-denied flow passed");
+        assert_eq!(
+            leaked.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "the always-denied flow passed"
+        );
         let writes = status.firewall.writes - writes_before;
-        assert!(writes as f64 >= n as f64 * 0.5, "{n} updates, {writes} tables written");
-        eprintln!("drill: {secs}s, {n} policy updates, {writes} tables written, {} pings, 0 lost", r.transmitted);
+        assert!(
+            writes as f64 >= n as f64 * 0.5,
+            "{n} updates, {writes} tables written"
+        );
+        eprintln!(
+            "drill: {secs}s, {n} policy updates, {writes} tables written, {} pings, 0 lost",
+            r.transmitted
+        );
     });
 }

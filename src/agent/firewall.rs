@@ -272,7 +272,11 @@ impl FirewallStep {
                 Ok(0) => {}
                 Ok(n) => {
                     self.status.flows_cut += n as u64;
-                    info!(trigger, flows = n, "firewall: connections cut (denied now, or of removed peers)");
+                    info!(
+                        trigger,
+                        flows = n,
+                        "firewall: connections cut (denied now, or of removed peers)"
+                    );
                 }
                 // The table is right; a flow not cut now is cut at the next change.
                 Err(e) => warn!(trigger, error = %e, "firewall: cannot cut tracked connections"),
@@ -296,7 +300,9 @@ impl FirewallStep {
             Ok(None) => {}
             Ok(Some(_)) => match self.tables.remove(&table) {
                 Ok(_) => info!(table = %table, "firewall disabled: removed the agent's table"),
-                Err(e) => warn!(table = %table, error = %e, "firewall disabled: cannot remove the agent's table"),
+                Err(e) => {
+                    warn!(table = %table, error = %e, "firewall disabled: cannot remove the agent's table")
+                }
             },
             // No nftables here at all: nothing of ours to remove.
             Err(e) => info!(error = %e, "firewall disabled; nftables not readable"),
@@ -304,7 +310,11 @@ impl FirewallStep {
     }
 
     /// The differences the next step would repair (for `/diff`); empty when in sync.
-    pub fn diff(&mut self, fw: Option<&v1::FirewallPolicy>, desired_state: &Desired) -> Vec<String> {
+    pub fn diff(
+        &mut self,
+        fw: Option<&v1::FirewallPolicy>,
+        desired_state: &Desired,
+    ) -> Vec<String> {
         if !self.settings.enabled {
             return vec![];
         }

@@ -199,8 +199,9 @@ fn receive(
         let n = s.recv_raw(bytes)?;
         let mut off = 0usize;
         while off + 16 <= n {
-            let len = u32::from_ne_bytes([bytes[off], bytes[off + 1], bytes[off + 2], bytes[off + 3]])
-                as usize;
+            let len =
+                u32::from_ne_bytes([bytes[off], bytes[off + 1], bytes[off + 2], bytes[off + 3]])
+                    as usize;
             if len < 16 || off + len > n {
                 break;
             }
@@ -349,8 +350,12 @@ mod tests {
         }
         let nested = |k: u16, p: &[u8]| attr(k | 0x8000, p);
         let ips = [attr(1, &[10, 77, 0, 2]), attr(2, &[198, 51, 100, 10])].concat();
-        let proto = [attr(1, &[6]), attr(2, &4321u16.to_be_bytes()), attr(3, &80u16.to_be_bytes())]
-            .concat();
+        let proto = [
+            attr(1, &[6]),
+            attr(2, &4321u16.to_be_bytes()),
+            attr(3, &80u16.to_be_bytes()),
+        ]
+        .concat();
         let tuple = [nested(1, &ips), nested(2, &proto)].concat();
         let msg = nested(1, &tuple);
         let e = parse_entry(2, &msg).unwrap();

@@ -56,8 +56,16 @@ pub fn differences(table: &str, want: Option<&Image>, have: Option<&Image>) -> V
                     ));
                 }
                 if h.elements != w.elements {
-                    let missing = w.elements.iter().filter(|e| !h.elements.contains(e)).count();
-                    let extra = h.elements.iter().filter(|e| !w.elements.contains(e)).count();
+                    let missing = w
+                        .elements
+                        .iter()
+                        .filter(|e| !h.elements.contains(e))
+                        .count();
+                    let extra = h
+                        .elements
+                        .iter()
+                        .filter(|e| !w.elements.contains(e))
+                        .count();
                     out.push(format!(
                         "set {name}: {missing} elements missing, {extra} not ours"
                     ));
@@ -123,7 +131,10 @@ mod tests {
         let mut h = img();
         h.chains.get_mut("policy").unwrap().rules[1] = "c".into();
         let d = differences("t", Some(&want), Some(&h));
-        assert_eq!(d, vec!["chain policy: 2 rules, want 2 (first difference at rule 1)"]);
+        assert_eq!(
+            d,
+            vec!["chain policy: 2 rules, want 2 (first difference at rule 1)"]
+        );
         let mut h = img();
         h.sets.get_mut("r0_s4").unwrap().elements.push(Element {
             key: vec![10, 0, 0, 9],

@@ -118,11 +118,7 @@ fn chain_type(k: ChainType) -> &'static CStr {
     }
 }
 
-fn chain_obj(
-    table: &CStr,
-    name: &CStr,
-    base: Option<&BaseChain>,
-) -> Owned<sys::nftnl_chain> {
+fn chain_obj(table: &CStr, name: &CStr, base: Option<&BaseChain>) -> Owned<sys::nftnl_chain> {
     let c = Owned::new(unsafe { sys::nftnl_chain_alloc() });
     unsafe {
         sys::nftnl_chain_set_str(c.p(), sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
@@ -715,8 +711,9 @@ impl Socket {
                 ) {
                     return;
                 }
-                let cname =
-                    get_str(unsafe { sys::nftnl_chain_get_str(c.p(), sys::NFTNL_CHAIN_NAME as u16) });
+                let cname = get_str(unsafe {
+                    sys::nftnl_chain_get_str(c.p(), sys::NFTNL_CHAIN_NAME as u16)
+                });
                 let base = is(sys::NFTNL_CHAIN_HOOKNUM).then(|| {
                     (
                         get_u32(sys::NFTNL_CHAIN_HOOKNUM),
@@ -809,7 +806,9 @@ impl Socket {
                         let flags = if unsafe {
                             sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_FLAGS as u16)
                         } {
-                            unsafe { sys::nftnl_set_elem_get_u32(e, sys::NFTNL_SET_ELEM_FLAGS as u16) }
+                            unsafe {
+                                sys::nftnl_set_elem_get_u32(e, sys::NFTNL_SET_ELEM_FLAGS as u16)
+                            }
                         } else {
                             0
                         };
@@ -845,8 +844,9 @@ impl Socket {
                 ) {
                     return;
                 }
-                let chain =
-                    get_str(unsafe { sys::nftnl_rule_get_str(r.p(), sys::NFTNL_RULE_CHAIN as u16) });
+                let chain = get_str(unsafe {
+                    sys::nftnl_rule_get_str(r.p(), sys::NFTNL_RULE_CHAIN as u16)
+                });
                 let text = rule_text(r.p());
                 img.chains.entry(chain).or_default().rules.push(text);
             },

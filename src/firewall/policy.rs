@@ -197,7 +197,11 @@ impl Rule {
             if list.is_empty() {
                 return Some(None);
             }
-            let of: Vec<Span> = list.iter().filter(|s| s.family == family).copied().collect();
+            let of: Vec<Span> = list
+                .iter()
+                .filter(|s| s.family == family)
+                .copied()
+                .collect();
             if of.is_empty() {
                 None
             } else {
@@ -237,7 +241,8 @@ impl Rule {
             return false;
         };
         let within = |list: &Option<Vec<Span>>, ip: IpAddr| {
-            list.as_ref().is_none_or(|l| l.iter().any(|s| s.contains(ip)))
+            list.as_ref()
+                .is_none_or(|l| l.iter().any(|s| s.contains(ip)))
         };
         if !within(&fm.sources, flow.src) || !within(&fm.destinations, flow.dst) {
             return false;

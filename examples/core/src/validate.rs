@@ -148,6 +148,16 @@ pub fn firewall(p: &api::FirewallPolicy) -> Result<()> {
                 ));
             }
         }
+        // Ports apply to TCP and UDP: ports with only ICMP would match nothing.
+        if !rule.ports.is_empty()
+            && !rule.protocols.is_empty()
+            && rule.protocols.iter().all(|p| *p == api::Protocol::Icmp)
+        {
+            return Err(CoreError::invalid(
+                format!("rules[{r}].ports"),
+                "ports with only ICMP",
+            ));
+        }
     }
     Ok(())
 }
@@ -260,5 +270,14 @@ mod tests {
             field_of(firewall(&p).unwrap_err()),
             Some("rules[0].ports[0]".into())
         );
+        let mut icmp = p.clone();
+        icmp.rules[0].ports = vec![api::PortRange { start: 80, end: 80 }];
+        icmp.rules[0].protocols = vec![api::Protocol::Icmp];
+        assert_eq!(
+            field_of(firewall(&icmp).unwrap_err()),
+            Some("rules[0].ports".into())
+        );
+        icmp.rules[0].protocols.push(api::Protocol::Udp);
+        assert!(firewall(&icmp).is_ok());
     }
 }

@@ -26,7 +26,10 @@ impl Tables for Fake {
         }
         log.table = Some(nft::image(rs).unwrap());
         log.writes.push("replace".into());
-        Ok(WriteStats { messages: 5, bytes: 100 })
+        Ok(WriteStats {
+            messages: 5,
+            bytes: 100,
+        })
     }
     fn remove(&mut self, _: &str) -> Result<WriteStats, NftError> {
         let mut log = self.0.lock().unwrap();
@@ -35,7 +38,11 @@ impl Tables for Fake {
         Ok(WriteStats::default())
     }
     fn cut(&mut self, cut: &Cut) -> std::io::Result<usize> {
-        self.0.lock().unwrap().cuts.push((cut.policy.is_some(), cut.removed.len()));
+        self.0
+            .lock()
+            .unwrap()
+            .cuts
+            .push((cut.policy.is_some(), cut.removed.len()));
         Ok(0)
     }
 }
@@ -44,7 +51,10 @@ fn step(enabled: bool) -> (FirewallStep, Arc<Mutex<Log>>) {
     let log = Arc::new(Mutex::new(Log::default()));
     let s = FirewallStep::new(
         "wg0",
-        FirewallSettings { enabled, masquerade: false },
+        FirewallSettings {
+            enabled,
+            masquerade: false,
+        },
         Box::new(Fake(log.clone())),
     );
     (s, log)
@@ -96,7 +106,16 @@ fn an_equal_table_is_not_written_and_drift_is_repaired() {
     s.run("periodic resync", Some(&p), &d).unwrap();
     assert_eq!(log.lock().unwrap().writes.len(), 1);
     // Changed by hand: repaired, counted as a repair.
-    log.lock().unwrap().table.as_mut().unwrap().chains.get_mut("vpn").unwrap().rules.pop();
+    log.lock()
+        .unwrap()
+        .table
+        .as_mut()
+        .unwrap()
+        .chains
+        .get_mut("vpn")
+        .unwrap()
+        .rules
+        .pop();
     assert_eq!(s.diff(Some(&p), &d).len(), 1);
     s.run("periodic resync", Some(&p), &d).unwrap();
     assert_eq!(log.lock().unwrap().writes.len(), 2);
@@ -122,25 +141,32 @@ fn a_new_step_after_restart_writes_nothing_for_an_equal_table() {
 fn no_policy_or_a_disabled_one_removes_the_table() {
     let (mut s, log) = step(true);
     let d = desired(&["10.77.0.2/32"]);
-    s.run("revision 1", Some(&policy(v1::Verdict::Drop)), &d).unwrap();
+    s.run("revision 1", Some(&policy(v1::Verdict::Drop)), &d)
+        .unwrap();
     let mut off = policy(v1::Verdict::Drop);
     off.enabled = false;
     s.run("revision 2", Some(&off), &d).unwrap();
     assert_eq!(log.lock().unwrap().writes, vec!["replace", "remove"]);
     assert!(log.lock().unwrap().table.is_none());
     s.run("revision 3", None, &d).unwrap();
-    assert_eq!(log.lock().unwrap().writes.len(), 2, "nothing to remove twice");
+    assert_eq!(
+        log.lock().unwrap().writes.len(),
+        2,
+        "nothing to remove twice"
+    );
 }
 
 #[test]
 fn disabled_locally_only_removes_a_leftover_table_once() {
     let (mut on, log) = step(true);
     let d = desired(&["10.77.0.2/32"]);
-    on.run("revision 1", Some(&policy(v1::Verdict::Drop)), &d).unwrap();
+    on.run("revision 1", Some(&policy(v1::Verdict::Drop)), &d)
+        .unwrap();
     let (mut off, log2) = step(false);
     log2.lock().unwrap().table = log.lock().unwrap().table.clone();
     for _ in 0..3 {
-        off.run("revision 2", Some(&policy(v1::Verdict::Drop)), &d).unwrap();
+        off.run("revision 2", Some(&policy(v1::Verdict::Drop)), &d)
+            .unwrap();
     }
     assert_eq!(log2.lock().unwrap().writes, vec!["remove"]);
     assert_eq!(off.status().state, "disabled");
@@ -150,12 +176,36 @@ fn disabled_locally_only_removes_a_leftover_table_once() {
 fn flows_are_cut_when_the_policy_changes_or_a_peer_goes() {
     let (mut s, log) = step(true);
     let p = policy(v1::Verdict::Drop);
-    s.run("revision 1", Some(&p), &desired(&["10.77.0.2/32", "10.77.0.3/32"])).unwrap();
-    s.run("resync", Some(&p), &desired(&["10.77.0.2/32", "10.77.0.3/32"])).unwrap();
-    assert_eq!(log.lock().unwrap().cuts, vec![(true, 0)], "only the first (a change)");
-    s.run("revision 2", Some(&p), &desired(&["10.77.0.2/32"])).unwrap();
-    assert_eq!(log.lock().unwrap().cuts.last(), Some(&(true, 1)), "the removed peer");
-    s.run("revision 3", Some(&policy(v1::Verdict::Accept)), &desired(&["10.77.0.2/32"])).unwrap();
+    s.run(
+        "revision 1",
+        Some(&p),
+        &desired(&["10.77.0.2/32", "10.77.0.3/32"]),
+    )
+    .unwrap();
+    s.run(
+        "resync",
+        Some(&p),
+        &desired(&["10.77.0.2/32", "10.77.0.3/32"]),
+    )
+    .unwrap();
+    assert_eq!(
+        log.lock().unwrap().cuts,
+        vec![(true, 0)],
+        "only the first (a change)"
+    );
+    s.run("revision 2", Some(&p), &desired(&["10.77.0.2/32"]))
+        .unwrap();
+    assert_eq!(
+        log.lock().unwrap().cuts.last(),
+        Some(&(true, 1)),
+        "the removed peer"
+    );
+    s.run(
+        "revision 3",
+        Some(&policy(v1::Verdict::Accept)),
+        &desired(&["10.77.0.2/32"]),
+    )
+    .unwrap();
     assert_eq!(log.lock().unwrap().cuts.len(), 3, "a new policy");
 }
 
@@ -163,10 +213,13 @@ fn flows_are_cut_when_the_policy_changes_or_a_peer_goes() {
 fn a_failed_write_is_an_error_state_and_keeps_the_last_table() {
     let (mut s, log) = step(true);
     let d = desired(&["10.77.0.2/32"]);
-    s.run("revision 1", Some(&policy(v1::Verdict::Drop)), &d).unwrap();
+    s.run("revision 1", Some(&policy(v1::Verdict::Drop)), &d)
+        .unwrap();
     let before = log.lock().unwrap().table.clone();
     log.lock().unwrap().fail = true;
-    let err = s.run("revision 2", Some(&policy(v1::Verdict::Accept)), &d).unwrap_err();
+    let err = s
+        .run("revision 2", Some(&policy(v1::Verdict::Accept)), &d)
+        .unwrap_err();
     assert!(err.to_string().contains("refused"), "{err}");
     assert_eq!(s.status().state, "error");
     assert!(s.status().error().unwrap().contains("refused"));

@@ -30,7 +30,9 @@ fn load(p: &Packet, e: &Expr) -> Option<Vec<u8>> {
         Expr::Meta(Meta::OifName) => ifname(&p.oif),
         Expr::Meta(Meta::NfProto) => vec![family],
         Expr::Meta(Meta::L4Proto) => vec![p.flow.protocol],
-        Expr::CtState => (if p.established { 2u32 } else { 8u32 }).to_ne_bytes().to_vec(),
+        Expr::CtState => (if p.established { 2u32 } else { 8u32 })
+            .to_ne_bytes()
+            .to_vec(),
         Expr::Payload {
             base: PayloadBase::Network,
             offset,
@@ -109,11 +111,21 @@ fn run(rs: &Ruleset, chain: &str, p: &Packet) -> Option<Verdict> {
 }
 
 fn sample() -> Policy {
-    let r = |index, priority, src: &[&str], dst: &[&str], ports: Vec<(u16, u16)>, protos: &[Proto], verdict| Rule {
+    let r = |index,
+             priority,
+             src: &[&str],
+             dst: &[&str],
+             ports: Vec<(u16, u16)>,
+             protos: &[Proto],
+             verdict| Rule {
         index,
         priority,
-        sources: crate::firewall::policy::merge(src.iter().map(|s| parse_spec(s).unwrap()).collect()),
-        destinations: crate::firewall::policy::merge(dst.iter().map(|s| parse_spec(s).unwrap()).collect()),
+        sources: crate::firewall::policy::merge(
+            src.iter().map(|s| parse_spec(s).unwrap()).collect(),
+        ),
+        destinations: crate::firewall::policy::merge(
+            dst.iter().map(|s| parse_spec(s).unwrap()).collect(),
+        ),
         ports,
         protocols: protos.iter().copied().collect::<BTreeSet<_>>(),
         verdict,
@@ -122,10 +134,42 @@ fn sample() -> Policy {
         default: Verdict::Drop,
         rules: vec![
             r(2, 1, &[], &["10.1.0.66"], vec![], &[], Verdict::Drop),
-            r(0, 5, &["10.77.0.0/28", "fd77::/120"], &["10.1.0.0/24", "10.2.0.5-10.2.0.9", "fd01::/64"], vec![(80, 80), (8000, 8010)], &[], Verdict::Accept),
-            r(1, 5, &[], &["10.1.0.0/16"], vec![], &[Proto::Icmp], Verdict::Accept),
-            r(3, 9, &["10.77.0.0/24"], &["fd01::/64"], vec![], &[], Verdict::Accept),
-            r(4, 9, &[], &[], vec![(53, 53)], &[Proto::Udp, Proto::Icmp], Verdict::Accept),
+            r(
+                0,
+                5,
+                &["10.77.0.0/28", "fd77::/120"],
+                &["10.1.0.0/24", "10.2.0.5-10.2.0.9", "fd01::/64"],
+                vec![(80, 80), (8000, 8010)],
+                &[],
+                Verdict::Accept,
+            ),
+            r(
+                1,
+                5,
+                &[],
+                &["10.1.0.0/16"],
+                vec![],
+                &[Proto::Icmp],
+                Verdict::Accept,
+            ),
+            r(
+                3,
+                9,
+                &["10.77.0.0/24"],
+                &["fd01::/64"],
+                vec![],
+                &[],
+                Verdict::Accept,
+            ),
+            r(
+                4,
+                9,
+                &[],
+                &[],
+                vec![(53, 53)],
+                &[Proto::Udp, Proto::Icmp],
+                Verdict::Accept,
+            ),
         ],
     }
 }
@@ -159,11 +203,29 @@ fn the_table_decides_like_the_policy_on_chosen_flows() {
     let p = sample();
     let rs = inputs(&p);
     let cases = [
-        (v4("10.77.0.2"), v4("10.1.0.5"), 6, Some(80), Verdict::Accept),
-        (v4("10.77.0.2"), v4("10.1.0.5"), 17, Some(8005), Verdict::Accept),
+        (
+            v4("10.77.0.2"),
+            v4("10.1.0.5"),
+            6,
+            Some(80),
+            Verdict::Accept,
+        ),
+        (
+            v4("10.77.0.2"),
+            v4("10.1.0.5"),
+            17,
+            Some(8005),
+            Verdict::Accept,
+        ),
         (v4("10.77.0.2"), v4("10.1.0.5"), 6, Some(22), Verdict::Drop),
         (v4("10.77.0.2"), v4("10.1.0.66"), 6, Some(80), Verdict::Drop),
-        (v4("10.77.0.2"), v4("10.2.0.9"), 6, Some(80), Verdict::Accept),
+        (
+            v4("10.77.0.2"),
+            v4("10.2.0.9"),
+            6,
+            Some(80),
+            Verdict::Accept,
+        ),
         (v4("10.77.0.2"), v4("10.2.0.10"), 6, Some(80), Verdict::Drop),
         (v4("10.77.0.20"), v4("10.1.0.5"), 6, Some(80), Verdict::Drop),
         (v4("10.77.0.20"), v4("10.1.200.5"), 1, None, Verdict::Accept),
@@ -175,9 +237,18 @@ fn the_table_decides_like_the_policy_on_chosen_flows() {
         (v4("fd77::5"), v4("fd02::1"), 6, Some(53), Verdict::Drop),
     ];
     for (src, dst, protocol, dport, want) in cases {
-        let flow = Flow { src, dst, protocol, dport };
+        let flow = Flow {
+            src,
+            dst,
+            protocol,
+            dport,
+        };
         assert_eq!(p.decide(&flow), want, "policy on {flow:?}");
-        assert_eq!(run(&rs, "forward", &packet(flow)), Some(want), "table on {flow:?}");
+        assert_eq!(
+            run(&rs, "forward", &packet(flow)),
+            Some(want),
+            "table on {flow:?}"
+        );
     }
 }
 
@@ -185,30 +256,74 @@ fn the_table_decides_like_the_policy_on_chosen_flows() {
 fn established_nd_and_other_interfaces_pass() {
     let p = sample();
     let rs = inputs(&p);
-    let denied = Flow { src: v4("10.77.0.2"), dst: v4("10.9.9.9"), protocol: 6, dport: Some(1) };
+    let denied = Flow {
+        src: v4("10.77.0.2"),
+        dst: v4("10.9.9.9"),
+        protocol: 6,
+        dport: Some(1),
+    };
     assert_eq!(run(&rs, "forward", &packet(denied)), Some(Verdict::Drop));
-    let established = Packet { established: true, ..packet(denied) };
+    let established = Packet {
+        established: true,
+        ..packet(denied)
+    };
     assert_eq!(run(&rs, "forward", &established), Some(Verdict::Accept));
-    let elsewhere = Packet { iif: "eth1".into(), oif: "eth0".into(), ..packet(denied) };
-    assert_eq!(run(&rs, "forward", &elsewhere), None, "not our interface: not looked at");
-    let to_vpn = Packet { iif: "eth0".into(), oif: "wg0".into(), ..packet(denied) };
+    let elsewhere = Packet {
+        iif: "eth1".into(),
+        oif: "eth0".into(),
+        ..packet(denied)
+    };
+    assert_eq!(
+        run(&rs, "forward", &elsewhere),
+        None,
+        "not our interface: not looked at"
+    );
+    let to_vpn = Packet {
+        iif: "eth0".into(),
+        oif: "wg0".into(),
+        ..packet(denied)
+    };
     assert_eq!(run(&rs, "forward", &to_vpn), Some(Verdict::Drop));
     let nd = Packet {
         icmp_type: 135,
-        ..packet(Flow { src: v4("fe80::1"), dst: v4("ff02::1"), protocol: 58, dport: None })
+        ..packet(Flow {
+            src: v4("fe80::1"),
+            dst: v4("ff02::1"),
+            protocol: 58,
+            dport: None,
+        })
     };
     assert_eq!(run(&rs, "input", &nd), Some(Verdict::Accept));
-    let wg_port = packet(Flow { src: v4("10.77.0.2"), dst: v4("10.77.0.1"), protocol: 17, dport: Some(51820) });
+    let wg_port = packet(Flow {
+        src: v4("10.77.0.2"),
+        dst: v4("10.77.0.1"),
+        protocol: 17,
+        dport: Some(51820),
+    });
     assert_eq!(run(&rs, "input", &wg_port), Some(Verdict::Accept));
-    let to_host = packet(Flow { src: v4("10.77.0.2"), dst: v4("10.77.0.1"), protocol: 6, dport: Some(22) });
+    let to_host = packet(Flow {
+        src: v4("10.77.0.2"),
+        dst: v4("10.77.0.1"),
+        protocol: 6,
+        dport: Some(22),
+    });
     assert_eq!(run(&rs, "input", &to_host), Some(Verdict::Drop));
 }
 
 #[test]
 fn tables_exist_only_for_a_policy_or_masquerade() {
-    let none = Inputs { interface: "wg0", listen_port: 1, policy: None, masquerade: false };
+    let none = Inputs {
+        interface: "wg0",
+        listen_port: 1,
+        policy: None,
+        masquerade: false,
+    };
     assert_eq!(render(&none), None);
-    let masq = render(&Inputs { masquerade: true, ..none }).unwrap();
+    let masq = render(&Inputs {
+        masquerade: true,
+        ..none
+    })
+    .unwrap();
     assert_eq!(masq.table, "gatehouse_wg0");
     assert_eq!(masq.chains.len(), 1);
     assert_eq!(masq.chains[0].name, "postrouting");
@@ -234,7 +349,11 @@ fn ten_thousand_addresses_are_a_few_rules() {
     };
     let rs = inputs(&p);
     let vpn = rs.chains.iter().find(|c| c.name == "vpn").unwrap();
-    assert_eq!(vpn.rules.len(), 2 + 1 + 1, "established, ND, one rule, default");
+    assert_eq!(
+        vpn.rules.len(),
+        2 + 1 + 1,
+        "established, ND, one rule, default"
+    );
     assert_eq!(rs.element_count(), 20_000);
 }
 
@@ -245,18 +364,36 @@ fn interval_elements_end_after_each_range() {
     assert_eq!(
         els,
         vec![
-            Element { key: vec![10, 0, 0, 0], end: false },
-            Element { key: vec![10, 0, 1, 0], end: true },
-            Element { key: vec![255, 255, 255, 255], end: false },
+            Element {
+                key: vec![10, 0, 0, 0],
+                end: false
+            },
+            Element {
+                key: vec![10, 0, 1, 0],
+                end: true
+            },
+            Element {
+                key: vec![255, 255, 255, 255],
+                end: false
+            },
         ]
     );
     let ports = port_elements(&[(80, 80), (81, 90), (65535, 65535)]);
     assert_eq!(
         ports,
         vec![
-            Element { key: vec![0, 80], end: false },
-            Element { key: vec![0, 91], end: true },
-            Element { key: vec![255, 255], end: false },
+            Element {
+                key: vec![0, 80],
+                end: false
+            },
+            Element {
+                key: vec![0, 91],
+                end: true
+            },
+            Element {
+                key: vec![255, 255],
+                end: false
+            },
         ]
     );
 }
@@ -270,7 +407,11 @@ fn arb_v6() -> impl Strategy<Value = IpAddr> {
 }
 
 fn arb_spec(v6: bool) -> impl Strategy<Value = String> {
-    let addr = if v6 { arb_v6().boxed() } else { arb_v4().boxed() };
+    let addr = if v6 {
+        arb_v6().boxed()
+    } else {
+        arb_v4().boxed()
+    };
     prop_oneof![
         addr.clone().prop_map(|a| a.to_string()),
         (addr.clone(), 0u8..8).prop_map(move |(a, n)| {
@@ -279,7 +420,11 @@ fn arb_spec(v6: bool) -> impl Strategy<Value = String> {
             let end = parse_spec(&a.to_string()).unwrap().addr(hi);
             format!("{a}-{end}")
         }),
-        addr.prop_map(move |a| if v6 { format!("{a}/126") } else { format!("{a}/30") }),
+        addr.prop_map(move |a| if v6 {
+            format!("{a}/126")
+        } else {
+            format!("{a}/30")
+        }),
     ]
 }
 
@@ -293,24 +438,33 @@ fn arb_rule() -> impl Strategy<Value = gatehouse_proto::v1::FirewallRule> {
         prop::collection::btree_set(1i32..4, 0..3),
         prop::bool::ANY,
     )
-        .prop_map(|(priority, sources, destinations, ports, protocols, accept)| {
-            let mut protocols: Vec<i32> = protocols.into_iter().collect();
-            if !ports.is_empty() && protocols == vec![3] {
-                protocols.push(1);
-            }
-            v1::FirewallRule {
-                priority,
-                sources,
-                destinations,
-                ports: ports
-                    .into_iter()
-                    .map(|(s, len)| v1::PortRange { start: s, end: s + len })
-                    .collect(),
-                protocols,
-                verdict: if accept { v1::Verdict::Accept } else { v1::Verdict::Drop } as i32,
-                comment: String::new(),
-            }
-        })
+        .prop_map(
+            |(priority, sources, destinations, ports, protocols, accept)| {
+                let mut protocols: Vec<i32> = protocols.into_iter().collect();
+                if !ports.is_empty() && protocols == vec![3] {
+                    protocols.push(1);
+                }
+                v1::FirewallRule {
+                    priority,
+                    sources,
+                    destinations,
+                    ports: ports
+                        .into_iter()
+                        .map(|(s, len)| v1::PortRange {
+                            start: s,
+                            end: s + len,
+                        })
+                        .collect(),
+                    protocols,
+                    verdict: if accept {
+                        v1::Verdict::Accept
+                    } else {
+                        v1::Verdict::Drop
+                    } as i32,
+                    comment: String::new(),
+                }
+            },
+        )
 }
 
 proptest! {
