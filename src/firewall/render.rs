@@ -8,7 +8,8 @@
 //!   WireGuard interface jump to `vpn`; nothing else is looked at.
 //! - `input` (filter, hook input, priority 0, policy accept): packets from the WireGuard
 //!   interface, except to WireGuard's own UDP port, jump to `vpn`.
-//! - `vpn` (the policy): established/related accept, ICMPv6 neighbour discovery accept, the rules in
+//! - `vpn` (the policy): established/related accept, new TCP without SYN drop (a cut
+//!   connection cannot be picked up again mid-stream), ICMPv6 neighbour discovery accept, the rules in
 //!   evaluation order (one nftables rule per family and protocol), then the default.
 //! - `postrouting` (nat, hook postrouting, priority 100), only with masquerade: packets that
 //!   came in through the WireGuard interface and leave through another are masqueraded; the
@@ -166,6 +167,11 @@ pub enum Expr {
 
 /// `ct state established,related` bits (host byte order, as the kernel loads them).
 const CT_ESTABLISHED_RELATED: u32 = 0x2 | 0x4;
+/// `ct state new`.
+const CT_NEW: u32 = 0x8;
+/// The TCP flags byte and its SYN bit.
+const TCP_FLAGS_OFFSET: u32 = 13;
+const TCP_SYN: u8 = 0x02;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 /// ICMPv6 router solicitation .. redirect (133..137): neighbour discovery.
@@ -377,6 +383,35 @@ fn policy_chain(policy: &Policy, sets: &mut Vec<Set>) -> Chain {
             },
             Expr::Accept,
         ],
+        // A TCP connection starts with SYN. A tracked connection that was cut (or expired)
+        // cannot come back by mid-stream pickup, from either side.
+        [
+            &l4proto(6)[..],
+            &[
+                Expr::CtState,
+                Expr::Bitwise {
+                    mask: CT_NEW.to_ne_bytes().to_vec(),
+                },
+                Expr::Cmp {
+                    op: CmpOp::Neq,
+                    data: 0u32.to_ne_bytes().to_vec(),
+                },
+                Expr::Payload {
+                    base: PayloadBase::Transport,
+                    offset: TCP_FLAGS_OFFSET,
+                    len: 1,
+                },
+                Expr::Bitwise {
+                    mask: vec![TCP_SYN],
+                },
+                Expr::Cmp {
+                    op: CmpOp::Eq,
+                    data: vec![0],
+                },
+                Expr::Drop,
+            ],
+        ]
+        .concat(),
         [
             &nfproto(Family::V6)[..],
             &l4proto(58)[..],

@@ -15,6 +15,8 @@ struct Packet {
     flow: Flow,
     icmp_type: u8,
     established: bool,
+    /// A TCP packet with SYN (a connection's first).
+    syn: bool,
     iif: String,
     oif: String,
 }
@@ -52,6 +54,11 @@ fn load(p: &Packet, e: &Expr) -> Option<Vec<u8>> {
             offset: 0,
             ..
         } => vec![p.icmp_type],
+        Expr::Payload {
+            base: PayloadBase::Transport,
+            offset: 13,
+            ..
+        } => vec![if p.syn { 0x02 } else { 0x10 }],
         _ => return None,
     })
 }
@@ -189,6 +196,7 @@ fn packet(flow: Flow) -> Packet {
         flow,
         icmp_type: 8,
         established: false,
+        syn: true,
         iif: "wg0".into(),
         oif: "eth0".into(),
     }
@@ -268,6 +276,29 @@ fn established_nd_and_other_interfaces_pass() {
         ..packet(denied)
     };
     assert_eq!(run(&rs, "forward", &established), Some(Verdict::Accept));
+    let allowed = Flow {
+        src: v4("10.77.0.2"),
+        dst: v4("10.1.0.5"),
+        protocol: 6,
+        dport: Some(80),
+    };
+    let pickup = Packet {
+        syn: false,
+        ..packet(allowed)
+    };
+    assert_eq!(
+        run(&rs, "forward", &pickup),
+        Some(Verdict::Drop),
+        "new TCP without SYN"
+    );
+    let pickup_established = Packet {
+        established: true,
+        ..pickup
+    };
+    assert_eq!(
+        run(&rs, "forward", &pickup_established),
+        Some(Verdict::Accept)
+    );
     let elsewhere = Packet {
         iif: "eth1".into(),
         oif: "eth0".into(),
@@ -351,8 +382,8 @@ fn ten_thousand_addresses_are_a_few_rules() {
     let vpn = rs.chains.iter().find(|c| c.name == "vpn").unwrap();
     assert_eq!(
         vpn.rules.len(),
-        2 + 1 + 1,
-        "established, ND, one rule, default"
+        3 + 1 + 1,
+        "established, TCP without SYN, ND, one rule, default"
     );
     assert_eq!(rs.element_count(), 20_000);
 }
