@@ -567,7 +567,7 @@ fn atomicity_drill() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    e2e::run("fa", async |mut site: Site| {
+    e2e::run("fw", async |mut site: Site| {
         let _far = up(&mut site, false).await;
         put(&site, deny_policy()).await;
         let writes_before = site.status().await.firewall.writes;
