@@ -62,6 +62,11 @@ pub fn settings(config: &Config) -> anyhow::Result<Settings> {
         gateway_id: config.gateway.id.clone(),
         http_listen: config.http.listen,
         hooks: Hooks::new(config.hooks.clone(), config.gateway.interface.clone()),
+        firewall: crate::agent::firewall::FirewallSettings {
+            // The in-memory backend has no kernel interface to filter.
+            enabled: config.firewall.enabled && config.gateway.backend != BackendKind::Memory,
+            masquerade: config.firewall.masquerade,
+        },
     })
 }
 
@@ -275,6 +280,25 @@ pub fn render_status(s: &Status) -> String {
         let _ = writeln!(
             out,
             "apply      FAILED step {failed} (retried at each resync)"
+        );
+    }
+    let fw = &s.firewall;
+    if !fw.state.is_empty() {
+        let _ = writeln!(
+            out,
+            "firewall   {} (table inet {}: {} rules, {} set elements; {} writes, {} repairs, {} connections cut){}",
+            fw.state,
+            fw.table,
+            fw.rules,
+            fw.set_elements,
+            fw.writes,
+            fw.repairs,
+            fw.flows_cut,
+            if fw.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", fw.detail.join("; "))
+            }
         );
     }
     let _ = writeln!(

@@ -263,6 +263,18 @@ pub fn render_metrics(s: &Status) -> Result<String, std::fmt::Error> {
         "The latest a timer ran after its deadline since start",
         s.timers.max_lateness_ms as i64,
     );
+    gauge(
+        &mut registry,
+        "firewall_error",
+        "1 when the last firewall step failed (the last good table stays)",
+        (s.firewall.state == "error") as i64,
+    );
+    counter(
+        &mut registry,
+        "firewall_repairs",
+        "Repairs of the firewall table after a change outside gatehouse",
+        s.firewall.repairs,
+    );
     counter(
         &mut registry,
         "mfa_removals",

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod firewall;
 pub mod hooks;
 pub mod http;
 pub mod location;

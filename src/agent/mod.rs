@@ -8,6 +8,7 @@
 
 pub mod client;
 mod core_io;
+pub mod firewall;
 pub mod offline;
 pub mod status;
 pub mod steps;
@@ -38,7 +39,7 @@ use crate::validate::validate_location;
 use client::{CoreSettings, FromCore};
 use offline::OfflineClock;
 use status::{readiness, unix_ms, Readiness, Status};
-use steps::{execute, StepErrors};
+use steps::{execute, ApplyStep, StepErrors};
 use timers::{Timer, Timers};
 
 /// Above this many operations, a plan's steps are logged at DEBUG and summarized at INFO.
@@ -69,6 +70,7 @@ pub struct Settings {
     pub gateway_id: Option<String>,
     pub http_listen: Option<SocketAddr>,
     pub hooks: Hooks,
+    pub firewall: firewall::FirewallSettings,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -179,6 +181,7 @@ struct Agent {
     /// lists them was rejected: the held content is not the Core's any more, so the next
     /// delta is answered with a snapshot request.
     held_trimmed: bool,
+    firewall: firewall::FirewallStep,
 }
 
 #[derive(Default)]
@@ -199,6 +202,11 @@ impl Agent {
         outcome: LoadOutcome,
     ) -> Self {
         let mut agent = Agent {
+            firewall: firewall::FirewallStep::new(
+                &settings.interface,
+                settings.firewall,
+                Box::new(firewall::Kernel),
+            ),
             gateway_id: settings
                 .gateway_id
                 .clone()
@@ -476,7 +484,14 @@ impl Agent {
         let Some(desired) = self.effective_desired() else {
             return Ok(PlanSummary::default());
         };
-        let observed = self.observe()?;
+        let observed = match self.observe() {
+            Ok(o) => o,
+            Err(e) => {
+                // The firewall does not depend on the WireGuard device being readable.
+                self.firewall_step(trigger, &desired);
+                return Err(e.into());
+            }
+        };
         let plan = plan(&desired, &observed);
         self.counts.last_reconcile = Some(SystemTime::now());
         self.counts.last_reconcile_ops = plan.len();
@@ -492,10 +507,9 @@ impl Agent {
         // Bookkeeping for what was applied only; after a failed step the next observation
         // tells what happened (a peer added then has counter epoch 0, which the Core handles).
         self.account(&executed.applied);
-        // Any further fallible step (the firewall) runs here, after the peer steps, and
-        // records its outcome with `self.steps.record(ApplyStep::Firewall, result)`: it is
-        // then reported like the plan's steps (`Applied`, `/status`, `/readyz`) and retried
-        // by the next reconcile, and it cannot keep a removal from the interface.
+        // The firewall runs after the peer steps: reported like them (`Applied`, `/status`,
+        // `/readyz`) and retried by the next reconcile; it cannot keep a removal.
+        self.firewall_step(trigger, &desired);
         match self.steps.summary() {
             Some(failed) => Err(ReconcileError::Steps(failed)),
             None => Ok(summary),
@@ -593,7 +607,8 @@ impl Agent {
         }
         self.check_offline_policy();
         let in_sync = self.held.as_ref().map(|h| h.revision) == Some(self.applied_revision);
-        match self.reconcile("periodic resync") {
+        let result = self.reconcile("periodic resync");
+        match result {
             Ok(summary) if summary != PlanSummary::default() => {
                 if in_sync {
                     self.counts.drift_repairs += 1;
@@ -605,6 +620,14 @@ impl Agent {
             Err(_) => {}
         }
         self.save_state();
+    }
+
+    /// The firewall step, after the peer steps (a failing firewall never holds back a
+    /// removal): recorded like them, so it is reported and retried the same way.
+    fn firewall_step(&mut self, trigger: &str, desired: &Desired) {
+        let fw = self.held.as_ref().and_then(|h| h.location.firewall.clone());
+        let result = self.firewall.run(trigger, fw.as_ref(), desired);
+        self.steps.record(ApplyStep::Firewall, result);
     }
 
     /// After a successful reconcile: the held revision is what the kernel has.
@@ -759,6 +782,7 @@ impl Agent {
             offline_allowance: self.settings.offline_remove_after,
         });
         let status = Status {
+            firewall: self.firewall.status().clone(),
             gateway_id: self.gateway_id.clone(),
             name: self.settings.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -825,6 +849,8 @@ impl Agent {
                 read_unix_ms,
             };
         };
+        let fw = self.held.as_ref().and_then(|h| h.location.firewall.clone());
+        let firewall = self.firewall.diff(fw.as_ref(), &desired);
         match self.observe() {
             Ok(observed) => DiffReport {
                 held_revision,
@@ -836,6 +862,7 @@ impl Agent {
                             s.reasons.iter().map(|r| r.to_string()).collect();
                         reasons.join("; ")
                     })
+                    .chain(firewall)
                     .collect(),
                 error: None,
                 read_unix_ms,

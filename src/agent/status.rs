@@ -63,6 +63,9 @@ pub struct Status {
     pub published_unix_ms: i64,
     /// After how long without a new status `/readyz` stops trusting it.
     pub stale_after_ms: u64,
+    /// The agent's nftables table: in sync, drift, error or disabled.
+    #[serde(default)]
+    pub firewall: super::firewall::FirewallStatus,
 }
 
 impl Status {

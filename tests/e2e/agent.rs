@@ -25,6 +25,9 @@ pub struct AgentOptions {
     pub hooks: BTreeMap<String, String>,
     /// `log.level`.
     pub log_level: String,
+    /// `firewall.enabled` and `firewall.masquerade` (both off unless a test wants them).
+    pub firewall: bool,
+    pub masquerade: bool,
 }
 
 impl Default for AgentOptions {
@@ -35,6 +38,8 @@ impl Default for AgentOptions {
             offline_policy: "keep".into(),
             hooks: BTreeMap::new(),
             log_level: "info".into(),
+            firewall: false,
+            masquerade: false,
         }
     }
 }
@@ -95,7 +100,8 @@ pub fn render_config(paths: &AgentPaths, core_url: &str, options: &AgentOptions)
     }
     hooks.insert("timeout".into(), "10s".into());
     let mut firewall = toml::Table::new();
-    firewall.insert("enabled".into(), false.into());
+    firewall.insert("enabled".into(), options.firewall.into());
+    firewall.insert("masquerade".into(), options.masquerade.into());
     root.insert("core".into(), core.into());
     root.insert("gateway".into(), gateway.into());
     root.insert("http".into(), http.into());

@@ -197,6 +197,7 @@ pub fn settings(url: &str, token: &str, state_dir: &Path) -> Settings {
         gateway_id: None,
         http_listen: None,
         hooks: Hooks::new(HooksConfig::default(), "wgtest0"),
+        firewall: Default::default(),
     }
 }
 
