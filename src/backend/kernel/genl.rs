@@ -213,7 +213,11 @@ fn parse_datagram<T: NetlinkDeserializable>(
             NetlinkPayload::Error(e) => match e.code {
                 None if expect == Expect::Ack => return Ok(Progress::Done),
                 None => {}
-                Some(_) => return Err(e.to_io()),
+                // Not `to_io()`: its `abs()` overflows on i32::MIN (found by fuzzing).
+                Some(code) => {
+                    let errno = code.get().checked_abs().unwrap_or(i32::MAX);
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
             },
             NetlinkPayload::Done(done) => {
                 if done.code < 0 {
@@ -404,7 +408,8 @@ mod tests {
         for bytes in [&[1u8, 2, 3][..], &[0xff; 40][..], &part(1, 0, 1)[..18]] {
             assert!(parse_datagram::<Wg>(bytes, 1, Expect::Dump, &mut out, &mut intr).is_err());
         }
-        let min = done(1, i32::MIN);
-        assert!(parse_datagram::<Wg>(&min, 1, Expect::Dump, &mut out, &mut intr).is_err());
+        for min in [done(1, i32::MIN), error(1, i32::MIN)] {
+            assert!(parse_datagram::<Wg>(&min, 1, Expect::Dump, &mut out, &mut intr).is_err());
+        }
     }
 }
