@@ -262,7 +262,10 @@ pub(super) fn last_lines(path: &Path, n: usize) -> String {
 /// forks). When unsure, false: the child then enters `netns` explicitly.
 fn same_namespace(netns: &File) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (netns.metadata(), std::fs::metadata("/proc/thread-self/ns/net")) {
+    match (
+        netns.metadata(),
+        std::fs::metadata("/proc/thread-self/ns/net"),
+    ) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
