@@ -5,6 +5,7 @@
 #
 #   scripts/images.sh              release build, then both images
 #   scripts/images.sh --no-build   use the binaries already in target/release
+#   IMAGES_PROFILE=debug scripts/images.sh --no-build   the debug binaries (quick checks)
 #
 # Starts dockerd when none runs (and stops it again at the end, unless
 # GATEHOUSE_KEEP_ENGINE=1); see tests/containers/engine.sh for how it leaves the host's
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 build=1
 [ "${1:-}" = --no-build ] && build=0
 BASE=gatehouse-base:bookworm
+profile=${IMAGES_PROFILE:-release}
 
 if [ "$build" = 1 ]; then
 	cargo build --release --locked --bins -p gatehouse -p gatehouse-core
@@ -26,8 +28,8 @@ cleanup() {
 	[ "${GATEHOUSE_KEEP_ENGINE:-0}" = 1 ] || engine_stop
 }
 trap cleanup EXIT
-install -D -m 0755 target/release/gatehouse "$CTX/bin/gatehouse"
-install -D -m 0755 target/release/gatehouse-core "$CTX/bin/gatehouse-core"
+install -D -m 0755 "target/$profile/gatehouse" "$CTX/bin/gatehouse"
+install -D -m 0755 "target/$profile/gatehouse-core" "$CTX/bin/gatehouse-core"
 strip "$CTX/bin/gatehouse" "$CTX/bin/gatehouse-core"
 install -D -m 0644 config/gateway.toml "$CTX/config/gateway.toml"
 

@@ -26,7 +26,7 @@ fi
 # The rpm takes the binaries as they are: strip them once for both formats.
 strip target/release/gatehouse target/release/gatehouse-core
 mkdir -p "$out"
-rm -f "$out"/gatehouse{,-core}[_-]*.{deb,rpm}
+rm -f "$out"/gatehouse{,-core}_*-"$rev"_*.deb "$out"/gatehouse{,-core}-*-"$rev".*.rpm
 
 for pkg in gatehouse gatehouse-core; do
 	cargo deb --no-build --no-strip -p "$pkg" --deb-revision "$rev" -o "$out/" >/dev/null

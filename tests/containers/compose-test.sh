@@ -28,6 +28,7 @@ ADMIN_PORT=18480 PORT_A=51920 PORT_B=51921
 HOST_IP=198.18.77.1 CL_IP=198.18.77.2
 T=$(mktemp -d /tmp/gatehouse-ctest.XXXXXX)
 CLIENT_PID=
+TUN_MODE=
 COMPOSE=(docker-compose -p "$PROJECT" -f "$T/docker-compose.yml")
 export GATEHOUSE_ADMIN_PORT=$ADMIN_PORT GATEHOUSE_GATEWAY_A_PORT=$PORT_A GATEHOUSE_GATEWAY_B_PORT=$PORT_B
 
@@ -43,6 +44,7 @@ cleanup() {
 	ip link del ghctest-h 2>/dev/null
 	rm -f "/var/run/wireguard/$IF_CL.sock"
 	"${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1
+	[ -n "$TUN_MODE" ] && chmod "$TUN_MODE" /dev/net/tun
 	engine_stop
 	rm -rf "$T"
 	exit "$rc"
@@ -69,6 +71,15 @@ wait_healthy() { # SERVICE...
 		echo "$s: healthy"
 	done
 }
+
+# The gateway's non-root user opens the TUN device the host passes in, with the host's
+# mode: 0666 wherever udev runs (Debian's default); hosts without udev may have 0600.
+mode=$(stat -c %a /dev/net/tun)
+if [ "$mode" != 666 ]; then
+	TUN_MODE=$mode
+	chmod 0666 /dev/net/tun
+	echo "compose-test: /dev/net/tun was $mode, 0666 (udev's mode) for the test"
+fi
 
 say "engine and images"
 engine_start
