@@ -27,9 +27,9 @@ MODE=run
 # The debootstrap tree is kept ($CACHE/tree-$TREE_VERSION); the disk image is made from it
 # with the runner below. Bump TREE_VERSION when the package list changes, IMAGE_VERSION
 # when the runner changes (the image is then rebuilt in seconds from the tree).
-TREE_VERSION=1
+TREE_VERSION=2
 IMAGE_VERSION=2
-PACKAGES=systemd-sysv,udev,dbus,kmod,linux-image-amd64,iproute2,iputils-ping,procps,curl,ca-certificates,wireguard-tools,wireguard-go,adduser,libnftnl11,libmnl0,nftables,python3-minimal
+PACKAGES=systemd-sysv,udev,dbus,kmod,linux-image-amd64,iproute2,iputils-ping,procps,curl,ca-certificates,wireguard-tools,wireguard-go,adduser,libnftnl11,libmnl0,nftables,python3
 
 die() { echo "run-in-systemd-vm: $*" >&2; exit 125; }
 
