@@ -31,8 +31,13 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-in_gw() { ip netns exec $NS_GW "$@"; }
-in_cl() { ip netns exec $NS_CL "$@"; }
+# Background programs are started through these arrays, never through a shell function:
+# `f & pid=$!` records the pid of the subshell running f, not of the program, and killing
+# it leaves the program running. `ip netns exec` execs the program, so $! is its pid.
+GW=(ip netns exec $NS_GW)
+CL=(ip netns exec $NS_CL)
+in_gw() { "${GW[@]}" "$@"; }
+in_cl() { "${CL[@]}" "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 api() { # METHOD PATH [JSON]
 	in_gw curl -sS --fail-with-body -X "$1" -H "Authorization: Bearer $ADMIN" \
@@ -58,7 +63,7 @@ http_listen = "127.0.0.1:8080"
 database = "$T/core.db"
 admin_token = "$ADMIN"
 TOML
-in_gw "$BIN/gatehouse-core" --config "$T/core.toml" > "$T/core.log" 2>&1 & PIDS+=($!)
+"${GW[@]}" "$BIN/gatehouse-core" --config "$T/core.toml" > "$T/core.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do in_gw curl -s -o /dev/null http://127.0.0.1:8080/ && break; sleep 0.1; done
 
 LOC=$(api POST /locations '{"name":"demo","listen_port":51820,"addresses":["10.77.0.1/24","fd77::1/64"],"mtu":1420}')
@@ -85,12 +90,12 @@ stats_interval = "2s"
 listen = "127.0.0.1:9180"
 TOML
 printf '%s' "$TOKEN" > "$T/token"; chmod 600 "$T/token"
-in_gw "$BIN/gatehouse" run --config "$T/gateway.toml" > "$T/agent.log" 2>&1 & PIDS+=($!)
+"${GW[@]}" "$BIN/gatehouse" run --config "$T/gateway.toml" > "$T/agent.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do in_gw curl -sf http://127.0.0.1:9180/readyz >/dev/null && break; sleep 0.2; done
 in_gw curl -sf http://127.0.0.1:9180/readyz || { echo "agent not ready"; cat "$T/agent.log"; exit 1; }
 
 say "WireGuard client (wireguard-go + wg) in $NS_CL"
-in_cl wireguard-go -f $IF_CL > "$T/client.log" 2>&1 & PIDS+=($!)
+"${CL[@]}" wireguard-go -f $IF_CL > "$T/client.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 50); do [ -S /var/run/wireguard/$IF_CL.sock ] && break; sleep 0.1; done
 echo "$CL_KEY" > "$T/client.key"
 in_cl wg set $IF_CL private-key "$T/client.key" peer "$GW_PUB" endpoint 192.0.2.1:51820 \

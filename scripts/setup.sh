@@ -10,6 +10,10 @@ PKGS=(
 	wireguard-tools wireguard-go                   # userspace backend, real clients, `wg` observer
 	qemu-system-x86 busybox-static xz-utils        # the kernel-WireGuard VM (tests/vm)
 	g++                                            # libFuzzer (scripts/fuzz.sh)
+	qemu-utils e2fsprogs debootstrap               # the systemd VM image (tests/vm)
+	lintian rpmlint rpm binutils                   # packages: checks, rpm -qp, strip
+	docker.io docker-compose                       # container images and compose test
+	python3                                        # JSON in the test scripts
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -19,8 +23,23 @@ if [ ${#missing[@]} -gt 0 ]; then
 	echo "setup: installing ${missing[*]}" >&2
 	SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 	$SUDO apt-get update -q
-	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+	# No service starts during the install: a dockerd started by the package would rewrite
+	# the host's netfilter (FORWARD policy DROP) under the namespace tests. The container
+	# tests start their own engine, with --iptables=false (tests/containers/engine.sh).
+	norc=
+	if [ ! -e /usr/sbin/policy-rc.d ]; then
+		printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+		$SUDO chmod 755 /usr/sbin/policy-rc.d
+		norc=1
+	fi
+	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" || rc=$?
+	[ -z "$norc" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+	[ "${rc:-0}" = 0 ] || exit "$rc"
 fi
 # The fuzz targets (scripts/fuzz.sh) are built with cargo-fuzz.
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+# Packaging tools, from crates.io (skipped when present).
+for tool in cargo-deb cargo-generate-rpm; do
+	command -v "$tool" >/dev/null || cargo install --locked "$tool"
+done
 cargo build --workspace --bins

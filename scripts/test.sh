@@ -4,7 +4,10 @@
 #   2. unit and in-process integration tests (no root): cargo test --workspace
 #   3. root end-to-end tests in network namespaces with real wireguard-go clients
 #   4. kernel WireGuard tests inside a QEMU VM (tests/vm)
-#   5. fuzz targets, each for a short fixed time, and their regression inputs (scripts/fuzz.sh)
+#   5. packages: deb and rpm built (scripts/package.sh), lintian, rpmlint, rpm -qp checks
+#   6. the packages on a systemd host: a VM booting Debian with systemd (tests/vm)
+#   7. containers: both images built offline, docker-compose with a Core and two gateways
+#   8. fuzz targets, each for a short fixed time, and their regression inputs (scripts/fuzz.sh)
 # Each stage runs even when an earlier one failed; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +35,12 @@ if [ "$(id -u)" = 0 ]; then
 		[ -e "$t" ] || continue
 		stage "kernel WireGuard in the VM: $(basename "$t" .rs)" tests/vm/run-kernel-tests.sh --test "$(basename "$t" .rs)"
 	done
+	stage "packages (deb, rpm, lintian, rpmlint, rpm -qp)" \
+		sh -c 'scripts/package.sh && cargo test --test packaging -- --ignored'
+	stage "packages on a systemd host (VM)" tests/vm/run-systemd-tests.sh
+	# After the namespace tests: the engine, even started with --iptables=false, is the
+	# last thing to touch the host's network.
+	stage "containers (images, docker-compose)" tests/containers/compose-test.sh --no-build
 else
 	echo "not root: skipping the namespace and VM tests (run as root for the full suite)" >&2
 	failed+=("root tests skipped")

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod app;
 pub mod backend;
 pub mod backoff;
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod firewall;

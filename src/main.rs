@@ -10,6 +10,8 @@ use gatehouse::cli::{self, Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let env: BTreeMap<String, String> = std::env::vars().collect();
+    // Capabilities are per thread: raised before the runtime starts its worker threads.
+    let caps = matches!(cli.action(), Command::Run).then(gatehouse::caps::raise_net_admin);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -42,6 +44,11 @@ fn main() -> ExitCode {
                 }
             };
             app::init_logging(&config.log.level, config.log.format);
+            match caps {
+                Some(Ok(raised)) => tracing::debug!(?raised, "CAP_NET_ADMIN"),
+                Some(Err(e)) => tracing::warn!("cannot raise the permitted CAP_NET_ADMIN: {e}"),
+                None => {}
+            }
             for name in gatehouse::config::unknown_env_vars(&env) {
                 tracing::warn!(variable = %name, "environment variable names no configuration key");
             }

@@ -32,7 +32,11 @@ pub fn router(shared: Arc<Shared>, admin_token: &str) -> Router {
         admin_token_hash: digest(admin_token).into(),
     };
     let loc = "/api/v1/locations/{id}";
-    Router::new()
+    // Health for container checks and load balancers: no token, no data.
+    let health = Router::new()
+        .route("/readyz", get(readyz))
+        .with_state(state.clone());
+    let admin = Router::new()
         .route("/api/v1/locations", post(create_location))
         .route(loc, get(get_location).patch(patch_location))
         .route(
@@ -61,7 +65,17 @@ pub fn router(shared: Arc<Shared>, admin_token: &str) -> Router {
         // Bulk peer adds of many thousand peers are legitimate.
         .layer(DefaultBodyLimit::max(gatehouse_proto::MAX_MESSAGE_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), require_admin))
-        .with_state(state)
+        .with_state(state);
+    health.merge(admin)
+}
+
+/// `GET /readyz`: 200 once the store answers (it is taken on the blocking pool, as every
+/// request does), so a wedged store turns the health check red.
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.shared.read(|_| Ok(())).await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 fn digest(s: &str) -> Vec<u8> {

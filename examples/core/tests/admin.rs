@@ -33,6 +33,26 @@ async fn admin_token_is_required() {
     assert!(body["error"].is_string());
 }
 
+/// `/readyz` answers without a token (container and load-balancer health checks) and
+/// shows nothing else: every other path still needs the admin token.
+#[tokio::test]
+async fn readyz_needs_no_token() {
+    let t = TestCore::start().await;
+    let http = reqwest::Client::new();
+    let resp = http
+        .get(format!("{}/readyz", t.core.http_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let resp = http
+        .get(format!("{}/readyz/x", t.core.http_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+}
+
 #[tokio::test]
 async fn each_input_error_names_its_field() {
     let t = TestCore::start().await;

@@ -67,16 +67,20 @@ impl Process {
         if let Some(path) = std::env::var_os("PATH") {
             command.env("PATH", path);
         }
-        // SAFETY: the closure runs in the child between fork and exec and only calls
-        // setns(2), which is async-signal-safe; `netns_fd` stays open in the parent (and
-        // so in the child) until spawn returns.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        // The child enters the backend's namespace only when it is not already in it:
+        // setns(2) needs CAP_SYS_ADMIN, which a container (CAP_NET_ADMIN only) lacks.
+        if !same_namespace(netns) {
+            // SAFETY: the closure runs in the child between fork and exec and only calls
+            // setns(2), which is async-signal-safe; `netns_fd` stays open in the parent
+            // (and so in the child) until spawn returns.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = command.spawn().map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => BackendError::Config(format!(
@@ -259,5 +263,18 @@ pub(super) fn last_lines(path: &Path, n: usize) -> String {
         "(empty log)".into()
     } else {
         tail.join(" | ")
+    }
+}
+
+/// Whether `netns` is the network namespace of the calling thread (whose child a spawn
+/// forks). When unsure, false: the child then enters `netns` explicitly.
+fn same_namespace(netns: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        netns.metadata(),
+        std::fs::metadata("/proc/thread-self/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
