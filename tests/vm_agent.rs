@@ -264,9 +264,14 @@ async fn the_agent_keeps_kernel_wireguard_exactly_in_line_with_the_core() {
     agent.applied(rev).await;
     let now = dump(&gw, iface);
     let kept = &now.peers[&client.public_key];
-    assert_eq!(
-        kept.latest_handshake, before.latest_handshake,
-        "handshake reset"
+    // A re-created peer starts with no handshake and zeroed counters. WireGuard itself may
+    // complete a newer handshake meanwhile (both sides initiating after the first ping
+    // settle REKEY_TIMEOUT = 5 s later): newer is fine, older or zero is not.
+    assert!(
+        kept.latest_handshake >= before.latest_handshake,
+        "handshake reset: {} -> {}",
+        before.latest_handshake,
+        kept.latest_handshake
     );
     assert!(
         kept.rx >= before.rx && kept.tx >= before.tx,
