@@ -16,34 +16,8 @@ use crate::model::{Desired, InterfaceSpec, Key, PeerSpec, SecretKey};
 /// Rejections listed in one `Applied` (more are summarized by a count).
 pub const MAX_REJECTIONS: usize = rules::MAX_REJECTIONS;
 
-/// One rejected item: `item` is a path such as `peers[3].allowed_ips[1]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rejection {
-    pub item: String,
-    pub reason: String,
-}
-
-impl Rejection {
-    pub fn new(item: impl Into<String>, reason: impl Into<String>) -> Self {
-        Rejection {
-            item: item.into(),
-            reason: reason.into(),
-        }
-    }
-
-    pub fn to_proto(&self) -> v1::Rejection {
-        v1::Rejection {
-            item: self.item.clone(),
-            reason: self.reason.clone(),
-        }
-    }
-}
-
-impl std::fmt::Display for Rejection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.item, self.reason)
-    }
-}
+/// One rejected item: `item` is a path such as `peers[3].allowed_ips[1]` (the shared rule's).
+pub use rules::Rejection;
 
 /// What the Core knows about a peer beyond its WireGuard settings.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,8 +38,7 @@ pub struct ValidLocation {
 
 /// Validates a whole location. All problems are reported, not just the first.
 pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Rejection>> {
-    let checked = rules::validate_location(loc)
-        .map_err(|list| list.into_iter().map(Rejection::from).collect::<Vec<_>>())?;
+    let checked = rules::validate_location(loc)?;
     let mfa = MfaPolicy::from_settings(checked.mfa_enabled, checked.mfa_threshold_secs).map_err(
         |_| {
             vec![Rejection::new(
@@ -125,15 +98,6 @@ pub fn listed_peer_keys(loc: &v1::Location) -> BTreeSet<Key> {
         .into_iter()
         .map(Key)
         .collect()
-}
-
-impl From<rules::Rejection> for Rejection {
-    fn from(r: rules::Rejection) -> Self {
-        Rejection {
-            item: r.item,
-            reason: r.reason,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -202,17 +202,9 @@ impl FirewallStep {
     ) -> Result<(), FirewallError> {
         let policy = policy_of(fw)?;
         let table = table_name(&self.interface);
-        let want = desired(
-            &self.interface,
-            self.settings,
-            policy.as_ref(),
-            desired_state.interface.listen_port,
-        );
-        let want_image = want.as_ref().map(nft::image).transpose()?;
+        let (want, diffs) = self.compare(policy.as_ref(), desired_state)?;
         self.status.rules = want.as_ref().map_or(0, |r| r.rule_count());
         self.status.set_elements = want.as_ref().map_or(0, |r| r.element_count());
-        let have = self.tables.read(&table)?;
-        let diffs = differences(&table, want_image.as_ref(), have.as_ref());
         let peers = peer_spans(desired_state);
         let policy_changed = self.enforced.as_ref() != Some(&policy);
         if !diffs.is_empty() {
@@ -309,6 +301,25 @@ impl FirewallStep {
         }
     }
 
+    /// The table the policy wants (none: no table) and how the kernel's differs from it.
+    fn compare(
+        &mut self,
+        policy: Option<&Policy>,
+        desired_state: &Desired,
+    ) -> Result<(Option<Ruleset>, Vec<String>), FirewallError> {
+        let table = table_name(&self.interface);
+        let want = desired(
+            &self.interface,
+            self.settings,
+            policy,
+            desired_state.interface.listen_port,
+        );
+        let want_image = want.as_ref().map(nft::image).transpose()?;
+        let have = self.tables.read(&table)?;
+        let diffs = differences(&table, want_image.as_ref(), have.as_ref());
+        Ok((want, diffs))
+    }
+
     /// The differences the next step would repair (for `/diff`); empty when in sync.
     pub fn diff(
         &mut self,
@@ -318,21 +329,11 @@ impl FirewallStep {
         if !self.settings.enabled {
             return vec![];
         }
-        let table = table_name(&self.interface);
-        let result = (|| -> Result<Vec<String>, FirewallError> {
-            let policy = policy_of(fw)?;
-            let want = desired(
-                &self.interface,
-                self.settings,
-                policy.as_ref(),
-                desired_state.interface.listen_port,
-            );
-            let want_image = want.as_ref().map(nft::image).transpose()?;
-            let have = self.tables.read(&table)?;
-            Ok(differences(&table, want_image.as_ref(), have.as_ref()))
-        })();
+        let result = policy_of(fw)
+            .map_err(FirewallError::from)
+            .and_then(|policy| self.compare(policy.as_ref(), desired_state));
         match result {
-            Ok(d) => d.into_iter().map(|l| format!("firewall: {l}")).collect(),
+            Ok((_, d)) => d.into_iter().map(|l| format!("firewall: {l}")).collect(),
             Err(e) => vec![format!("firewall: cannot compare: {e}")],
         }
     }

@@ -535,8 +535,7 @@ fn is_timeout(e: &io::Error) -> bool {
 
 /// Bounds how long a netlink answer is awaited (a kernel that never answers is an error,
 /// not a hung agent). Shared by the rtnetlink and generic-netlink sockets.
-pub(crate) fn set_receive_timeout(socket: &Socket, secs: i64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
+pub(crate) fn set_receive_timeout(socket: &impl std::os::fd::AsRawFd, secs: i64) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: secs,
         tv_usec: 0,

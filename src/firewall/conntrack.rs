@@ -160,25 +160,6 @@ fn request(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, attrs
     buf.resize(buf.len().div_ceil(4) * 4, 0);
 }
 
-fn socket() -> io::Result<mnl::Socket> {
-    let s = mnl::Socket::new(mnl::Bus::Netfilter)?;
-    let fd = unsafe { mnl::mnl_sys::mnl_socket_get_fd(s.as_raw_socket()) };
-    let tv = libc::timeval {
-        tv_sec: 5,
-        tv_usec: 0,
-    };
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-    }
-    Ok(s)
-}
-
 /// The error code of an NLMSG_ERROR body (0: an acknowledgement).
 fn error_code(body: &[u8]) -> i32 {
     body.get(..4)
@@ -217,7 +198,7 @@ fn receive(
 
 /// Every tracked connection of this network namespace.
 pub fn dump() -> io::Result<Vec<Entry>> {
-    let s = socket()?;
+    let s = super::netfilter_socket()?;
     let mut buf = Vec::new();
     request(
         &mut buf,
@@ -252,7 +233,7 @@ pub fn delete(entries: &[&Entry]) -> io::Result<usize> {
     if entries.is_empty() {
         return Ok(0);
     }
-    let s = socket()?;
+    let s = super::netfilter_socket()?;
     let mut deleted = 0;
     for chunk in entries.chunks(256) {
         let mut buf = Vec::new();

@@ -16,3 +16,13 @@ pub mod render;
 
 pub use policy::{from_proto, Policy, PolicyError};
 pub use render::{render, table_name, Inputs, Ruleset};
+
+/// How long a netfilter answer may take: one that never comes must not hang the agent.
+const RECEIVE_TIMEOUT_SECS: i64 = 5;
+
+/// A netfilter netlink socket (nftables and ctnetlink) with a receive timeout.
+fn netfilter_socket() -> std::io::Result<mnl::Socket> {
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
+    crate::backend::link::set_receive_timeout(&socket, RECEIVE_TIMEOUT_SECS)?;
+    Ok(socket)
+}

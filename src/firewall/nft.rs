@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::raw::{c_char, c_void};
 use std::ptr::NonNull;
 
@@ -554,28 +555,14 @@ fn setsockopt(fd: i32, opt: i32, value: i32) {
 
 impl Socket {
     pub fn open() -> Result<Socket, NftError> {
-        let inner = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::Socket)?;
-        let fd = unsafe { mnl::mnl_sys::mnl_socket_get_fd(inner.as_raw_socket()) };
-        // An answer that never comes must not hang the agent.
-        let tv = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
-        };
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const libc::timeval as *const c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-        }
+        let inner = super::netfilter_socket().map_err(NftError::Socket)?;
+        let fd = inner.as_raw_fd();
         setsockopt(fd, libc::SO_RCVBUFFORCE, 4 << 20);
         Ok(Socket { inner, seq: 0 })
     }
 
     fn fd(&self) -> i32 {
-        unsafe { mnl::mnl_sys::mnl_socket_get_fd(self.inner.as_raw_socket()) }
+        self.inner.as_raw_fd()
     }
 
     /// Sends one batch in one `sendmsg` (the kernel commits a batch only if its begin and

@@ -43,6 +43,14 @@ impl Rejection {
             reason: reason.into(),
         }
     }
+
+    /// As carried in `Applied`.
+    pub fn to_proto(&self) -> gatehouse_proto::v1::Rejection {
+        gatehouse_proto::v1::Rejection {
+            item: self.item.clone(),
+            reason: self.reason.clone(),
+        }
+    }
 }
 
 impl std::fmt::Display for Rejection {

@@ -879,15 +879,19 @@ impl Store {
     }
 
     fn location_exists(&self, id: u64) -> Result<()> {
-        let found = self
-            .conn
-            .prepare_cached("SELECT 1 FROM locations WHERE id = ?1")?
-            .exists([id as i64])?;
-        if found {
-            Ok(())
-        } else {
-            Err(CoreError::not_found(format!("no location {id}")))
-        }
+        location_exists(&self.conn, id)
+    }
+}
+
+/// `Ok` when location `id` exists, else a 404 naming it.
+pub(crate) fn location_exists(conn: &Connection, id: u64) -> Result<()> {
+    let found = conn
+        .prepare_cached("SELECT 1 FROM locations WHERE id = ?1")?
+        .exists([id as i64])?;
+    if found {
+        Ok(())
+    } else {
+        Err(CoreError::not_found(format!("no location {id}")))
     }
 }
 

@@ -99,7 +99,7 @@ impl Store {
         new: &api::NewToken,
         now: i64,
     ) -> Result<api::TokenView> {
-        load_location_exists(&self.conn, location)?;
+        crate::store::location_exists(&self.conn, location)?;
         let gateway_id = new
             .gateway_id
             .as_deref()
@@ -137,7 +137,7 @@ impl Store {
 
     /// The location's tokens (never their secret), by id.
     pub fn tokens(&self, location: u64, page: Page) -> Result<Vec<api::TokenInfo>> {
-        load_location_exists(&self.conn, location)?;
+        crate::store::location_exists(&self.conn, location)?;
         let mut stmt = self.conn.prepare(
             "SELECT id, gateway_id, created_at, expires_at, last_used FROM gateway_tokens
              WHERE location_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
@@ -237,17 +237,6 @@ impl Store {
         }
         tx.commit()?;
         Ok(decision)
-    }
-}
-
-fn load_location_exists(conn: &Connection, id: u64) -> Result<()> {
-    let found = conn
-        .prepare_cached("SELECT 1 FROM locations WHERE id = ?1")?
-        .exists([id as i64])?;
-    if found {
-        Ok(())
-    } else {
-        Err(CoreError::not_found(format!("no location {id}")))
     }
 }
 
