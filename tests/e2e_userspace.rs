@@ -112,10 +112,12 @@ fn killed_wireguard_go_is_restarted_with_its_peers() {
             site.gw_wireguard_go_pid().filter(|&p| p != old)
         })
         .await;
-        let after = eventually("the peer back on the interface", CONVERGE, || async {
+        // The repair applies peers, then device settings (key, port) in their own
+        // transaction: wait for the whole configuration, not the first sign of it.
+        let after = eventually("the interface configured as before", CONVERGE, || async {
             site.try_gw_dump()
                 .await
-                .filter(|d| d.peers.contains_key(&site.client().public_key))
+                .filter(|d| d.config() == before.config())
         })
         .await;
         assert_eq!(after.config(), before.config());
