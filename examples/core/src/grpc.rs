@@ -346,6 +346,7 @@ impl Session {
                         .map(|(public_key, last_active_ms)| pb::ActivePeer {
                             public_key,
                             last_active_ms,
+                            endpoint: String::new(),
                         })
                         .collect();
                     self.shared.hub.relay(
