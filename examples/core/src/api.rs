@@ -239,6 +239,10 @@ pub struct GatewayView {
     pub last_error: Option<ApplyErrorView>,
     /// Unix ms.
     pub last_seen: i64,
+    /// Where the gateway's latest stream came from (`ip:port` as the Core saw it, behind
+    /// any NAT); empty when unknown.
+    #[serde(default)]
+    pub remote_addr: String,
 }
 
 /// The last failed `Applied` of a gateway.

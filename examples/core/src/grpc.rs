@@ -16,6 +16,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::error::CoreError;
 use crate::hub::Broadcast;
 use crate::input;
+use crate::relay;
 use crate::shared::{now_ms, Shared};
 use crate::throttle::{SnapshotThrottle, SNAPSHOT_INTERVAL};
 use crate::tokens::{Binding, Grant};
@@ -43,6 +44,10 @@ impl GatewayService for GatewaySvc {
         request: Request<Streaming<pb::GatewayMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let token = bearer(&request)?;
+        let remote_addr = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         // Subscribed before the token is checked: a revocation after the check is seen.
         let revocations = self.shared.revocations.subscribe();
         let now = now_ms();
@@ -58,6 +63,7 @@ impl GatewayService for GatewaySvc {
             location: grant.location,
             token: grant,
             gateway_id: String::new(),
+            remote_addr,
             out: tx,
             sent_revision: 0,
         };
@@ -93,6 +99,8 @@ struct Session {
     /// The token that opened the stream: its revocation or expiry ends the stream.
     token: Grant,
     gateway_id: String,
+    /// The stream's peer address as the Core saw it (empty when unknown).
+    remote_addr: String,
     out: Outbound,
     /// The highest revision sent (snapshot or delta): older deltas are skipped.
     sent_revision: u64,
@@ -149,22 +157,26 @@ impl Session {
         tracing::info!(location = self.location, gateway_id = %hello.gateway_id,
             name = %hello.name, version = %hello.version, token_id = self.token.id,
             applied_revision = hello.applied_revision, "gateway connected");
+        tracing::debug!(location = self.location, gateway_id = %hello.gateway_id,
+            remote_addr = %self.remote_addr, "gateway stream address");
 
         // Subscribe before the snapshot is built: nothing committed after it is missed.
         let mut deltas = self.shared.hub.subscribe(self.location);
         let (_registration, mut replaced) =
             self.shared.hub.register(self.location, &hello.gateway_id);
         let (location, now) = (self.location, now_ms());
-        let record = hello.clone();
+        let (record, remote_addr) = (hello.clone(), self.remote_addr.clone());
         self.shared
-            .read(move |s| s.gateway_hello(location, &record, now))
+            .read(move |s| s.gateway_hello(location, &record, &remote_addr, now))
             .await
             .map_err(internal)?;
         let up_to_seq = self.events(hello.pending_events.clone()).await?;
         if self.send(ack(up_to_seq)).await.is_err() {
             return Ok(Closed);
         }
-        if self.snapshot().await?.is_none() {
+        // Protocol rule 8: then where the clients are, so a standby that (re)connects can
+        // take over without waiting for the next stats.
+        if self.snapshot(Whereabouts::Send).await?.is_none() {
             return Ok(Closed);
         }
 
@@ -185,7 +197,9 @@ impl Session {
                 _ = tokio::time::sleep_until(snapshot_due.unwrap_or_else(Instant::now)),
                     if snapshot_due.is_some() =>
                 {
-                    if throttle.due(Instant::now()) && self.snapshot().await?.is_none() {
+                    if throttle.due(Instant::now())
+                        && self.snapshot(Whereabouts::Skip).await?.is_none()
+                    {
                         return Ok(Closed);
                     }
                 }
@@ -231,10 +245,14 @@ impl Session {
                             self.send(msg).await.ok()
                         }
                         Ok(Broadcast::Raw(m)) => self.send((*m).clone()).await.ok(),
+                        // What this gateway saw itself is not sent back to it.
+                        Ok(Broadcast::Relay { from, .. }) if *from == *self.gateway_id => continue,
+                        Ok(Broadcast::Relay { msg, .. }) => self.send((*msg).clone()).await.ok(),
                         Err(broadcast::error::RecvError::Lagged(n)) => {
+                            // Relays may be among the missed: the whereabouts follow again.
                             tracing::warn!(location = self.location, gateway_id = %self.gateway_id,
                                 missed = n, "gateway fell behind the broadcast: sending a snapshot");
-                            self.snapshot().await?
+                            self.snapshot(Whereabouts::Send).await?
                         }
                         Err(broadcast::error::RecvError::Closed) => None,
                     };
@@ -329,34 +347,30 @@ impl Session {
                         stats.peers.len()
                     )));
                 }
-                let outcome = self
+                let hub = Arc::clone(&self.shared.hub);
+                let (unknown, relayed) = self
                     .shared
-                    .read(move |s| s.record_stats(location, &gateway, &stats, now))
+                    .read(move |s| {
+                        let outcome = s.record_stats(location, &gateway, &stats, now)?;
+                        let relayed = outcome.relay.len();
+                        // Protocol rule 8, at once and while the store is held (relays
+                        // leave in the order they were stored): the other gateways count
+                        // the activity for MFA and keep the endpoint for a takeover. A
+                        // Stats has at most MAX_STATS_PEERS peers: one piece.
+                        for msg in relay::pieces(outcome.relay, relay::MAX_ACTIVITY_PEERS) {
+                            hub.relay(location, &gateway, msg);
+                        }
+                        Ok((outcome.unknown, relayed))
+                    })
                     .await
                     .map_err(internal)?;
-                if outcome.unknown > 0 {
+                if unknown > 0 {
                     tracing::debug!(location, gateway_id = %self.gateway_id,
-                        unknown = outcome.unknown, "stats rows for unknown peers ignored");
+                        unknown, "stats rows for unknown peers ignored");
                 }
-                if !outcome.active.is_empty() {
-                    // Protocol rule 8: the other gateways count it as activity for MFA.
-                    let peers = outcome
-                        .active
-                        .into_iter()
-                        .map(|(public_key, last_active_ms)| pb::ActivePeer {
-                            public_key,
-                            last_active_ms,
-                            endpoint: String::new(),
-                        })
-                        .collect();
-                    self.shared.hub.relay(
-                        location,
-                        pb::CoreMessage {
-                            kind: Some(pb::core_message::Kind::PeerActivity(pb::PeerActivity {
-                                peers,
-                            })),
-                        },
-                    );
+                if relayed > 0 {
+                    tracing::debug!(location, gateway_id = %self.gateway_id, peers = relayed,
+                        "peer activity and endpoints relayed to the other gateways");
                 }
                 Ok(Some(()))
             }
@@ -373,7 +387,7 @@ impl Session {
                 if throttle.request(Instant::now()) {
                     tracing::info!(location, gateway_id = %self.gateway_id,
                         held = req.held_revision, %reason, "snapshot requested");
-                    self.snapshot().await
+                    self.snapshot(Whereabouts::Skip).await
                 } else {
                     // Coalesced: the snapshot sent at the throttle's deadline answers it.
                     tracing::debug!(location, gateway_id = %self.gateway_id,
@@ -410,24 +424,52 @@ impl Session {
         Ok(up_to_seq)
     }
 
-    /// Builds and sends a snapshot. `None`: the gateway is gone.
-    async fn snapshot(&mut self) -> Result<Option<()>, Status> {
+    /// Builds and sends a snapshot, then (with `Whereabouts::Send`) the location's view of
+    /// where its peers are, in bounded pieces. `None`: the gateway is gone.
+    async fn snapshot(&mut self, whereabouts: Whereabouts) -> Result<Option<()>, Status> {
         let location = self.location;
-        let snap = self
+        let (snap, seen) = self
             .shared
-            .read(move |s| s.snapshot(location))
+            .read(move |s| {
+                let snap = s.snapshot(location)?;
+                let seen = match whereabouts {
+                    Whereabouts::Send => s.whereabouts(location, &snap)?,
+                    Whereabouts::Skip => Vec::new(),
+                };
+                Ok((snap, seen))
+            })
             .await
             .map_err(internal)?;
         self.sent_revision = snap.revision;
         let msg = pb::CoreMessage {
             kind: Some(pb::core_message::Kind::Snapshot(snap)),
         };
-        Ok(self.send(msg).await.ok())
+        if self.send(msg).await.is_err() {
+            return Ok(None);
+        }
+        let peers = seen.len();
+        for msg in relay::pieces(seen, relay::MAX_ACTIVITY_PEERS) {
+            if self.send(msg).await.is_err() {
+                return Ok(None);
+            }
+        }
+        if peers > 0 {
+            tracing::debug!(location, gateway_id = %self.gateway_id, peers,
+                "known peer activity and endpoints sent after the snapshot");
+        }
+        Ok(Some(()))
     }
 
     async fn send(&self, msg: pb::CoreMessage) -> Result<(), ()> {
         self.out.send(Ok(msg)).await.map_err(|_| ())
     }
+}
+
+/// Whether a snapshot is followed by the location's peer whereabouts (protocol rule 8).
+#[derive(Clone, Copy, Debug)]
+enum Whereabouts {
+    Send,
+    Skip,
 }
 
 /// Most events stored in one transaction (and acknowledged by one `EventAck`).

@@ -18,6 +18,11 @@ pub enum Broadcast {
     Delta(Arc<pb::Delta>),
     /// A raw message injected by a test, sent as is.
     Raw(Arc<pb::CoreMessage>),
+    /// What one gateway saw (peer activity and endpoints): sent to every other gateway.
+    Relay {
+        from: Arc<str>,
+        msg: Arc<pb::CoreMessage>,
+    },
 }
 
 /// The fan-out state of every location.
@@ -94,12 +99,18 @@ impl Hub {
             .drop_next = n;
     }
 
-    /// Sends a raw message to every connected gateway of the location.
-    /// Sends a message to every connected gateway of the location (peer activity relay).
-    pub fn relay(&self, location: u64, msg: pb::CoreMessage) {
-        self.inject(location, msg)
+    /// Sends what gateway `from` saw to every other connected gateway of the location.
+    /// Call it while holding the store, so relays leave in the order they were stored.
+    pub fn relay(&self, location: u64, from: &str, msg: pb::CoreMessage) {
+        let mut inner = self.lock();
+        let loc = inner.entry(location).or_insert_with(LocationHub::new);
+        let _ = loc.tx.send(Broadcast::Relay {
+            from: Arc::from(from),
+            msg: Arc::new(msg),
+        });
     }
 
+    /// Sends a raw message to every connected gateway of the location.
     pub fn inject(&self, location: u64, msg: pb::CoreMessage) {
         let mut inner = self.lock();
         let loc = inner.entry(location).or_insert_with(LocationHub::new);

@@ -14,12 +14,14 @@ mod http;
 mod hub;
 mod input;
 mod page;
+mod relay;
 mod shared;
 mod stats;
 mod store;
 mod throttle;
 mod tokens;
 mod validate;
+mod whereabouts;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -17,8 +17,10 @@ use crate::api;
 use crate::audit::{self, Audit};
 use crate::error::CoreError;
 use crate::page::Page;
+use crate::relay;
 use crate::stats::{self, CounterRun};
 use crate::validate;
+use crate::whereabouts;
 
 type Result<T> = std::result::Result<T, CoreError>;
 
@@ -35,9 +37,10 @@ pub struct StatsOutcome {
     pub stored: usize,
     /// Rows for public keys that are not peers of the location (ignored).
     pub unknown: usize,
-    /// Peers this batch showed active (a newer handshake or received bytes), with the
-    /// time of that sign of life: relayed to the other gateways (protocol rule 8).
-    pub active: Vec<(Vec<u8>, i64)>,
+    /// Peers whose location-wide view this batch changed (a newer sign of life, or the
+    /// client seen at another endpoint), with the new view: relayed at once to the other
+    /// gateways (protocol rule 8, design §12).
+    pub relay: Vec<pb::ActivePeer>,
 }
 
 /// A gateway row, without the live `connected` flag.
@@ -55,6 +58,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         crate::tokens::init(&conn)?;
+        crate::whereabouts::init(&conn)?;
         crate::dbfile::restrict(path)?;
         let mut store = Store {
             conn,
@@ -571,22 +575,43 @@ impl Store {
         })
     }
 
-    /// Records a gateway's `Hello`.
-    pub fn gateway_hello(&mut self, location: u64, hello: &pb::Hello, now: i64) -> Result<()> {
+    /// The location's view of where each peer of `snapshot` is (latest activity and
+    /// endpoint), in the snapshot's order; peers with no view are left out.
+    pub fn whereabouts(&self, location: u64, snapshot: &pb::Snapshot) -> Result<Vec<pb::ActivePeer>> {
+        let mut known = whereabouts::of_location(&self.conn, location)?;
+        let peers = snapshot.location.iter().flat_map(|l| &l.peers);
+        Ok(peers
+            .filter_map(|p| {
+                let view = known.remove(&p.public_key)?;
+                Some(relay::active_peer(p.public_key.clone(), &view))
+            })
+            .collect())
+    }
+
+    /// Records a gateway's `Hello`, and the address its stream came from (`remote_addr`,
+    /// empty when unknown).
+    pub fn gateway_hello(
+        &mut self,
+        location: u64,
+        hello: &pb::Hello,
+        remote_addr: &str,
+        now: i64,
+    ) -> Result<()> {
         self.conn.execute(
             "INSERT INTO gateways (location_id, gateway_id, name, version, applied_revision,
-                 last_error, last_seen)
-             VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)
+                 last_error, last_seen, remote_addr)
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6, ?7)
              ON CONFLICT (location_id, gateway_id) DO UPDATE SET name = excluded.name,
                  version = excluded.version, applied_revision = excluded.applied_revision,
-                 last_seen = excluded.last_seen",
+                 last_seen = excluded.last_seen, remote_addr = excluded.remote_addr",
             params![
                 location as i64,
                 hello.gateway_id,
                 hello.name,
                 hello.version,
                 hello.applied_revision as i64,
-                now
+                now,
+                remote_addr
             ],
         )?;
         Ok(())
@@ -683,8 +708,8 @@ impl Store {
             let mut find =
                 tx.prepare("SELECT id FROM peers WHERE location_id = ?1 AND public_key = ?2")?;
             let mut prev = tx.prepare(
-                "SELECT epoch, rx, tx, base_rx, base_tx, last_handshake, last_active FROM stats
-                 WHERE location_id = ?1 AND gateway_id = ?2 AND peer_id = ?3",
+                "SELECT epoch, rx, tx, base_rx, base_tx, last_handshake, last_active, endpoint
+                 FROM stats WHERE location_id = ?1 AND gateway_id = ?2 AND peer_id = ?3",
             )?;
             let mut upsert = tx.prepare(
                 // An upsert, not a replace: the row keeps its id (the pagination key).
@@ -732,12 +757,14 @@ impl Store {
                             },
                             r.get::<_, i64>(5)?,
                             r.get::<_, i64>(6)?,
+                            r.get::<_, String>(7)?,
                         ))
                     })
                     .optional()?;
-                let (old, old_handshake, old_active) = match old {
-                    Some((run, hs, active)) => (Some(run), hs, active),
-                    None => (None, 0, 0),
+                let endpoint = crate::input::endpoint(&p.endpoint);
+                let (old, old_handshake, old_active, endpoint_moved) = match old {
+                    Some((run, hs, active, ep)) => (Some(run), hs, active, ep != endpoint),
+                    None => (None, 0, 0, false),
                 };
                 let last_active = stats::last_active(
                     old.as_ref(),
@@ -748,8 +775,17 @@ impl Store {
                     p.last_handshake_ms,
                     at,
                 );
-                if last_active > old_active {
-                    outcome.active.push((p.public_key.clone(), last_active));
+                let seen = relay::Sighting {
+                    active_at: (last_active > old_active).then_some(last_active),
+                    endpoint: relay::endpoint(&endpoint),
+                    endpoint_moved,
+                };
+                let known = whereabouts::get(&tx, location, peer_id, &p.public_key)?;
+                if let Some(view) = relay::fold(known.as_ref(), gateway, &seen) {
+                    whereabouts::put(&tx, location, peer_id, &p.public_key, &view, now)?;
+                    outcome
+                        .relay
+                        .push(relay::active_peer(p.public_key.clone(), &view));
                 }
                 let run = CounterRun::advance(old, p.counter_epoch, p.rx_bytes, p.tx_bytes);
                 upsert.execute(params![
@@ -757,7 +793,7 @@ impl Store {
                     gateway,
                     peer_id,
                     p.public_key,
-                    crate::input::endpoint(&p.endpoint),
+                    endpoint,
                     run.rx as i64,
                     run.tx as i64,
                     run.epoch as i64,
@@ -782,7 +818,8 @@ impl Store {
     pub fn gateways(&self, location: u64, page: &Page) -> Result<Vec<GatewayRow>> {
         self.location_exists(location)?;
         let mut stmt = self.conn.prepare(
-            "SELECT gateway_id, name, version, applied_revision, last_error, last_seen
+            "SELECT gateway_id, name, version, applied_revision, last_error, last_seen,
+                 remote_addr
              FROM gateways WHERE location_id = ?1 AND gateway_id > ?2
              ORDER BY gateway_id LIMIT ?3",
         )?;
@@ -795,11 +832,12 @@ impl Store {
                 r.get::<_, i64>(3)?,
                 r.get::<_, Option<String>>(4)?,
                 r.get::<_, i64>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (gateway_id, name, version, applied, err, last_seen) = row?;
+            let (gateway_id, name, version, applied, err, last_seen, remote_addr) = row?;
             out.push(api::GatewayView {
                 gateway_id,
                 name,
@@ -808,6 +846,7 @@ impl Store {
                 applied_revision: applied as u64,
                 last_error: err.and_then(|s| serde_json::from_str(&s).ok()),
                 last_seen,
+                remote_addr,
             });
         }
         Ok(out)
@@ -1048,6 +1087,8 @@ CREATE TABLE IF NOT EXISTS gateways (
     applied_revision INTEGER NOT NULL,
     last_error TEXT,
     last_seen INTEGER NOT NULL,
+    -- The address the gateway's latest stream came from, as the Core saw it ('' = unknown).
+    remote_addr TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (location_id, gateway_id)
 );
 CREATE TABLE IF NOT EXISTS stats (
@@ -1148,6 +1189,7 @@ fn migrate(conn: &Connection) -> Result<()> {
     for (table, column, decl) in [
         ("stats", "last_active", "INTEGER NOT NULL DEFAULT 0"),
         ("events", "outcome", "TEXT NOT NULL DEFAULT ''"),
+        ("gateways", "remote_addr", "TEXT NOT NULL DEFAULT ''"),
     ] {
         let exists: bool = conn
             .prepare(&format!(
