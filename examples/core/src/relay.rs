@@ -73,7 +73,9 @@ pub fn fold(prev: Option<&Whereabouts>, gateway: &str, seen: &Sighting) -> Optio
 /// A reported endpoint string as an address, when it passes the shared rule (`ip:port` or
 /// `[ip6]:port`, unicast, port not 0); empty or anything else: None.
 pub fn endpoint(s: &str) -> Option<SocketAddr> {
-    gatehouse_validate::net::normalize_endpoint(s).ok().flatten()
+    gatehouse_validate::net::normalize_endpoint(s)
+        .ok()
+        .flatten()
 }
 
 /// The wire form of a peer's view.
@@ -131,7 +133,11 @@ mod tests {
         assert_eq!(w, view(1_000, "198.51.100.7:4000", "a"));
         // The same again: nothing changed, nothing relayed.
         assert_eq!(
-            fold(Some(&w), "a", &seen(Some(1_000), "198.51.100.7:4000", false)),
+            fold(
+                Some(&w),
+                "a",
+                &seen(Some(1_000), "198.51.100.7:4000", false)
+            ),
             None
         );
         // Newer activity elsewhere at another endpoint: both move.
@@ -161,14 +167,25 @@ mod tests {
         );
         // Activity as new as the latest counts.
         assert_eq!(
-            fold(Some(&w), "a", &seen(Some(5_000), "198.51.100.7:4000", false)),
+            fold(
+                Some(&w),
+                "a",
+                &seen(Some(5_000), "198.51.100.7:4000", false)
+            ),
             Some(view(5_000, "198.51.100.7:4000", "a"))
         );
     }
 
     #[test]
     fn bad_or_missing_endpoints_are_never_kept() {
-        for bad in ["", "nonsense", "1.2.3.4:0", "0.0.0.0:51820", "[ff02::1]:1", "h:1"] {
+        for bad in [
+            "",
+            "nonsense",
+            "1.2.3.4:0",
+            "0.0.0.0:51820",
+            "[ff02::1]:1",
+            "h:1",
+        ] {
             assert_eq!(endpoint(bad), None, "{bad:?}");
             let w = fold(None, "a", &seen(Some(1_000), bad, true)).unwrap();
             assert_eq!(w.endpoint, None, "{bad:?}");
@@ -183,7 +200,10 @@ mod tests {
 
     #[test]
     fn no_activity_and_no_move_changes_nothing() {
-        assert_eq!(fold(None, "a", &seen(None, "198.51.100.7:4000", false)), None);
+        assert_eq!(
+            fold(None, "a", &seen(None, "198.51.100.7:4000", false)),
+            None
+        );
         assert_eq!(fold(None, "a", &seen(Some(0), "", true)), None);
         // A never-seen peer whose endpoint moved on a gateway (set there): kept.
         assert_eq!(

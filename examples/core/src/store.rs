@@ -577,7 +577,11 @@ impl Store {
 
     /// The location's view of where each peer of `snapshot` is (latest activity and
     /// endpoint), in the snapshot's order; peers with no view are left out.
-    pub fn whereabouts(&self, location: u64, snapshot: &pb::Snapshot) -> Result<Vec<pb::ActivePeer>> {
+    pub fn whereabouts(
+        &self,
+        location: u64,
+        snapshot: &pb::Snapshot,
+    ) -> Result<Vec<pb::ActivePeer>> {
         let mut known = whereabouts::of_location(&self.conn, location)?;
         let peers = snapshot.location.iter().flat_map(|l| &l.peers);
         Ok(peers

@@ -67,7 +67,10 @@ pub(crate) fn init(conn: &Connection) -> Result<()> {
             }
         }
         if seeded > 0 {
-            tracing::info!(peers = seeded, "peer whereabouts derived from the stored stats");
+            tracing::info!(
+                peers = seeded,
+                "peer whereabouts derived from the stored stats"
+            );
         }
     }
     Ok(())
