@@ -176,7 +176,7 @@ impl Session {
         }
         // Protocol rule 8: then where the clients are, so a standby that (re)connects can
         // take over without waiting for the next stats.
-        if self.snapshot(Whereabouts::Send).await?.is_none() {
+        if self.snapshot(Then::Whereabouts).await?.is_none() {
             return Ok(Closed);
         }
 
@@ -198,7 +198,7 @@ impl Session {
                     if snapshot_due.is_some() =>
                 {
                     if throttle.due(Instant::now())
-                        && self.snapshot(Whereabouts::Skip).await?.is_none()
+                        && self.snapshot(Then::Nothing).await?.is_none()
                     {
                         return Ok(Closed);
                     }
@@ -252,7 +252,7 @@ impl Session {
                             // Relays may be among the missed: the whereabouts follow again.
                             tracing::warn!(location = self.location, gateway_id = %self.gateway_id,
                                 missed = n, "gateway fell behind the broadcast: sending a snapshot");
-                            self.snapshot(Whereabouts::Send).await?
+                            self.snapshot(Then::Whereabouts).await?
                         }
                         Err(broadcast::error::RecvError::Closed) => None,
                     };
@@ -387,7 +387,7 @@ impl Session {
                 if throttle.request(Instant::now()) {
                     tracing::info!(location, gateway_id = %self.gateway_id,
                         held = req.held_revision, %reason, "snapshot requested");
-                    self.snapshot(Whereabouts::Skip).await
+                    self.snapshot(Then::Nothing).await
                 } else {
                     // Coalesced: the snapshot sent at the throttle's deadline answers it.
                     tracing::debug!(location, gateway_id = %self.gateway_id,
@@ -424,17 +424,17 @@ impl Session {
         Ok(up_to_seq)
     }
 
-    /// Builds and sends a snapshot, then (with `Whereabouts::Send`) the location's view of
+    /// Builds and sends a snapshot, then (with `Then::Whereabouts`) the location's view of
     /// where its peers are, in bounded pieces. `None`: the gateway is gone.
-    async fn snapshot(&mut self, whereabouts: Whereabouts) -> Result<Option<()>, Status> {
+    async fn snapshot(&mut self, then: Then) -> Result<Option<()>, Status> {
         let location = self.location;
         let (snap, seen) = self
             .shared
             .read(move |s| {
                 let snap = s.snapshot(location)?;
-                let seen = match whereabouts {
-                    Whereabouts::Send => s.whereabouts(location, &snap)?,
-                    Whereabouts::Skip => Vec::new(),
+                let seen = match then {
+                    Then::Whereabouts => s.whereabouts(location, &snap)?,
+                    Then::Nothing => Vec::new(),
                 };
                 Ok((snap, seen))
             })
@@ -465,11 +465,12 @@ impl Session {
     }
 }
 
-/// Whether a snapshot is followed by the location's peer whereabouts (protocol rule 8).
+/// What follows a snapshot: the location's whereabouts of its peers (protocol rule 8:
+/// on a new stream, and after a stream fell behind and may have missed relays) or nothing.
 #[derive(Clone, Copy, Debug)]
-enum Whereabouts {
-    Send,
-    Skip,
+enum Then {
+    Whereabouts,
+    Nothing,
 }
 
 /// Most events stored in one transaction (and acknowledged by one `EventAck`).

@@ -151,3 +151,68 @@ pub(crate) fn of_location(
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The columns of `peers` and `stats` this table reads.
+    fn older_database() -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE peers (id INTEGER PRIMARY KEY, location_id INTEGER NOT NULL,
+                 public_key BLOB NOT NULL);
+             CREATE TABLE stats (location_id INTEGER NOT NULL, gateway_id TEXT NOT NULL,
+                 peer_id INTEGER NOT NULL, public_key BLOB NOT NULL, endpoint TEXT NOT NULL,
+                 updated_at INTEGER NOT NULL, last_active INTEGER NOT NULL DEFAULT 0);
+             INSERT INTO peers VALUES (1, 7, x'01'), (2, 7, x'02'), (3, 7, x'03');
+             INSERT INTO stats VALUES
+                 (7, 'gw-a', 1, x'01', '198.51.100.7:4000', 10, 1000),
+                 (7, 'gw-b', 1, x'01', '203.0.113.9:5000', 20, 2000),
+                 (7, 'gw-a', 2, x'02', 'garbage', 10, 500),
+                 (7, 'gw-a', 3, x'03', '198.51.100.8:1', 10, 0);",
+        )
+        .unwrap();
+        conn
+    }
+
+    #[test]
+    fn an_older_database_is_seeded_from_its_stats_once() {
+        let conn = older_database();
+        init(&conn).unwrap();
+        let known = of_location(&conn, 7).unwrap();
+        // The latest activity wins, with the endpoint of the gateway that saw it.
+        assert_eq!(
+            known[&vec![1u8]],
+            Whereabouts {
+                last_active_ms: 2000,
+                endpoint: relay::endpoint("203.0.113.9:5000"),
+                gateway_id: "gw-b".into(),
+            }
+        );
+        // An unparsable stored endpoint is dropped; never-active peers have no view.
+        assert_eq!(known[&vec![2u8]].endpoint, None);
+        assert_eq!(known[&vec![2u8]].last_active_ms, 500);
+        assert!(!known.contains_key(&vec![3u8]));
+        // A second start does not seed again over what was stored since.
+        let moved = Whereabouts {
+            last_active_ms: 3000,
+            endpoint: relay::endpoint("[2001:db8::1]:6000"),
+            gateway_id: "gw-a".into(),
+        };
+        put(&conn, 7, 1, &[1], &moved, 30).unwrap();
+        init(&conn).unwrap();
+        assert_eq!(get(&conn, 7, 1, &[1]).unwrap(), Some(moved));
+    }
+
+    #[test]
+    fn a_peer_whose_key_changed_has_no_view() {
+        let conn = older_database();
+        init(&conn).unwrap();
+        conn.execute("UPDATE peers SET public_key = x'09' WHERE id = 1", [])
+            .unwrap();
+        assert!(!of_location(&conn, 7).unwrap().contains_key(&vec![9u8]));
+        assert!(!of_location(&conn, 7).unwrap().contains_key(&vec![1u8]));
+        assert_eq!(get(&conn, 7, 1, &[9]).unwrap(), None);
+    }
+}
