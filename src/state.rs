@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zeroize::Zeroize;
 
-pub use persisted::{first_event_seq, PendingEvent, PersistedState};
+pub use persisted::{first_event_seq, HaPersisted, PendingEvent, PersistedState};
 
 /// The state file's name in the state directory.
 pub const STATE_FILE: &str = "state.json";

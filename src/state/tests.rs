@@ -53,6 +53,20 @@ fn sample_state(id: &str) -> PersistedState {
         core_last_contact_unix_ms: Some(1_700_000_000_000),
         offline_ms: Some(42_000),
         saved_unix_ms: Some(1_700_000_100_000),
+        ha: ha_sample(wall),
+    }
+}
+
+fn ha_sample(wall: SystemTime) -> crate::state::HaPersisted {
+    let mut activity = crate::ha::activity::ActivityBook::new();
+    activity.relayed(
+        Key([1; 32]),
+        wall,
+        Some("198.51.100.7:40000".parse().unwrap()),
+    );
+    crate::state::HaPersisted {
+        draining: true,
+        activity,
     }
 }
 
