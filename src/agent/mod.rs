@@ -291,7 +291,7 @@ impl Agent {
                 %reason,
                 "state file unreadable: moved aside, starting from the Core"
             ),
-            LoadOutcome::Loaded(state) => agent.restore(state),
+            LoadOutcome::Loaded(state) => agent.restore(*state),
         }
         agent
     }

@@ -100,7 +100,7 @@ fn fresh_then_round_trip() {
     let (store, outcome) = StateStore::open(&dir).unwrap();
     assert_eq!(store.gateway_id(), id);
     match outcome {
-        LoadOutcome::Loaded(loaded) => assert_eq!(loaded, newer),
+        LoadOutcome::Loaded(loaded) => assert_eq!(*loaded, newer),
         other => panic!("expected Loaded, got {other:?}"),
     }
     let text = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
@@ -218,7 +218,7 @@ fn leftover_temp_file_is_ignored_and_removed() {
     fs::write(&leftover, "{\"version\":1,\"gatew").unwrap();
 
     let (_, outcome) = StateStore::open(tmp.path()).unwrap();
-    assert!(matches!(outcome, LoadOutcome::Loaded(ref s) if *s == sample_state(&id)));
+    assert!(matches!(outcome, LoadOutcome::Loaded(ref s) if **s == sample_state(&id)));
     assert!(!leftover.exists());
 }
 
