@@ -174,8 +174,13 @@ async fn agent_with_http(url: &str, dir: &std::path::Path) -> (Agent, String) {
 }
 
 async fn start(s: gatehouse::agent::Settings) -> (Agent, String) {
+    start_on(s, MemoryBackend::new("wgtest0")).await
+}
+
+/// Starts on `backend` (a clone of a stopped agent's backend: the interface stayed).
+async fn start_on(s: gatehouse::agent::Settings, backend: MemoryBackend) -> (Agent, String) {
     let base = format!("http://{}", s.http_listen.unwrap());
-    let agent = Agent::start_with(s, MemoryBackend::new("wgtest0")).await;
+    let agent = Agent::start_with(s, backend).await;
     eventually("the HTTP server answers", || async {
         reqwest::get(format!("{base}/healthz")).await.is_ok()
     })
@@ -435,6 +440,55 @@ async fn relayed_endpoints_survive_a_restart() {
     assert_eq!(
         kicked(&agent.backend.kicks()),
         BTreeMap::from([(key(1), (ep("[2001:db8::1]:3333"), false))])
+    );
+    agent.stop().await.unwrap();
+}
+
+/// The role is kept across restarts: an agent restarted while active is still active and
+/// sends no new round (a restart re-creates no peer: no churn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_gateway_restarted_stays_active_without_a_new_round() {
+    let (core, url) = RelayCore::start(vec![proto_peer(0, ""), proto_peer(1, "")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings_with_http(&url, "token", dir.path());
+    let (agent, base) = start(s.clone()).await;
+    agent.applied(1).await;
+    let now = SystemTime::now();
+    agent.backend.modify(|o| {
+        let p = o.device.peers.get_mut(&key(0)).unwrap();
+        p.last_handshake = Some(now - Duration::from_secs(5));
+        p.config.endpoint = Some(ep("198.51.100.9:9999"));
+    });
+    core.relay(&[(1, now, "198.51.100.1:1111")]).await;
+    eventually("relayed endpoint", || async {
+        agent.status().ha.relayed_endpoints == 2
+    })
+    .await;
+    post(&base, Command::Activate).await;
+    eventually("two kicks", || async { agent.backend.kicks().len() == 2 }).await;
+    let backend = agent.backend.clone();
+    agent.stop().await.unwrap();
+    // The kicked peer had a handshake again before the restart.
+    backend.modify(|o| {
+        o.device.peers.get_mut(&key(0)).unwrap().last_handshake = Some(SystemTime::now());
+    });
+    backend.clear_log();
+
+    let (agent, _) = start_on(s, backend).await;
+    eventually("restored", || async {
+        agent.status().applied_revision == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = agent.status();
+    assert_eq!(st.ha.role, Role::Active);
+    assert!(st.ha.active_since_unix_ms.is_some());
+    assert_eq!(st.ha.takeovers, 0);
+    assert_eq!(agent.backend.kicks().len(), 2, "no new round");
+    assert!(
+        agent.backend.applied_ops().is_empty(),
+        "{:?}",
+        agent.backend.applied_ops()
     );
     agent.stop().await.unwrap();
 }

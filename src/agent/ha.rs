@@ -22,6 +22,7 @@ use crate::ha::source::SourceRoutes;
 use crate::ha::takeover::{plan_takeover, Pacer, TakeoverInput};
 use crate::ha::{addrwatch, Answer, Command, HaSettings, HaStatus, Request, Role, TakeoverStatus};
 use crate::model::Key;
+use crate::state::codec::from_unix_ms;
 use crate::state::HaPersisted;
 
 /// How long the address watcher waits before it starts again after a failure.
@@ -49,6 +50,9 @@ pub(super) struct HaState {
     kicks: u64,
     failures: u64,
     last_error: Option<String>,
+    /// Peers were re-created in the running round: the state file gets their new counter
+    /// epochs when the round ends (one write, not one per batch).
+    epochs_unsaved: bool,
 }
 
 impl HaState {
@@ -65,11 +69,20 @@ impl HaState {
             kicks: 0,
             failures: 0,
             last_error: None,
+            epochs_unsaved: false,
         }
     }
 
     pub(super) fn restore(&mut self, persisted: HaPersisted) {
-        self.role.set_draining(persisted.draining);
+        self.role = RoleState::resume(
+            persisted.draining,
+            persisted.vips_present.into_iter().collect(),
+            persisted.operator,
+        );
+        if self.role.role() == Role::Active {
+            self.active_since = persisted.active_since_unix_ms.map(from_unix_ms);
+            info!("active before the restart: still active, no takeover round");
+        }
         self.book = persisted.activity;
         if persisted.draining {
             info!("draining (kept from before the restart; `gatehouse undrain` ends it)");
@@ -80,6 +93,9 @@ impl HaState {
         HaPersisted {
             draining: self.role.draining(),
             activity: self.book.clone(),
+            vips_present: self.role.vips_present().iter().copied().collect(),
+            operator: self.role.operator(),
+            active_since_unix_ms: self.active_since.map(unix_ms),
         }
     }
 
@@ -192,8 +208,13 @@ impl Agent {
     }
 
     fn ha_input(&mut self, input: RoleInput) {
+        let before = self.ha.role.clone();
         if let Some(transition) = self.ha.role.handle(input) {
             self.on_transition(transition);
+        }
+        if self.ha.role != before {
+            // The role's inputs are kept across restarts.
+            self.save_state();
         }
     }
 
@@ -207,6 +228,9 @@ impl Agent {
             }
             Role::Standby => {
                 self.ha.active_since = None;
+                if std::mem::take(&mut self.ha.epochs_unsaved) {
+                    self.save_state();
+                }
                 // The rest of a round is not sent: another gateway carries the clients now.
                 if let Some(left) = self.ha.round.take().map(|r| r.remaining()) {
                     if left > 0 {
@@ -301,14 +325,21 @@ impl Agent {
         if self.ha.next_kick().is_none() {
             self.ha.round = None;
         }
-        // A peer removed since the round was planned is not kicked (nor re-created).
-        let held: BTreeSet<Key> = self
-            .effective_desired()
-            .map(|d| d.peers.into_keys().collect())
-            .unwrap_or_default();
+        self.kick(batch);
+        if self.ha.round.is_none() && std::mem::take(&mut self.ha.epochs_unsaved) {
+            self.save_state();
+        }
+    }
+
+    fn kick(&mut self, batch: Vec<crate::backend::Kick>) {
+        // A peer no longer held is not kicked (and the backend skips, never re-adds, a
+        // peer that is not on the interface, e.g. one removed for MFA inactivity).
+        let Some(held) = self.held.as_ref().filter(|_| !self.offline_removed) else {
+            return;
+        };
         let batch: Vec<_> = batch
             .into_iter()
-            .filter(|k| held.contains(&k.peer.public_key))
+            .filter(|k| held.valid.desired.peers.contains_key(&k.peer.public_key))
             .collect();
         if batch.is_empty() {
             return;
@@ -333,9 +364,7 @@ impl Agent {
                     recreated = recreated.len(),
                     "HA: handshakes initiated"
                 );
-                if !recreated.is_empty() {
-                    self.save_state();
-                }
+                self.ha.epochs_unsaved |= !recreated.is_empty();
             }
             Err(e) => self
                 .ha

@@ -10,6 +10,9 @@
 //! - Each transition to active starts one takeover round; activating an active gateway is
 //!   no transition.
 //! - Drain is orthogonal to the role: a draining gateway keeps its role and every peer.
+//! - The inputs are kept across restarts ([`RoleState::resume`]): an agent restarted while
+//!   its floating address stays is still active, with no new round (a restart causes no
+//!   peer churn); one that finds the address arrived while it was down takes over.
 //!
 //! Pure: inputs in, the transition out; the caller measures time and acts.
 
@@ -38,7 +41,8 @@ impl fmt::Display for Role {
 }
 
 /// What the operator (or a keepalived notify script) said last.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Operator {
     Activate,
     Deactivate,
@@ -74,6 +78,24 @@ impl RoleState {
             draining,
             ..Default::default()
         }
+    }
+
+    /// The state a previous run left (see the module doc).
+    pub fn resume(
+        draining: bool,
+        vips_present: BTreeSet<IpAddr>,
+        operator: Option<Operator>,
+    ) -> Self {
+        RoleState {
+            vips_present,
+            operator,
+            draining,
+        }
+    }
+
+    /// What the operator said last, while it still holds.
+    pub fn operator(&self) -> Option<Operator> {
+        self.operator
     }
 
     pub fn role(&self) -> Role {
@@ -183,6 +205,21 @@ mod tests {
         let t = r.handle(vips(&[])).unwrap();
         assert_eq!(t.to, Role::Standby);
         assert!(t.reason.contains("no floating address"), "{}", t.reason);
+    }
+
+    #[test]
+    fn a_resumed_state_takes_over_only_when_the_address_arrived_meanwhile() {
+        let here: BTreeSet<IpAddr> = ["192.0.2.10".parse().unwrap()].into();
+        // Active before the restart, the address still here: no transition, no round.
+        let mut r = RoleState::resume(false, here.clone(), None);
+        assert_eq!(r.role(), Role::Active);
+        assert_eq!(to(r.handle(vips(&["192.0.2.10"]))), None);
+        // Standby before, the address here now: a takeover.
+        let mut r = RoleState::resume(false, BTreeSet::new(), None);
+        assert_eq!(to(r.handle(vips(&["192.0.2.10"]))), Some(Role::Active));
+        // Activated by the operator before: still active, and the word still holds.
+        let r = RoleState::resume(true, BTreeSet::new(), Some(Operator::Activate));
+        assert_eq!((r.role(), r.draining()), (Role::Active, true));
     }
 
     #[test]

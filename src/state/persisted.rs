@@ -50,6 +50,11 @@ pub struct PersistedState {
 pub struct HaPersisted {
     pub draining: bool,
     pub activity: ActivityBook,
+    /// The role's inputs at the last save: the floating addresses present, what the
+    /// operator said last, and since when the gateway is active.
+    pub vips_present: Vec<std::net::IpAddr>,
+    pub operator: Option<crate::ha::role::Operator>,
+    pub active_since_unix_ms: Option<i64>,
 }
 
 impl PersistedState {

@@ -67,6 +67,12 @@ fn ha_sample(wall: SystemTime) -> crate::state::HaPersisted {
     crate::state::HaPersisted {
         draining: true,
         activity,
+        vips_present: vec![
+            "192.0.2.10".parse().unwrap(),
+            "2001:db8::10".parse().unwrap(),
+        ],
+        operator: Some(crate::ha::role::Operator::Deactivate),
+        active_since_unix_ms: Some(1_700_000_000_000),
     }
 }
 
