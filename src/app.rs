@@ -419,3 +419,36 @@ fn hostname() -> String {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ha::{Role, TakeoverStatus};
+
+    #[test]
+    fn status_prints_the_role_and_drain_line() {
+        let mut s = Status::default();
+        assert!(
+            render_status(&s).contains("ha         standby, not draining\n"),
+            "{}",
+            render_status(&s)
+        );
+        s.ha.role = Role::Active;
+        s.ha.draining = true;
+        s.ha.vips_present = vec!["192.0.2.10".parse().unwrap()];
+        s.ha.last_takeover = Some(TakeoverStatus {
+            at_unix_ms: 1_700_000_000_000,
+            reason: "floating address present: 192.0.2.10".into(),
+            kicked: 3,
+            planned: 4,
+            recreated: 1,
+            skipped_no_endpoint: 2,
+            source_routes: 3,
+        });
+        let text = render_status(&s);
+        assert!(
+            text.contains("ha         active, DRAINING (/readyz 503), floating address 192.0.2.10; last takeover 2023-11-14T22:13:20Z (floating address present: 192.0.2.10): 3/4 handshakes, 1 re-created, 2 without endpoint, 3 source routes\n"),
+            "{text}"
+        );
+    }
+}
