@@ -85,6 +85,10 @@ impl GatewayService for RelayCore {
 
 impl RelayCore {
     async fn start(peers: Vec<v1::Peer>) -> (RelayCore, String) {
+        Self::start_with(peers, None).await
+    }
+
+    async fn start_with(peers: Vec<v1::Peer>, mfa: Option<v1::MfaSettings>) -> (RelayCore, String) {
         let core = RelayCore {
             location: v1::Location {
                 id: 1,
@@ -98,7 +102,7 @@ impl RelayCore {
                 }),
                 peers,
                 firewall: None,
-                mfa: None,
+                mfa,
             },
             ..Default::default()
         };
@@ -490,5 +494,59 @@ async fn an_active_gateway_restarted_stays_active_without_a_new_round() {
         "{:?}",
         agent.backend.applied_ops()
     );
+    agent.stop().await.unwrap();
+}
+
+/// A peer re-created on takeover keeps its MFA timer: the re-creation is no sign of life
+/// (nor a restart of the timer), and the inactivity event still names its last real
+/// handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_created_peer_keeps_its_mfa_timer() {
+    let mut peer = proto_peer(0, "");
+    peer.mfa_session = 7;
+    let mfa = v1::MfaSettings {
+        enabled: true,
+        disconnect_threshold_secs: 2,
+    };
+    let (core, url) = RelayCore::start_with(vec![peer], Some(mfa)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, base) = agent_with_http(&url, dir.path()).await;
+    agent.applied(1).await;
+    let handshake = SystemTime::now();
+    agent.backend.modify(|o| {
+        let p = o.device.peers.get_mut(&key(0)).unwrap();
+        p.last_handshake = Some(handshake);
+        p.config.endpoint = Some(ep("198.51.100.9:9999"));
+        p.rx_bytes = 100;
+    });
+    eventually("the handshake seen", || async {
+        agent.status().ha.relayed_endpoints == 1
+    })
+    .await;
+    post(&base, Command::Activate).await;
+    eventually("re-created", || async {
+        agent.backend.kicks().first().is_some_and(|k| k.recreate)
+    })
+    .await;
+    eventually("removed for MFA inactivity", || async {
+        !agent.backend.state().device.peers.contains_key(&key(0))
+    })
+    .await;
+    let event = || {
+        core.received
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|m| match &m.kind {
+                Some(gateway_message::Kind::PeerEvent(e)) => Some(e.clone()),
+                _ => None,
+            })
+    };
+    eventually("the inactivity event at the Core", || async {
+        event().is_some()
+    })
+    .await;
+    let event = event().unwrap();
+    assert_eq!(event.last_handshake_ms, unix_ms(handshake), "{event:?}");
     agent.stop().await.unwrap();
 }
