@@ -550,3 +550,67 @@ async fn a_re_created_peer_keeps_its_mfa_timer() {
     assert_eq!(event.last_handshake_ms, unix_ms(handshake), "{event:?}");
     agent.stop().await.unwrap();
 }
+
+/// The floating addresses present drive the role through the event loop: one round when
+/// one appears, none for a second one, standby when they go; `deactivate` holds until the
+/// address next appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floating_address_reports_drive_the_role() {
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+    let (core, url) = RelayCore::start(vec![proto_peer(0, ""), proto_peer(1, "")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // No `[ha] vip` configured: no rtnetlink watcher and no source routes on this host;
+    // the test reports the addresses itself.
+    let s = settings_with_http(&url, "token", dir.path());
+    let base = format!("http://{}", s.http_listen.unwrap());
+    let backend = MemoryBackend::new("wgtest0");
+    let (status_tx, status) = tokio::sync::watch::channel(Default::default());
+    let (vips, vip_reports) = mpsc::channel::<BTreeSet<IpAddr>>(4);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(gatehouse::agent::run_with_vip_reports(
+        s,
+        Box::new(backend.clone()),
+        async move {
+            let _ = stopped.await;
+        },
+        status_tx,
+        Some(vip_reports),
+    ));
+    let ha = || status.borrow().ha.clone();
+    eventually("applied", || async {
+        status.borrow().applied_revision == 1
+    })
+    .await;
+    core.relay(&[(1, SystemTime::now(), "198.51.100.1:1111")])
+        .await;
+    eventually("relayed", || async { ha().relayed_endpoints == 1 }).await;
+    let set =
+        |list: &[&str]| -> BTreeSet<IpAddr> { list.iter().map(|a| a.parse().unwrap()).collect() };
+
+    vips.send(set(&["192.0.2.10"])).await.unwrap();
+    eventually("active", || async { ha().role == Role::Active }).await;
+    eventually("one kick", || async { backend.kicks().len() == 1 }).await;
+    assert_eq!(backend.kicks()[0].endpoint, ep("198.51.100.1:1111"));
+    vips.send(set(&["192.0.2.10", "2001:db8::10"]))
+        .await
+        .unwrap();
+    eventually("both present", || async { ha().vips_present.len() == 2 }).await;
+    assert_eq!((ha().takeovers, backend.kicks().len()), (1, 1));
+
+    // Deactivated while the address is here: standby until it comes back.
+    assert_eq!(post(&base, Command::Deactivate).await.role, Role::Standby);
+    vips.send(set(&[])).await.unwrap();
+    eventually("gone", || async { ha().vips_present.is_empty() }).await;
+    assert_eq!(ha().role, Role::Standby);
+    assert_eq!(ha().active_since_unix_ms, None);
+    vips.send(set(&["192.0.2.10"])).await.unwrap();
+    eventually("active again", || async { ha().role == Role::Active }).await;
+    eventually("a second round", || async { backend.kicks().len() == 2 }).await;
+    assert_eq!(ha().takeovers, 2);
+    vips.send(set(&[])).await.unwrap();
+    eventually("standby", || async { ha().role == Role::Standby }).await;
+
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

@@ -174,6 +174,25 @@ pub(super) async fn watch_vips(
     }
 }
 
+/// Forwards reports of the floating addresses present made by someone else (see
+/// [`super::run_with_vip_reports`]) until `stop` or either side is gone.
+pub(super) async fn forward_vips(
+    mut reports: mpsc::Receiver<BTreeSet<IpAddr>>,
+    tx: mpsc::Sender<VipEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let set = tokio::select! {
+            set = reports.recv() => set,
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(set) = set else { return };
+        if tx.send(VipEvent::Present(set)).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Agent {
     /// An operator's command (HTTP or `gatehouse drain|undrain|activate|deactivate`).
     pub(super) fn on_ha_request(&mut self, request: Request) {

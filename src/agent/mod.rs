@@ -15,9 +15,9 @@ pub mod status;
 pub mod steps;
 pub mod timers;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -93,6 +93,18 @@ pub async fn run_with_status(
     shutdown: impl Future<Output = ()> + Send,
     status_tx: watch::Sender<Status>,
 ) -> anyhow::Result<()> {
+    run_with_vip_reports(settings, backend, shutdown, status_tx, None).await
+}
+
+/// [`run_with_status`], the floating addresses present reported by `vip_reports` instead
+/// of the rtnetlink watcher when given (tests, embedders with a watcher of their own).
+pub async fn run_with_vip_reports(
+    settings: Settings,
+    backend: Box<dyn Backend>,
+    shutdown: impl Future<Output = ()> + Send,
+    status_tx: watch::Sender<Status>,
+    vip_reports: Option<mpsc::Receiver<BTreeSet<IpAddr>>>,
+) -> anyhow::Result<()> {
     let (store, outcome) = StateStore::open(&settings.state_dir)
         .with_context(|| format!("state_dir {}", settings.state_dir.display()))?;
     let http_listener = match settings.http_listen {
@@ -130,8 +142,16 @@ pub async fn run_with_status(
     });
     // The floating addresses are watched only when some are configured.
     let vips = agent.settings.ha.vips.clone();
-    let watcher =
-        (!vips.is_empty()).then(|| tokio::spawn(ha::watch_vips(vips, vip_tx, stop_rx.clone())));
+    let watcher = match vip_reports {
+        Some(reports) => Some(tokio::spawn(ha::forward_vips(
+            reports,
+            vip_tx,
+            stop_rx.clone(),
+        ))),
+        None => {
+            (!vips.is_empty()).then(|| tokio::spawn(ha::watch_vips(vips, vip_tx, stop_rx.clone())))
+        }
+    };
 
     let inputs = Inputs {
         core: core_rx,
