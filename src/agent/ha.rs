@@ -35,8 +35,7 @@ pub(super) enum VipEvent {
     WatchFailed(String),
 }
 
-/// The loop's HA state.
-#[derive(Debug)]
+/// The loop's HA state (not `Debug`: the agreed `SourceRoutes` interface does not promise it).
 pub(super) struct HaState {
     settings: HaSettings,
     role: RoleState,
