@@ -1,6 +1,6 @@
 //! Wiring: turns a validated [`Config`] into the agent's [`Settings`] and backend, sets up
-//! logging and signals, and implements the `status` and `diff` commands (HTTP clients of a
-//! running agent). `main.rs` only parses the command line and calls in here.
+//! logging and signals, and implements the `status`, `diff` and HA commands (`drain`,
+//! `undrain`, `activate`, `deactivate`): HTTP clients of a running agent. `main.rs` only parses the command line and calls in here.
 
 use std::time::Duration;
 
@@ -66,6 +66,12 @@ pub fn settings(config: &Config) -> anyhow::Result<Settings> {
             // The in-memory backend has no kernel interface to filter.
             enabled: config.firewall.enabled && config.gateway.backend != BackendKind::Memory,
             masquerade: config.firewall.masquerade,
+        },
+        ha: crate::ha::HaSettings {
+            vips: config.ha.vip.clone(),
+            takeover_window: config.ha.takeover_window,
+            takeover_rate: config.ha.takeover_rate,
+            route_table: config.ha.route_table,
         },
     })
 }
@@ -197,6 +203,56 @@ pub async fn diff(base: &str) -> i32 {
     }
 }
 
+/// `gatehouse drain|undrain|activate|deactivate`: asks the running agent (`POST`) and
+/// prints its one-line answer; exit 0 when it did, 1 when it refused, 3 when it cannot
+/// be reached.
+pub async fn ha_command(base: &str, command: crate::ha::Command) -> i32 {
+    let url = format!("{}/{}", base.trim_end_matches('/'), command.name());
+    let sent = async {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()?
+            .post(&url)
+            .send()
+            .await
+    };
+    let response = match sent.await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot reach the agent at {url}: {e}");
+            return 3;
+        }
+    };
+    let code = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if !code.is_success() {
+        eprintln!("error: {url} answered {code}: {}", body.trim());
+        return 1;
+    }
+    match serde_json::from_str::<crate::ha::Answer>(&body) {
+        Ok(a) => {
+            println!("{}: {}", command.name(), render_ha_line(a.role, a.draining));
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {url}: unexpected answer ({e}): {}", body.trim());
+            1
+        }
+    }
+}
+
+/// The role/draining line of `gatehouse status` and the HA commands.
+fn render_ha_line(role: crate::ha::Role, draining: bool) -> String {
+    format!(
+        "{role}, {}",
+        if draining {
+            "DRAINING (/readyz 503)"
+        } else {
+            "not draining"
+        }
+    )
+}
+
 async fn fetch<T: serde::de::DeserializeOwned>(url: &str) -> anyhow::Result<T> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -252,6 +308,28 @@ pub fn render_status(s: &Status) -> String {
         )
     };
     let _ = writeln!(out, "core       {core}");
+    let ha = &s.ha;
+    let mut ha_line = render_ha_line(ha.role, ha.draining);
+    if !ha.vips_present.is_empty() {
+        let vips: Vec<String> = ha.vips_present.iter().map(|v| v.to_string()).collect();
+        ha_line.push_str(&format!(", floating address {}", vips.join(" ")));
+    }
+    if let Some(t) = &ha.last_takeover {
+        ha_line.push_str(&format!(
+            "; last takeover {} ({}): {}/{} handshakes, {} re-created, {} without endpoint, {} source routes",
+            since(Some(t.at_unix_ms)),
+            t.reason,
+            t.kicked,
+            t.planned,
+            t.recreated,
+            t.skipped_no_endpoint,
+            t.source_routes
+        ));
+    }
+    if let Some(e) = &ha.last_error {
+        ha_line.push_str(&format!("; {} failures, last: {e}", ha.failures));
+    }
+    let _ = writeln!(out, "ha         {ha_line}");
     let _ = writeln!(
         out,
         "revision   held {}, applied {}",
@@ -340,4 +418,37 @@ fn hostname() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ha::{Role, TakeoverStatus};
+
+    #[test]
+    fn status_prints_the_role_and_drain_line() {
+        let mut s = Status::default();
+        assert!(
+            render_status(&s).contains("ha         standby, not draining\n"),
+            "{}",
+            render_status(&s)
+        );
+        s.ha.role = Role::Active;
+        s.ha.draining = true;
+        s.ha.vips_present = vec!["192.0.2.10".parse().unwrap()];
+        s.ha.last_takeover = Some(TakeoverStatus {
+            at_unix_ms: 1_700_000_000_000,
+            reason: "floating address present: 192.0.2.10".into(),
+            kicked: 3,
+            planned: 4,
+            recreated: 1,
+            skipped_no_endpoint: 2,
+            source_routes: 3,
+        });
+        let text = render_status(&s);
+        assert!(
+            text.contains("ha         active, DRAINING (/readyz 503), floating address 192.0.2.10; last takeover 2023-11-14T22:13:20Z (floating address present: 192.0.2.10): 3/4 handshakes, 1 re-created, 2 without endpoint, 3 source routes\n"),
+            "{text}"
+        );
+    }
 }

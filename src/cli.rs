@@ -1,5 +1,5 @@
-//! The command line: `gatehouse [run] | check-config | status | diff`, `--version`, and the
-//! flags that override configuration keys.
+//! The command line: `gatehouse [run] | check-config | status | diff | drain | undrain |
+//! activate | deactivate`, `--version`, and the flags that override configuration keys.
 //!
 //! Configuration flags are global: `gatehouse --interface wg1 run` and
 //! `gatehouse run --interface wg1` mean the same, and `run` is the default command.
@@ -38,9 +38,46 @@ pub enum Command {
     Status(AgentArgs),
     /// Show differences between the desired state and the kernel in the running agent.
     Diff(AgentArgs),
+    /// Take the running agent out of service: /readyz answers 503, every peer stays (kept
+    /// across restarts until `undrain`).
+    Drain(AgentArgs),
+    /// End a drain.
+    Undrain(AgentArgs),
+    /// Make the running agent active and initiate the handshake towards recently active
+    /// clients (e.g. from a keepalived notify script).
+    Activate(AgentArgs),
+    /// End the active role (until the floating address next appears here).
+    Deactivate(AgentArgs),
 }
 
-/// How `status` and `diff` reach the running agent.
+impl Command {
+    /// How an agent command reaches the running agent; None for `run` and `check-config`.
+    pub fn agent_args(&self) -> Option<&AgentArgs> {
+        match self {
+            Command::Status(a)
+            | Command::Diff(a)
+            | Command::Drain(a)
+            | Command::Undrain(a)
+            | Command::Activate(a)
+            | Command::Deactivate(a) => Some(a),
+            Command::Run | Command::CheckConfig => None,
+        }
+    }
+
+    /// The HA command this is, if any.
+    pub fn ha_command(&self) -> Option<crate::ha::Command> {
+        use crate::ha::Command as Ha;
+        match self {
+            Command::Drain(_) => Some(Ha::Drain),
+            Command::Undrain(_) => Some(Ha::Undrain),
+            Command::Activate(_) => Some(Ha::Activate),
+            Command::Deactivate(_) => Some(Ha::Deactivate),
+            _ => None,
+        }
+    }
+}
+
+/// How `status`, `diff` and the HA commands reach the running agent.
 #[derive(Clone, Debug, PartialEq, Eq, Args)]
 pub struct AgentArgs {
     /// Base URL of the agent's HTTP server (default: from `http.listen` of the configuration).
@@ -195,6 +232,26 @@ mod tests {
             parse(&["diff"]).action(),
             Command::Diff(AgentArgs { http: None })
         );
+    }
+
+    #[test]
+    fn ha_commands_take_an_http_url_and_the_config() {
+        use crate::ha::Command as Ha;
+        for (word, want) in [
+            ("drain", Ha::Drain),
+            ("undrain", Ha::Undrain),
+            ("activate", Ha::Activate),
+            ("deactivate", Ha::Deactivate),
+        ] {
+            let cli = parse(&[word, "--http", "http://127.0.0.1:1", "-c", "/x.toml"]);
+            assert_eq!(cli.action().ha_command(), Some(want), "{word}");
+            assert_eq!(
+                cli.action().agent_args().unwrap().http.as_deref(),
+                Some("http://127.0.0.1:1")
+            );
+            assert!(cli.config.config.is_some());
+        }
+        assert_eq!(parse(&["status"]).action().ha_command(), None);
     }
 
     #[test]

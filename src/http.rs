@@ -3,9 +3,11 @@
 //! `/diff` (JSON, for `gatehouse status` and `gatehouse diff`). It reads the status and the
 //! diff the event loop publishes; it owns no state. No request makes the loop work more
 //! than once a second: `/diff` answers from the loop's last read and, when that read is
-//! older than a second, asks for one fresh read (requests in between share it). The
-//! control endpoints (`/status`, `/diff`) answer loopback clients only, whatever
-//! `http.listen` is (403 otherwise).
+//! older than a second, asks for one fresh read (requests in between share it). HA
+//! commands (`POST /drain`, `/undrain`, `/activate`, `/deactivate`) go to the event loop
+//! and answer its state after the command: `{"role": "...", "draining": bool}`. The
+//! control endpoints (`/status`, `/diff`, the HA commands) answer loopback clients only,
+//! whatever `http.listen` is (403 otherwise).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
@@ -13,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -24,12 +26,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::agent::status::{unix_ms, Status};
+use crate::ha;
 
 /// A diff older than this is refreshed on request (at most one interface read per period).
 pub const DIFF_MAX_AGE: Duration = Duration::from_secs(1);
 /// How long a `/diff` request waits for the fresh read it asked for before answering with
 /// the last one.
 const DIFF_WAIT: Duration = Duration::from_secs(2);
+/// How long an HA command waits for the event loop's answer.
+const COMMAND_WAIT: Duration = Duration::from_secs(10);
 
 /// The difference between the desired state and the interface, as `gatehouse diff` shows it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -67,6 +72,7 @@ pub struct DiffChannel {
 struct AppState {
     status: watch::Receiver<Status>,
     diff: DiffChannel,
+    ha: mpsc::Sender<ha::Request>,
 }
 
 /// Whether a client may use the control endpoints: loopback only (IPv4, IPv6, and IPv4
@@ -88,14 +94,22 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// The router, without its connection info (the server adds it; tests inject it).
-pub fn router(status: watch::Receiver<Status>, diff: DiffChannel) -> Router {
+pub fn router(
+    status: watch::Receiver<Status>,
+    diff: DiffChannel,
+    ha: mpsc::Sender<ha::Request>,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_json))
         .route("/diff", get(diff_json))
-        .with_state(AppState { status, diff })
+        .route("/drain", post(drain))
+        .route("/undrain", post(undrain))
+        .route("/activate", post(activate))
+        .route("/deactivate", post(deactivate))
+        .with_state(AppState { status, diff, ha })
 }
 
 /// Serves until `shutdown` becomes true.
@@ -103,9 +117,10 @@ pub async fn serve(
     listener: TcpListener,
     status: watch::Receiver<Status>,
     diff: DiffChannel,
+    ha: mpsc::Sender<ha::Request>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let app = router(status, diff);
+    let app = router(status, diff, ha);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -167,6 +182,57 @@ async fn diff_json(
     }
     let report = app.diff.report.borrow().clone();
     Json(report).into_response()
+}
+
+async fn drain(peer: ConnectInfo<SocketAddr>, app: State<AppState>) -> Response {
+    command(peer, app, ha::Command::Drain).await
+}
+
+async fn undrain(peer: ConnectInfo<SocketAddr>, app: State<AppState>) -> Response {
+    command(peer, app, ha::Command::Undrain).await
+}
+
+async fn activate(peer: ConnectInfo<SocketAddr>, app: State<AppState>) -> Response {
+    command(peer, app, ha::Command::Activate).await
+}
+
+async fn deactivate(peer: ConnectInfo<SocketAddr>, app: State<AppState>) -> Response {
+    command(peer, app, ha::Command::Deactivate).await
+}
+
+/// Hands an HA command to the event loop and answers its state after it; 503 when the
+/// loop does not answer in time.
+async fn command(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(app): State<AppState>,
+    command: ha::Command,
+) -> Response {
+    if !is_local_client(peer) {
+        return forbidden();
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let asked = app
+        .ha
+        .send_timeout(ha::Request { command, reply }, COMMAND_WAIT)
+        .await;
+    let answer = match asked {
+        Ok(()) => tokio::time::timeout(COMMAND_WAIT, answer).await,
+        Err(_) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the agent's event loop does not take commands\n",
+            )
+                .into_response()
+        }
+    };
+    match answer {
+        Ok(Ok(answer)) => Json(answer).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the agent's event loop did not answer {}\n", command.name()),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
@@ -301,6 +367,42 @@ pub fn render_metrics(s: &Status) -> Result<String, std::fmt::Error> {
     );
     gauge(
         &mut registry,
+        "ha_active",
+        "1 while this gateway is active (a floating address here, or activated)",
+        (s.ha.role == ha::Role::Active) as i64,
+    );
+    gauge(
+        &mut registry,
+        "ha_draining",
+        "1 while this gateway is drained (/readyz answers 503)",
+        s.ha.draining as i64,
+    );
+    counter(
+        &mut registry,
+        "ha_takeovers",
+        "Transitions to active since start (each starts one takeover round)",
+        s.ha.takeovers,
+    );
+    counter(
+        &mut registry,
+        "ha_kicks",
+        "Handshakes initiated towards clients on takeover",
+        s.ha.kicks,
+    );
+    counter(
+        &mut registry,
+        "ha_failures",
+        "Failed takeover kicks, source-route writes and address watches",
+        s.ha.failures,
+    );
+    gauge(
+        &mut registry,
+        "ha_relayed_endpoints",
+        "Peers whose last endpoint is known (seen here or relayed by the Core)",
+        s.ha.relayed_endpoints as i64,
+    );
+    gauge(
+        &mut registry,
         "core_connect_failures",
         "Consecutive failed Core connection attempts",
         i64::from(s.core.consecutive_failures),
@@ -344,6 +446,27 @@ mod tests {
     }
 
     #[test]
+    fn ha_metrics_follow_the_status() {
+        let mut s = Status::default();
+        s.ha.role = ha::Role::Active;
+        s.ha.draining = true;
+        s.ha.takeovers = 2;
+        s.ha.kicks = 40;
+        s.ha.relayed_endpoints = 7;
+        let text = render_metrics(&s).unwrap();
+        for line in [
+            "gatehouse_ha_active 1",
+            "gatehouse_ha_draining 1",
+            "gatehouse_ha_takeovers_total 2",
+            "gatehouse_ha_kicks_total 40",
+            "gatehouse_ha_relayed_endpoints 7",
+            "gatehouse_ha_failures_total 0",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+    }
+
+    #[test]
     fn a_diff_is_stale_after_a_second_or_when_the_clock_went_back() {
         let now = SystemTime::now();
         let at = |ms: i64| DiffReport {
@@ -384,6 +507,16 @@ mod tests {
         let (_status_tx, status) = watch::channel(Status::default());
         let (_diff_tx, report) = watch::channel(DiffReport::default());
         let (refresh, _refresh_rx) = mpsc::channel(1);
+        let (ha_tx, mut ha_rx) = mpsc::channel::<ha::Request>(4);
+        // A stand-in event loop: answers every command.
+        tokio::spawn(async move {
+            while let Some(r) = ha_rx.recv().await {
+                let _ = r.reply.send(ha::Answer {
+                    role: ha::Role::Active,
+                    draining: r.command == ha::Command::Drain,
+                });
+            }
+        });
         for (client, want) in [("192.0.2.1:4000", 403u16), ("127.0.0.1:4000", 200)] {
             let addr: SocketAddr = client.parse().unwrap();
             let app = router(
@@ -392,6 +525,7 @@ mod tests {
                     report: report.clone(),
                     refresh: refresh.clone(),
                 },
+                ha_tx.clone(),
             )
             .layer(MockConnectInfo(addr));
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -400,6 +534,15 @@ mod tests {
             for path in ["/status", "/diff"] {
                 let got = reqwest::get(format!("{url}{path}")).await.unwrap().status();
                 assert_eq!(got.as_u16(), want, "{client} {path}");
+            }
+            let http = reqwest::Client::new();
+            for path in ["/drain", "/undrain", "/activate", "/deactivate"] {
+                let got = http.post(format!("{url}{path}")).send().await.unwrap();
+                assert_eq!(got.status().as_u16(), want, "{client} POST {path}");
+                if want == 200 {
+                    let answer: ha::Answer = got.json().await.unwrap();
+                    assert_eq!(answer.draining, path == "/drain", "{path}");
+                }
             }
             let metrics = reqwest::get(format!("{url}/metrics"))
                 .await

@@ -1,7 +1,8 @@
 //! gatehouse: a WireGuard gateway agent managed by a central Core.
 //!
 //! Deciding code (pure, tested without root): [`model`], [`plan`], [`validate`],
-//! [`location`], [`backoff`], [`mfa`], [`stats`], [`agent::status`], [`config`].
+//! [`location`], [`backoff`], [`mfa`], [`stats`], [`agent::status`], [`config`], [`ha`]'s
+//! role, activity book and takeover planner.
 //! Acting code: [`backend`], [`agent`], [`state`], [`http`], [`hooks`], [`cli`].
 
 pub mod agent;
@@ -12,6 +13,7 @@ pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod firewall;
+pub mod ha;
 pub mod hooks;
 pub mod http;
 pub mod location;

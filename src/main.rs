@@ -23,16 +23,21 @@ fn main() -> ExitCode {
         Command::CheckConfig => {
             cli::check_config(&cli, &env, &mut std::io::stdout(), &mut std::io::stderr())
         }
-        Command::Status(args) | Command::Diff(args) => {
-            let base = args
-                .http
-                .clone()
+        action @ (Command::Status(_)
+        | Command::Diff(_)
+        | Command::Drain(_)
+        | Command::Undrain(_)
+        | Command::Activate(_)
+        | Command::Deactivate(_)) => {
+            let base = action
+                .agent_args()
+                .and_then(|a| a.http.clone())
                 .or_else(|| cli::load(&cli, &env).ok().and_then(|c| c.http.local_url()));
             let base = base.unwrap_or_else(|| "http://127.0.0.1:9180".into());
-            if matches!(cli.action(), Command::Status(_)) {
-                runtime.block_on(app::status(&base))
-            } else {
-                runtime.block_on(app::diff(&base))
+            match (&action, action.ha_command()) {
+                (_, Some(command)) => runtime.block_on(app::ha_command(&base, command)),
+                (Command::Status(_), None) => runtime.block_on(app::status(&base)),
+                _ => runtime.block_on(app::diff(&base)),
             }
         }
         Command::Run => {

@@ -174,7 +174,12 @@ impl MfaTracker {
                 }
             }
             entry.rx_bytes = sample.rx_bytes;
-            entry.last_handshake = sample.last_handshake;
+            // A peer re-created (takeover, drift repair) reads as never handshaken: its
+            // last handshake is still the one seen before (for the event), and a
+            // re-creation is no sign of life.
+            if sample.last_handshake.is_some() {
+                entry.last_handshake = sample.last_handshake;
+            }
             entry.observed = Mark::aged(now, Duration::ZERO);
         }
     }
@@ -589,6 +594,23 @@ mod tests {
         assert_eq!(t.inactive_for(&key(1), s(25)), Some(Duration::ZERO));
         observe_at(&mut t, 30, &[(key(1), sample(200, None))]);
         assert_eq!(t.inactive_for(&key(1), s(30)), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_re_created_peer_keeps_its_timer_and_last_handshake() {
+        let mut t = MfaTracker::new();
+        observe_at(&mut t, 0, &[(key(1), sample(500, Some(wall(0))))]);
+        observe_at(&mut t, 10, &[(key(1), sample(900, Some(wall(0))))]);
+        // Re-created at 12: counters and handshake read as zero and none.
+        observe_at(&mut t, 12, &[(key(1), sample(0, None))]);
+        observe_at(&mut t, 40, &[(key(1), sample(0, None))]);
+        assert_eq!(t.inactive_for(&key(1), s(40)), Some(s(30)));
+        let expired = t.expired(on(20), s(40));
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].last_handshake, Some(wall(0)));
+        // Its first handshake after the re-creation is life.
+        observe_at(&mut t, 41, &[(key(1), sample(0, Some(wall(41))))]);
+        assert_eq!(t.inactive_for(&key(1), s(41)), Some(Duration::ZERO));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zeroize::Zeroize;
 
-pub use persisted::{first_event_seq, PendingEvent, PersistedState};
+pub use persisted::{first_event_seq, HaPersisted, PendingEvent, PersistedState};
 
 /// The state file's name in the state directory.
 pub const STATE_FILE: &str = "state.json";
@@ -48,7 +48,7 @@ pub enum LoadOutcome {
     /// No state file: a first start (the gateway id may still come from `gateway-id`).
     Fresh,
     /// The state of the previous run (its `gateway_id` is the store's).
-    Loaded(PersistedState),
+    Loaded(Box<PersistedState>),
     /// The state file could not be read and was moved aside; start fresh.
     Corrupt { moved_to: PathBuf, reason: String },
 }
@@ -100,7 +100,7 @@ impl StateStore {
 
         let mut outcome = match read_state(&dir.join(STATE_FILE))? {
             Read::Missing => LoadOutcome::Fresh,
-            Read::Ok(state) => LoadOutcome::Loaded(*state),
+            Read::Ok(state) => LoadOutcome::Loaded(state),
             Read::Bad(reason) => {
                 let moved_to = move_aside(&dir)?;
                 tracing::warn!(path = %moved_to.display(), %reason, "state file unreadable, moved aside; starting fresh");

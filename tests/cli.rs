@@ -1,5 +1,5 @@
 //! The `gatehouse` binary's command line: `check-config` on the example configurations and
-//! on broken ones, `run` refusing to start without a token, `--version`.
+//! on broken ones, `run` refusing to start without a token, `--version`, the HA commands.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -184,4 +184,58 @@ fn out_of_range_durations_and_interface_names_name_the_key() {
             assert!(!err.contains("panicked"), "{err}");
         }
     }
+}
+
+/// `gatehouse drain|undrain|activate|deactivate` POST to the agent named by `--http` or by
+/// the configuration's `http.listen`, print its one-line answer and exit 0; 1 when it
+/// refuses, 3 when nothing answers.
+#[test]
+fn ha_commands_post_to_the_agent_and_print_its_answer() {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // A stand-in agent: answers two requests, the first with the state, the second refuses.
+    let server = std::thread::spawn(move || {
+        let mut paths = Vec::new();
+        for (status, body) in [
+            ("200 OK", r#"{"role":"standby","draining":true}"#),
+            ("403 Forbidden", "loopback only"),
+        ] {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).unwrap();
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            paths.push(head.lines().next().unwrap_or("").to_owned());
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+        paths
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    let config = format!(
+        "[core]\nurl = \"https://core.example.net:50055\"\ntoken = \"t\"\n\
+         [http]\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    std::fs::write(&file, config).unwrap();
+    let out = gatehouse(&["drain", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "drain: standby, DRAINING (/readyz 503)\n"
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let out = gatehouse(&["activate", "--http", &url], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("403"), "{}", stderr(&out));
+    assert_eq!(
+        server.join().unwrap(),
+        vec!["POST /drain HTTP/1.1", "POST /activate HTTP/1.1"]
+    );
+    // Nothing listens any more.
+    let out = gatehouse(&["undrain", "--http", &url], &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
 }

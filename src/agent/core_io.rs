@@ -184,6 +184,7 @@ impl Agent {
                 }
                 debug!(revision, "revision accepted");
                 self.held = Some(*held);
+                self.bound_ha_book();
                 self.held_trimmed = false;
                 self.last_rejected = None;
                 self.unapplied = true;
@@ -248,6 +249,7 @@ impl Agent {
         if gone.is_empty() {
             return;
         }
+        self.bound_ha_book();
         self.held_trimmed = true;
         for key in &gone {
             info!(peer = %key, revision, "peer removed: the rejected revision no longer lists it");
@@ -326,7 +328,8 @@ impl Agent {
         }
     }
 
-    /// Signs of life other gateways saw: activity for MFA expiry here.
+    /// Signs of life other gateways saw: activity for MFA expiry here, and where each
+    /// peer was last seen for a takeover.
     fn on_peer_activity(&mut self, activity: &v1::PeerActivity) {
         let (now, wall) = (self.mono(), SystemTime::now());
         for peer in &activity.peers {
@@ -337,6 +340,7 @@ impl Agent {
             let at = SystemTime::UNIX_EPOCH
                 + std::time::Duration::from_millis(peer.last_active_ms.max(0) as u64);
             self.mfa.seen_elsewhere(&key, at, now, wall);
+            self.ha_relayed(peer, key, at);
         }
     }
 

@@ -9,14 +9,15 @@
 pub mod client;
 mod core_io;
 pub mod firewall;
+mod ha;
 pub mod offline;
 pub mod status;
 pub mod steps;
 pub mod timers;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -71,6 +72,8 @@ pub struct Settings {
     pub http_listen: Option<SocketAddr>,
     pub hooks: Hooks,
     pub firewall: firewall::FirewallSettings,
+    /// Several gateways per location (`[ha]`).
+    pub ha: crate::ha::HaSettings,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -90,6 +93,18 @@ pub async fn run_with_status(
     shutdown: impl Future<Output = ()> + Send,
     status_tx: watch::Sender<Status>,
 ) -> anyhow::Result<()> {
+    run_with_vip_reports(settings, backend, shutdown, status_tx, None).await
+}
+
+/// [`run_with_status`], the floating addresses present reported by `vip_reports` instead
+/// of the rtnetlink watcher when given (tests, embedders with a watcher of their own).
+pub async fn run_with_vip_reports(
+    settings: Settings,
+    backend: Box<dyn Backend>,
+    shutdown: impl Future<Output = ()> + Send,
+    status_tx: watch::Sender<Status>,
+    vip_reports: Option<mpsc::Receiver<BTreeSet<IpAddr>>>,
+) -> anyhow::Result<()> {
     let (store, outcome) = StateStore::open(&settings.state_dir)
         .with_context(|| format!("state_dir {}", settings.state_dir.display()))?;
     let http_listener = match settings.http_listen {
@@ -101,6 +116,8 @@ pub async fn run_with_status(
     let (core_tx, core_rx) = mpsc::channel(1024);
     let (refresh_tx, refresh_rx) = mpsc::channel(1);
     let (diff_tx, diff_rx) = watch::channel(DiffReport::default());
+    let (ha_tx, ha_rx) = mpsc::channel(16);
+    let (vip_tx, vip_rx) = mpsc::channel(16);
     let status_rx = status_tx.subscribe();
     agent.status_tx = Some(status_tx);
     agent.diff_tx = Some(diff_tx);
@@ -118,17 +135,38 @@ pub async fn run_with_status(
     let http = http_listener.map(|l| {
         let stop = stop_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = http::serve(l, status_rx, diff, stop).await {
+            if let Err(e) = http::serve(l, status_rx, diff, ha_tx, stop).await {
                 error!(error = %e, "HTTP server failed");
             }
         })
     });
+    // The floating addresses are watched only when some are configured.
+    let vips = agent.settings.ha.vips.clone();
+    let watcher = match vip_reports {
+        Some(reports) => Some(tokio::spawn(ha::forward_vips(
+            reports,
+            vip_tx,
+            stop_rx.clone(),
+        ))),
+        None => {
+            (!vips.is_empty()).then(|| tokio::spawn(ha::watch_vips(vips, vip_tx, stop_rx.clone())))
+        }
+    };
 
-    agent.event_loop(core_rx, refresh_rx, shutdown).await;
+    let inputs = Inputs {
+        core: core_rx,
+        refresh: refresh_rx,
+        ha: ha_rx,
+        vips: vip_rx,
+    };
+    agent.event_loop(inputs, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = client.await;
     if let Some(h) = http {
         let _ = h.await;
+    }
+    if let Some(w) = watcher {
+        let _ = w.await;
     }
     agent.stop().await;
     Ok(())
@@ -182,6 +220,18 @@ struct Agent {
     /// delta is answered with a snapshot request.
     held_trimmed: bool,
     firewall: firewall::FirewallStep,
+    ha: ha::HaState,
+}
+
+/// The event loop's input channels.
+struct Inputs {
+    core: mpsc::Receiver<FromCore>,
+    /// `/diff` asks for a fresh read.
+    refresh: mpsc::Receiver<()>,
+    /// HA commands from the HTTP server.
+    ha: mpsc::Receiver<crate::ha::Request>,
+    /// The address watcher's reports.
+    vips: mpsc::Receiver<ha::VipEvent>,
 }
 
 #[derive(Default)]
@@ -202,6 +252,7 @@ impl Agent {
         outcome: LoadOutcome,
     ) -> Self {
         let mut agent = Agent {
+            ha: ha::HaState::new(settings.ha.clone()),
             firewall: firewall::FirewallStep::new(
                 &settings.interface,
                 settings.firewall,
@@ -260,7 +311,7 @@ impl Agent {
                 %reason,
                 "state file unreadable: moved aside, starting from the Core"
             ),
-            LoadOutcome::Loaded(state) => agent.restore(state),
+            LoadOutcome::Loaded(state) => agent.restore(*state),
         }
         agent
     }
@@ -272,6 +323,7 @@ impl Agent {
         self.tombstones = state.tombstones;
         self.epochs = state.epochs;
         self.pending = state.pending_events;
+        self.ha.restore(state.ha);
         // Event numbers never go back, also when an older state file is restored from a
         // backup: at least the wall clock's count (as after a lost file), and above every
         // number the Core acknowledges (see the EventAck handling).
@@ -308,6 +360,7 @@ impl Agent {
                     location,
                     valid,
                 });
+                self.bound_ha_book();
             }
             Err(rejections) => warn!(
                 first = %rejections[0],
@@ -319,6 +372,7 @@ impl Agent {
     /// Start-up: pre_up, then restore or adopt the interface from the state file.
     async fn start(&mut self) {
         let _ = self.settings.hooks.run(Hook::PreUp).await;
+        self.ha_start();
         if let Err(e) = self.backend.check() {
             self.backend_error = Some(e.to_string());
             error!(error = %e, "backend check failed");
@@ -345,12 +399,15 @@ impl Agent {
     /// work outlasts their period cannot starve the inputs. Each input turn is bounded:
     /// Core events are taken in batches whose revisions are applied once
     /// ([`Agent::on_core_batch`]), `/diff` reads the interface at most once a second.
-    async fn event_loop(
-        &mut self,
-        mut core_rx: mpsc::Receiver<FromCore>,
-        mut refresh_rx: mpsc::Receiver<()>,
-        shutdown: impl Future<Output = ()>,
-    ) {
+    /// A running takeover round's next batch goes before anything but shutdown: it is
+    /// one short write, paced by the round itself.
+    async fn event_loop(&mut self, inputs: Inputs, shutdown: impl Future<Output = ()>) {
+        let Inputs {
+            core: mut core_rx,
+            refresh: mut refresh_rx,
+            ha: mut ha_rx,
+            vips: mut vip_rx,
+        } = inputs;
         tokio::pin!(shutdown);
         let mut stats_tick = tokio::time::interval(self.settings.stats_interval);
         let mut resync_tick = tokio::time::interval(self.settings.resync_interval);
@@ -364,28 +421,39 @@ impl Agent {
                 .next_mfa_deadline()
                 .map(|d| self.origin + d)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let kick_at = self.ha.next_kick().map(|d| self.origin + d);
+            let kick_sleep = tokio::time::sleep_until(kick_at.unwrap_or(mfa_at));
             let turn = if timers_first {
                 tokio::select! {
                     biased;
                     _ = &mut shutdown => Turn::Stop,
+                    _ = kick_sleep, if kick_at.is_some() => Turn::Kick,
                     _ = tokio::time::sleep_until(mfa_at) => Turn::Mfa(mfa_at),
                     due = stats_tick.tick() => Turn::Stats(due),
                     due = resync_tick.tick() => Turn::Resync(due),
                     event = core_rx.recv() => event.map_or(Turn::Stop, Turn::Core),
                     Some(()) = refresh_rx.recv() => Turn::Refresh,
+                    Some(request) = ha_rx.recv() => Turn::Ha(request),
+                    Some(event) = vip_rx.recv() => Turn::Vips(event),
                 }
             } else {
                 tokio::select! {
                     biased;
                     _ = &mut shutdown => Turn::Stop,
+                    _ = kick_sleep, if kick_at.is_some() => Turn::Kick,
                     event = core_rx.recv() => event.map_or(Turn::Stop, Turn::Core),
                     Some(()) = refresh_rx.recv() => Turn::Refresh,
+                    Some(request) = ha_rx.recv() => Turn::Ha(request),
+                    Some(event) = vip_rx.recv() => Turn::Vips(event),
                     _ = tokio::time::sleep_until(mfa_at) => Turn::Mfa(mfa_at),
                     due = stats_tick.tick() => Turn::Stats(due),
                     due = resync_tick.tick() => Turn::Resync(due),
                 }
             };
-            timers_first = !matches!(turn, Turn::Mfa(_) | Turn::Stats(_) | Turn::Resync(_));
+            timers_first = !matches!(
+                turn,
+                Turn::Mfa(_) | Turn::Stats(_) | Turn::Resync(_) | Turn::Kick
+            );
             match turn {
                 Turn::Stop => break,
                 Turn::Mfa(due) => {
@@ -402,6 +470,9 @@ impl Agent {
                 }
                 Turn::Core(event) => self.on_core_batch(event, &mut core_rx).await,
                 Turn::Refresh => self.refresh_diff(),
+                Turn::Ha(request) => self.on_ha_request(request),
+                Turn::Vips(event) => self.on_vip_event(event),
+                Turn::Kick => self.kick_due(),
             }
             self.publish();
         }
@@ -441,6 +512,7 @@ impl Agent {
     async fn stop(&mut self) {
         let iface = self.settings.interface.clone();
         let _ = self.settings.hooks.run(Hook::PreDown).await;
+        self.ha_stop();
         self.save_state();
         if self.settings.remove_on_shutdown {
             match self.backend.remove() {
@@ -539,6 +611,7 @@ impl Agent {
             now,
             wall,
         );
+        self.ha.book.observe_here(&observed.device.peers, wall);
         Ok(observed)
     }
 
@@ -752,6 +825,7 @@ impl Agent {
             } else {
                 self.last_contact.map(unix_ms)
             },
+            ha: self.ha.persisted(),
         }
     }
 
@@ -780,9 +854,12 @@ impl Agent {
             core_connected: self.outbound.is_some(),
             offline_for: self.offline.offline_for(self.mono()),
             offline_allowance: self.settings.offline_remove_after,
+            draining: self.ha.draining(),
+            rejected_revision: self.last_rejected.as_ref().map(|r| r.revision),
         });
         let status = Status {
             firewall: self.firewall.status().clone(),
+            ha: self.ha.status(),
             gateway_id: self.gateway_id.clone(),
             name: self.settings.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -885,6 +962,10 @@ enum Turn {
     Resync(Instant),
     Core(FromCore),
     Refresh,
+    Ha(crate::ha::Request),
+    Vips(ha::VipEvent),
+    /// The next batch of a takeover round is due.
+    Kick,
 }
 
 /// Why a reconcile did not complete.

@@ -66,6 +66,9 @@ pub struct Status {
     /// The agent's nftables table: in sync, drift, error or disabled.
     #[serde(default)]
     pub firewall: super::firewall::FirewallStatus,
+    /// Several gateways per location: role, drain, the last takeover.
+    #[serde(default)]
+    pub ha: crate::ha::HaStatus,
 }
 
 impl Status {
@@ -130,14 +133,23 @@ pub struct Readiness {
     pub offline_for: Duration,
     /// None: keep serving without the Core forever.
     pub offline_allowance: Option<Duration>,
+    /// The operator drains this gateway (design §12).
+    pub draining: bool,
+    /// The last revision from the Core was rejected (the last good state stays).
+    pub rejected_revision: Option<u64>,
 }
 
-/// Ready = the interface applied and healthy, the event loop meeting its deadlines, and
-/// the Core connected or within its offline allowance. A hung or half-configured gateway
-/// is never reported ready. Failed steps that do not block (addresses, firewall) are
-/// listed after the verdict.
+/// Ready = this gateway can carry traffic: the interface applied and healthy, the event
+/// loop meeting its deadlines, and not draining. A hung or half-configured gateway is
+/// never reported ready. The Core's state is a reason in the body, never a verdict (an
+/// outage, also past the offline allowance, must not eject every gateway of a location
+/// at once); so are a rejected revision and failed steps that do not block (addresses,
+/// firewall), listed after the verdict.
 pub fn readiness(r: &Readiness) -> (bool, String) {
-    let (ready, reason) = verdict(r);
+    let (ready, mut reason) = verdict(r);
+    if let Some(revision) = r.rejected_revision {
+        reason = format!("{reason}; revision {revision} rejected (the last good state stays)");
+    }
     if r.failed_steps.is_empty() {
         return (ready, reason);
     }
@@ -148,6 +160,12 @@ pub fn readiness(r: &Readiness) -> (bool, String) {
 }
 
 fn verdict(r: &Readiness) -> (bool, String) {
+    if r.draining {
+        return (
+            false,
+            "draining: moved out of service by the operator (`gatehouse undrain` ends it)".into(),
+        );
+    }
     if !r.applied {
         return (false, "no configuration applied yet".into());
     }
@@ -190,9 +208,9 @@ fn verdict(r: &Readiness) -> (bool, String) {
             ),
         ),
         Some(limit) => (
-            false,
+            true,
             format!(
-                "Core unreachable for {}s, beyond the offline allowance of {}s",
+                "applied, Core unreachable for {}s, beyond the offline allowance of {}s",
                 offline_for.as_secs(),
                 limit.as_secs()
             ),
@@ -266,6 +284,26 @@ mod tests {
     }
 
     #[test]
+    fn draining_is_not_ready_whatever_else_holds() {
+        let (ok, why) = readiness(&Readiness {
+            draining: true,
+            ..base()
+        });
+        assert!(!ok);
+        assert!(why.starts_with("draining"), "{why}");
+    }
+
+    #[test]
+    fn a_rejected_revision_is_a_reason_not_a_verdict() {
+        let (ok, why) = readiness(&Readiness {
+            rejected_revision: Some(7),
+            ..base()
+        });
+        assert!(ok, "{why}");
+        assert!(why.contains("revision 7 rejected"), "{why}");
+    }
+
+    #[test]
     fn a_stale_status_is_not_ready() {
         let now = SystemTime::now();
         let s = Status {
@@ -295,11 +333,14 @@ mod tests {
         let (ok, why) = readiness(&offline);
         assert!(ok);
         assert!(why.contains("unreachable for 120s"), "{why}");
+        // Past the allowance too: a Core outage is a reason, never a 503.
         let limited = Readiness {
             offline_allowance: Some(Duration::from_secs(60)),
             ..offline.clone()
         };
-        assert!(!readiness(&limited).0);
+        let (ok, why) = readiness(&limited);
+        assert!(ok, "{why}");
+        assert!(why.contains("beyond the offline allowance"), "{why}");
         let within = Readiness {
             offline_allowance: Some(Duration::from_secs(600)),
             ..offline

@@ -1,13 +1,14 @@
 //! An in-memory interface for tests: the plan is executed with [`crate::plan::simulate`],
 //! the WireGuard model the property test checks. Clones share one interface, so a test can
 //! keep a handle, inspect what the agent did and change the "kernel" behind its back, and
-//! make any phase of an apply fail (fault injection).
+//! make any phase of an apply fail (fault injection). Takeover kicks set the endpoint,
+//! restart a re-created peer's counters and handshake, and are recorded for the test.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Backend, BackendError, WriteCounters};
-use crate::model::Observed;
+use super::{Backend, BackendError, Kick, WriteCounters};
+use crate::model::{Observed, PeerState};
 use crate::plan::{simulate, Op, Phase, Plan};
 
 /// A shared simulated interface.
@@ -25,6 +26,10 @@ struct Inner {
     fail_next: Option<String>,
     /// Every apply holding an operation of one of these phases fails with the message.
     failing: BTreeMap<Phase, String>,
+    /// Every kick call, in order (one entry per call).
+    kicks: Vec<Vec<Kick>>,
+    /// Every kick call fails with this message while set.
+    failing_kicks: Option<String>,
 }
 
 impl MemoryBackend {
@@ -66,9 +71,27 @@ impl MemoryBackend {
         self.lock().failing.insert(phase, message.into());
     }
 
-    /// Ends every fault set by [`MemoryBackend::fail_phase`].
+    /// Ends every fault set by [`MemoryBackend::fail_phase`] and
+    /// [`MemoryBackend::fail_kicks`].
     pub fn clear_faults(&self) {
-        self.lock().failing.clear();
+        let mut inner = self.lock();
+        inner.failing.clear();
+        inner.failing_kicks = None;
+    }
+
+    /// The kick calls so far, one batch per call, in order.
+    pub fn kick_batches(&self) -> Vec<Vec<Kick>> {
+        self.lock().kicks.clone()
+    }
+
+    /// Every kick so far, flattened.
+    pub fn kicks(&self) -> Vec<Kick> {
+        self.lock().kicks.iter().flatten().cloned().collect()
+    }
+
+    /// Makes every kick call fail (changing nothing) until [`MemoryBackend::clear_faults`].
+    pub fn fail_kicks(&self, message: impl Into<String>) {
+        self.lock().failing_kicks = Some(message.into());
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -124,6 +147,31 @@ impl Backend for MemoryBackend {
 
     fn remove(&mut self) -> Result<(), BackendError> {
         self.lock().state = Observed::default();
+        Ok(())
+    }
+
+    /// Peers not on the interface are skipped; a re-created peer starts afresh (no
+    /// handshake, counters at zero) with the kick's endpoint, as after the kernel's
+    /// remove and re-add; the others keep their session and get the endpoint.
+    fn kick(&mut self, kicks: &[Kick]) -> Result<(), BackendError> {
+        let mut inner = self.lock();
+        if let Some(message) = inner.failing_kicks.clone() {
+            return Err(BackendError::Operation {
+                op: format!("kick {} peers", kicks.len()),
+                message,
+            });
+        }
+        for kick in kicks {
+            let Some(peer) = inner.state.device.peers.get_mut(&kick.peer.public_key) else {
+                continue;
+            };
+            if kick.recreate {
+                *peer = PeerState::fresh(kick.peer.clone());
+            }
+            peer.config.endpoint = Some(kick.endpoint);
+        }
+        inner.counters.device_writes += 1;
+        inner.kicks.push(kicks.to_vec());
         Ok(())
     }
 }

@@ -10,8 +10,8 @@ use crate::backend::BackendKind;
 
 use super::schema::{Layered, Origin, SCHEMA};
 use super::{
-    Config, ConfigError, CoreConfig, FirewallConfig, GatewayConfig, HooksConfig, HttpConfig,
-    LogConfig, LogFormat, OfflinePolicy, Secret, TokenSource,
+    Config, ConfigError, CoreConfig, FirewallConfig, GatewayConfig, HaConfig, HooksConfig,
+    HttpConfig, LogConfig, LogFormat, OfflinePolicy, Secret, TokenSource,
 };
 
 /// Builds and validates the typed configuration.
@@ -186,6 +186,15 @@ pub(super) fn build(l: &Layered) -> Result<Config, ConfigError> {
         ));
     }
 
+    let ha = HaConfig {
+        vip: parse_vips(&l.list("ha", "vip")).map_err(|m| err("ha", "vip", m))?,
+        takeover_window: duration("ha", "takeover_window")?,
+        takeover_rate: int_in(l.int("ha", "takeover_rate"), 1, MAX_TAKEOVER_RATE)
+            .map_err(|m| err("ha", "takeover_rate", m))?,
+        route_table: parse_route_table(l.int("ha", "route_table"))
+            .map_err(|m| err("ha", "route_table", m))?,
+    };
+
     let origins: BTreeMap<String, Origin> = SCHEMA
         .iter()
         .map(|k| (k.name(), l.entry(k.section, k.key).origin.clone()))
@@ -199,8 +208,51 @@ pub(super) fn build(l: &Layered) -> Result<Config, ConfigError> {
         log: LogConfig { level, format },
         hooks,
         firewall,
+        ha,
         origins,
     })
+}
+
+/// Most takeover handshakes per second one may ask for.
+pub(crate) const MAX_TAKEOVER_RATE: i64 = 100_000;
+
+/// Floating addresses: unicast, not loopback or unspecified, each once.
+fn parse_vips(list: &[&str]) -> Result<Vec<IpAddr>, String> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for raw in list {
+        let ip: IpAddr = raw.trim().parse().map_err(|_| {
+            format!("{raw:?} is not an IP address (write e.g. \"192.0.2.10\" or \"2001:db8::10\", no prefix length)")
+        })?;
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            return Err(format!(
+                "{ip} cannot be a floating address (unspecified, loopback or multicast)"
+            ));
+        }
+        if out.contains(&ip) {
+            return Err(format!("{ip} is listed twice"));
+        }
+        out.push(ip);
+    }
+    Ok(out)
+}
+
+fn int_in(v: i64, min: i64, max: i64) -> Result<u32, String> {
+    if v < min || v > max {
+        return Err(format!("{v} is out of range: between {min} and {max}"));
+    }
+    u32::try_from(v).map_err(|_| format!("{v} is out of range"))
+}
+
+/// A routing table of gatehouse's own: not 0 (unspecified) nor the kernel's default (253),
+/// main (254) and local (255) tables.
+fn parse_route_table(v: i64) -> Result<u32, String> {
+    let table = int_in(v, 1, i64::from(u32::MAX))?;
+    if (253..=255).contains(&table) {
+        return Err(format!(
+            "{table} is one of the kernel's own tables (default, main, local); pick another, e.g. 51820"
+        ));
+    }
+    Ok(table)
 }
 
 /// File checks for [`Config::check_files`].
@@ -308,6 +360,7 @@ pub(crate) const DURATION_BOUNDS: &[(&str, &str, Duration, Duration)] = &[
     ("gateway", "resync_interval", ms(100), secs(86_400)),
     ("gateway", "offline_policy", secs(1), secs(365 * 86_400)),
     ("hooks", "timeout", ms(100), secs(3600)),
+    ("ha", "takeover_window", secs(10), secs(3600)),
 ];
 
 const fn ms(n: u64) -> Duration {

@@ -54,6 +54,7 @@ pub struct Config {
     pub log: LogConfig,
     pub hooks: HooksConfig,
     pub firewall: FirewallConfig,
+    pub ha: HaConfig,
     /// Who set each key (`section.key`); keys at their default are absent.
     origins: BTreeMap<String, Origin>,
 }
@@ -152,6 +153,19 @@ pub struct HooksConfig {
 pub struct FirewallConfig {
     pub enabled: bool,
     pub masquerade: bool,
+}
+
+/// `[ha]`: several gateways per location (design §12).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HaConfig {
+    /// Floating addresses; while one is on this host, the gateway is active.
+    pub vip: Vec<std::net::IpAddr>,
+    /// Peers active this recently get a handshake on takeover.
+    pub takeover_window: Duration,
+    /// Most takeover handshakes started per second.
+    pub takeover_rate: u32,
+    /// gatehouse's own routing table for the takeover source routes.
+    pub route_table: u32,
 }
 
 /// Settings given on the command line (each `None` leaves the key to the lower layers).

@@ -81,6 +81,10 @@ fn value_of(c: &Config, name: &str) -> Value {
         "hooks.timeout" => dur(c.hooks.timeout),
         "firewall.enabled" => Value::Boolean(c.firewall.enabled),
         "firewall.masquerade" => Value::Boolean(c.firewall.masquerade),
+        "ha.vip" => Value::Array(c.ha.vip.iter().map(|ip| s(&ip.to_string())).collect()),
+        "ha.takeover_window" => dur(c.ha.takeover_window),
+        "ha.takeover_rate" => Value::Integer(i64::from(c.ha.takeover_rate)),
+        "ha.route_table" => Value::Integer(i64::from(c.ha.route_table)),
         // Every SCHEMA key is listed above (the round-trip test checks it).
         _ => s("<unknown key>"),
     }

@@ -46,6 +46,10 @@ pub(crate) enum Kind {
     Bool,
     /// A humantime string ("30s", "24h").
     Duration,
+    /// A list of strings (a comma list in the environment).
+    List,
+    /// An integer.
+    Int,
 }
 
 /// One configuration key.
@@ -63,6 +67,8 @@ pub(crate) struct KeySpec {
 pub(crate) enum Def {
     Str(&'static str),
     Bool(bool),
+    EmptyList,
+    Int(i64),
 }
 
 impl KeySpec {
@@ -85,6 +91,8 @@ impl KeySpec {
         match self.default {
             Def::Str(s) => Value::String(s.to_owned()),
             Def::Bool(b) => Value::Boolean(b),
+            Def::EmptyList => Value::Array(Vec::new()),
+            Def::Int(i) => Value::Integer(i),
         }
     }
 }
@@ -119,8 +127,18 @@ const fn b(section: &'static str, key: &'static str, default: bool) -> KeySpec {
     }
 }
 
+const fn i(section: &'static str, key: &'static str, default: i64) -> KeySpec {
+    KeySpec {
+        section,
+        key,
+        kind: Kind::Int,
+        default: Def::Int(default),
+        secret: false,
+    }
+}
+
 /// Sections in the order `check-config` prints them.
-pub(crate) const SECTIONS: &[&str] = &["core", "gateway", "http", "log", "hooks", "firewall"];
+pub(crate) const SECTIONS: &[&str] = &["core", "gateway", "http", "log", "hooks", "firewall", "ha"];
 
 /// Every key, in the order `check-config` prints them.
 pub(crate) const SCHEMA: &[KeySpec] = &[
@@ -160,6 +178,16 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     d("hooks", "timeout", "30s"),
     b("firewall", "enabled", true),
     b("firewall", "masquerade", false),
+    KeySpec {
+        section: "ha",
+        key: "vip",
+        kind: Kind::List,
+        default: Def::EmptyList,
+        secret: false,
+    },
+    d("ha", "takeover_window", "5m"),
+    i("ha", "takeover_rate", 2000),
+    i("ha", "route_table", 51820),
 ];
 
 /// The index of `section.key` in [`SCHEMA`].
@@ -210,6 +238,20 @@ impl Layered {
     /// The value of a `Bool` key.
     pub fn bool(&self, section: &str, key: &str) -> bool {
         self.entry(section, key).value.as_bool().unwrap_or(false)
+    }
+
+    /// The strings of a `List` key.
+    pub fn list(&self, section: &str, key: &str) -> Vec<&str> {
+        self.entry(section, key)
+            .value
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default()
+    }
+
+    /// The value of an `Int` key.
+    pub fn int(&self, section: &str, key: &str) -> i64 {
+        self.entry(section, key).value.as_integer().unwrap_or(0)
     }
 
     /// Layers a parsed TOML file over the current values.
@@ -360,6 +402,10 @@ fn check_type(spec: &KeySpec, value: &Value) -> Result<(), ConfigError> {
     let ok = match spec.kind {
         Kind::Str | Kind::Duration => value.is_str(),
         Kind::Bool => value.is_bool(),
+        Kind::List => value
+            .as_array()
+            .is_some_and(|a| a.iter().all(Value::is_str)),
+        Kind::Int => value.is_integer(),
     };
     if ok {
         return Ok(());
@@ -368,6 +414,8 @@ fn check_type(spec: &KeySpec, value: &Value) -> Result<(), ConfigError> {
         Kind::Str => "a string",
         Kind::Bool => "a boolean (true or false)",
         Kind::Duration => "a duration string such as \"30s\" or \"24h\"",
+        Kind::List => "a list of strings such as [\"192.0.2.10\", \"2001:db8::10\"]",
+        Kind::Int => "an integer",
     };
     let found = if spec.secret || matches!(value, Value::Table(_) | Value::Array(_)) {
         value.type_str().to_owned()
@@ -384,6 +432,19 @@ fn check_type(spec: &KeySpec, value: &Value) -> Result<(), ConfigError> {
 fn from_text(spec: &KeySpec, raw: &str, origin: &Origin) -> Result<Value, ConfigError> {
     match spec.kind {
         Kind::Str | Kind::Duration => Ok(Value::String(raw.to_owned())),
+        Kind::List => Ok(Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_owned()))
+                .collect(),
+        )),
+        Kind::Int => raw.trim().parse::<i64>().map(Value::Integer).map_err(|_| {
+            ConfigError::invalid(
+                spec.name(),
+                format!("expected an integer, found {raw:?} ({origin})"),
+            )
+        }),
         Kind::Bool => match raw.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => Ok(Value::Boolean(true)),
             "false" | "0" | "no" | "off" => Ok(Value::Boolean(false)),

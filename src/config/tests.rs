@@ -398,7 +398,9 @@ fn effective_toml_parses_back_to_the_same_config() {
                 backend = \"memory\"\noffline_policy = \"1day 2h\"\nremove_on_shutdown = true\n\
                 [http]\nlisten = \"\"\n[log]\nlevel = \"info,gatehouse=trace\"\nformat = \"json\"\n\
                 [hooks]\npre_up = \"echo 'up'\"\npost_down = \"logger \\\"down\\\"\"\ntimeout = \"1m\"\n\
-                [firewall]\nenabled = true\nmasquerade = true\n";
+                [firewall]\nenabled = true\nmasquerade = true\n\
+                [ha]\nvip = [\"192.0.2.10\", \"2001:db8::10\"]\ntakeover_window = \"2m\"\n\
+                takeover_rate = 500\nroute_table = 100\n";
     let c = ok(file);
     let shown = c.effective_toml();
     assert!(!shown.contains("<unknown key>"), "{shown}");
@@ -409,4 +411,95 @@ fn effective_toml_parses_back_to_the_same_config() {
     assert_eq!(again.log, c.log);
     assert_eq!(again.hooks, c.hooks);
     assert_eq!(again.firewall, c.firewall);
+    assert_eq!(again.ha, c.ha);
+    assert_eq!(c.ha.vip.len(), 2);
+}
+
+#[test]
+fn ha_keys_defaults_env_and_errors() {
+    let c = ok(MINIMAL);
+    assert!(c.ha.vip.is_empty());
+    assert_eq!(c.ha.takeover_window, Duration::from_secs(300));
+    assert_eq!(c.ha.takeover_rate, 2000);
+    assert_eq!(c.ha.route_table, 51820);
+
+    let e = env(&[
+        ("GATEHOUSE_HA_VIP", "192.0.2.10, 2001:db8::10"),
+        ("GATEHOUSE_HA_TAKEOVER_WINDOW", "90s"),
+        ("GATEHOUSE_HA_TAKEOVER_RATE", "50"),
+        ("GATEHOUSE_HA_ROUTE_TABLE", "7"),
+    ]);
+    let c = resolve(Some(MINIMAL), &e, &Flags::default()).unwrap();
+    assert_eq!(
+        c.ha.vip,
+        vec![
+            "192.0.2.10".parse::<std::net::IpAddr>().unwrap(),
+            "2001:db8::10".parse().unwrap()
+        ]
+    );
+    assert_eq!(c.ha.takeover_window, Duration::from_secs(90));
+    assert_eq!((c.ha.takeover_rate, c.ha.route_table), (50, 7));
+    assert!(c
+        .effective_toml()
+        .contains("vip = [\"192.0.2.10\", \"2001:db8::10\"]  # environment GATEHOUSE_HA_VIP"));
+
+    // A bad VIP names the key and the entry.
+    let e = err(&format!("{MINIMAL}[ha]\nvip = [\"192.0.2.10/24\"]\n"));
+    assert_eq!(e.key(), "ha.vip");
+    assert!(e.to_string().contains("192.0.2.10/24"), "{e}");
+    for bad in [
+        "[\"not-an-ip\"]",
+        "[\"0.0.0.0\"]",
+        "[\"127.0.0.1\"]",
+        "[\"ff02::1\"]",
+        "[\"192.0.2.1\", \"192.0.2.1\"]",
+        "\"192.0.2.1\"",
+        "[1]",
+    ] {
+        assert_eq!(
+            err_key(&format!("{MINIMAL}[ha]\nvip = {bad}\n")),
+            "ha.vip",
+            "{bad}"
+        );
+    }
+    let e = resolve(
+        Some(MINIMAL),
+        &env(&[("GATEHOUSE_HA_VIP", "192.0.2.1,nope")]),
+        &Flags::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("(set by environment GATEHOUSE_HA_VIP)"),
+        "{e}"
+    );
+    // Durations and integers within their documented ranges.
+    for bad in ["\"5s\"", "\"2h\"", "\"soon\""] {
+        assert_eq!(
+            err_key(&format!("{MINIMAL}[ha]\ntakeover_window = {bad}\n")),
+            "ha.takeover_window",
+            "{bad}"
+        );
+    }
+    for bad in ["0", "100001", "\"fast\""] {
+        assert_eq!(
+            err_key(&format!("{MINIMAL}[ha]\ntakeover_rate = {bad}\n")),
+            "ha.takeover_rate",
+            "{bad}"
+        );
+    }
+    for bad in ["0", "253", "254", "255", "4294967296"] {
+        assert_eq!(
+            err_key(&format!("{MINIMAL}[ha]\nroute_table = {bad}\n")),
+            "ha.route_table",
+            "{bad}"
+        );
+    }
+    let e = resolve(
+        Some(MINIMAL),
+        &env(&[("GATEHOUSE_HA_TAKEOVER_RATE", "lots")]),
+        &Flags::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.key(), "ha.takeover_rate");
 }

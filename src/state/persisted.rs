@@ -7,6 +7,7 @@ use gatehouse_proto::v1::{PeerEvent, PeerEventReason};
 use serde::{Deserialize, Serialize};
 
 use super::codec;
+use crate::ha::activity::ActivityBook;
 use crate::mfa::{MfaSnapshot, Tombstones};
 use crate::model::Key;
 use crate::stats::Epochs;
@@ -39,6 +40,21 @@ pub struct PersistedState {
     /// When this state was saved, Unix ms (the time the agent is stopped counts as time
     /// without the Core).
     pub saved_unix_ms: Option<i64>,
+    /// HA: drain (kept until `undrain`) and where each client was last seen.
+    pub ha: HaPersisted,
+}
+
+/// What HA keeps across restarts (design §12).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HaPersisted {
+    pub draining: bool,
+    pub activity: ActivityBook,
+    /// The role's inputs at the last save: the floating addresses present, what the
+    /// operator said last, and since when the gateway is active.
+    pub vips_present: Vec<std::net::IpAddr>,
+    pub operator: Option<crate::ha::role::Operator>,
+    pub active_since_unix_ms: Option<i64>,
 }
 
 impl PersistedState {
@@ -72,6 +88,8 @@ impl fmt::Debug for PersistedState {
             .field("core_last_contact_unix_ms", &self.core_last_contact_unix_ms)
             .field("offline_ms", &self.offline_ms)
             .field("saved_unix_ms", &self.saved_unix_ms)
+            .field("ha_draining", &self.ha.draining)
+            .field("ha_activity", &self.ha.activity.len())
             .finish()
     }
 }

@@ -53,6 +53,26 @@ fn sample_state(id: &str) -> PersistedState {
         core_last_contact_unix_ms: Some(1_700_000_000_000),
         offline_ms: Some(42_000),
         saved_unix_ms: Some(1_700_000_100_000),
+        ha: ha_sample(wall),
+    }
+}
+
+fn ha_sample(wall: SystemTime) -> crate::state::HaPersisted {
+    let mut activity = crate::ha::activity::ActivityBook::new();
+    activity.relayed(
+        Key([1; 32]),
+        wall,
+        Some("198.51.100.7:40000".parse().unwrap()),
+    );
+    crate::state::HaPersisted {
+        draining: true,
+        activity,
+        vips_present: vec![
+            "192.0.2.10".parse().unwrap(),
+            "2001:db8::10".parse().unwrap(),
+        ],
+        operator: Some(crate::ha::role::Operator::Deactivate),
+        active_since_unix_ms: Some(1_700_000_000_000),
     }
 }
 
@@ -86,7 +106,7 @@ fn fresh_then_round_trip() {
     let (store, outcome) = StateStore::open(&dir).unwrap();
     assert_eq!(store.gateway_id(), id);
     match outcome {
-        LoadOutcome::Loaded(loaded) => assert_eq!(loaded, newer),
+        LoadOutcome::Loaded(loaded) => assert_eq!(*loaded, newer),
         other => panic!("expected Loaded, got {other:?}"),
     }
     let text = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
@@ -204,7 +224,7 @@ fn leftover_temp_file_is_ignored_and_removed() {
     fs::write(&leftover, "{\"version\":1,\"gatew").unwrap();
 
     let (_, outcome) = StateStore::open(tmp.path()).unwrap();
-    assert!(matches!(outcome, LoadOutcome::Loaded(ref s) if *s == sample_state(&id)));
+    assert!(matches!(outcome, LoadOutcome::Loaded(ref s) if **s == sample_state(&id)));
     assert!(!leftover.exists());
 }
 

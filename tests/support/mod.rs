@@ -198,6 +198,7 @@ pub fn settings(url: &str, token: &str, state_dir: &Path) -> Settings {
         http_listen: None,
         hooks: Hooks::new(HooksConfig::default(), "wgtest0"),
         firewall: Default::default(),
+        ha: Default::default(),
     }
 }
 

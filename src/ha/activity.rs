@@ -1,0 +1,236 @@
+//! The activity book: per peer, when it was last active anywhere (seen here, or relayed
+//! by the Core from another gateway of the location) and where it was then (its
+//! endpoint). A gateway that takes over initiates the handshake towards these endpoints.
+//!
+//! Rules:
+//! - A newer sign of life replaces the older one with its endpoint; a sign without an
+//!   endpoint keeps the endpoint known before.
+//! - Seen here: a handshake completed (its time), or bytes received since the last read
+//!   (the read's time), with the endpoint the interface reports.
+//! - Bounded to the held location's peers: a peer that leaves it leaves the book.
+//! - Kept in the state file, so a gateway that restarts before the Core is back still
+//!   knows where its clients are.
+//!
+//! Pure: times are passed in.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Key, PeerState};
+use crate::state::codec::{self, from_unix_ms, unix_ms};
+
+/// Where a sign of life was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// This gateway's own interface.
+    Here,
+    /// Another gateway, relayed by the Core (`PeerActivity`).
+    Relayed,
+}
+
+/// The latest sign of life of one peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    pub last_active_unix_ms: i64,
+    /// Where the peer was last seen; None when no gateway reported an endpoint.
+    pub endpoint: Option<SocketAddr>,
+    pub source: Source,
+}
+
+impl Seen {
+    pub fn last_active(&self) -> SystemTime {
+        from_unix_ms(self.last_active_unix_ms)
+    }
+}
+
+/// The book (see the module doc).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ActivityBook {
+    #[serde(with = "codec::key_map")]
+    peers: BTreeMap<Key, Seen>,
+    /// Received bytes at the last read here (a baseline, not kept across restarts).
+    #[serde(skip)]
+    rx_here: BTreeMap<Key, u64>,
+}
+
+impl ActivityBook {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, key: &Key) -> Option<&Seen> {
+        self.peers.get(key)
+    }
+
+    /// Peers in the book.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Peers whose endpoint is known.
+    pub fn endpoints_known(&self) -> usize {
+        self.peers.values().filter(|s| s.endpoint.is_some()).count()
+    }
+
+    /// A sign of life another gateway saw at `at`, at `endpoint` (relayed by the Core).
+    /// True when the book changed.
+    pub fn relayed(&mut self, key: Key, at: SystemTime, endpoint: Option<SocketAddr>) -> bool {
+        self.record(key, at, endpoint, Source::Relayed)
+    }
+
+    /// One read of this gateway's interface at `now`. True when the book changed.
+    pub fn observe_here(&mut self, peers: &BTreeMap<Key, PeerState>, now: SystemTime) -> bool {
+        let mut changed = false;
+        for (key, peer) in peers {
+            let endpoint = peer.config.endpoint;
+            if let Some(handshake) = peer.last_handshake {
+                changed |= self.record(*key, handshake, endpoint, Source::Here);
+            }
+            // A lower count is a re-created peer: a new baseline, no sign of life by itself.
+            let grew = self
+                .rx_here
+                .insert(*key, peer.rx_bytes)
+                .is_some_and(|before| peer.rx_bytes > before);
+            if grew {
+                changed |= self.record(*key, now, endpoint, Source::Here);
+            }
+        }
+        self.rx_here.retain(|k, _| peers.contains_key(k));
+        changed
+    }
+
+    /// Keeps only the peers for which `keep` is true (the held location's).
+    pub fn retain(&mut self, mut keep: impl FnMut(&Key) -> bool) {
+        self.peers.retain(|k, _| keep(k));
+        self.rx_here.retain(|k, _| keep(k));
+    }
+
+    fn record(
+        &mut self,
+        key: Key,
+        at: SystemTime,
+        endpoint: Option<SocketAddr>,
+        source: Source,
+    ) -> bool {
+        let at_ms = unix_ms(at);
+        match self.peers.get_mut(&key) {
+            None => {
+                self.peers.insert(
+                    key,
+                    Seen {
+                        last_active_unix_ms: at_ms,
+                        endpoint,
+                        source,
+                    },
+                );
+                true
+            }
+            Some(seen) if at_ms > seen.last_active_unix_ms => {
+                seen.last_active_unix_ms = at_ms;
+                seen.source = source;
+                if endpoint.is_some() {
+                    seen.endpoint = endpoint;
+                }
+                true
+            }
+            // Not newer: only fills in an endpoint nobody reported yet.
+            Some(seen) if seen.endpoint.is_none() && endpoint.is_some() => {
+                seen.endpoint = endpoint;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::PeerSpec;
+
+    fn key(n: u8) -> Key {
+        Key([n; 32])
+    }
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn ep(s: &str) -> Option<SocketAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    fn peer(n: u8, rx: u64, handshake: Option<SystemTime>, endpoint: &str) -> (Key, PeerState) {
+        let mut spec = PeerSpec::new(key(n), []);
+        spec.endpoint = ep(endpoint);
+        let mut p = PeerState::fresh(spec);
+        p.rx_bytes = rx;
+        p.last_handshake = handshake;
+        (key(n), p)
+    }
+
+    #[test]
+    fn the_newest_sign_of_life_wins_with_its_endpoint() {
+        let mut b = ActivityBook::new();
+        assert!(b.relayed(key(1), t(10), ep("198.51.100.1:5000")));
+        // Older news changes nothing.
+        assert!(!b.relayed(key(1), t(5), ep("198.51.100.9:9")));
+        assert!(b.relayed(key(1), t(20), ep("198.51.100.2:6000")));
+        // Newer news without an endpoint keeps the endpoint known.
+        assert!(b.relayed(key(1), t(30), None));
+        let seen = b.get(&key(1)).unwrap();
+        assert_eq!(seen.endpoint, ep("198.51.100.2:6000"));
+        assert_eq!(seen.last_active(), t(30));
+        assert_eq!(seen.source, Source::Relayed);
+    }
+
+    #[test]
+    fn own_handshakes_and_received_bytes_are_signs_of_life() {
+        let mut b = ActivityBook::new();
+        // First read: the handshake counts; the byte count is only a baseline.
+        let peers = BTreeMap::from([
+            peer(1, 100, Some(t(50)), "198.51.100.1:1"),
+            peer(2, 100, None, "198.51.100.2:2"),
+        ]);
+        b.observe_here(&peers, t(60));
+        assert_eq!(b.get(&key(1)).unwrap().last_active(), t(50));
+        assert_eq!(b.get(&key(1)).unwrap().source, Source::Here);
+        assert!(b.get(&key(2)).is_none());
+        // Bytes received since: active at the read's time.
+        let peers = BTreeMap::from([
+            peer(1, 100, Some(t(50)), "198.51.100.1:1"),
+            peer(2, 150, None, "198.51.100.2:2"),
+        ]);
+        assert!(b.observe_here(&peers, t(70)));
+        assert_eq!(b.get(&key(2)).unwrap().last_active(), t(70));
+        assert_eq!(b.get(&key(2)).unwrap().endpoint, ep("198.51.100.2:2"));
+        // Nothing new: no change.
+        assert!(!b.observe_here(&peers, t(80)));
+    }
+
+    #[test]
+    fn the_book_is_bounded_to_held_peers_and_survives_serde() {
+        let mut b = ActivityBook::new();
+        b.relayed(key(1), t(1), ep("198.51.100.1:1"));
+        b.relayed(key(2), t(1), ep("[2001:db8::2]:2"));
+        b.relayed(key(3), t(1), None);
+        assert_eq!(b.endpoints_known(), 2);
+        b.retain(|k| *k != key(1));
+        assert_eq!(b.len(), 2);
+        let text = serde_json::to_string(&b).unwrap();
+        let back: ActivityBook = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, b);
+        assert_eq!(back.get(&key(2)).unwrap().endpoint, ep("[2001:db8::2]:2"));
+    }
+}
