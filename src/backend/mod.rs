@@ -6,11 +6,14 @@
 //! what to do; a backend only does it, counting the write messages it sends.
 
 pub mod kernel;
+pub mod kick;
 pub mod link;
 pub mod memory;
 pub mod userspace;
 
 use thiserror::Error;
+
+pub use kick::Kick;
 
 use crate::model::Observed;
 use crate::plan::Plan;
@@ -108,4 +111,10 @@ pub trait Backend: Send {
 
     /// Deletes the interface (only on an explicit operator request).
     fn remove(&mut self) -> Result<(), BackendError>;
+
+    /// Sets each peer's endpoint and makes the device send a handshake initiation to it now
+    /// (a keepalive with no valid session starts a handshake; the persistent keepalive is
+    /// switched 0 -> nonzero to send it, then restored to the desired value). Peers not in the
+    /// device are skipped. Few messages: many kicks per netlink message / UAPI transaction.
+    fn kick(&mut self, kicks: &[Kick]) -> Result<(), BackendError>;
 }
