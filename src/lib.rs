@@ -12,6 +12,7 @@ pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod firewall;
+pub mod ha;
 pub mod hooks;
 pub mod http;
 pub mod location;

@@ -1,0 +1,4 @@
+//! Several gateways per location (design §12).
+
+pub mod addrwatch;
+pub mod source;
