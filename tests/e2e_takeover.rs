@@ -355,9 +355,20 @@ fn a_kick_from_the_vip_reaches_a_client_behind_nat_and_without_the_route_it_does
     );
     assert!(lab.gw.ping("10.98.0.2", 2), "the tunnel carries traffic");
 
-    // Idempotent, and clear removes routes and rules.
+    // Idempotent (one rule, one route), and clear removes routes and rules.
     lab.source_routes(|r| {
         assert_eq!(r.install(&[ip(VIP)], &[endpoint]).expect("again"), 1);
+    });
+    let rules = lab.gw.ip(&["rule", "show"]);
+    assert_eq!(
+        rules
+            .lines()
+            .filter(|l| l.contains(&format!("lookup {TABLE}")))
+            .count(),
+        1,
+        "{rules}"
+    );
+    lab.source_routes(|r| {
         r.clear().expect("clear");
         assert_eq!(r.install(&[], &[endpoint]).expect("no VIP"), 0);
     });
