@@ -272,7 +272,10 @@ impl Link {
     }
 
     /// A dump, retried when the kernel flags it as interrupted by a concurrent change.
-    fn dump(&mut self, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, Failure> {
+    pub(crate) fn dump(
+        &mut self,
+        msg: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, Failure> {
         let mut attempt = 0;
         loop {
             match self.request(msg.clone(), NLM_F_DUMP) {
@@ -283,7 +286,7 @@ impl Link {
     }
 
     /// Sends one request and collects its replies.
-    fn request(
+    pub(crate) fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
@@ -340,7 +343,7 @@ const DUMP_ATTEMPTS: u32 = 5;
 
 /// Why a request failed, before it is turned into a [`BackendError`] with its operation.
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     /// The kernel answered with this (positive) errno.
     Errno(i32),
     /// A dump was interrupted by a concurrent change (`NLM_F_DUMP_INTR`).
@@ -352,7 +355,7 @@ enum Failure {
 }
 
 impl Failure {
-    fn into_error(self, op: String) -> BackendError {
+    pub(crate) fn into_error(self, op: String) -> BackendError {
         match self {
             Failure::Errno(code) => BackendError::Operation {
                 op,

@@ -14,7 +14,7 @@
 //! Size limit: see [`MESSAGE_LIMIT`].
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use netlink_packet_core::{Emitable, NLA_HEADER_SIZE};
@@ -24,6 +24,7 @@ use netlink_packet_wireguard::{
 };
 use zeroize::Zeroize;
 
+use crate::backend::kick::{kick_keepalive, recreated_peer, Kick};
 use crate::model::PeerSpec;
 use crate::plan::{DeviceChange, Op, PeerUpdate};
 
@@ -144,6 +145,65 @@ pub fn pack<'a>(
             | Op::SetLinkUp
             | Op::AddAddress(_)
             | Op::RemoveAddress(_) => {}
+        }
+    }
+    packer.finish()
+}
+
+/// Turns takeover kicks into `WG_CMD_SET_DEVICE` requests for `interface`, in order, each
+/// at most `limit` bytes. Per kick, in this order (the kernel's `set_peer` sends a
+/// keepalive when the persistent keepalive goes from 0 to nonzero, and a keepalive with
+/// no valid session starts a handshake):
+/// - re-creation: `WGPEER_F_REMOVE_ME`, then the whole peer at the kick's endpoint with
+///   the keepalive of [`kick_keepalive`] (a new peer's interval is 0: this sends);
+/// - otherwise (`WGPEER_F_UPDATE_ONLY`, so an absent peer is skipped): the endpoint with
+///   the keepalive 0, then the keepalive of [`kick_keepalive`];
+/// - then, when the desired keepalive is 0, the keepalive 0 again.
+///
+/// A re-creation creates the peer even if it is absent: the caller leaves out the kicks
+/// of absent peers.
+pub fn pack_kicks<'a>(
+    interface: &str,
+    kicks: impl IntoIterator<Item = &'a Kick>,
+    limit: usize,
+) -> Vec<SetDevice> {
+    let mut packer = Packer::new(interface, limit.max(MIN_MESSAGE_LIMIT));
+    for kick in kicks {
+        let key = kick.peer.public_key.0;
+        let keepalive = |value: u16, endpoint: Option<SocketAddr>| {
+            let mut head = vec![
+                WireguardPeerAttribute::PublicKey(key),
+                WireguardPeerAttribute::Flags(WireguardPeerFlags::UpdateOnly),
+            ];
+            if let Some(endpoint) = endpoint {
+                head.push(WireguardPeerAttribute::Endpoint(endpoint));
+            }
+            head.push(WireguardPeerAttribute::PersistentKeepalive(value));
+            PeerWrite {
+                head,
+                continuation: Vec::new(),
+                allowed_ips: Vec::new(),
+            }
+        };
+        if kick.recreate {
+            packer.peer(PeerWrite {
+                head: vec![
+                    WireguardPeerAttribute::PublicKey(key),
+                    WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
+                ],
+                continuation: Vec::new(),
+                allowed_ips: Vec::new(),
+            });
+            packer.peer(add_peer(&recreated_peer(kick)));
+        } else {
+            packer.peer(keepalive(0, Some(kick.endpoint)));
+            packer.peer(keepalive(
+                kick_keepalive(kick.peer.persistent_keepalive),
+                None,
+            ));
+        }
+        if kick.peer.persistent_keepalive == 0 {
+            packer.peer(keepalive(0, None));
         }
     }
     packer.finish()
@@ -748,5 +808,113 @@ mod tests {
             !text.contains("171") && !text.contains("205") && !text.contains("ab"),
             "{text}"
         );
+    }
+
+    fn kick(n: u32, keepalive: u16, recreate: bool) -> Kick {
+        let mut spec = peer(n);
+        spec.persistent_keepalive = keepalive;
+        Kick {
+            peer: spec,
+            endpoint: format!("192.0.2.{}:4{n:04}", n % 250 + 1).parse().unwrap(),
+            recreate,
+        }
+    }
+
+    fn keepalive_of(p: &WireguardPeer) -> Option<u16> {
+        p.iter().find_map(|a| match a {
+            WireguardPeerAttribute::PersistentKeepalive(k) => Some(*k),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_kick_toggles_the_keepalive_from_zero_and_restores_it() {
+        let off = kick(1, 0, false);
+        let on = kick(2, 25, false);
+        let parsed = wire(&pack_kicks("wg0", [&off, &on], MESSAGE_LIMIT));
+        assert_eq!(parsed.len(), 1);
+        let peers = peers_of(&parsed[0]);
+        let update = WireguardPeerAttribute::Flags(WireguardPeerFlags::UpdateOnly);
+        assert_eq!(
+            peers[0],
+            WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey(key(1).0),
+                update.clone(),
+                WireguardPeerAttribute::Endpoint(off.endpoint),
+                WireguardPeerAttribute::PersistentKeepalive(0),
+            ])
+        );
+        let keepalives: Vec<(Key, Option<u16>)> = peers
+            .iter()
+            .map(|p| match &p[0] {
+                WireguardPeerAttribute::PublicKey(k) => (Key(*k), keepalive_of(p)),
+                other => panic!("first attribute {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            keepalives,
+            vec![
+                (key(1), Some(0)),
+                (key(1), Some(1)),
+                (key(1), Some(0)),
+                (key(2), Some(0)),
+                (key(2), Some(25)),
+            ]
+        );
+        for p in &peers {
+            assert_eq!(flags(p), Some(WireguardPeerFlags::UpdateOnly), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn a_recreating_kick_removes_then_adds_the_whole_peer_in_one_message() {
+        let mut k = kick(3, 0, true);
+        k.peer.preshared_key = Some(SecretKey::new([9; 32]));
+        let parsed = wire(&pack_kicks("wg0", [&k], MESSAGE_LIMIT));
+        assert_eq!(parsed.len(), 1);
+        let peers = peers_of(&parsed[0]);
+        assert_eq!(peers.len(), 3, "{peers:?}");
+        assert_eq!(
+            peers[0],
+            WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey(key(3).0),
+                WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
+            ])
+        );
+        let add = &peers[1];
+        assert_eq!(flags(add), Some(WireguardPeerFlags::ReplaceAllowedIps));
+        assert!(add.contains(&WireguardPeerAttribute::Endpoint(k.endpoint)));
+        assert!(add.contains(&WireguardPeerAttribute::PresharedKey([9; 32])));
+        assert_eq!(keepalive_of(add), Some(1));
+        assert_eq!(ips(add), vec![v4(3, 32)]);
+        assert_eq!(flags(&peers[2]), Some(WireguardPeerFlags::UpdateOnly));
+        assert_eq!(keepalive_of(&peers[2]), Some(0));
+
+        // A desired keepalive needs no restore: remove and add only.
+        let parsed = wire(&pack_kicks("wg0", [&kick(4, 25, true)], MESSAGE_LIMIT));
+        let peers = peers_of(&parsed[0]);
+        assert_eq!(peers.len(), 2);
+        assert_eq!(keepalive_of(&peers[1]), Some(25));
+    }
+
+    #[test]
+    fn many_kicks_share_few_messages_and_keep_their_order() {
+        let kicks: Vec<Kick> = (0..2_000).map(|n| kick(n, 0, n % 2 == 0)).collect();
+        let messages = pack_kicks("wg0", &kicks, MESSAGE_LIMIT);
+        for m in &messages {
+            assert!(m.encoded_len() <= MESSAGE_LIMIT, "{m:?}");
+        }
+        assert!(messages.len() <= 20, "{} messages", messages.len());
+        let order: Vec<Key> = wire(&messages)
+            .iter()
+            .flat_map(peers_of)
+            .map(|p| match &p[0] {
+                WireguardPeerAttribute::PublicKey(k) => Key(*k),
+                other => panic!("first attribute {other:?}"),
+            })
+            .collect();
+        let want: Vec<Key> = (0..2_000).flat_map(|n| [key(n); 3]).collect();
+        assert_eq!(order, want);
+        assert!(pack_kicks("wg0", &[], MESSAGE_LIMIT).is_empty());
     }
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::link::{check_interface_name, Link};
-use super::{Backend, BackendError, WriteCounters};
+use super::{Backend, BackendError, Kick, WriteCounters};
 use crate::model::Observed;
 use crate::plan::{Op, Plan};
 use process::{LogFollower, Process};
@@ -360,6 +360,37 @@ impl Backend for UserspaceBackend {
         Ok(Some(format!(
             "{what}; restarted it (pid {pid}); the next reconcile restores its configuration"
         )))
+    }
+
+    /// One UAPI transaction ([`uapi::encode_kicks`]). A re-creation would create an
+    /// absent peer, so when there is one the device is read first and the kicks of absent
+    /// peers are left out (an update-only kick skips itself).
+    fn kick(&mut self, kicks: &[Kick]) -> Result<(), BackendError> {
+        if kicks.is_empty() {
+            return Ok(());
+        }
+        let present = if kicks.iter().any(|k| k.recreate) {
+            Some(
+                self.observe()?
+                    .device
+                    .peers
+                    .into_keys()
+                    .collect::<std::collections::BTreeSet<_>>(),
+            )
+        } else {
+            None
+        };
+        let wanted = kicks.iter().filter(|k| {
+            !k.recreate
+                || present
+                    .as_ref()
+                    .is_some_and(|p| p.contains(&k.peer.public_key))
+        });
+        if let Some(request) = uapi::encode_kicks(wanted) {
+            self.set(&request)?;
+        }
+        tracing::debug!(interface = %self.interface, kicks = kicks.len(), "takeover handshakes started");
+        Ok(())
     }
 
     fn remove(&mut self) -> Result<(), BackendError> {

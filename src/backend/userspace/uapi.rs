@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use thiserror::Error;
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::backend::kick::{kick_keepalive, recreated_peer, Kick};
 use crate::model::{DeviceState, Key, PeerSpec, PeerState, SecretKey};
 use crate::plan::{DeviceChange, Op, PeerUpdate};
 
@@ -98,6 +99,62 @@ pub fn encode_set<'a>(ops: impl IntoIterator<Item = &'a Op> + Clone) -> Option<S
     }
     text.push('\n');
     Some(SetRequest { text, listen_port })
+}
+
+/// Encodes takeover kicks as one `set=1` transaction; `None` for no kicks. Per kick, in
+/// this order (wireguard-go's `persistent_keepalive_interval` line sends a keepalive when
+/// the interval goes from 0 to nonzero, after the peer's section ends, and a keepalive
+/// with no valid session starts a handshake):
+/// - re-creation: `remove=true`, then the whole peer at the kick's endpoint with the
+///   keepalive of [`kick_keepalive`] (a new peer's interval is 0: this sends);
+/// - otherwise (`update_only=true`, so an absent peer is skipped): the endpoint with the
+///   keepalive 0, then a second section with the keepalive of [`kick_keepalive`];
+/// - then, when the desired keepalive is 0, a section setting it back to 0.
+///
+/// Every section that configures a peer sets the keepalive: wireguard-go keeps the
+/// "send a keepalive" mark of the previous section otherwise. A re-creation creates the
+/// peer even if it is absent: the caller leaves out the kicks of absent peers.
+pub fn encode_kicks<'a>(kicks: impl IntoIterator<Item = &'a Kick> + Clone) -> Option<SetRequest> {
+    let bound = 16
+        + kicks
+            .clone()
+            .into_iter()
+            .map(|k| 6 * 81 + 4 * 64 + k.peer.allowed_ips.len() * 64)
+            .sum::<usize>();
+    let mut text = Zeroizing::new(String::with_capacity(bound));
+    text.push_str("set=1\n");
+    let mut any = false;
+    for kick in kicks {
+        any = true;
+        let key = hex(&kick.peer.public_key.0);
+        let keepalive = |text: &mut String, value: u16| {
+            line(text, "public_key", &key);
+            line(text, "update_only", "true");
+            line(text, "persistent_keepalive_interval", value);
+        };
+        if kick.recreate {
+            line(&mut text, "public_key", &key);
+            line(&mut text, "remove", "true");
+            encode_add(&mut text, &recreated_peer(kick));
+        } else {
+            line(&mut text, "public_key", &key);
+            line(&mut text, "update_only", "true");
+            line(&mut text, "endpoint", kick.endpoint);
+            line(&mut text, "persistent_keepalive_interval", 0);
+            keepalive(&mut text, kick_keepalive(kick.peer.persistent_keepalive));
+        }
+        if kick.peer.persistent_keepalive == 0 {
+            keepalive(&mut text, 0);
+        }
+    }
+    if !any {
+        return None;
+    }
+    text.push('\n');
+    Some(SetRequest {
+        text,
+        listen_port: None,
+    })
 }
 
 /// Parses the answer to `get=1` (the `key=value` lines up to and including `errno=`).
@@ -637,5 +694,43 @@ errno=0
             .to_string();
         let d = parse_get(&format!("{body}\nerrno=0\n\n")).unwrap();
         assert_eq!(d.peers[&key(9)].config, peer);
+    }
+
+    #[test]
+    fn kicks_toggle_the_keepalive_and_recreate_in_one_transaction() {
+        let mut quiet = PeerSpec::new(key(1), [net("10.0.0.1/32")]);
+        quiet.endpoint = Some("192.0.2.1:1".parse().unwrap());
+        let mut chatty = PeerSpec::new(key(2), [net("10.0.0.2/32")]);
+        chatty.persistent_keepalive = 25;
+        chatty.preshared_key = Some(SecretKey::new([0xab; 32]));
+        let kicks = [
+            Kick {
+                peer: quiet,
+                endpoint: "198.51.100.1:40001".parse().unwrap(),
+                recreate: false,
+            },
+            Kick {
+                peer: chatty,
+                endpoint: "[2001:db8::2]:40002".parse().unwrap(),
+                recreate: true,
+            },
+        ];
+        let req = encode_kicks(&kicks).unwrap();
+        let (k1, k2) = (hex(&key(1).0), hex(&key(2).0));
+        let psk = hex(&[0xab; 32]);
+        let want = format!(
+            "set=1\n\
+             public_key={k1}\nupdate_only=true\nendpoint=198.51.100.1:40001\n\
+             persistent_keepalive_interval=0\n\
+             public_key={k1}\nupdate_only=true\npersistent_keepalive_interval=1\n\
+             public_key={k1}\nupdate_only=true\npersistent_keepalive_interval=0\n\
+             public_key={k2}\nremove=true\n\
+             public_key={k2}\npreshared_key={psk}\nendpoint=[2001:db8::2]:40002\n\
+             persistent_keepalive_interval=25\nreplace_allowed_ips=true\n\
+             allowed_ip=10.0.0.2/32\n\n"
+        );
+        assert_eq!(text(&req), want);
+        assert!(!format!("{req:?}").contains(&psk));
+        assert!(encode_kicks(&[]).is_none());
     }
 }
