@@ -315,12 +315,4 @@ impl Backend for KernelBackend {
             None => Ok(()),
         }
     }
-
-    fn kick(&mut self, kicks: &[crate::backend::Kick]) -> Result<(), BackendError> {
-        // Placeholder until the real takeover handshake lands (ha-net).
-        Err(BackendError::Operation {
-            op: format!("kick {} peers", kicks.len()),
-            message: "not implemented".into(),
-        })
-    }
 }

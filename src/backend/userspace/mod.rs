@@ -406,14 +406,6 @@ impl Backend for UserspaceBackend {
         }
         Ok(())
     }
-
-    fn kick(&mut self, kicks: &[crate::backend::Kick]) -> Result<(), BackendError> {
-        // Placeholder until the real takeover handshake lands (ha-net).
-        Err(BackendError::Operation {
-            op: format!("kick {} peers", kicks.len()),
-            message: "not implemented".into(),
-        })
-    }
 }
 
 /// A value computed once per apply.
