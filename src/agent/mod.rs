@@ -303,11 +303,7 @@ impl Agent {
                     pending_events = self.pending.len(),
                     "restored the last applied location from the state file"
                 );
-                self.held = Some(Held {
-                    revision: state.applied_revision,
-                    location,
-                    valid,
-                });
+                self.held = Some(Held::new(state.applied_revision, location, valid));
             }
             Err(rejections) => warn!(
                 first = %rejections[0],
