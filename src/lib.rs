@@ -1,7 +1,8 @@
 //! gatehouse: a WireGuard gateway agent managed by a central Core.
 //!
 //! Deciding code (pure, tested without root): [`model`], [`plan`], [`validate`],
-//! [`location`], [`backoff`], [`mfa`], [`stats`], [`agent::status`], [`config`].
+//! [`location`], [`backoff`], [`mfa`], [`stats`], [`agent::status`], [`config`],
+//! [`peer_limit`].
 //! Acting code: [`backend`], [`agent`], [`state`], [`http`], [`hooks`], [`cli`].
 
 pub mod agent;
@@ -17,6 +18,7 @@ pub mod http;
 pub mod location;
 pub mod mfa;
 pub mod model;
+pub mod peer_limit;
 pub mod plan;
 pub mod state;
 pub mod stats;

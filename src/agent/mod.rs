@@ -488,7 +488,10 @@ impl Agent {
                 return Err(e.into());
             }
         };
-        let plan = plan(&desired, &observed);
+        // Peers beyond the backend's limit are refused, the rest applied.
+        let fitted = crate::peer_limit::fit(&desired, &observed, self.backend.peer_limit());
+        self.steps.record_peer_limit(fitted.refused.as_ref());
+        let plan = plan(&fitted.desired, &observed);
         self.counts.last_reconcile = Some(SystemTime::now());
         self.counts.last_reconcile_ops = plan.len();
         let summary = plan.summary();

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Backend, BackendError, WriteCounters};
+use super::{Backend, BackendError, PeerLimit, WriteCounters};
 use crate::model::Observed;
 use crate::plan::{simulate, Op, Phase, Plan};
 
@@ -25,6 +25,8 @@ struct Inner {
     fail_next: Option<String>,
     /// Every apply holding an operation of one of these phases fails with the message.
     failing: BTreeMap<Phase, String>,
+    /// An apply that would leave more peers fails whole, as wireguard-go's would.
+    peer_limit: Option<PeerLimit>,
 }
 
 impl MemoryBackend {
@@ -66,6 +68,11 @@ impl MemoryBackend {
         self.lock().failing.insert(phase, message.into());
     }
 
+    /// Gives the interface a peer limit (None: none).
+    pub fn set_peer_limit(&self, limit: Option<PeerLimit>) {
+        self.lock().peer_limit = limit;
+    }
+
     /// Ends every fault set by [`MemoryBackend::fail_phase`].
     pub fn clear_faults(&self) {
         self.lock().failing.clear();
@@ -103,6 +110,16 @@ impl Backend for MemoryBackend {
                 message: message.clone(),
             });
         }
+        if let Some(limit) = inner.peer_limit {
+            let mut next = inner.state.clone();
+            simulate(&mut next, plan);
+            if next.device.peers.len() > limit.max {
+                return Err(BackendError::Operation {
+                    op: "apply".into(),
+                    message: "too many peers".into(),
+                });
+            }
+        }
         simulate(&mut inner.state, plan);
         let mut device_ops = 0;
         for step in &plan.steps {
@@ -120,6 +137,10 @@ impl Backend for MemoryBackend {
 
     fn counters(&self) -> WriteCounters {
         self.lock().counters
+    }
+
+    fn peer_limit(&self) -> Option<PeerLimit> {
+        self.lock().peer_limit
     }
 
     fn remove(&mut self) -> Result<(), BackendError> {
