@@ -79,7 +79,12 @@ impl Held {
 
     /// Applies a checked delta in place and moves to `revision`; returns the held peers
     /// whose MFA session changed. O(changed × log N).
-    fn commit(&mut self, revision: u64, delta: &CheckedDelta, mfa: Option<crate::mfa::MfaPolicy>) -> Vec<Key> {
+    fn commit(
+        &mut self,
+        revision: u64,
+        delta: &CheckedDelta,
+        mfa: Option<crate::mfa::MfaPolicy>,
+    ) -> Vec<Key> {
         self.index.commit(&mut self.location, delta);
         let valid = &mut self.valid;
         for key in &delta.removed {
@@ -514,7 +519,11 @@ mod tests {
             panic!()
         };
         assert_eq!(revision, 6);
-        assert_eq!(h, held(5), "an invalid delta leaves the held location as it was");
+        assert_eq!(
+            h,
+            held(5),
+            "an invalid delta leaves the held location as it was"
+        );
         assert_eq!(rejections[0].item, "peers[3].allowed_ips[0]");
         assert_eq!(
             rejections[0].reason,

@@ -140,7 +140,10 @@ mod tests {
         let mut observed = Observed::default();
         let held = desired(&[5, 9]);
         for (k, spec) in &held.peers {
-            observed.device.peers.insert(*k, crate::model::PeerState::fresh(spec.clone()));
+            observed
+                .device
+                .peers
+                .insert(*k, crate::model::PeerState::fresh(spec.clone()));
         }
         let d = desired(&[1, 2, 3, 5, 9]);
         let f = fit(&d, &observed, Some(LIMIT));
@@ -184,14 +187,25 @@ mod tests {
         assert!(b.applied_ops().contains(&Op::RemovePeer(Key([1; 32]))));
         assert_eq!(errors.reasons().len(), 1, "{:?}", errors.reasons());
         assert!(errors.reasons()[0].starts_with("peer limit: 5 peers wanted"));
-        assert!(!errors.blocking(), "the peers within the limit carry traffic");
+        assert!(
+            !errors.blocking(),
+            "the peers within the limit carry traffic"
+        );
         let applied = errors.to_apply_error().unwrap();
         assert_eq!(applied.rejected[0].item, "step.peer_limit");
 
         b.clear_log();
-        assert_eq!(reconcile(&mut b, &over, &mut errors), 0, "next reconcile plans nothing");
+        assert_eq!(
+            reconcile(&mut b, &over, &mut errors),
+            0,
+            "next reconcile plans nothing"
+        );
         assert!(b.applied_ops().is_empty());
-        assert_eq!(errors.reasons().len(), 1, "the same one refusal, no new failure");
+        assert_eq!(
+            errors.reasons().len(),
+            1,
+            "the same one refusal, no new failure"
+        );
 
         // A removal makes room: the first refused peer by key comes in.
         reconcile(&mut b, &desired(&[3, 4, 5, 6]), &mut errors);

@@ -78,9 +78,11 @@ fn a_location_beyond_the_wireguard_go_limit() {
             .expect("peers");
         assert!(reason.contains(&refused), "{reason} names {refused}");
         let gw = eventually("the refusal in Applied", WITHIN, || async {
-            site.gateway_in_core()
-                .await
-                .filter(|g| g.last_error.as_ref().is_some_and(|e| e.attempted_revision == revision))
+            site.gateway_in_core().await.filter(|g| {
+                g.last_error
+                    .as_ref()
+                    .is_some_and(|e| e.attempted_revision == revision)
+            })
         })
         .await;
         let error = gw.last_error.expect("error");
@@ -89,7 +91,10 @@ fn a_location_beyond_the_wireguard_go_limit() {
         assert!(error.rejected[0].reason.contains("at most 65536"));
         let dump = site.gw_dump().await;
         assert_eq!(dump.peers.len(), LIMIT);
-        assert!(!dump.peers.contains_key(&refused), "the refused peer is the one named");
+        assert!(
+            !dump.peers.contains_key(&refused),
+            "the refused peer is the one named"
+        );
 
         // Resyncs while the refusal stands plan nothing.
         let resyncs = status.timers.resyncs;
@@ -99,7 +104,10 @@ fn a_location_beyond_the_wireguard_go_limit() {
                 .filter(|s| s.timers.resyncs >= resyncs + 2)
         })
         .await;
-        assert_eq!(after.last_reconcile_ops, 0, "a resync over the limit is a no-op");
+        assert_eq!(
+            after.last_reconcile_ops, 0,
+            "a resync over the limit is a no-op"
+        );
         assert_eq!(after.failed_steps, status.failed_steps);
 
         // A removal applies and makes room for the refused peer: all fit, no refusal.
@@ -111,10 +119,17 @@ fn a_location_beyond_the_wireguard_go_limit() {
             .into_iter()
             .next()
             .expect("a peer");
-        let removed = site.admin().delete_peer(id, first.id).await.expect("delete").revision;
+        let removed = site
+            .admin()
+            .delete_peer(id, first.id)
+            .await
+            .expect("delete")
+            .revision;
         let status = eventually("the removal applied, everything fits", WITHIN, || async {
             site.try_status().await.filter(|s| {
-                s.applied_revision >= removed && s.kernel_peers == LIMIT && s.failed_steps.is_empty()
+                s.applied_revision >= removed
+                    && s.kernel_peers == LIMIT
+                    && s.failed_steps.is_empty()
             })
         })
         .await;

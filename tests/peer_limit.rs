@@ -10,8 +10,8 @@ mod support;
 
 use std::collections::BTreeSet;
 
-use gatehouse::backend::{Backend as _, PeerLimit};
 use gatehouse::backend::memory::MemoryBackend;
+use gatehouse::backend::{Backend as _, PeerLimit};
 use gatehouse::model::Key;
 use support::*;
 
@@ -34,7 +34,11 @@ async fn peers_beyond_the_backend_limit_are_refused_once_and_the_rest_applies() 
     let agent = Agent::start_with(settings(&core.url(), &token, dir.path()), backend).await;
 
     // The first three by key are applied; one refusal in /status ...
-    let by_key: Vec<Key> = (0..5).map(key).collect::<BTreeSet<_>>().into_iter().collect();
+    let by_key: Vec<Key> = (0..5)
+        .map(key)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     eventually("three peers applied", || async {
         kernel_keys(&agent) == by_key[..3].iter().copied().collect()
     })
@@ -70,7 +74,11 @@ async fn peers_beyond_the_backend_limit_are_refused_once_and_the_rest_applies() 
         agent.status().timers.resyncs >= resyncs + 2
     })
     .await;
-    assert_eq!(agent.backend.counters(), writes, "a resync over the limit is a no-op");
+    assert_eq!(
+        agent.backend.counters(),
+        writes,
+        "a resync over the limit is a no-op"
+    );
     assert_eq!(agent.status().failed_steps.len(), 1);
 
     // Removing a held peer makes room for the first refused one by key.

@@ -20,7 +20,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use gatehouse_proto::v1;
 use ipnet::IpNet;
 
-use crate::location::{check_interface, check_peer, CheckedInterface, CheckedLocation, CheckedPeer};
+use crate::location::{
+    check_interface, check_peer, CheckedInterface, CheckedLocation, CheckedPeer,
+};
 use crate::overlap::{find_overlaps, gateway_hosts, Holder};
 use crate::{firewall, keys, net, Rejection, Rejections};
 
@@ -203,7 +205,8 @@ impl LocationIndex {
             out.upserted.push(((*p).clone(), cp));
         }
         // A new interface key that an unchanged peer holds.
-        if let (Some((_, Some(ci))), Some(slot)) = (&interface, own.and_then(|k| self.peers.get(&k)))
+        if let (Some((_, Some(ci))), Some(slot)) =
+            (&interface, own.and_then(|k| self.peers.get(&k)))
         {
             if !touched.contains(&ci.public_key) {
                 errs.push(
@@ -221,9 +224,9 @@ impl LocationIndex {
                     Holder::Gateway => "the gateway's own address".to_string(),
                     Holder::Peer(k) => format!("peers[{k}]'s {}", b.other_net),
                 };
-                blamed.entry((b.peer, b.net)).or_insert_with(|| {
-                    format!("{} overlaps {whose} ({})", b.net, b.other_net)
-                });
+                blamed
+                    .entry((b.peer, b.net))
+                    .or_insert_with(|| format!("{} overlaps {whose} ({})", b.net, b.other_net));
             }
         }
         // ... each changed prefix against the unchanged peers ...
@@ -262,7 +265,10 @@ impl LocationIndex {
     }
 
     /// Held peers removed, and the peers upserted with the place that names them.
-    fn classify<'a>(&self, net_peers: &NetPeers<'a>) -> (Vec<[u8; 32]>, Vec<(usize, &'a v1::Peer)>) {
+    fn classify<'a>(
+        &self,
+        net_peers: &NetPeers<'a>,
+    ) -> (Vec<[u8; 32]>, Vec<(usize, &'a v1::Peer)>) {
         let mut removed = Vec::new();
         let mut held = Vec::new();
         let mut new = Vec::new();
