@@ -479,6 +479,29 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_mfa_session_is_reported_renewed() {
+        let mut h = held(5);
+        let with_session = |k: u8, session: u64| v1::Peer {
+            mfa_session: session,
+            ..peer(k, &format!("10.0.0.{k}/32"))
+        };
+        let d = v1::Delta {
+            revision: 6,
+            base_revision: 5,
+            changes: vec![
+                change(Kind::UpsertPeer(with_session(2, 7))),
+                change(Kind::UpsertPeer(with_session(3, 0))),
+                change(Kind::UpsertPeer(with_session(4, 1))),
+            ],
+        };
+        let Update::Advanced { renewed, .. } = on_delta(Some(&mut h), &d) else {
+            panic!()
+        };
+        assert_eq!(renewed, vec![Key([2; 32])], "a new peer is not renewed");
+        assert_eq!(h.valid.meta[&Key([2; 32])].mfa_session, 7);
+    }
+
+    #[test]
     fn delta_with_another_base_is_a_gap_and_old_ones_are_stale() {
         let mut h = held(5);
         let gap = v1::Delta {
