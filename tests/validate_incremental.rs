@@ -212,3 +212,34 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// A delta that adds one new peer: the same rejections, item for item, as the full
+    /// validator lists for the resulting location (the new peer is the last one in both).
+    #[test]
+    fn a_new_peer_is_rejected_with_the_full_validators_items(loc in base(), new in peer()) {
+        prop_assume!(validate_location(&loc).is_ok());
+        prop_assume!(!loc.peers.iter().any(|p| p.public_key == new.public_key));
+        // Prefixes of the new peer nested in each other are named differently (index doc).
+        let nets: Vec<ipnet::IpNet> = new.allowed_ips.iter().filter_map(|s| s.parse().ok()).collect();
+        prop_assume!(!nets.iter().enumerate().any(|(i, a)| {
+            nets.iter().enumerate().any(|(j, b)| i != j && a.contains(b))
+        }));
+        let change = v1::Change { kind: Some(v1::change::Kind::UpsertPeer(new)) };
+        let resulting = apply_changes(&loc, std::slice::from_ref(&change)).expect("known");
+        let delta = v1::Delta { revision: 6, base_revision: 5, changes: vec![change] };
+        let mut h = held(5, loc);
+        let (update, _) = on_deltas(Some(&mut h), &[delta]);
+        match (update, validate_location(&resulting)) {
+            (Update::Reject { mut rejections, .. }, Err(mut full)) => {
+                rejections.sort_by(|a, b| a.item.cmp(&b.item));
+                full.sort_by(|a, b| a.item.cmp(&b.item));
+                prop_assert_eq!(rejections, full);
+            }
+            (Update::Advanced { .. }, Ok(_)) => {}
+            (update, full) => prop_assert!(false, "{:?} against {:?}", update, full.err()),
+        }
+    }
+}

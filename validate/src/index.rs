@@ -12,7 +12,8 @@
 //! Items are named as the full validator names them (`peers[i].allowed_ips[j]`), with `i` the
 //! peer's place in the held list (a new peer: after the held ones, in the order the delta
 //! names them); an overlap between a changed and an unchanged peer is blamed on the changed
-//! one. Applying keeps the held list's order except that a removed peer's place is taken by
+//! one. (Where a changed peer's prefix lies inside another of its own, both may be named
+//! where the full validator names the outer one only.) Applying keeps the held list's order except that a removed peer's place is taken by
 //! the last peer (O(1) removal).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -216,17 +217,20 @@ impl LocationIndex {
             }
         }
 
-        // Overlaps: changed peers and the interface among themselves ...
-        let mut blamed: BTreeMap<(usize, IpNet), String> = BTreeMap::new();
+        // Overlaps, one per blamed prefix. Like the full validator, each names the conflict
+        // met first in prefix order: the prefix containing (or equal to) the blamed one,
+        // else the first prefix inside it.
+        let mut blamed = Blamed::default();
+        // Changed peers and the interface among themselves ...
         for o in find_overlaps(&entries) {
             if let Some(b) = o.blame() {
                 let whose = match b.other {
                     Holder::Gateway => "the gateway's own address".to_string(),
                     Holder::Peer(k) => format!("peers[{k}]'s {}", b.other_net),
                 };
-                blamed
-                    .entry((b.peer, b.net))
-                    .or_insert_with(|| format!("{} overlaps {whose} ({})", b.net, b.other_net));
+                blamed.offer(b.peer, b.net, o.narrow.0, || {
+                    format!("{} overlaps {whose} ({})", b.net, b.other_net)
+                });
             }
         }
         // ... each changed prefix against the unchanged peers ...
@@ -234,7 +238,12 @@ impl LocationIndex {
             let Holder::Peer(at) = holder else { continue };
             if let Some((other_net, other)) = self.overlapping(net, &touched) {
                 let other_at = self.peers.get(&other).map_or(0, |s| s.at);
-                blamed.entry((*at, *net)).or_insert_with(|| {
+                let met_at = if other_net.contains(net) {
+                    *net
+                } else {
+                    other_net
+                };
+                blamed.offer(*at, *net, met_at, || {
                     format!("{net} overlaps peers[{other_at}]'s {other_net} ({other_net})")
                 });
             }
@@ -244,13 +253,13 @@ impl LocationIndex {
             for (host, _) in gateway_hosts::<()>(&ci.addresses) {
                 if let Some((net, holder)) = self.covering(&host, &touched) {
                     let at = self.peers.get(&holder).map_or(0, |s| s.at);
-                    blamed.entry((at, net)).or_insert_with(|| {
+                    blamed.offer(at, net, host, || {
                         format!("{net} overlaps the gateway's own address ({host})")
                     });
                 }
             }
         }
-        for ((at, net), reason) in blamed {
+        for ((at, net), (_, reason)) in blamed.0 {
             let canon = net.to_string();
             let listed = raw_at.get(&at).copied().or_else(|| base.peers.get(at));
             let j = listed
@@ -299,35 +308,40 @@ impl LocationIndex {
             .filter(|k| self.peers.contains_key(k))
     }
 
-    /// A prefix of an unchanged peer (not in `touched`) that overlaps `net`: inside it or
-    /// equal (a range of the sorted prefixes), or containing it (one probe per shorter
-    /// prefix length).
+    /// A prefix of an unchanged peer (not in `touched`) that overlaps `net`, the one the
+    /// full validator names: an equal one, else the innermost one containing it (one probe
+    /// per shorter prefix length), else the first inside it (a range of the sorted
+    /// prefixes).
     fn overlapping(&self, net: &IpNet, touched: &BTreeSet<[u8; 32]>) -> Option<(IpNet, [u8; 32])> {
         let net = net.trunc();
-        let last = IpNet::new(net.broadcast(), net.max_prefix_len()).ok()?;
-        if let Some((n, k)) = self
-            .prefixes
-            .range(net..=last)
-            .find(|(_, k)| !touched.contains(*k))
-        {
-            return Some((*n, *k));
+        let untouched = |k: &&[u8; 32]| !touched.contains(*k);
+        if let Some(k) = self.prefixes.get(&net).filter(untouched) {
+            return Some((net, *k));
         }
-        self.covering_shorter(&net, net.prefix_len(), touched)
+        if let Some(wide) = self.covering_shorter(&net, net.prefix_len(), touched) {
+            return Some(wide);
+        }
+        let last = IpNet::new(net.broadcast(), net.max_prefix_len()).ok()?;
+        self.prefixes
+            .range(net..=last)
+            .find(|(_, k)| untouched(k))
+            .map(|(n, k)| (*n, *k))
     }
 
-    /// A prefix of an unchanged peer that contains `host` (or equals it).
+    /// The innermost prefix of an unchanged peer that contains `host` (or equals it).
     fn covering(&self, host: &IpNet, touched: &BTreeSet<[u8; 32]>) -> Option<(IpNet, [u8; 32])> {
         self.covering_shorter(host, host.prefix_len() + 1, touched)
     }
 
-    /// A prefix of an unchanged peer containing `net` whose length is below `below`.
+    /// The innermost prefix of an unchanged peer containing `net` whose length is below
+    /// `below`.
     fn covering_shorter(
         &self,
         net: &IpNet,
         below: u8,
         touched: &BTreeSet<[u8; 32]>,
     ) -> Option<(IpNet, [u8; 32])> {
-        (0..below).find_map(|len| {
+        (0..below).rev().find_map(|len| {
             let wide = IpNet::new(net.addr(), len).ok()?.trunc();
             let k = self.prefixes.get(&wide)?;
             (!touched.contains(k)).then_some((wide, *k))
@@ -398,6 +412,22 @@ impl LocationIndex {
         for n in prefixes {
             if self.prefixes.get(n) == Some(key) {
                 self.prefixes.remove(n);
+            }
+        }
+    }
+}
+
+/// The conflict named for each blamed prefix `(peer, prefix)`: the one met first, at the
+/// narrower prefix of the two.
+#[derive(Default)]
+struct Blamed(BTreeMap<(usize, IpNet), (IpNet, String)>);
+
+impl Blamed {
+    fn offer(&mut self, at: usize, net: IpNet, met_at: IpNet, reason: impl FnOnce() -> String) {
+        match self.0.get(&(at, net)) {
+            Some((first, _)) if *first <= met_at => {}
+            _ => {
+                self.0.insert((at, net), (met_at, reason()));
             }
         }
     }
