@@ -180,7 +180,8 @@ pub fn on_delta(held: Option<&mut Held>, delta: &v1::Delta) -> Update {
 /// Applies a run of deltas on top of the held revision, in place, checking only what they
 /// change against the held location's index: O(changed × log N). The run is judged as
 /// one (an intermediate state may be invalid), so a burst costs one check and the agent
-/// one apply of the newest state. An invalid run leaves `held` as it was.
+/// one apply of the newest state. An invalid run leaves `held` as it was (and lists the
+/// keys the run would have left, O(N): the rejection path is not the fast one).
 ///
 /// Returns the update and how many deltas it used (at least one): the run stops before a
 /// delta that does not follow the one before it or holds an unknown change, which the

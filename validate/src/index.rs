@@ -13,8 +13,11 @@
 //! peer's place in the held list (a new peer: after the held ones, in the order the delta
 //! names them); an overlap between a changed and an unchanged peer is blamed on the changed
 //! one. (Where a changed peer's prefix lies inside another of its own, both may be named
-//! where the full validator names the outer one only.) Applying keeps the held list's order except that a removed peer's place is taken by
-//! the last peer (O(1) removal).
+//! where the full validator names the outer one only.) The property tests are in the
+//! agent's `tests/validate_incremental.rs`.
+//!
+//! Applying keeps the held list's order, except that a removed peer's place is taken by the
+//! last peer (O(1) removal).
 
 use std::collections::{BTreeMap, BTreeSet};
 
