@@ -88,10 +88,15 @@ fn a_location_beyond_the_wireguard_go_limit() {
             })
         })
         .await;
+        // One refusal (a step that timed out under load may be listed beside it).
         let error = gw.last_error.expect("error");
-        assert_eq!(error.rejected.len(), 1);
-        assert_eq!(error.rejected[0].item, "step.peer_limit");
-        assert!(error.rejected[0].reason.contains("at most 65536"));
+        let refusals: Vec<_> = error
+            .rejected
+            .iter()
+            .filter(|r| r.item == "step.peer_limit")
+            .collect();
+        assert_eq!(refusals.len(), 1, "{:?}", error.rejected);
+        assert!(refusals[0].reason.contains("at most 65536"));
         let dump = site.gw_dump().await;
         assert_eq!(dump.peers.len(), LIMIT);
         assert!(
