@@ -25,7 +25,7 @@ use gatehouse_proto::v1;
 use ipnet::IpNet;
 
 use crate::location::{
-    check_interface, check_peer, CheckedInterface, CheckedLocation, CheckedPeer,
+    check_interface, check_peer, CheckedInterface, CheckedPeer,
 };
 use crate::overlap::{find_overlaps, gateway_hosts, Holder};
 use crate::{firewall, keys, net, Rejection, Rejections};
@@ -102,19 +102,6 @@ impl LocationIndex {
             index.peers.insert(key, Slot { at, prefixes });
         }
         index
-    }
-
-    /// The index of `loc`, which the full validator turned into `checked`.
-    pub fn of(loc: &v1::Location, checked: &CheckedLocation) -> Self {
-        let peers = loc.peers.iter().filter_map(|p| {
-            let key = keys::key32(&p.public_key).ok()?;
-            Some((key, &checked.peers.get(&key)?.allowed_ips))
-        });
-        LocationIndex::new(
-            checked.interface.public_key,
-            &checked.interface.addresses,
-            peers,
-        )
     }
 
     /// Peers held.
