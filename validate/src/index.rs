@@ -24,9 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use gatehouse_proto::v1;
 use ipnet::IpNet;
 
-use crate::location::{
-    check_interface, check_peer, CheckedInterface, CheckedPeer,
-};
+use crate::location::{check_interface, check_peer, CheckedInterface, CheckedPeer};
 use crate::overlap::{find_overlaps, gateway_hosts, Holder};
 use crate::{firewall, keys, net, Rejection, Rejections};
 
