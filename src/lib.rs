@@ -1,8 +1,8 @@
 //! gatehouse: a WireGuard gateway agent managed by a central Core.
 //!
 //! Deciding code (pure, tested without root): [`model`], [`plan`], [`validate`],
-//! [`location`], [`backoff`], [`mfa`], [`stats`], [`agent::status`], [`config`], [`ha`]'s
-//! role, activity book and takeover planner.
+//! [`location`], [`backoff`], [`mfa`], [`stats`], [`agent::status`], [`config`],
+//! [`peer_limit`], [`ha`]'s role, activity book and takeover planner.
 //! Acting code: [`backend`], [`agent`], [`state`], [`http`], [`hooks`], [`cli`].
 
 pub mod agent;
@@ -19,6 +19,7 @@ pub mod http;
 pub mod location;
 pub mod mfa;
 pub mod model;
+pub mod peer_limit;
 pub mod plan;
 pub mod state;
 pub mod stats;

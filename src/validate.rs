@@ -39,50 +39,61 @@ pub struct ValidLocation {
 /// Validates a whole location. All problems are reported, not just the first.
 pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Rejection>> {
     let checked = rules::validate_location(loc)?;
-    let mfa = MfaPolicy::from_settings(checked.mfa_enabled, checked.mfa_threshold_secs).map_err(
-        |_| {
-            vec![Rejection::new(
-                "mfa.disconnect_threshold_secs",
-                "must be > 0 when MFA is enabled",
-            )]
+    let mfa = mfa_policy(checked.mfa_enabled, checked.mfa_threshold_secs)?;
+    let mut peers = BTreeMap::new();
+    let mut meta = BTreeMap::new();
+    for p in checked.peers.values() {
+        let (spec, m) = peer_spec(p);
+        meta.insert(spec.public_key, m);
+        peers.insert(spec.public_key, spec);
+    }
+    Ok(ValidLocation {
+        name: checked.name,
+        desired: Desired {
+            interface: interface_spec(&checked.interface),
+            peers,
         },
-    )?;
-    let iface = &checked.interface;
-    let interface = InterfaceSpec {
+        meta,
+        mfa,
+    })
+}
+
+/// The MFA policy of checked settings.
+pub(crate) fn mfa_policy(enabled: bool, threshold_secs: u32) -> Result<MfaPolicy, Vec<Rejection>> {
+    MfaPolicy::from_settings(enabled, threshold_secs).map_err(|_| {
+        vec![Rejection::new(
+            "mfa.disconnect_threshold_secs",
+            "must be > 0 when MFA is enabled",
+        )]
+    })
+}
+
+/// A checked interface as the agent's domain type.
+pub(crate) fn interface_spec(iface: &rules::location::CheckedInterface) -> InterfaceSpec {
+    InterfaceSpec {
         private_key: SecretKey::new(iface.private_key.0),
         listen_port: iface.listen_port,
         addresses: iface.addresses.clone(),
         mtu: iface.mtu,
         fwmark: iface.fwmark,
-    };
-    let mut peers = BTreeMap::new();
-    let mut meta = BTreeMap::new();
-    for (key, p) in &checked.peers {
-        let key = Key(*key);
-        meta.insert(
-            key,
-            PeerMeta {
-                id: p.id,
-                mfa_session: p.mfa_session,
-            },
-        );
-        peers.insert(
-            key,
-            PeerSpec {
-                public_key: key,
-                preshared_key: p.preshared_key.as_ref().map(|k| SecretKey::new(k.0)),
-                allowed_ips: p.allowed_ips.clone(),
-                persistent_keepalive: p.persistent_keepalive,
-                endpoint: p.endpoint,
-            },
-        );
     }
-    Ok(ValidLocation {
-        name: checked.name,
-        desired: Desired { interface, peers },
-        meta,
-        mfa,
-    })
+}
+
+/// A checked peer as the agent's domain types.
+pub(crate) fn peer_spec(p: &rules::CheckedPeer) -> (PeerSpec, PeerMeta) {
+    let key = Key(p.public_key);
+    let spec = PeerSpec {
+        public_key: key,
+        preshared_key: p.preshared_key.as_ref().map(|k| SecretKey::new(k.0)),
+        allowed_ips: p.allowed_ips.clone(),
+        persistent_keepalive: p.persistent_keepalive,
+        endpoint: p.endpoint,
+    };
+    let meta = PeerMeta {
+        id: p.id,
+        mfa_session: p.mfa_session,
+    };
+    (spec, meta)
 }
 
 /// For a revision (valid or not): the peers it lists that pass every rule on their own and

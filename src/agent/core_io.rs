@@ -160,6 +160,16 @@ impl Agent {
 
     async fn on_update(&mut self, update: Update) {
         match update {
+            Update::Advanced { revision, renewed } => {
+                // A peer authorized by a new MFA session starts a new inactivity timer.
+                for key in &renewed {
+                    self.mfa.forget(key);
+                }
+                debug!(revision, "deltas accepted");
+                self.held_trimmed = false;
+                self.last_rejected = None;
+                self.unapplied = true;
+            }
             Update::Accept(held) => {
                 let revision = held.revision;
                 // A peer authorized by a new MFA session starts a new inactivity timer.
@@ -267,7 +277,7 @@ impl Agent {
         let mut at = 0;
         while at < deltas.len() {
             let rest = &deltas[at..];
-            let (update, used) = match &self.held {
+            let (update, used) = match self.held.as_mut() {
                 // The held content lost peers a rejected revision no longer listed: it is
                 // not the base the Core means any more.
                 Some(held) if self.held_trimmed => (
@@ -277,7 +287,7 @@ impl Agent {
                     },
                     1,
                 ),
-                held => location::on_deltas(held.as_ref(), rest),
+                held => location::on_deltas(held, rest),
             };
             let used = used.max(1);
             info!(

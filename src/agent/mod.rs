@@ -355,11 +355,7 @@ impl Agent {
                     pending_events = self.pending.len(),
                     "restored the last applied location from the state file"
                 );
-                self.held = Some(Held {
-                    revision: state.applied_revision,
-                    location,
-                    valid,
-                });
+                self.held = Some(Held::new(state.applied_revision, location, valid));
                 self.bound_ha_book();
             }
             Err(rejections) => warn!(
@@ -564,7 +560,10 @@ impl Agent {
                 return Err(e.into());
             }
         };
-        let plan = plan(&desired, &observed);
+        // Peers beyond the backend's limit are refused, the rest applied.
+        let fitted = crate::peer_limit::fit(&desired, &observed, self.backend.peer_limit());
+        self.steps.record_peer_limit(fitted.refused.as_ref());
+        let plan = plan(&fitted.desired, &observed);
         self.counts.last_reconcile = Some(SystemTime::now());
         self.counts.last_reconcile_ops = plan.len();
         let summary = plan.summary();

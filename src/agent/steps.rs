@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tracing::error;
 
 use crate::backend::Backend;
+use crate::peer_limit::Refused;
 use crate::plan::{Phase, Plan};
 
 /// A step of an apply that can fail on its own.
@@ -28,6 +29,8 @@ pub enum ApplyStep {
     Peers,
     Device,
     Firewall,
+    /// Desired peers beyond the backend's limit ([`crate::peer_limit`]).
+    PeerLimit,
 }
 
 impl ApplyStep {
@@ -55,7 +58,10 @@ impl ApplyStep {
     /// peers are in place, and one bad address (an IPv6 address on a host without IPv6)
     /// or one bad rule must not eject every gateway of a location at once.
     pub fn blocks_readiness(self) -> bool {
-        !matches!(self, ApplyStep::Addresses | ApplyStep::Firewall)
+        !matches!(
+            self,
+            ApplyStep::Addresses | ApplyStep::Firewall | ApplyStep::PeerLimit
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -66,6 +72,7 @@ impl ApplyStep {
             ApplyStep::Peers => "peers",
             ApplyStep::Device => "device",
             ApplyStep::Firewall => "firewall",
+            ApplyStep::PeerLimit => "peer limit",
         }
     }
 }
@@ -96,6 +103,18 @@ impl StepErrors {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Records the peers refused for the backend's limit (None: all fit); logged when the
+    /// refusal starts or changes, not at every reconcile it stands.
+    pub fn record_peer_limit(&mut self, refused: Option<&Refused>) {
+        let text = refused.map(Refused::to_string);
+        if let Some(text) = &text {
+            if self.0.get(&ApplyStep::PeerLimit) != Some(text) {
+                error!(step = %ApplyStep::PeerLimit, error = %text, "peers refused: the backend holds no more");
+            }
+        }
+        self.record(ApplyStep::PeerLimit, text.map_or(Ok(()), Err));
     }
 
     /// True when a failed step keeps the gateway from carrying traffic.

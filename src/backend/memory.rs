@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Backend, BackendError, Kick, WriteCounters};
+use super::{Backend, BackendError, Kick, PeerLimit, WriteCounters};
 use crate::model::{Observed, PeerState};
 use crate::plan::{simulate, Op, Phase, Plan};
 
@@ -30,6 +30,8 @@ struct Inner {
     kicks: Vec<Vec<Kick>>,
     /// Every kick call fails with this message while set.
     failing_kicks: Option<String>,
+    /// An apply that would leave more peers fails whole, as wireguard-go's would.
+    peer_limit: Option<PeerLimit>,
 }
 
 impl MemoryBackend {
@@ -69,6 +71,11 @@ impl MemoryBackend {
     /// anything) until [`MemoryBackend::clear_faults`].
     pub fn fail_phase(&self, phase: Phase, message: impl Into<String>) {
         self.lock().failing.insert(phase, message.into());
+    }
+
+    /// Gives the interface a peer limit (None: none).
+    pub fn set_peer_limit(&self, limit: Option<PeerLimit>) {
+        self.lock().peer_limit = limit;
     }
 
     /// Ends every fault set by [`MemoryBackend::fail_phase`] and
@@ -126,6 +133,16 @@ impl Backend for MemoryBackend {
                 message: message.clone(),
             });
         }
+        if let Some(limit) = inner.peer_limit {
+            let mut next = inner.state.clone();
+            simulate(&mut next, plan);
+            if next.device.peers.len() > limit.max {
+                return Err(BackendError::Operation {
+                    op: "apply".into(),
+                    message: "too many peers".into(),
+                });
+            }
+        }
         simulate(&mut inner.state, plan);
         let mut device_ops = 0;
         for step in &plan.steps {
@@ -143,6 +160,10 @@ impl Backend for MemoryBackend {
 
     fn counters(&self) -> WriteCounters {
         self.lock().counters
+    }
+
+    fn peer_limit(&self) -> Option<PeerLimit> {
+        self.lock().peer_limit
     }
 
     fn remove(&mut self) -> Result<(), BackendError> {

@@ -76,6 +76,14 @@ impl BackendError {
     }
 }
 
+/// The most peers a backend's device holds, and who sets that limit (for the error that
+/// names it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerLimit {
+    pub max: usize,
+    pub backend: &'static str,
+}
+
 /// Write messages sent so far (netlink requests or UAPI `set` transactions).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriteCounters {
@@ -102,6 +110,12 @@ pub trait Backend: Send {
 
     /// Write messages sent since the backend was created.
     fn counters(&self) -> WriteCounters;
+
+    /// The most peers the device can hold (None: no limit of its own). The agent cuts the
+    /// desired peers to it ([`crate::peer_limit`]).
+    fn peer_limit(&self) -> Option<PeerLimit> {
+        None
+    }
 
     /// Checks the backend's own health and repairs what it can (the userspace backend
     /// restarts a dead `wireguard-go` here). Returns a description of what it repaired.

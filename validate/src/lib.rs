@@ -11,6 +11,8 @@
 //! - [`firewall`]: address specs and rules of a firewall policy.
 //! - [`location`]: a whole `v1::Location` checked into a [`location::CheckedLocation`], or
 //!   the list of [`Rejection`]s naming each bad item, and the peers still valid in it.
+//! - [`index`]: an index of a valid location that checks and applies a delta in
+//!   O(changed × log N), by the same rules.
 //!
 //! Each string rule comes in two forms: `normalize_*` (for the Core: trims whitespace and
 //! returns the canonical form, or a reason) and the strict form (for the wire: accepts the
@@ -18,6 +20,7 @@
 //! what the Core stores always passes on the agent. Pure: no I/O, no clock.
 
 pub mod firewall;
+pub mod index;
 pub mod keys;
 pub mod location;
 pub mod net;

@@ -219,7 +219,10 @@ fn check(loc: &v1::Location) -> Checked {
     }
 }
 
-fn check_interface(iface: &v1::Interface, errs: &mut Rejections) -> Option<CheckedInterface> {
+pub(crate) fn check_interface(
+    iface: &v1::Interface,
+    errs: &mut Rejections,
+) -> Option<CheckedInterface> {
     let private_key = keys::private_key(&iface.private_key)
         .map_err(|e| errs.push("interface.private_key", e))
         .ok();
@@ -272,7 +275,7 @@ fn check_interface(iface: &v1::Interface, errs: &mut Rejections) -> Option<Check
     })
 }
 
-fn check_peer(i: usize, p: &v1::Peer, errs: &mut Rejections) -> Option<CheckedPeer> {
+pub(crate) fn check_peer(i: usize, p: &v1::Peer, errs: &mut Rejections) -> Option<CheckedPeer> {
     let at = |field: &str| format!("peers[{i}].{field}");
     let public_key = keys::public_key(&p.public_key)
         .map_err(|e| errs.push(at("public_key"), e))

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::link::{check_interface_name, Link};
-use super::{Backend, BackendError, Kick, WriteCounters};
+use super::{Backend, BackendError, Kick, PeerLimit, WriteCounters};
 use crate::model::Observed;
 use crate::plan::{Op, Plan};
 use process::{LogFollower, Process};
@@ -29,6 +29,12 @@ use uapi::UapiError;
 
 /// Where wireguard-go puts its UAPI sockets (compiled into wireguard-go).
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/wireguard";
+
+/// wireguard-go refuses a peer beyond this many ("too many peers", its `MaxPeers`).
+pub const MAX_PEERS: PeerLimit = PeerLimit {
+    max: 1 << 16,
+    backend: "wireguard-go (the userspace backend)",
+};
 
 /// Settings of the userspace backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -313,6 +319,10 @@ impl Backend for UserspaceBackend {
             device_writes: self.device_writes,
             link_writes: self.link.writes() + self.starts,
         }
+    }
+
+    fn peer_limit(&self) -> Option<PeerLimit> {
+        Some(MAX_PEERS)
     }
 
     fn check(&mut self) -> Result<Option<String>, BackendError> {

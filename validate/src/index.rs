@@ -1,0 +1,431 @@
+//! Incremental validation: an index of a valid location (its public keys, its allowed-IP
+//! prefixes with their holders, the gateway's own addresses) that checks a delta in
+//! O(changed × log N) and applies it in place, so a one-peer change on a location of
+//! 100,000 peers does not re-validate the other 99,999.
+//!
+//! The rules are the full validator's ([`crate::validate_location`]): a delta is accepted
+//! exactly when the full validator accepts the location that results from it (checked by a
+//! property test). What the index relies on: the location it holds is valid, so two peers
+//! that the delta does not touch cannot conflict with each other, nor with the interface
+//! unless the delta changes it. Only the changed items are checked, each against the index.
+//!
+//! Items are named as the full validator names them (`peers[i].allowed_ips[j]`), with `i` the
+//! peer's place in the held list (a new peer: after the held ones, in the order the delta
+//! names them); an overlap between a changed and an unchanged peer is blamed on the changed
+//! one. (Where a changed peer's prefix lies inside another of its own, both may be named
+//! where the full validator names the outer one only.) The property tests are in the
+//! agent's `tests/validate_incremental.rs`.
+//!
+//! Applying keeps the held list's order, except that a removed peer's place is taken by the
+//! last peer (O(1) removal).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use gatehouse_proto::v1;
+use ipnet::IpNet;
+
+use crate::location::{check_interface, check_peer, CheckedInterface, CheckedPeer};
+use crate::overlap::{find_overlaps, gateway_hosts, Holder};
+use crate::{firewall, keys, net, Rejection, Rejections};
+
+/// A valid location's keys and prefixes, kept in step with its peer list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocationIndex {
+    own_key: [u8; 32],
+    /// The gateway's own host prefixes (/32, /128).
+    hosts: BTreeSet<IpNet>,
+    peers: BTreeMap<[u8; 32], Slot>,
+    /// Every peer prefix and the peer holding it (one holder each in a valid location).
+    prefixes: BTreeMap<IpNet, [u8; 32]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slot {
+    /// Where the peer sits in the location's peer list.
+    at: usize,
+    prefixes: BTreeSet<IpNet>,
+}
+
+/// The net effect of a run of changes, every changed item checked: what
+/// [`LocationIndex::commit`] applies.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CheckedDelta {
+    /// Held peers that leave the location.
+    pub removed: Vec<[u8; 32]>,
+    /// Peers added or replaced (held ones first, new ones in the order first named), as
+    /// sent and as checked.
+    pub upserted: Vec<(v1::Peer, CheckedPeer)>,
+    pub interface: Option<(v1::Interface, CheckedInterface)>,
+    pub firewall: Option<v1::FirewallPolicy>,
+    /// The MFA settings and the checked threshold.
+    pub mfa: Option<(v1::MfaSettings, u32)>,
+}
+
+impl CheckedDelta {
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty()
+            && self.upserted.is_empty()
+            && self.interface.is_none()
+            && self.firewall.is_none()
+            && self.mfa.is_none()
+    }
+}
+
+/// The last change of each peer a run names.
+struct NetPeers<'a> {
+    /// Raw public key → (order first named, final content or None for removed).
+    last: BTreeMap<&'a [u8], (usize, Option<&'a v1::Peer>)>,
+}
+
+impl LocationIndex {
+    /// The index of a valid location: `own_key` is the interface's public key, `peers` the
+    /// peers in the order of the location's list with their allowed IPs (canonical).
+    pub fn new<'a>(
+        own_key: [u8; 32],
+        addresses: impl IntoIterator<Item = &'a IpNet>,
+        peers: impl IntoIterator<Item = ([u8; 32], &'a BTreeSet<IpNet>)>,
+    ) -> Self {
+        let mut index = LocationIndex {
+            own_key,
+            hosts: BTreeSet::new(),
+            peers: BTreeMap::new(),
+            prefixes: BTreeMap::new(),
+        };
+        index.set_hosts(addresses);
+        for (at, (key, prefixes)) in peers.into_iter().enumerate() {
+            for p in prefixes {
+                index.prefixes.insert(p.trunc(), key);
+            }
+            let prefixes = prefixes.iter().map(IpNet::trunc).collect();
+            index.peers.insert(key, Slot { at, prefixes });
+        }
+        index
+    }
+
+    /// Peers held.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    fn set_hosts<'a>(&mut self, addresses: impl IntoIterator<Item = &'a IpNet>) {
+        self.hosts = gateway_hosts::<()>(addresses)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+    }
+
+    /// Checks `changes` (in order, as one run) against the location this index holds,
+    /// `base`. Every rejection is listed, as [`crate::validate_location`] would list it for
+    /// the resulting location.
+    pub fn check<'a>(
+        &self,
+        base: &v1::Location,
+        changes: impl IntoIterator<Item = &'a v1::Change>,
+    ) -> Result<CheckedDelta, Vec<Rejection>> {
+        use v1::change::Kind;
+        let mut errs = Rejections::default();
+        let mut net_peers = NetPeers {
+            last: BTreeMap::new(),
+        };
+        let (mut iface, mut fw, mut mfa) = (None, None, None);
+        for (n, change) in changes.into_iter().enumerate() {
+            match &change.kind {
+                Some(Kind::UpsertPeer(p)) => net_peers.set(n, &p.public_key, Some(p)),
+                Some(Kind::RemovePeer(k)) => net_peers.set(n, k, None),
+                Some(Kind::SetInterface(i)) => iface = Some(i),
+                Some(Kind::SetFirewall(f)) => fw = Some(f),
+                Some(Kind::SetMfa(m)) => mfa = Some(*m),
+                None => errs.push(
+                    format!("changes[{n}]"),
+                    "unknown or empty change (newer protocol?)",
+                ),
+            }
+        }
+        let mut out = CheckedDelta::default();
+        let (removed, upserts) = self.classify(&net_peers);
+        out.removed = removed;
+        let touched: BTreeSet<[u8; 32]> = out
+            .removed
+            .iter()
+            .copied()
+            .chain(upserts.iter().filter_map(|(_, p)| self.held_key(p)))
+            .collect();
+
+        let interface = iface.map(|i| (i, check_interface(i, &mut errs)));
+        let (own, hosts) = match &interface {
+            Some((_, Some(ci))) => (Some(ci.public_key), gateway_hosts(&ci.addresses)),
+            Some((_, None)) => (None, Vec::new()),
+            None => (
+                Some(self.own_key),
+                self.hosts.iter().map(|h| (*h, Holder::Gateway)).collect(),
+            ),
+        };
+        if let Some(m) = mfa {
+            match net::mfa_threshold(m.enabled, u64::from(m.disconnect_threshold_secs)) {
+                Ok(t) => out.mfa = Some((m, t)),
+                Err(e) => errs.push("mfa.disconnect_threshold_secs", e),
+            }
+        }
+        if let Some(f) = fw {
+            firewall::check_policy(f, "firewall.", &mut errs);
+            out.firewall = Some(f.clone());
+        }
+
+        // The changed peers on their own and against the interface's key.
+        let mut entries: Vec<(IpNet, Holder<usize>)> = hosts;
+        let mut raw_at: BTreeMap<usize, &v1::Peer> = BTreeMap::new();
+        for (at, p) in &upserts {
+            let Some(cp) = check_peer(*at, p, &mut errs) else {
+                continue;
+            };
+            if Some(cp.public_key) == own {
+                errs.push(
+                    format!("peers[{at}].public_key"),
+                    "is the location's own public key",
+                );
+                continue;
+            }
+            entries.extend(cp.allowed_ips.iter().map(|n| (*n, Holder::Peer(*at))));
+            raw_at.insert(*at, p);
+            out.upserted.push(((*p).clone(), cp));
+        }
+        // A new interface key that an unchanged peer holds.
+        if let (Some((_, Some(ci))), Some(slot)) =
+            (&interface, own.and_then(|k| self.peers.get(&k)))
+        {
+            if !touched.contains(&ci.public_key) {
+                errs.push(
+                    format!("peers[{}].public_key", slot.at),
+                    "is the location's own public key",
+                );
+            }
+        }
+
+        // Overlaps, one per blamed prefix. Like the full validator, each names the conflict
+        // met first in prefix order: the prefix containing (or equal to) the blamed one,
+        // else the first prefix inside it.
+        let mut blamed = Blamed::default();
+        // Changed peers and the interface among themselves ...
+        for o in find_overlaps(&entries) {
+            if let Some(b) = o.blame() {
+                let whose = match b.other {
+                    Holder::Gateway => "the gateway's own address".to_string(),
+                    Holder::Peer(k) => format!("peers[{k}]'s {}", b.other_net),
+                };
+                blamed.offer(b.peer, b.net, o.narrow.0, || {
+                    format!("{} overlaps {whose} ({})", b.net, b.other_net)
+                });
+            }
+        }
+        // ... each changed prefix against the unchanged peers ...
+        for (net, holder) in &entries {
+            let Holder::Peer(at) = holder else { continue };
+            if let Some((other_net, other)) = self.overlapping(net, &touched) {
+                let other_at = self.peers.get(&other).map_or(0, |s| s.at);
+                let met_at = if other_net.contains(net) {
+                    *net
+                } else {
+                    other_net
+                };
+                blamed.offer(*at, *net, met_at, || {
+                    format!("{net} overlaps peers[{other_at}]'s {other_net} ({other_net})")
+                });
+            }
+        }
+        // ... and a new interface address against the unchanged peers.
+        if let Some((_, Some(ci))) = &interface {
+            for (host, _) in gateway_hosts::<()>(&ci.addresses) {
+                if let Some((net, holder)) = self.covering(&host, &touched) {
+                    let at = self.peers.get(&holder).map_or(0, |s| s.at);
+                    blamed.offer(at, net, host, || {
+                        format!("{net} overlaps the gateway's own address ({host})")
+                    });
+                }
+            }
+        }
+        for ((at, net), (_, reason)) in blamed.0 {
+            let canon = net.to_string();
+            let listed = raw_at.get(&at).copied().or_else(|| base.peers.get(at));
+            let j = listed
+                .and_then(|p| p.allowed_ips.iter().position(|s| *s == canon))
+                .unwrap_or(0);
+            errs.push(format!("peers[{at}].allowed_ips[{j}]"), reason);
+        }
+        if let Some((raw, Some(ci))) = interface {
+            out.interface = Some((raw.clone(), ci));
+        }
+        errs.finish().map(|()| out)
+    }
+
+    /// Held peers removed, and the peers upserted with the place that names them.
+    fn classify<'a>(
+        &self,
+        net_peers: &NetPeers<'a>,
+    ) -> (Vec<[u8; 32]>, Vec<(usize, &'a v1::Peer)>) {
+        let mut removed = Vec::new();
+        let mut held = Vec::new();
+        let mut new = Vec::new();
+        for (raw, (order, last)) in &net_peers.last {
+            let slot = keys::key32(raw)
+                .ok()
+                .and_then(|k| self.peers.get(&k).map(|s| (k, s)));
+            match (last, slot) {
+                (None, Some((k, _))) => removed.push(k),
+                (None, None) => {}
+                (Some(p), Some((_, s))) => held.push((s.at, *p)),
+                (Some(p), None) => new.push((*order, *p)),
+            }
+        }
+        held.sort_by_key(|(at, _)| *at);
+        new.sort_by_key(|(order, _)| *order);
+        let base = self.peers.len();
+        let upserts = held
+            .into_iter()
+            .chain(new.into_iter().enumerate().map(|(k, (_, p))| (base + k, p)))
+            .collect();
+        (removed, upserts)
+    }
+
+    fn held_key(&self, p: &v1::Peer) -> Option<[u8; 32]> {
+        keys::key32(&p.public_key)
+            .ok()
+            .filter(|k| self.peers.contains_key(k))
+    }
+
+    /// A prefix of an unchanged peer (not in `touched`) that overlaps `net`, the one the
+    /// full validator names: an equal one, else the innermost one containing it (one probe
+    /// per shorter prefix length), else the first inside it (a range of the sorted
+    /// prefixes).
+    fn overlapping(&self, net: &IpNet, touched: &BTreeSet<[u8; 32]>) -> Option<(IpNet, [u8; 32])> {
+        let net = net.trunc();
+        let untouched = |k: &&[u8; 32]| !touched.contains(*k);
+        if let Some(k) = self.prefixes.get(&net).filter(untouched) {
+            return Some((net, *k));
+        }
+        if let Some(wide) = self.covering_shorter(&net, net.prefix_len(), touched) {
+            return Some(wide);
+        }
+        let last = IpNet::new(net.broadcast(), net.max_prefix_len()).ok()?;
+        self.prefixes
+            .range(net..=last)
+            .find(|(_, k)| untouched(k))
+            .map(|(n, k)| (*n, *k))
+    }
+
+    /// The innermost prefix of an unchanged peer that contains `host` (or equals it).
+    fn covering(&self, host: &IpNet, touched: &BTreeSet<[u8; 32]>) -> Option<(IpNet, [u8; 32])> {
+        self.covering_shorter(host, host.prefix_len() + 1, touched)
+    }
+
+    /// The innermost prefix of an unchanged peer containing `net` whose length is below
+    /// `below`.
+    fn covering_shorter(
+        &self,
+        net: &IpNet,
+        below: u8,
+        touched: &BTreeSet<[u8; 32]>,
+    ) -> Option<(IpNet, [u8; 32])> {
+        (0..below).rev().find_map(|len| {
+            let wide = IpNet::new(net.addr(), len).ok()?.trunc();
+            let k = self.prefixes.get(&wide)?;
+            (!touched.contains(k)).then_some((wide, *k))
+        })
+    }
+
+    /// Applies a checked delta to the index and to `loc`, the location it indexes: a
+    /// removed peer's place is taken by the last one, a replaced peer keeps its place, a
+    /// new one is appended. O(changed × log N).
+    pub fn commit(&mut self, loc: &mut v1::Location, delta: &CheckedDelta) {
+        for key in &delta.removed {
+            let Some(slot) = self.peers.remove(key) else {
+                continue;
+            };
+            self.forget_prefixes(key, &slot.prefixes);
+            if slot.at < loc.peers.len() {
+                loc.peers.swap_remove(slot.at);
+            }
+            if let Some(moved) = loc.peers.get(slot.at) {
+                if let Some(s) = keys::key32(&moved.public_key)
+                    .ok()
+                    .and_then(|k| self.peers.get_mut(&k))
+                {
+                    s.at = slot.at;
+                }
+            }
+        }
+        // Every replaced peer gives up its prefixes before any is taken (a prefix may move
+        // from one peer to another within a delta).
+        for (_, p) in &delta.upserted {
+            if let Some(old) = self.peers.get(&p.public_key).map(|s| s.prefixes.clone()) {
+                self.forget_prefixes(&p.public_key, &old);
+            }
+        }
+        for (raw, p) in &delta.upserted {
+            for n in &p.allowed_ips {
+                self.prefixes.insert(n.trunc(), p.public_key);
+            }
+            let prefixes = p.allowed_ips.iter().map(IpNet::trunc).collect();
+            match self.peers.get_mut(&p.public_key) {
+                Some(slot) => {
+                    slot.prefixes = prefixes;
+                    if let Some(listed) = loc.peers.get_mut(slot.at) {
+                        *listed = raw.clone();
+                    }
+                }
+                None => {
+                    let at = loc.peers.len();
+                    loc.peers.push(raw.clone());
+                    self.peers.insert(p.public_key, Slot { at, prefixes });
+                }
+            }
+        }
+        if let Some((raw, ci)) = &delta.interface {
+            self.own_key = ci.public_key;
+            self.set_hosts(&ci.addresses);
+            loc.interface = Some(raw.clone());
+        }
+        if let Some(fw) = &delta.firewall {
+            loc.firewall = Some(fw.clone());
+        }
+        if let Some((m, _)) = &delta.mfa {
+            loc.mfa = Some(*m);
+        }
+    }
+
+    fn forget_prefixes(&mut self, key: &[u8; 32], prefixes: &BTreeSet<IpNet>) {
+        for n in prefixes {
+            if self.prefixes.get(n) == Some(key) {
+                self.prefixes.remove(n);
+            }
+        }
+    }
+}
+
+/// The conflict named for each blamed prefix `(peer, prefix)`: the one met first, at the
+/// narrower prefix of the two.
+#[derive(Default)]
+struct Blamed(BTreeMap<(usize, IpNet), (IpNet, String)>);
+
+impl Blamed {
+    fn offer(&mut self, at: usize, net: IpNet, met_at: IpNet, reason: impl FnOnce() -> String) {
+        match self.0.get(&(at, net)) {
+            Some((first, _)) if *first <= met_at => {}
+            _ => {
+                self.0.insert((at, net), (met_at, reason()));
+            }
+        }
+    }
+}
+
+impl<'a> NetPeers<'a> {
+    fn set(&mut self, order: usize, key: &'a [u8], last: Option<&'a v1::Peer>) {
+        self.last
+            .entry(key)
+            .and_modify(|e| e.1 = last)
+            .or_insert((order, last));
+    }
+}
