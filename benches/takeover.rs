@@ -139,7 +139,7 @@ fn measure(
 ) -> anyhow::Result<()> {
     let peers = want.peers.len();
     let observed = backend.observe()?;
-    backend.apply(&plan(&want, &observed))?;
+    backend.apply(&plan(want, &observed))?;
 
     let kicks = |recreate: bool| -> Vec<Kick> {
         want.peers
