@@ -350,3 +350,93 @@ fn baseline_tunnel() {
 fn baseline_inside() {
     drill("hbi", Takeover::Baseline, Variant::Inside);
 }
+
+#[test]
+#[ignore = "root + keepalived: tests/netns/run-root-tests.sh e2e_ha"]
+fn keepalived_accepts_the_packaged_example() {
+    if !ha::netns::is_root() {
+        eprintln!("skipped: needs root (a namespace with the example's interfaces)");
+        return;
+    }
+    let ns = Netns::new("hak");
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/keepalived/keepalived.conf.example"
+    );
+    let out = ns.exec_output("keepalived", &["--config-test", "-f", example, "-l", "-n"]);
+    assert!(
+        out.status.success(),
+        "keepalived -t: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// keepalived's states map to `gatehouse activate` / `deactivate` with the script's
+/// options passed on, and gatehouse's exit status comes back (a stand-in binary records
+/// what it was called with).
+#[test]
+fn notify_script_tells_the_agent_its_role() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let fake = dir.path().join("gatehouse");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\necho answer\nexit ${{FAKE_EXIT:-0}}\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/keepalived/notify.sh");
+    let notify = |state: &str, target: &[&str], exit: &str| {
+        std::process::Command::new(script)
+            .args(["--bin", fake.to_str().unwrap()])
+            .args(target)
+            .args(["GROUP", "gatehouse", state, "150"])
+            .env("FAKE_EXIT", exit)
+            .output()
+            .unwrap()
+    };
+    let http = ["--http", "http://127.0.0.1:9180"];
+    for (state, expected) in [
+        ("MASTER", Some("activate")),
+        ("BACKUP", Some("deactivate")),
+        ("FAULT", Some("deactivate")),
+        ("STOP", Some("deactivate")),
+        ("DELETED", None),
+    ] {
+        let _ = std::fs::remove_file(&calls);
+        let out = notify(state, &http, "0");
+        assert!(out.status.success(), "{state}: {out:?}");
+        let called = std::fs::read_to_string(&calls).unwrap_or_default();
+        match expected {
+            Some(action) => {
+                assert_eq!(called, format!("{action} --http http://127.0.0.1:9180\n"))
+            }
+            None => assert_eq!(called, "", "{state}"),
+        }
+    }
+    let _ = std::fs::remove_file(&calls);
+    let out = notify("MASTER", &["--config", "/etc/gate house/gateway.toml"], "0");
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        "activate --config /etc/gate house/gateway.toml\n"
+    );
+    // gatehouse's failure (agent unreachable, refused) is the script's.
+    let out = notify("MASTER", &http, "3");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gatehouse activate: answer"));
+    // Without keepalived's arguments: a usage error, gatehouse not called.
+    let _ = std::fs::remove_file(&calls);
+    let out = std::process::Command::new(script)
+        .args(["--bin", fake.to_str().unwrap(), "GROUP"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!calls.exists());
+}

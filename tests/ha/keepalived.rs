@@ -44,7 +44,7 @@ pub fn render(spec: &Spec) -> String {
     let _ = write!(
         s,
         "global_defs {{\n    router_id {}\n    script_user root\n    enable_script_security\n    \
-         vrrp_version 3\n    vrrp_garp_master_repeat 3\n    vrrp_garp_master_refresh 0\n}}\n\n",
+         vrrp_version 3\n    vrrp_garp_master_repeat 3\n}}\n\n",
         spec.router_name
     );
     let _ = write!(
@@ -123,5 +123,46 @@ mod tests {
         let text = render(&spec(Some("/x/notify.sh --http http://127.0.0.1:9180")));
         let group = text.split("vrrp_instance").next().unwrap();
         assert!(group.contains("notify \"/x/notify.sh --http http://127.0.0.1:9180\""));
+    }
+
+    /// The lines that matter: no comment, no blank line, no indentation.
+    fn significant(text: &str) -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_packaged_example_is_what_the_drill_runs() {
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/keepalived/keepalived.conf.example"
+        ))
+        .unwrap();
+        let spec = Spec {
+            router_name: "gw-a".into(),
+            priority: 150,
+            instances: vec![
+                Instance {
+                    name: "wan".into(),
+                    interface: "eth0".into(),
+                    router_id: 51,
+                    address: "192.0.2.10/24".into(),
+                },
+                Instance {
+                    name: "inside".into(),
+                    interface: "eth1".into(),
+                    router_id: 52,
+                    address: "10.0.0.10/24".into(),
+                },
+            ],
+            readyz_url: "http://127.0.0.1:9180/readyz".into(),
+            notify: Some(
+                "/etc/keepalived/gatehouse-notify.sh --config /etc/gatehouse/gateway.toml".into(),
+            ),
+        };
+        assert_eq!(significant(&example), significant(&render(&spec)));
     }
 }
