@@ -106,8 +106,7 @@ fn drill(tag: &'static str, takeover: Takeover, variant: Variant) {
             prepare(&d, 1).await;
             let start = now_unix();
             d.gws[0].cut();
-            let o = moved(&d, 1, start, Move::Failover, &mut figures).await;
-            let _ = o;
+            moved(&d, 1, start, Move::Failover, &mut figures).await;
 
             // Failback: a returns and takes the address back; then no black hole.
             let start = now_unix();
@@ -177,7 +176,10 @@ async fn moved(d: &Drill, to: usize, start: f64, m: Move, figures: &mut Figures)
     )
     .await;
     figures.ping.entry(m).or_default().push(o.gap);
-    let mut line = format!("figure: {m:?} to gateway {}: ping gap {:.2} s", gw.label, o.gap);
+    let mut line = format!(
+        "figure: {m:?} to gateway {}: ping gap {:.2} s",
+        gw.label, o.gap
+    );
     if let Some(flow) = &d.flow {
         let t = eventually(
             &format!("{m:?}: the TCP flow resumed through gateway {}", gw.label),
@@ -359,7 +361,9 @@ fn keepalived_accepts_the_packaged_example() {
         return;
     }
     let ns = Netns::new("hak");
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
     let example = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/packaging/keepalived/keepalived.conf.example"
@@ -391,7 +395,10 @@ fn notify_script_tells_the_agent_its_role() {
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/keepalived/notify.sh");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/keepalived/notify.sh"
+    );
     let notify = |state: &str, target: &[&str], exit: &str| {
         std::process::Command::new(script)
             .args(["--bin", fake.to_str().unwrap()])

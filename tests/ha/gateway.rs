@@ -119,7 +119,11 @@ impl Gateway {
     /// Starts keepalived in the foreground in its namespace, with its own configuration,
     /// pid files and log.
     pub fn start_keepalived(&mut self) {
-        assert!(self.vrrp.is_none(), "gateway {}: keepalived runs", self.label);
+        assert!(
+            self.vrrp.is_none(),
+            "gateway {}: keepalived runs",
+            self.label
+        );
         let dir = &self.keepalived_dir;
         std::fs::create_dir_all(dir).expect("keepalived dir");
         let conf = dir.join("keepalived.conf");

@@ -193,7 +193,16 @@ fn plug(segment: &Netns, bridge: &str, host: &Netns, tag: &str, addr: &str) -> S
     let here = unique(&format!("{tag}h"));
     let there = unique(&format!("{tag}s"));
     host.ip(&[
-        "link", "add", &here, "type", "veth", "peer", "name", &there, "netns", segment.name(),
+        "link",
+        "add",
+        &here,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &there,
+        "netns",
+        segment.name(),
     ]);
     host.ip(&["addr", "add", addr, "dev", &here]);
     host.ip(&["link", "set", &here, "up"]);
@@ -235,14 +244,25 @@ impl Net {
         router.exec(
             "nft",
             &[
-                "add", "chain", "ip", "gha_nat", "post",
+                "add",
+                "chain",
+                "ip",
+                "gha_nat",
+                "post",
                 "{ type nat hook postrouting priority srcnat; policy accept; }",
             ],
         );
         router.exec(
             "nft",
             &[
-                "add", "rule", "ip", "gha_nat", "post", "oifname", &router_wan, "masquerade",
+                "add",
+                "rule",
+                "ip",
+                "gha_nat",
+                "post",
+                "oifname",
+                &router_wan,
+                "masquerade",
             ],
         );
         let mut links: [Vec<String>; 2] = [vec![], vec![]];
@@ -253,7 +273,13 @@ impl Net {
             let far = Netns::new(&format!("{tag}f"));
             bridge(&far, "inside", &format!("{FAR_HOST}/24"));
             for (i, gw) in gws.iter().enumerate() {
-                links[i].push(plug(&far, "inside", gw, "hi", &format!("{}/24", GW_INSIDE[i])));
+                links[i].push(plug(
+                    &far,
+                    "inside",
+                    gw,
+                    "hi",
+                    &format!("{}/24", GW_INSIDE[i]),
+                ));
                 forwarding(gw);
             }
             far.ip(&["route", "add", "10.77.0.0/24", "via", INSIDE_VIP]);
@@ -294,7 +320,14 @@ fn core_binary() -> PathBuf {
         }
     }
     let status = cmd
-        .args(["build", "-q", "-p", "gatehouse-core", "--bin", "gatehouse-core"])
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "gatehouse-core",
+            "--bin",
+            "gatehouse-core",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(Stdio::null())
         .status()
@@ -589,13 +622,9 @@ impl Drill {
                 &allowed,
             ],
         );
-        self.net.client.ip(&[
-            "addr",
-            "add",
-            &format!("{CLIENT_TUNNEL}/24"),
-            "dev",
-            &iface,
-        ]);
+        self.net
+            .client
+            .ip(&["addr", "add", &format!("{CLIENT_TUNNEL}/24"), "dev", &iface]);
         self.net.client.ip(&["link", "set", &iface, "up"]);
         let target = self.target();
         if self.variant == Variant::Inside {
@@ -621,7 +650,10 @@ impl Drill {
             &self.dir.path().join("ping.log"),
         ));
         if let Some(far) = &self.net.far {
-            self.echo = Some(traffic::echo_server(far, &format!("{FAR_HOST}:{ECHO_PORT}")));
+            self.echo = Some(traffic::echo_server(
+                far,
+                &format!("{FAR_HOST}:{ECHO_PORT}"),
+            ));
             self.flow = Some(TcpFlow::start(
                 &self.net.client,
                 &format!("{FAR_HOST}:{ECHO_PORT}"),
@@ -707,5 +739,6 @@ pub fn write_secret(path: &Path, content: &str) {
         .mode(0o600)
         .open(path)
         .expect("write a secret file");
-    f.write_all(content.as_bytes()).expect("write a secret file");
+    f.write_all(content.as_bytes())
+        .expect("write a secret file");
 }

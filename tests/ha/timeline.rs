@@ -129,7 +129,9 @@ mod tests {
     /// Answers every 0.1 s from `from` (seq `seq0`) to `to` exclusive.
     fn steady(from: f64, to: f64, seq0: u64) -> Vec<Answer> {
         let n = ((to - from) * 10.0).round() as u64;
-        (0..n).map(|i| a(from + i as f64 / 10.0, seq0 + i)).collect()
+        (0..n)
+            .map(|i| a(from + i as f64 / 10.0, seq0 + i))
+            .collect()
     }
 
     #[test]

@@ -38,7 +38,16 @@ impl Pinger {
     pub fn start(client: &Netns, target: &str, log: &Path) -> Pinger {
         let out = std::fs::File::create(log).expect("create the ping log");
         let child = Command::new("ip")
-            .args(["netns", "exec", client.name(), "ping", "-D", "-n", "-i", "0.1"])
+            .args([
+                "netns",
+                "exec",
+                client.name(),
+                "ping",
+                "-D",
+                "-n",
+                "-i",
+                "0.1",
+            ])
             .arg(target)
             .stdin(Stdio::null())
             .stdout(out)
@@ -59,7 +68,8 @@ impl Pinger {
 
 /// An echo server (one line back for each line) on `addr` inside `ns`.
 pub fn echo_server(ns: &Netns, addr: &str) -> JoinHandle<()> {
-    let std_listener = ns.enter(|| std::net::TcpListener::bind(addr).expect("bind the echo server"));
+    let std_listener =
+        ns.enter(|| std::net::TcpListener::bind(addr).expect("bind the echo server"));
     std_listener.set_nonblocking(true).expect("nonblocking");
     let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
     tokio::spawn(async move {
@@ -68,7 +78,11 @@ pub fn echo_server(ns: &Netns, addr: &str) -> JoinHandle<()> {
                 let (read, mut write) = stream.into_split();
                 let mut lines = BufReader::new(read).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if write.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                    if write
+                        .write_all(format!("{line}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
