@@ -304,8 +304,26 @@ impl Gateway {
     }
 }
 
-/// Spawns `cmd` with stdout and stderr appended to `log`, killed by pid on drop.
+/// Runs the program at the normal scheduling priority (nice 0) whatever the test's own
+/// (long runs go under `nice`): the drill's components are measured as they run on a
+/// gateway host, not behind the machine's builds.
+pub fn normal_priority(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setpriority(2) is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Spawns `cmd` (at normal priority) with stdout and stderr appended to `log`, killed by
+/// pid on drop.
 pub fn spawn_logged(mut cmd: Command, log: &std::path::Path, what: &str) -> ChildGuard {
+    normal_priority(&mut cmd);
     let out = OpenOptions::new()
         .create(true)
         .append(true)

@@ -450,10 +450,9 @@ impl Drill {
         write_secret(&key_file, private);
         write_secret(&psk_file, psk);
         let iface = self.client_if.clone();
-        let child = self
-            .net
-            .client
-            .command("wireguard-go")
+        let mut cmd = self.net.client.command("wireguard-go");
+        gateway::normal_priority(&mut cmd);
+        let child = cmd
             .args(["-f", &iface])
             .env("WG_PROCESS_FOREGROUND", "1")
             .env("LOG_LEVEL", "error")

@@ -37,7 +37,9 @@ pub struct Pinger {
 impl Pinger {
     pub fn start(client: &Netns, target: &str, log: &Path) -> Pinger {
         let out = std::fs::File::create(log).expect("create the ping log");
-        let child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        super::gateway::normal_priority(&mut cmd);
+        let child = cmd
             .args([
                 "netns",
                 "exec",
