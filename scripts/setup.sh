@@ -14,6 +14,7 @@ PKGS=(
 	lintian rpmlint rpm binutils                   # packages: checks, rpm -qp, strip
 	docker.io docker-compose                       # container images and compose test
 	python3                                        # JSON in the test scripts
+	keepalived                                     # the HA drill (tests/e2e_ha.rs): VRRP
 )
 missing=()
 for p in "${PKGS[@]}"; do
