@@ -526,3 +526,95 @@ fn the_address_watcher_reports_vips_coming_and_going_in_order() {
         quiet(rx).await;
     });
 }
+
+#[test]
+#[ignore = "root: tests/netns/run-root-tests.sh e2e_takeover"]
+fn source_routes_copy_the_next_hop_for_both_families_and_follow_the_vip() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let gw = Netns::new("ts");
+    let router = Netns::new("tt");
+    let (link, far) = gw.veth_to(&router, "ts", "10.62.0.2/24", "10.62.0.1/24");
+    gw.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:62::2/64",
+        "dev",
+        &link,
+        "nodad",
+    ]);
+    router.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:62::1/64",
+        "dev",
+        &far,
+        "nodad",
+    ]);
+    gw.ip(&["addr", "add", "10.62.0.10/24", "dev", &link]);
+    gw.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:62::10/64",
+        "dev",
+        &link,
+        "nodad",
+    ]);
+    gw.ip(&["route", "add", "default", "via", "10.62.0.1"]);
+    gw.ip(&["-6", "route", "add", "default", "via", "2001:db8:62::1"]);
+    let vips = [ip("10.62.0.10"), ip("2001:db8:62::10")];
+    let endpoints: Vec<SocketAddr> = ["198.51.100.7:1", "[2001:db8:99::7]:2", "10.62.0.1:3"]
+        .iter()
+        .map(|e| e.parse().unwrap())
+        .collect();
+    let mut routes = gw.enter(|| SourceRoutes::new(TABLE));
+    let installed = gw.enter(|| routes.install(&vips, &endpoints).expect("install"));
+    assert_eq!(installed, 3);
+
+    let v4 = gw.ip(&["route", "get", "198.51.100.7"]);
+    assert!(
+        v4.contains("via 10.62.0.1") && v4.contains("src 10.62.0.10"),
+        "{v4}"
+    );
+    let on_link = gw.ip(&["route", "get", "10.62.0.1"]);
+    assert!(
+        on_link.contains("src 10.62.0.10") && !on_link.contains("via"),
+        "{on_link}"
+    );
+    let v6 = gw.ip(&["-6", "route", "get", "2001:db8:99::7"]);
+    assert!(
+        v6.contains("via 2001:db8:62::1") && v6.contains("src 2001:db8:62::10"),
+        "{v6}"
+    );
+    for family in ["-4", "-6"] {
+        let rules = gw.ip(&[family, "rule", "show"]);
+        let ours: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.contains(&format!("lookup {TABLE}")))
+            .collect();
+        assert_eq!(ours.len(), 1, "{rules}");
+        assert!(ours[0].starts_with("32765:"), "{rules}");
+    }
+    // Installing again changes nothing. When the IPv4 VIP leaves, the kernel keeps the
+    // routes from it: the next install (given the VIPs present) removes them.
+    let again = gw.enter(|| routes.install(&vips, &endpoints).expect("again"));
+    assert_eq!(again, 3);
+    gw.ip(&["addr", "del", "10.62.0.10/24", "dev", &link]);
+    let left = gw.enter(|| routes.install(&vips[1..], &[]).expect("count"));
+    assert_eq!(left, 1, "only the IPv6 route is left");
+    let main = gw.ip(&["route", "get", "198.51.100.7"]);
+    assert!(main.contains("src 10.62.0.2"), "{main}");
+
+    gw.enter(|| routes.clear().expect("clear"));
+    for family in ["-4", "-6"] {
+        let rules = gw.ip(&[family, "rule", "show"]);
+        assert!(!rules.contains(&format!("lookup {TABLE}")), "{rules}");
+        let table = gw.ip(&[family, "route", "show", "table", &TABLE.to_string()]);
+        assert!(table.trim().is_empty(), "{table}");
+    }
+}

@@ -13,9 +13,12 @@
 //! the rules that point to it. Install them before kicking (the kernel drops cached routes
 //! when a route or rule is added).
 //!
-//! The kernel itself removes an IPv4 route whose preferred source leaves the host, so the
-//! routes are counted from the kernel, never from memory. Deciding ([`plan_sources`]) is
-//! pure; the rest is thin netlink on the socket of [`crate::backend::link`].
+//! The kernel keeps a route whose preferred source has left the host (seen on 6.18), and
+//! would then send from an address another gateway now holds: [`SourceRoutes::install`]
+//! first removes every route of gatehouse's table whose source is not among the VIPs it is
+//! given, and the role's end calls [`SourceRoutes::clear`]. Routes are counted from the
+//! kernel, never from memory. Deciding ([`plan_sources`]) is pure; the rest is thin
+//! netlink on the socket of [`crate::backend::link`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -89,15 +92,30 @@ impl SourceRoutes {
 
     /// For each endpoint whose family has a present VIP, a host route in gatehouse's table
     /// through the next hop the kernel uses now, from that VIP, and the rule of its family.
-    /// Idempotent (routes are replaced, rules added once). An endpoint the kernel cannot
-    /// reach, or reaches on this host, gets no route. Returns the number of routes now in
-    /// gatehouse's table.
+    /// `vips` are the VIPs present now: routes of gatehouse's table from any other source
+    /// are removed first. Idempotent (routes are replaced, rules added once). An endpoint
+    /// the kernel cannot reach, or reaches on this host, gets no route. Returns the number
+    /// of routes now in gatehouse's table.
     pub fn install(
         &mut self,
         vips: &[IpAddr],
         endpoints: &[SocketAddr],
     ) -> Result<usize, SourceError> {
         self.check_table()?;
+        for stale in self
+            .own_routes()?
+            .into_iter()
+            .filter(|r| route_source(r).is_none_or(|src| !vips.contains(&src)))
+        {
+            let op = "delete a source route from an address no longer here".to_string();
+            match self
+                .link()?
+                .request(RouteNetlinkMessage::DelRoute(stale), NLM_F_ACK)
+            {
+                Ok(_) | Err(Failure::Errno(libc::ESRCH)) => {}
+                Err(e) => return Err(netlink(op, e)),
+            }
+        }
         let wanted = plan_sources(vips, endpoints);
         let families: BTreeSet<bool> = wanted.keys().map(IpAddr::is_ipv6).collect();
         let existing = self.rule_families()?;
@@ -360,6 +378,15 @@ fn route_table(r: &RouteMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(u32::from(r.header.table))
+}
+
+/// A route's preferred source.
+fn route_source(r: &RouteMessage) -> Option<IpAddr> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::PrefSource(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+        RouteAttribute::PrefSource(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    })
 }
 
 fn rule_table(r: &RuleMessage) -> u32 {
