@@ -182,6 +182,11 @@ impl Gateway {
                 .stderr(Stdio::null())
                 .status();
         }
+        // After a reboot /run is empty: keepalived's pid files of the killed run must not
+        // make the new one believe it is already running (a pid may be reused).
+        for file in ["keepalived.pid", "vrrp.pid", "checkers.pid"] {
+            let _ = std::fs::remove_file(self.keepalived_dir.join(file));
+        }
         for link in &self.links {
             ip(&["-n", &self.ns, "link", "set", link, "up"]);
         }
