@@ -41,7 +41,7 @@ use client::{CoreSettings, FromCore};
 use offline::OfflineClock;
 use status::{readiness, unix_ms, Readiness, Status};
 use steps::{execute, ApplyStep, StepErrors};
-use timers::{Timer, Timers};
+use timers::{Periodic, Timer, Timers};
 
 /// Above this many operations, a plan's steps are logged at DEBUG and summarized at INFO.
 const LOG_EACH_STEP_UP_TO: usize = 100;
@@ -392,7 +392,9 @@ impl Agent {
     /// The loop. Timers and inputs take turns at priority: after a turn that served an
     /// input the timers go first, after a timer the inputs do. So no input (a burst of
     /// Core messages, a flood of HTTP requests) can starve the timers, and timers whose
-    /// work outlasts their period cannot starve the inputs. Each input turn is bounded:
+    /// work outlasts their period cannot starve the inputs. Among themselves the stats and
+    /// resync timers go earliest deadline first ([`Periodic`]), so neither starves the
+    /// other. Each input turn is bounded:
     /// Core events are taken in batches whose revisions are applied once
     /// ([`Agent::on_core_batch`]), `/diff` reads the interface at most once a second.
     /// A running takeover round's next batch goes before anything but shutdown: it is
@@ -405,14 +407,15 @@ impl Agent {
             vips: mut vip_rx,
         } = inputs;
         tokio::pin!(shutdown);
-        let mut stats_tick = tokio::time::interval(self.settings.stats_interval);
-        let mut resync_tick = tokio::time::interval(self.settings.resync_interval);
-        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        resync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        stats_tick.tick().await;
-        resync_tick.tick().await;
+        let mut periodic = Periodic::new(
+            self.mono(),
+            self.settings.stats_interval,
+            self.settings.resync_interval,
+        );
         let mut timers_first = true;
         loop {
+            let (periodic_timer, periodic_due) = periodic.next();
+            let periodic_at = self.origin + periodic_due;
             let mfa_at = self
                 .next_mfa_deadline()
                 .map(|d| self.origin + d)
@@ -425,8 +428,7 @@ impl Agent {
                     _ = &mut shutdown => Turn::Stop,
                     _ = kick_sleep, if kick_at.is_some() => Turn::Kick,
                     _ = tokio::time::sleep_until(mfa_at) => Turn::Mfa(mfa_at),
-                    due = stats_tick.tick() => Turn::Stats(due),
-                    due = resync_tick.tick() => Turn::Resync(due),
+                    _ = tokio::time::sleep_until(periodic_at) => Turn::Periodic(periodic_timer, periodic_at),
                     event = core_rx.recv() => event.map_or(Turn::Stop, Turn::Core),
                     Some(()) = refresh_rx.recv() => Turn::Refresh,
                     Some(request) = ha_rx.recv() => Turn::Ha(request),
@@ -442,27 +444,24 @@ impl Agent {
                     Some(request) = ha_rx.recv() => Turn::Ha(request),
                     Some(event) = vip_rx.recv() => Turn::Vips(event),
                     _ = tokio::time::sleep_until(mfa_at) => Turn::Mfa(mfa_at),
-                    due = stats_tick.tick() => Turn::Stats(due),
-                    due = resync_tick.tick() => Turn::Resync(due),
+                    _ = tokio::time::sleep_until(periodic_at) => Turn::Periodic(periodic_timer, periodic_at),
                 }
             };
-            timers_first = !matches!(
-                turn,
-                Turn::Mfa(_) | Turn::Stats(_) | Turn::Resync(_) | Turn::Kick
-            );
+            timers_first = !matches!(turn, Turn::Mfa(_) | Turn::Periodic(..) | Turn::Kick);
             match turn {
                 Turn::Stop => break,
                 Turn::Mfa(due) => {
                     self.timer_ran(Timer::Mfa, due);
                     self.on_tick("mfa deadline", false);
                 }
-                Turn::Stats(due) => {
-                    self.timer_ran(Timer::Stats, due);
-                    self.on_tick("stats interval", true);
-                }
-                Turn::Resync(due) => {
-                    self.timer_ran(Timer::Resync, due);
-                    self.on_resync().await;
+                Turn::Periodic(timer, due) => {
+                    self.timer_ran(timer, due);
+                    if timer == Timer::Resync {
+                        self.on_resync().await;
+                    } else {
+                        self.on_tick("stats interval", true);
+                    }
+                    periodic.ran(timer, self.mono());
                 }
                 Turn::Core(event) => self.on_core_batch(event, &mut core_rx).await,
                 Turn::Refresh => self.refresh_diff(),
@@ -957,8 +956,8 @@ impl Agent {
 enum Turn {
     Stop,
     Mfa(Instant),
-    Stats(Instant),
-    Resync(Instant),
+    /// The stats or resync timer, due at the instant.
+    Periodic(Timer, Instant),
     Core(FromCore),
     Refresh,
     Ha(crate::ha::Request),
