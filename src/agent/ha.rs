@@ -240,7 +240,8 @@ impl Agent {
         info!(role = %t.to, reason = %t.reason, "HA: role changed");
         match t.to {
             Role::Active => {
-                self.ha.active_since = Some(SystemTime::now());
+                // A second round in the same active period keeps its start.
+                self.ha.active_since.get_or_insert_with(SystemTime::now);
                 self.ha.takeovers += 1;
                 self.start_round(&t.reason);
             }
@@ -272,10 +273,14 @@ impl Agent {
                 None
             }
         };
+        // A session made since this gateway became active is with this gateway now: never
+        // stale, never re-created (only older ones can be another gateway's leftovers).
+        let active_since = self.ha.active_since.unwrap_or_else(SystemTime::now);
         let handshakes_here: BTreeMap<Key, SystemTime> = observed
             .iter()
             .flat_map(|o| o.device.peers.iter())
             .filter_map(|(k, p)| p.last_handshake.map(|h| (*k, h)))
+            .filter(|(_, h)| *h < active_since)
             .collect();
         let Some(desired) = self.effective_desired() else {
             info!("HA: active, but no location held yet: nothing to take over");

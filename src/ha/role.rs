@@ -8,7 +8,10 @@
 //!   present): an address that appears is keepalived moving it here, an address that goes
 //!   ends the active role, whatever was said before.
 //! - Each transition to active starts one takeover round; activating an active gateway is
-//!   no transition.
+//!   no transition. One exception: a floating address that appears while the gateway is
+//!   active by the operator's word with none present (keepalived's notify came before its
+//!   address) is a transition too: the round that ran had no address to send from, so the
+//!   clients behind NAT never saw it; this one leaves from the floating address.
 //! - Drain is orthogonal to the role: a draining gateway keeps its role and every peer.
 //! - The inputs are kept across restarts ([`RoleState::resume`]): an agent restarted while
 //!   its floating address stays is still active, with no new round (a restart causes no
@@ -123,8 +126,11 @@ impl RoleState {
     /// Takes one input; the transition it causes, if any.
     pub fn handle(&mut self, input: RoleInput) -> Option<Transition> {
         let before = self.role();
+        let mut source_arrived = false;
         let reason = match input {
             RoleInput::VipsPresent(present) => {
+                source_arrived =
+                    before == Role::Active && self.vips_present.is_empty() && !present.is_empty();
                 if present.is_empty() != self.vips_present.is_empty() {
                     // The address moved: whatever the operator said before is superseded.
                     self.operator = None;
@@ -146,7 +152,7 @@ impl RoleState {
             }
         };
         let after = self.role();
-        (after != before).then_some(Transition { to: after, reason })
+        (after != before || source_arrived).then_some(Transition { to: after, reason })
     }
 }
 
@@ -190,8 +196,10 @@ mod tests {
         );
         // Activating an active gateway is no transition.
         assert_eq!(to(r.handle(RoleInput::Operator(Operator::Activate))), None);
-        // The address arrives while activated: still active, no second round.
-        assert_eq!(to(r.handle(vips(&["192.0.2.10"]))), None);
+        // The address arrives while activated without one: a second round, from it.
+        assert_eq!(to(r.handle(vips(&["192.0.2.10"]))), Some(Role::Active));
+        // A second address is no new round.
+        assert_eq!(to(r.handle(vips(&["192.0.2.10", "192.0.2.11"]))), None);
         // Deactivate wins over a present address.
         assert_eq!(
             to(r.handle(RoleInput::Operator(Operator::Deactivate))),
