@@ -37,13 +37,32 @@ fn base() -> Held {
     }
 }
 
+/// An accepted location passes the shared validator again and lists only valid peers.
+fn check_held(held: &Held) {
+    let again = gatehouse_validate::validate_location(&held.location);
+    assert!(again.is_ok(), "accepted but invalid: {:?}", again.err());
+    let valid = gatehouse::validate::valid_peer_keys(&held.location);
+    for key in held.valid.desired.peers.keys() {
+        assert!(valid.contains(key), "accepted a peer the validator rejects");
+    }
+}
+
 fn check(update: Update) {
     if let Update::Accept(held) = update {
-        let again = gatehouse_validate::validate_location(&held.location);
-        assert!(again.is_ok(), "accepted but invalid: {:?}", again.err());
-        let valid = gatehouse::validate::valid_peer_keys(&held.location);
-        for key in held.valid.desired.peers.keys() {
-            assert!(valid.contains(key), "accepted a peer the validator rejects");
+        check_held(&held);
+    }
+}
+
+/// A delta is checked incrementally and applied in place: what it leaves must be what the
+/// full validator accepts, and a rejected delta leaves the held location as it was.
+fn check_delta(delta: &v1::Delta) {
+    let mut held = base();
+    let before = held.clone();
+    match on_delta(Some(&mut held), delta) {
+        Update::Advanced { .. } => check_held(&held),
+        other => {
+            assert!(held == before, "a delta that was not applied changed the held location");
+            check(other);
         }
     }
 }
@@ -54,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
     };
     match msg.kind {
         Some(Kind::Snapshot(s)) => check(on_snapshot(&s)),
-        Some(Kind::Delta(d)) => check(on_delta(Some(&base()), &d)),
+        Some(Kind::Delta(d)) => check_delta(&d),
         _ => {}
     }
 });
