@@ -61,7 +61,10 @@ fn check_delta(delta: &v1::Delta) {
     match on_delta(Some(&mut held), delta) {
         Update::Advanced { .. } => check_held(&held),
         other => {
-            assert!(held == before, "a delta that was not applied changed the held location");
+            assert!(
+                held == before,
+                "a delta that was not applied changed the held location"
+            );
             check(other);
         }
     }
