@@ -158,6 +158,15 @@ impl Agent {
         self.on_update(update).await;
     }
 
+    /// A new held revision (a snapshot, or deltas applied in place): it is applied at the
+    /// end of the batch, and the HA book keeps only its peers.
+    fn accepted(&mut self) {
+        self.bound_ha_book();
+        self.held_trimmed = false;
+        self.last_rejected = None;
+        self.unapplied = true;
+    }
+
     async fn on_update(&mut self, update: Update) {
         match update {
             Update::Advanced { revision, renewed } => {
@@ -166,9 +175,7 @@ impl Agent {
                     self.mfa.forget(key);
                 }
                 debug!(revision, "deltas accepted");
-                self.held_trimmed = false;
-                self.last_rejected = None;
-                self.unapplied = true;
+                self.accepted();
             }
             Update::Accept(held) => {
                 let revision = held.revision;
@@ -185,19 +192,9 @@ impl Agent {
                         }
                     }
                 }
-                if held.location.firewall.as_ref().is_some_and(|f| f.enabled) {
-                    warn!(
-                        revision,
-                        "the location has a firewall policy, but this gatehouse version does \
-                         not enforce firewall policies (nftables): traffic is NOT filtered"
-                    );
-                }
                 debug!(revision, "revision accepted");
                 self.held = Some(*held);
-                self.bound_ha_book();
-                self.held_trimmed = false;
-                self.last_rejected = None;
-                self.unapplied = true;
+                self.accepted();
             }
             Update::Gap { held, base } if self.snapshot_requested => {
                 debug!(

@@ -247,9 +247,8 @@ impl Agent {
             }
             Role::Standby => {
                 self.ha.active_since = None;
-                if std::mem::take(&mut self.ha.epochs_unsaved) {
-                    self.save_state();
-                }
+                // Saved with the role change by the caller.
+                self.ha.epochs_unsaved = false;
                 // The rest of a round is not sent: another gateway carries the clients now.
                 if let Some(left) = self.ha.round.take().map(|r| r.remaining()) {
                     if left > 0 {
@@ -395,20 +394,12 @@ impl Agent {
         }
     }
 
-    fn clear_source_routes(&mut self) {
+    /// Removes gatehouse's source routes: when the active role ends, at stop, and at start
+    /// (routes left by a crash).
+    pub(super) fn clear_source_routes(&mut self) {
         if let Some(Err(e)) = self.ha.routes.as_mut().map(SourceRoutes::clear) {
             self.ha.failed("clearing source routes", e.to_string());
         }
-    }
-
-    /// At start: routes left by a previous run (a crash) go.
-    pub(super) fn ha_start(&mut self) {
-        self.clear_source_routes();
-    }
-
-    /// At stop: gatehouse's routes go with it.
-    pub(super) fn ha_stop(&mut self) {
-        self.clear_source_routes();
     }
 
     /// Signs of life relayed by the Core: where each held peer was last seen.
@@ -420,17 +411,11 @@ impl Agent {
         {
             return;
         }
-        let endpoint = if peer.endpoint.is_empty() {
+        // The shared wire rule (canonical, unicast, port not 0), as for the Core's peers.
+        let endpoint = gatehouse_validate::net::endpoint(&peer.endpoint).unwrap_or_else(|e| {
+            debug!(peer = %key, error = %e, "relayed endpoint ignored");
             None
-        } else {
-            match peer.endpoint.parse::<SocketAddr>() {
-                Ok(e) => Some(e),
-                Err(_) => {
-                    debug!(peer = %key, "relayed endpoint is not ip:port; ignored");
-                    None
-                }
-            }
-        };
+        });
         self.ha.book.relayed(key, at, endpoint);
     }
 

@@ -368,7 +368,7 @@ impl Agent {
     /// Start-up: pre_up, then restore or adopt the interface from the state file.
     async fn start(&mut self) {
         let _ = self.settings.hooks.run(Hook::PreUp).await;
-        self.ha_start();
+        self.clear_source_routes();
         if let Err(e) = self.backend.check() {
             self.backend_error = Some(e.to_string());
             error!(error = %e, "backend check failed");
@@ -507,7 +507,7 @@ impl Agent {
     async fn stop(&mut self) {
         let iface = self.settings.interface.clone();
         let _ = self.settings.hooks.run(Hook::PreDown).await;
-        self.ha_stop();
+        self.clear_source_routes();
         self.save_state();
         if self.settings.remove_on_shutdown {
             match self.backend.remove() {
