@@ -1,6 +1,7 @@
 //! The `gatehouse.v1` protocol: messages and gRPC stubs generated from
 //! `proto/gatehouse/v1/gateway.proto`. The proto file documents every message and the
 //! ordering rules; this crate only compiles it.
+#![deny(unsafe_code)]
 
 /// Generated code for package `gatehouse.v1`.
 pub mod v1 {

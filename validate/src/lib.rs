@@ -19,6 +19,8 @@
 //! canonical form only). The strict form is defined as "normalizing gives the input back", so
 //! what the Core stores always passes on the agent. Pure: no I/O, no clock.
 
+#![deny(clippy::disallowed_methods, clippy::iter_over_hash_type, unsafe_code)] // pure: see clippy.toml
+
 pub mod firewall;
 pub mod index;
 pub mod keys;

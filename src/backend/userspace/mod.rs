@@ -12,6 +12,8 @@
 //!   [`Backend::remove`] stops it (and only kills the process this backend started).
 //!   Under systemd this needs `KillMode=process` (or `mixed`) in the agent's unit.
 
+// Starts and stops wireguard-go: waits on its socket and its exit with deadlines.
+#[allow(clippy::disallowed_methods)]
 mod process;
 mod socket;
 pub mod uapi;
