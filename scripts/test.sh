@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test of the project, on a fresh Debian 12 machine (run as root):
 #   1. setup: Debian packages and the build (scripts/setup.sh)
-#   2. unit and in-process integration tests (no root): cargo test --workspace
+#   2. unit and in-process integration tests (no root): cargo test --workspace; the lint rule
+#      of clippy.toml refuses each banned call in the deciding crate (scripts/lint-bites.sh)
 #   3. root end-to-end tests in network namespaces with real wireguard-go clients
 #   4. kernel WireGuard tests inside a QEMU VM (tests/vm)
 #   5. packages: deb and rpm built (scripts/package.sh), lintian, rpmlint, rpm -qp checks
@@ -28,6 +29,7 @@ stage() { # NAME COMMAND...
 stage setup scripts/setup.sh || exit 1
 [ ${#failed[@]} -eq 0 ] || { echo "setup failed" >&2; exit 1; }
 stage "cargo test (workspace, no root)" cargo test --workspace
+stage "clock, randomness and ordering rule bites (clippy)" scripts/lint-bites.sh
 if [ "$(id -u)" = 0 ]; then
 	stage "root tests in network namespaces" tests/netns/run-root-tests.sh \
 		userspace_link userspace $(for t in tests/e2e_*.rs; do [ -e "$t" ] && basename "$t" .rs; done)
