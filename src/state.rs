@@ -1,4 +1,5 @@
-//! The state directory: `state.json` (the [`PersistedState`]) and `gateway-id`.
+//! The state directory: `state.json` (the base, a [`PersistedState`]), `state.journal`
+//! (the changes since the base) and `gateway-id`.
 //!
 //! Thin file I/O with the safety rules of design §5:
 //! - `state.json` is replaced atomically: written to a temp file in the same directory
@@ -13,8 +14,38 @@
 //!   corrupt state file never changes the gateway's identity.
 //! - The directory (created 0700 when missing) is locked (`flock` on `lock`) while a
 //!   [`StateStore`] is open: two agents cannot share one state directory by mistake.
+//!
+//! # The journal
+//! A change costs O(its size) on disk: [`StateStore::append`] adds framed, checksummed
+//! [`Record`]s to `state.journal` (mode 0600) and fsyncs once per call; the base is not
+//! touched. [`StateStore::save`] writes a full base and starts a new, empty journal.
+//! Each base names the generation of its journal (`journal_generation`, next to
+//! `version`), and each journal's header carries its generation. `save` of generation G+1:
+//! 1. the base of G+1 is written to a temp file, fsynced, renamed over `state.json`, and
+//!    the directory fsynced;
+//! 2. an empty journal of G+1 (its header only) is written the same way over
+//!    `state.journal`.
+//!
+//! A crash before step 1's rename leaves the old base and its journal (G, G); after it,
+//! the new base with either the old journal (G+1, G) or the new one (G+1, G+1). A journal
+//! whose generation is not the base's is stale, its records already in that base: it is
+//! ignored and replaced by an empty one at open. So a crash at any point yields the old
+//! base with the old journal or the new base with an empty journal.
+//!
+//! At open, the records of the journal's valid prefix are read in order; a torn or
+//! corrupt tail (a crash mid-append, a flipped bit) is dropped with a warning naming its
+//! offset (never its content or checksum: records hold keys), and cut off the file so
+//! later appends follow the last good record. Plain-data records are applied to the
+//! loaded [`PersistedState`] ([`journal::apply`]); the `Deltas` records are handed to the
+//! caller ([`StateStore::take_replay`]) to replay on the base's location.
+//!
+//! Compaction: the caller does a full `save` when [`StateStore::should_compact`] says
+//! so: the journal is larger than the base and larger than [`COMPACT_FLOOR`]. Then no
+//! change writes more than about twice what a full save would, amortized, and a restart
+//! reads at most about twice the base.
 
 pub mod codec;
+pub mod journal;
 mod persisted;
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -28,6 +59,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zeroize::Zeroize;
 
+pub use journal::{Buried, Record};
 pub use persisted::{first_event_seq, HaPersisted, PendingEvent, PersistedState};
 
 /// The state file's name in the state directory.
@@ -36,8 +68,13 @@ pub const STATE_FILE: &str = "state.json";
 pub const GATEWAY_ID_FILE: &str = "gateway-id";
 /// The lock file's name in the state directory.
 pub const LOCK_FILE: &str = "lock";
-/// The format version this agent reads and writes.
-pub const STATE_VERSION: u64 = 1;
+/// The journal file's name in the state directory.
+pub const JOURNAL_FILE: &str = "state.journal";
+/// The format version this agent writes. Version 2 adds the journal: an agent that only
+/// knows version 1 would ignore it, so it must refuse the file. Version 1 is still read.
+pub const STATE_VERSION: u64 = 2;
+/// The journal size under which [`StateStore::should_compact`] never asks for a save.
+pub const COMPACT_FLOOR: u64 = 64 * 1024;
 
 const TEMP_PREFIX: &str = ".tmp-";
 const MAX_ID_LEN: usize = 128;
@@ -64,7 +101,7 @@ pub enum StateError {
         source: io::Error,
     },
     #[error(
-        "{} has state format version {found}, this agent reads version {STATE_VERSION}; \
+        "{} has state format version {found}, this agent reads versions 1 to {STATE_VERSION}; \
          it was written by a newer gatehouse (upgrade, or move the file away to start fresh)",
         path.display()
     )]
@@ -73,6 +110,17 @@ pub enum StateError {
     Locked { dir: PathBuf },
     #[error("cannot encode the state: {0}")]
     Encode(#[source] serde_json::Error),
+    #[error(
+        "{} has journal format version {found}, this agent reads version {}; \
+         it was written by a newer gatehouse",
+        path.display(), journal::JOURNAL_VERSION
+    )]
+    UnsupportedJournal { path: PathBuf, found: u32 },
+    /// `append` without a journal to append to: no base was written yet (a fresh or
+    /// corrupt start), or an earlier append failed and could not be undone. A full
+    /// [`StateStore::save`] starts a new journal.
+    #[error("the state journal needs a full save first")]
+    NeedsSave,
 }
 
 /// An open, locked state directory.
@@ -80,14 +128,41 @@ pub enum StateError {
 pub struct StateStore {
     dir: PathBuf,
     gateway_id: String,
+    /// The generation of the base on disk; the next `save` writes the one after it.
+    generation: u64,
+    /// The journal continuing the base; `None` before the first save of a fresh or corrupt
+    /// start, and after an append that failed and could not be undone.
+    journal: Option<JournalFile>,
+    /// Size of the base on disk (for [`StateStore::should_compact`]).
+    base_bytes: u64,
+    /// The `Deltas` records read at open, for the caller to replay.
+    replay: Vec<Record>,
     /// Holds the `flock` until the store is dropped.
     _lock: File,
 }
 
+#[derive(Debug)]
+struct JournalFile {
+    /// Opened for appending.
+    file: File,
+    /// Bytes of the valid journal (header and whole records).
+    len: u64,
+}
+
+/// What [`peek`] sees: the base with the plain-data records applied, and the `Deltas`
+/// records to replay on its location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peeked {
+    pub state: PersistedState,
+    pub replay: Vec<Record>,
+}
+
 impl StateStore {
     /// Opens (creating it 0700 if missing) and locks the state directory, loads the state
-    /// file and settles the gateway id: the `gateway-id` file, else the state file's, else
-    /// a new one; the file is (re)written when it was missing or unreadable.
+    /// file with its journal and settles the gateway id: the `gateway-id` file, else the
+    /// state file's, else a new one; the file is (re)written when it was missing or
+    /// unreadable. The journal's plain-data records are applied to the loaded state; its
+    /// `Deltas` records wait in [`StateStore::take_replay`].
     pub fn open(dir: impl AsRef<Path>) -> Result<(StateStore, LoadOutcome), StateError> {
         let dir = dir.as_ref().to_path_buf();
         DirBuilder::new()
@@ -98,14 +173,29 @@ impl StateStore {
         let lock = lock_dir(&dir)?;
         remove_temp_files(&dir)?;
 
+        let mut base_generation = None;
         let mut outcome = match read_state(&dir.join(STATE_FILE))? {
             Read::Missing => LoadOutcome::Fresh,
-            Read::Ok(state) => LoadOutcome::Loaded(state),
+            Read::Ok(state, generation) => {
+                base_generation = Some(generation);
+                LoadOutcome::Loaded(state)
+            }
             Read::Bad(reason) => {
-                let moved_to = move_aside(&dir)?;
+                let moved_to = move_aside(&dir, STATE_FILE)?;
                 tracing::warn!(path = %moved_to.display(), %reason, "state file unreadable, moved aside; starting fresh");
                 LoadOutcome::Corrupt { moved_to, reason }
             }
+        };
+
+        let (generation, journal, replay, base_bytes) = match (&mut outcome, base_generation) {
+            (LoadOutcome::Loaded(state), Some(generation)) => {
+                let (journal, replay) = open_journal(&dir, generation, state)?;
+                let base_bytes = fs::metadata(dir.join(STATE_FILE)).map_or(0, |m| m.len());
+                (generation, Some(journal), replay, base_bytes)
+            }
+            // No base: a journal left on disk belongs to no state. The first save replaces
+            // it, with a generation above its own.
+            _ => (stray_generation(&dir), None, Vec::new(), 0),
         };
 
         let from_file = read_gateway_id(&dir)?;
@@ -127,6 +217,10 @@ impl StateStore {
         let store = StateStore {
             dir,
             gateway_id,
+            generation,
+            journal,
+            base_bytes,
+            replay,
             _lock: lock,
         };
         Ok((store, outcome))
@@ -141,39 +235,238 @@ impl StateStore {
         &self.dir
     }
 
-    /// Replaces the state file atomically (see the module doc). `state.gateway_id` is
-    /// written as given; the store's id is the one to put there.
+    /// The `Deltas` records of the journal read at open, oldest first, each on top of the
+    /// revision before it (the first on the loaded `applied_revision`): the caller replays
+    /// them on the loaded location. Empty after the first call.
+    pub fn take_replay(&mut self) -> Vec<Record> {
+        std::mem::take(&mut self.replay)
+    }
+
+    /// Writes a full base atomically and starts a new, empty journal (the order is in the
+    /// module doc). `state.gateway_id` is written as given; the store's id is the one to
+    /// put there.
     pub fn save(&mut self, state: &PersistedState) -> Result<(), StateError> {
+        // Whatever happens below, appends wait for a save that completes: the journal on
+        // disk may already be stale.
+        self.journal = None;
+        self.generation += 1;
         let mut bytes = serde_json::to_vec(&OnDisk {
             version: STATE_VERSION,
+            journal_generation: self.generation,
             state,
         })
         .map_err(StateError::Encode)?;
         bytes.push(b'\n');
         let result = write_atomic(&self.dir, STATE_FILE, &bytes);
+        let len = bytes.len() as u64;
         bytes.zeroize();
-        result
+        result?;
+        self.base_bytes = len;
+        self.journal = Some(create_journal(&self.dir, self.generation)?);
+        Ok(())
+    }
+
+    /// Appends `records` to the journal and fsyncs it once: O(their size), the base is
+    /// not written. Returns the bytes written. [`StateError::NeedsSave`] when there is no
+    /// journal to append to (see it); a failed write is cut off again, so a later append
+    /// follows the last good record.
+    pub fn append(&mut self, records: &[Record]) -> Result<u64, StateError> {
+        let Some(journal) = self.journal.as_mut() else {
+            return Err(StateError::NeedsSave);
+        };
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let mut buf = Vec::new();
+        if let Err(e) = journal::encode(records, &mut buf) {
+            buf.zeroize();
+            return Err(StateError::Encode(e));
+        }
+        let written = journal
+            .file
+            .write_all(&buf)
+            .and_then(|()| journal.file.sync_data());
+        let n = buf.len() as u64;
+        buf.zeroize();
+        let path = self.dir.join(JOURNAL_FILE);
+        match written {
+            Ok(()) => {
+                journal.len += n;
+                Ok(n)
+            }
+            Err(e) => {
+                let undone = journal
+                    .file
+                    .set_len(journal.len)
+                    .and_then(|()| journal.file.sync_data());
+                if undone.is_err() {
+                    self.journal = None;
+                }
+                Err(io_err("appending to", &path, e))
+            }
+        }
+    }
+
+    /// The journal's size in bytes (its header included; 0 when there is none).
+    pub fn journal_bytes(&self) -> u64 {
+        self.journal.as_ref().map_or(0, |j| j.len)
+    }
+
+    /// The base's size in bytes (0 before the first save of a fresh start).
+    pub fn base_bytes(&self) -> u64 {
+        self.base_bytes
+    }
+
+    /// Whether the caller should do a full [`StateStore::save`] now: there is no journal
+    /// to append to, or the journal outgrew both the base and [`COMPACT_FLOOR`].
+    pub fn should_compact(&self) -> bool {
+        match &self.journal {
+            None => true,
+            Some(j) => j.len > self.base_bytes.max(COMPACT_FLOOR),
+        }
     }
 }
 
-/// Reads the state file without locking or changing anything (for `gatehouse status`
-/// while the agent runs). `None` when there is none; a corrupt file is an error here.
-pub fn peek(dir: impl AsRef<Path>) -> Result<Option<PersistedState>, StateError> {
+/// Reads the state file and its journal without locking or changing anything (for
+/// `gatehouse status` while the agent runs). `None` when there is no state file; a corrupt
+/// state file is an error here. An incomplete last record is skipped quietly: the agent may
+/// be appending it.
+pub fn peek(dir: impl AsRef<Path>) -> Result<Option<Peeked>, StateError> {
     let path = dir.as_ref().join(STATE_FILE);
-    match read_state(&path)? {
-        Read::Missing => Ok(None),
-        Read::Ok(state) => Ok(Some(*state)),
-        Read::Bad(reason) => Err(io_err(
-            "reading",
-            &path,
-            io::Error::new(io::ErrorKind::InvalidData, reason),
-        )),
+    let (mut state, generation) = match read_state(&path)? {
+        Read::Missing => return Ok(None),
+        Read::Ok(state, generation) => (*state, generation),
+        Read::Bad(reason) => {
+            return Err(io_err(
+                "reading",
+                &path,
+                io::Error::new(io::ErrorKind::InvalidData, reason),
+            ))
+        }
+    };
+    let replay = match read_journal(&dir.as_ref().join(JOURNAL_FILE))? {
+        JournalRead::Current(decoded) if decoded.generation == generation => {
+            apply_records(&mut state, decoded.records)
+        }
+        _ => Vec::new(),
+    };
+    Ok(Some(Peeked { state, replay }))
+}
+
+/// Applies the plain-data records to `state` and returns the `Deltas` ones, in order.
+fn apply_records(state: &mut PersistedState, records: Vec<Record>) -> Vec<Record> {
+    let mut replay = Vec::new();
+    for record in records {
+        journal::apply(state, &record);
+        if matches!(record, Record::Deltas { .. }) {
+            replay.push(record);
+        }
     }
+    replay
+}
+
+enum JournalRead {
+    Missing,
+    Corrupt(&'static str),
+    Current(journal::Decoded),
+}
+
+fn read_journal(path: &Path) -> Result<JournalRead, StateError> {
+    let mut bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(JournalRead::Missing),
+        Err(e) => return Err(io_err("reading", path, e)),
+    };
+    let decoded = journal::decode(&bytes);
+    bytes.zeroize();
+    match decoded {
+        Ok(d) => Ok(JournalRead::Current(d)),
+        Err(journal::HeaderError::Corrupt(reason)) => Ok(JournalRead::Corrupt(reason)),
+        Err(journal::HeaderError::Version(found)) => Err(StateError::UnsupportedJournal {
+            path: path.to_path_buf(),
+            found,
+        }),
+    }
+}
+
+/// The journal continuing a base of `generation`, opened for appending, with its records
+/// applied to `state`; returns the `Deltas` records. A missing or stale journal is
+/// replaced by an empty one, a journal with a corrupt header is moved aside, and a torn or
+/// corrupt tail is cut off.
+fn open_journal(
+    dir: &Path,
+    generation: u64,
+    state: &mut PersistedState,
+) -> Result<(JournalFile, Vec<Record>), StateError> {
+    let path = dir.join(JOURNAL_FILE);
+    let decoded = match read_journal(&path)? {
+        JournalRead::Missing => return Ok((create_journal(dir, generation)?, Vec::new())),
+        JournalRead::Corrupt(reason) => {
+            let moved_to = move_aside(dir, JOURNAL_FILE)?;
+            tracing::warn!(path = %moved_to.display(), reason, "state journal unreadable, moved aside; the base alone is loaded");
+            return Ok((create_journal(dir, generation)?, Vec::new()));
+        }
+        JournalRead::Current(d) if d.generation != generation => {
+            // A save renamed its base in and crashed before its empty journal: the records
+            // of this journal are in the base.
+            tracing::info!(
+                journal = d.generation,
+                base = generation,
+                "stale state journal replaced"
+            );
+            return Ok((create_journal(dir, generation)?, Vec::new()));
+        }
+        JournalRead::Current(d) => d,
+    };
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(|e| io_err("opening", &path, e))?;
+    let len = decoded.valid_len as u64;
+    if let Some(tail) = &decoded.tail {
+        let size = file.metadata().map_or(len, |m| m.len());
+        tracing::warn!(
+            path = %path.display(),
+            offset = tail.offset,
+            reason = tail.reason,
+            dropped_bytes = size.saturating_sub(len),
+            kept_records = decoded.records.len(),
+            "state journal has a torn or corrupt tail (a crash mid-write?): dropped, the records before it are kept"
+        );
+        file.set_len(len)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_err("truncating", &path, e))?;
+    }
+    let replay = apply_records(state, decoded.records);
+    Ok((JournalFile { file, len }, replay))
+}
+
+/// A new, empty journal of `generation` (written atomically), opened for appending.
+fn create_journal(dir: &Path, generation: u64) -> Result<JournalFile, StateError> {
+    write_atomic(dir, JOURNAL_FILE, &journal::header(generation))?;
+    let path = dir.join(JOURNAL_FILE);
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(|e| io_err("opening", &path, e))?;
+    Ok(JournalFile {
+        file,
+        len: journal::HEADER_LEN as u64,
+    })
+}
+
+/// The generation of a journal found without a base (0 when none is readable).
+fn stray_generation(dir: &Path) -> u64 {
+    fs::read(dir.join(JOURNAL_FILE))
+        .ok()
+        .and_then(|bytes| journal::read_header(&bytes).ok())
+        .unwrap_or(0)
 }
 
 #[derive(Serialize)]
 struct OnDisk<'a> {
     version: u64,
+    journal_generation: u64,
     #[serde(flatten)]
     state: &'a PersistedState,
 }
@@ -182,6 +475,9 @@ struct OnDisk<'a> {
 struct OnDiskOwned {
     #[serde(rename = "version")]
     _version: u64,
+    /// Absent in version 1 (no journal): 0.
+    #[serde(default)]
+    journal_generation: u64,
     #[serde(flatten)]
     state: PersistedState,
 }
@@ -193,7 +489,8 @@ struct VersionProbe {
 
 enum Read {
     Missing,
-    Ok(Box<PersistedState>),
+    /// The state and its journal's generation.
+    Ok(Box<PersistedState>, u64),
     Bad(String),
 }
 
@@ -201,7 +498,7 @@ enum Read {
 /// it is unreadable. Public for the fuzz target.
 pub fn decode_state(bytes: &[u8]) -> Result<PersistedState, String> {
     match parse_state(Path::new(STATE_FILE), bytes) {
-        Ok(Read::Ok(state)) => Ok(*state),
+        Ok(Read::Ok(state, _)) => Ok(*state),
         Ok(Read::Missing) => Err("missing".into()),
         Ok(Read::Bad(reason)) => Err(reason),
         Err(e) => Err(e.to_string()),
@@ -229,7 +526,7 @@ fn parse_state(path: &Path, bytes: &[u8]) -> Result<Read, StateError> {
     };
     match probe.version {
         None => return Ok(Read::Bad("no format version".into())),
-        Some(STATE_VERSION) => {}
+        Some(1..=STATE_VERSION) => {}
         Some(found) => {
             return Err(StateError::UnsupportedVersion {
                 path: path.to_path_buf(),
@@ -238,21 +535,21 @@ fn parse_state(path: &Path, bytes: &[u8]) -> Result<Read, StateError> {
         }
     }
     Ok(match serde_json::from_slice::<OnDiskOwned>(bytes) {
-        Ok(d) => Read::Ok(Box::new(d.state)),
+        Ok(d) => Read::Ok(Box::new(d.state), d.journal_generation),
         Err(e) => Read::Bad(format!("invalid content: {e}")),
     })
 }
 
-/// Renames the state file to `state.json.corrupt-<unix-ts>` (with a counter if taken).
-fn move_aside(dir: &Path) -> Result<PathBuf, StateError> {
+/// Renames `name` to `<name>.corrupt-<unix-ts>` (with a counter if taken).
+fn move_aside(dir: &Path, name: &str) -> Result<PathBuf, StateError> {
     let ts = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let from = dir.join(STATE_FILE);
-    let mut to = dir.join(format!("{STATE_FILE}.corrupt-{ts}"));
+    let from = dir.join(name);
+    let mut to = dir.join(format!("{name}.corrupt-{ts}"));
     let mut n = 1;
     while to.exists() {
-        to = dir.join(format!("{STATE_FILE}.corrupt-{ts}-{n}"));
+        to = dir.join(format!("{name}.corrupt-{ts}-{n}"));
         n += 1;
     }
     fs::rename(&from, &to).map_err(|e| io_err("moving aside", &from, e))?;
@@ -377,5 +674,7 @@ fn io_err(context: &'static str, path: &Path, source: io::Error) -> StateError {
     }
 }
 
+#[cfg(test)]
+mod journal_tests;
 #[cfg(test)]
 mod tests;

@@ -14,7 +14,7 @@ fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
-fn sample_state(id: &str) -> PersistedState {
+pub(super) fn sample_state(id: &str) -> PersistedState {
     let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let mut mfa = MfaTracker::new();
     mfa.observe(
@@ -110,9 +110,15 @@ fn fresh_then_round_trip() {
         other => panic!("expected Loaded, got {other:?}"),
     }
     let text = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
-    assert!(text.contains("\"version\":1"));
+    assert!(text.contains("\"version\":2"));
     assert!(text.contains("PEER_EVENT_REASON_MFA_INACTIVE"));
-    assert_eq!(peek(&dir).unwrap(), Some(newer));
+    assert_eq!(
+        peek(&dir).unwrap(),
+        Some(Peeked {
+            state: newer,
+            replay: vec![]
+        })
+    );
 }
 
 #[test]
@@ -232,11 +238,11 @@ fn leftover_temp_file_is_ignored_and_removed() {
 fn unknown_version_is_a_clear_error_and_file_stays() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join(STATE_FILE);
-    fs::write(&path, r#"{"version":2,"gateway_id":"gw","new_thing":[]}"#).unwrap();
+    fs::write(&path, r#"{"version":3,"gateway_id":"gw","new_thing":[]}"#).unwrap();
     let err = StateStore::open(tmp.path()).unwrap_err();
     assert!(matches!(
         err,
-        StateError::UnsupportedVersion { found: 2, .. }
+        StateError::UnsupportedVersion { found: 3, .. }
     ));
     assert!(err.to_string().contains("newer gatehouse"), "{err}");
     assert!(path.exists());
