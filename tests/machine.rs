@@ -93,19 +93,25 @@ fn mfa_events_are_saved_before_the_removal() {
     let mut sim = synced(&[1], Some(T));
     let from = sim.trace.len();
     sim.advance(Duration::from_secs(T as u64 + 5));
-    let t = &sim.trace[from..];
-    let save = t.iter().position(|a| a == "save").expect("a save");
-    let removal = t
+    assert!(!sim.has(key(1)));
+    // The first apply that removed the peer came after a save holding its event and its
+    // tombstone.
+    let (_, saved_before) = sim
+        .removals
         .iter()
-        .position(|a| a.starts_with("apply") && a.contains("-1"))
+        .find(|(keys, _)| keys.contains(&key(1)))
         .expect("the removal");
-    let event = t
-        .iter()
-        .position(|a| a.starts_with("send Events"))
-        .expect("the event sent");
-    assert!(save < removal && removal < event, "{t:?}");
-    let saved = &sim.saves[sim.saves.len() - 1];
-    assert!(saved.pending_events.is_empty() || saved.tombstones.contains(&key(1)));
+    let last = &sim.saves[saved_before - 1];
+    assert!(
+        last.pending_events.iter().any(|e| e.public_key == key(1)),
+        "the event was not on disk before the removal"
+    );
+    assert!(last.tombstones.contains(&key(1)));
+    // And the event went to the Core after the removal.
+    let t = &sim.trace[from..];
+    let removal = t.iter().position(|a| a.starts_with("apply")).unwrap();
+    let event = t.iter().position(|a| a.starts_with("send Events")).unwrap();
+    assert!(removal < event, "{t:?}");
 }
 
 #[test]

@@ -199,6 +199,8 @@ pub struct Sim {
     /// (hook, the link existed, peers on the interface)
     pub hooks: Vec<(Hook, bool, usize)>,
     pub status: Status,
+    /// Each apply's peer removals, with how many states had been saved before it.
+    pub removals: Vec<(Vec<Key>, usize)>,
     /// Peers with traffic: their counters grow before every timer.
     pub active: BTreeSet<Key>,
     /// Virtual time since the sim began, and since this machine's start.
@@ -236,6 +238,7 @@ impl Sim {
             trace: vec![],
             hooks: vec![],
             status: Status::default(),
+            removals: vec![],
             active: BTreeSet::new(),
             clock: Duration::ZERO,
             started_at: Duration::ZERO,
@@ -388,6 +391,15 @@ impl Sim {
                 Outcome::Read(self.kernel.observe().map_err(|e| e.to_string()))
             }
             Action::Apply { trigger, plan } => {
+                let removed = plan
+                    .steps
+                    .iter()
+                    .filter_map(|s| match &s.op {
+                        gatehouse::plan::Op::RemovePeer(k) => Some(*k),
+                        _ => None,
+                    })
+                    .collect();
+                self.removals.push((removed, self.saves.len()));
                 let (done, outcomes) = execute_phases(&mut self.kernel, plan, &trigger);
                 Outcome::Applied {
                     applied: done.applied,
