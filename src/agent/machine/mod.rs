@@ -54,6 +54,7 @@
 mod core;
 mod ha;
 mod held;
+mod model;
 mod reconcile;
 mod report;
 

@@ -16,7 +16,7 @@ use crate::agent::status::unix_ms;
 use crate::agent::steps::{nothing_failed, ApplyStep};
 use crate::mfa::{MfaPolicy, PeerSample, Session};
 use crate::model::{Desired, Key, Observed};
-use crate::plan::{plan, simulate, Op, Plan, PlanSummary};
+use crate::plan::{plan, Op, Plan, PlanSummary};
 use crate::state::PendingEvent;
 
 /// Above this many operations, a plan's steps are logged at DEBUG and summarized at INFO.
@@ -140,7 +140,7 @@ impl Machine {
                 self.steps.record_all(outcomes);
                 self.account(&applied);
                 match (&mut self.model, failed) {
-                    (Some(model), false) => simulate(model, &applied),
+                    (Some(model), false) => super::model::apply(model, &applied),
                     // After a failed step the interface is unknown: the next change reads it.
                     _ => self.model = None,
                 }
