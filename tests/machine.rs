@@ -75,7 +75,10 @@ fn mfa_idle_peer_removed_once_active_kept_new_session_returns() {
     loc.peers.push(peer(2, 999));
     sim.core.publish(loc);
     sim.deliver();
-    assert!(sim.has(key(2)), "the new session does not bring the peer back");
+    assert!(
+        sim.has(key(2)),
+        "the new session does not bring the peer back"
+    );
     sim.advance(Duration::from_secs(T as u64) - S);
     assert!(sim.has(key(2)), "the new session's timer started early");
 }
@@ -126,14 +129,20 @@ fn expiry_while_the_core_is_away_survives_a_restart_and_reaches_the_core_once() 
     let state = sim.last_save();
     sim.restart(state, 5 * S);
     sim.advance(20 * S);
-    assert!(!sim.has(key(2)), "the restart brought the removed peer back");
+    assert!(
+        !sim.has(key(2)),
+        "the restart brought the removed peer back"
+    );
     assert!(sim.has(key(1)));
     assert_eq!(sim.status.pending_events, 1);
     assert!(sim.core.events.is_empty());
     sim.connect();
     sim.advance(5 * S);
     assert_eq!(sim.core.events_of(key(2)), 1);
-    assert_eq!(sim.core.deliveries, 1, "the event reached the Core more than once");
+    assert_eq!(
+        sim.core.deliveries, 1,
+        "the event reached the Core more than once"
+    );
     assert_eq!(sim.status.pending_events, 0);
     assert!(!sim.has(key(2)));
 }
@@ -161,7 +170,10 @@ fn event_numbers_after_a_lost_state_file_are_new() {
     sim.deliver();
     assert!(sim.has(key(2)));
     let second = expire(&mut sim, 2);
-    assert!(second > first, "seq {second} after {first}: taken as a repeat");
+    assert!(
+        second > first,
+        "seq {second} after {first}: taken as a repeat"
+    );
     assert_eq!(sim.core.events_of(key(2)), 2);
 }
 
@@ -177,7 +189,10 @@ fn event_numbers_after_an_older_state_file_are_new() {
     sim.connect();
     sim.active.remove(&key(3));
     let second = expire(&mut sim, 3);
-    assert!(second > first, "seq {second} after {first}: taken as a repeat");
+    assert!(
+        second > first,
+        "seq {second} after {first}: taken as a repeat"
+    );
     assert_eq!(sim.core.events_of(key(3)), 1);
 }
 
@@ -190,12 +205,18 @@ fn a_removal_that_fails_to_apply_is_retried_without_a_second_event() {
     sim.kernel.fail_phase(Phase::PeerRemovals, "device busy");
     sim.disconnect();
     sim.advance(Duration::from_secs(T as u64 + 5));
-    assert!(sim.has(key(2)), "the removal failed, the peer is still there");
+    assert!(
+        sim.has(key(2)),
+        "the removal failed, the peer is still there"
+    );
     assert_eq!(sim.status.pending_events, 1);
     assert!(sim.status.apply_error.is_some());
     // Many ticks later, still one event.
     sim.advance(60 * S);
-    assert_eq!(sim.status.pending_events, 1, "a second event for the same removal");
+    assert_eq!(
+        sim.status.pending_events, 1,
+        "a second event for the same removal"
+    );
     sim.kernel.clear_faults();
     sim.advance(Duration::from_secs(11));
     assert!(!sim.has(key(2)), "the removal is not retried");
@@ -254,14 +275,27 @@ fn core_outage_changes_nothing() {
     sim.kernel.clear_log();
     sim.disconnect();
     sim.advance(600 * S);
-    assert!(sim.kernel.applied_ops().is_empty(), "writes during the outage");
-    assert_eq!(sim.kernel.state().device.peers.len(), before.device.peers.len());
+    assert!(
+        sim.kernel.applied_ops().is_empty(),
+        "writes during the outage"
+    );
+    assert_eq!(
+        sim.kernel.state().device.peers.len(),
+        before.device.peers.len()
+    );
     assert!(sim.status.ready, "{}", sim.status.ready_reason);
-    assert!(sim.status.ready_reason.contains("unreachable"), "{}", sim.status.ready_reason);
+    assert!(
+        sim.status.ready_reason.contains("unreachable"),
+        "{}",
+        sim.status.ready_reason
+    );
     assert!(!sim.status.core.connected);
     sim.connect();
     sim.advance(5 * S);
-    assert!(sim.kernel.applied_ops().is_empty(), "writes after the Core came back");
+    assert!(
+        sim.kernel.applied_ops().is_empty(),
+        "writes after the Core came back"
+    );
     assert_eq!(
         sim.core.applied.last().map(|a| a.revision),
         Some(sim.core.revision)
@@ -279,7 +313,10 @@ fn kill_and_restart_while_the_core_is_down() {
     sim.advance(30 * S);
     assert_eq!(sim.status.applied_revision, revision);
     assert!(sim.status.ready, "{}", sim.status.ready_reason);
-    assert!(sim.kernel.applied_ops().is_empty(), "the restart rewrote the interface");
+    assert!(
+        sim.kernel.applied_ops().is_empty(),
+        "the restart rewrote the interface"
+    );
     assert!(sim.has(key(1)) && sim.has(key(2)));
 }
 
@@ -336,7 +373,9 @@ fn truncated_state_file_the_core_resyncs() {
         "peers churned: {:?}",
         sim.kernel.applied_ops()
     );
-    assert!(sim.last_save().is_some_and(|s| s.applied_revision == sim.core.revision));
+    assert!(sim
+        .last_save()
+        .is_some_and(|s| s.applied_revision == sim.core.revision));
 }
 
 #[test]
@@ -346,15 +385,25 @@ fn hooks_run_at_their_moments() {
     sim.start();
     assert_eq!(sim.hooks, vec![(Hook::PreUp, false, 0)]);
     sim.connect();
-    assert_eq!(sim.hooks[1], (Hook::PostUp, true, 1), "post_up after the first apply");
+    assert_eq!(
+        sim.hooks[1],
+        (Hook::PostUp, true, 1),
+        "post_up after the first apply"
+    );
     sim.advance(30 * S);
     assert_eq!(sim.hooks.len(), 2, "post_up once");
     sim.stop();
-    assert_eq!(&sim.hooks[2..], &[(Hook::PreDown, true, 1), (Hook::PostDown, true, 1)]);
+    assert_eq!(
+        &sim.hooks[2..],
+        &[(Hook::PreDown, true, 1), (Hook::PostDown, true, 1)]
+    );
     // A restart adopts the interface: pre_up sees it, post_up follows the first apply.
     let state = sim.last_save();
     sim.restart(state, S);
-    assert_eq!(&sim.hooks[4..], &[(Hook::PreUp, true, 1), (Hook::PostUp, true, 1)]);
+    assert_eq!(
+        &sim.hooks[4..],
+        &[(Hook::PreUp, true, 1), (Hook::PostUp, true, 1)]
+    );
 }
 
 #[test]
@@ -370,7 +419,10 @@ fn shutdown_keeps_the_tunnel_and_the_restart_writes_nothing() {
     sim.advance(30 * S);
     sim.connect();
     sim.advance(30 * S);
-    assert!(sim.kernel.applied_ops().is_empty(), "the restart wrote to the interface");
+    assert!(
+        sim.kernel.applied_ops().is_empty(),
+        "the restart wrote to the interface"
+    );
 }
 
 #[test]
@@ -382,12 +434,18 @@ fn reboot_while_the_core_is_down_restores_the_tunnel() {
     // A reboot: the interface is gone with the processes.
     sim.kernel = MemoryBackend::new("wgsim0");
     sim.restart(state, 60 * S);
-    assert!(sim.has(key(1)) && sim.has(key(2)), "not restored from the state file");
+    assert!(
+        sim.has(key(1)) && sim.has(key(2)),
+        "not restored from the state file"
+    );
     assert_eq!(sim.status.applied_revision, revision);
     assert!(!sim.status.core.connected);
     sim.kernel.clear_log();
     sim.connect();
-    assert!(sim.kernel.applied_ops().is_empty(), "writes after the Core returned");
+    assert!(
+        sim.kernel.applied_ops().is_empty(),
+        "writes after the Core returned"
+    );
 }
 
 #[test]
@@ -395,7 +453,8 @@ fn offline_allowance_removes_then_the_core_brings_back() {
     let mut s = settings();
     s.offline_remove_after = Some(120 * S);
     let mut sim = Sim::new(s);
-    sim.core.publish(location(vec![peer(1, 1), peer(2, 2)], None));
+    sim.core
+        .publish(location(vec![peer(1, 1), peer(2, 2)], None));
     sim.start();
     sim.connect();
     // Connected but idle for longer than the allowance: nothing happens.
@@ -403,9 +462,15 @@ fn offline_allowance_removes_then_the_core_brings_back() {
     assert!(sim.has(key(1)));
     sim.disconnect();
     sim.advance(60 * S);
-    assert!(sim.has(key(1)) && sim.has(key(2)), "removed within the allowance");
+    assert!(
+        sim.has(key(1)) && sim.has(key(2)),
+        "removed within the allowance"
+    );
     sim.advance(70 * S);
-    assert!(!sim.has(key(1)) && !sim.has(key(2)), "kept past the allowance");
+    assert!(
+        !sim.has(key(1)) && !sim.has(key(2)),
+        "kept past the allowance"
+    );
     assert!(sim.status.offline_removed);
     assert!(sim.status.ready, "{}", sim.status.ready_reason);
     assert!(sim.kernel.state().link.is_some(), "the interface stays");
@@ -414,7 +479,10 @@ fn offline_allowance_removes_then_the_core_brings_back() {
     sim.restart(state, S);
     assert!(!sim.has(key(1)), "the restart re-added removed peers");
     sim.connect();
-    assert!(sim.has(key(1)) && sim.has(key(2)), "the Core did not bring them back");
+    assert!(
+        sim.has(key(1)) && sim.has(key(2)),
+        "the Core did not bring them back"
+    );
     assert!(!sim.status.offline_removed);
 }
 
@@ -432,7 +500,12 @@ fn a_change_is_planned_on_the_model_saved_once_and_the_next_read_finds_nothing()
     sim.deliver();
     assert_eq!(sim.count_since(from, "read"), 0, "{:?}", &sim.trace[from..]);
     assert_eq!(sim.count_since(from, "save"), 1, "{:?}", &sim.trace[from..]);
-    assert_eq!(sim.count_since(from, "apply"), 1, "{:?}", &sim.trace[from..]);
+    assert_eq!(
+        sim.count_since(from, "apply"),
+        1,
+        "{:?}",
+        &sim.trace[from..]
+    );
     assert_eq!(sim.status.applied_revision, sim.core.revision);
     assert!(sim.has(key(5)));
     // Planning again after the model was updated: nothing to do (the resync reads).
@@ -440,7 +513,12 @@ fn a_change_is_planned_on_the_model_saved_once_and_the_next_read_finds_nothing()
     let from = sim.trace.len();
     sim.advance(sim.settings.resync_interval);
     assert!(sim.count_since(from, "read") >= 1);
-    assert_eq!(sim.count_since(from, "apply"), 0, "{:?}", &sim.trace[from..]);
+    assert_eq!(
+        sim.count_since(from, "apply"),
+        0,
+        "{:?}",
+        &sim.trace[from..]
+    );
     assert_eq!(sim.kernel.applied_ops().len(), ops);
     assert_eq!(sim.status.drift_repairs, 0);
 }

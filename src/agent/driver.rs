@@ -94,7 +94,9 @@ impl Driver {
                 let _ = self.hooks.run(hook).await;
                 return None;
             }
-            Action::CheckBackend => Outcome::BackendChecked(self.backend.check().map_err(|e| text(&e))),
+            Action::CheckBackend => {
+                Outcome::BackendChecked(self.backend.check().map_err(|e| text(&e)))
+            }
             Action::Read { .. } => Outcome::Read(self.backend.observe().map_err(|e| text(&e))),
             Action::Apply { trigger, plan } => {
                 let (executed, outcomes) = execute_phases(self.backend.as_mut(), plan, &trigger);
@@ -115,12 +117,12 @@ impl Driver {
             Action::Save(state) => Outcome::Saved(self.store.save(&state).map_err(|e| text(&e))),
             Action::Send { messages, mode } => Outcome::Sent(self.send(messages, &mode)),
             Action::Kick(batch) => Outcome::Kicked(self.backend.kick(&batch).map_err(|e| text(&e))),
-            Action::InstallSourceRoutes { vips, endpoints } => Outcome::RoutesInstalled(
-                match self.routes.as_mut() {
+            Action::InstallSourceRoutes { vips, endpoints } => {
+                Outcome::RoutesInstalled(match self.routes.as_mut() {
                     Some(r) => r.install(&vips, &endpoints).map_err(|e| text(&e)),
                     None => Ok(0),
-                },
-            ),
+                })
+            }
             Action::ClearSourceRoutes => Outcome::RoutesCleared(match self.routes.as_mut() {
                 Some(r) => r.clear().map_err(|e| text(&e)),
                 None => Ok(()),

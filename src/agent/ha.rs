@@ -75,4 +75,3 @@ pub(super) async fn forward_vips(
         }
     }
 }
-

@@ -282,7 +282,9 @@ async fn event_loop(
                 driver.drain(machine).await;
                 let _ = request.reply.send(machine.ha_answer());
             }
-            Turn::Vips(ha::VipEvent::Present(set)) => machine.handle_vips_present(set, driver.now()),
+            Turn::Vips(ha::VipEvent::Present(set)) => {
+                machine.handle_vips_present(set, driver.now())
+            }
             Turn::Vips(ha::VipEvent::WatchFailed(e)) => {
                 machine.handle_vip_watch_failed(e, driver.now())
             }

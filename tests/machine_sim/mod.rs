@@ -160,10 +160,7 @@ impl ScriptedCore {
 
     /// The events stored for `k`.
     pub fn events_of(&self, k: Key) -> usize {
-        self.events
-            .values()
-            .filter(|e| e.public_key == k.0)
-            .count()
+        self.events.values().filter(|e| e.public_key == k.0).count()
     }
 }
 
@@ -217,14 +214,7 @@ impl Sim {
             mono: Duration::ZERO,
             wall: wall0,
         };
-        let machine = Machine::new(
-            settings.clone(),
-            "gw-sim".into(),
-            None,
-            None,
-            1,
-            now,
-        );
+        let machine = Machine::new(settings.clone(), "gw-sim".into(), None, None, 1, now);
         Sim {
             settings,
             machine,
@@ -387,9 +377,7 @@ impl Sim {
                 return None;
             }
             Action::CheckBackend => Outcome::BackendChecked(Ok(None)),
-            Action::Read { .. } => {
-                Outcome::Read(self.kernel.observe().map_err(|e| e.to_string()))
-            }
+            Action::Read { .. } => Outcome::Read(self.kernel.observe().map_err(|e| e.to_string())),
             Action::Apply { trigger, plan } => {
                 let removed = plan
                     .steps
@@ -426,7 +414,9 @@ impl Sim {
                 }
                 Outcome::Sent(n)
             }
-            Action::Kick(batch) => Outcome::Kicked(self.kernel.kick(&batch).map_err(|e| e.to_string())),
+            Action::Kick(batch) => {
+                Outcome::Kicked(self.kernel.kick(&batch).map_err(|e| e.to_string()))
+            }
             Action::InstallSourceRoutes { .. } => Outcome::RoutesInstalled(Ok(0)),
             Action::ClearSourceRoutes => Outcome::RoutesCleared(Ok(())),
             Action::Publish(s) => {

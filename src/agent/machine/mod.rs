@@ -99,9 +99,14 @@ pub enum Action {
     /// The backend's own health check and repair. Result: [`Outcome::BackendChecked`].
     CheckBackend,
     /// Read the whole interface. Result: [`Outcome::Read`].
-    Read { trigger: &'static str },
+    Read {
+        trigger: &'static str,
+    },
     /// Execute the plan phase by phase. Result: [`Outcome::Applied`].
-    Apply { trigger: String, plan: Plan },
+    Apply {
+        trigger: String,
+        plan: Plan,
+    },
     /// Bring the firewall in line. Result: [`Outcome::Firewall`].
     Firewall {
         trigger: String,

@@ -23,7 +23,12 @@ fn index(device: &DeviceState) -> Owners {
 }
 
 /// Gives `ips` to `owner`, taking them from whoever held them.
-fn claim(owners: &mut Owners, device: &mut DeviceState, owner: &Key, ips: &std::collections::BTreeSet<IpNet>) {
+fn claim(
+    owners: &mut Owners,
+    device: &mut DeviceState,
+    owner: &Key,
+    ips: &std::collections::BTreeSet<IpNet>,
+) {
     for ip in ips {
         if let Some(prev) = owners.insert(*ip, *owner) {
             if prev != *owner {
@@ -46,7 +51,12 @@ pub(super) fn apply(model: &mut Observed, plan: &Plan) {
                 if let Some(old) = model.device.peers.remove(&spec.public_key) {
                     release(owners, &spec.public_key, old.config.allowed_ips.iter());
                 }
-                claim(owners, &mut model.device, &spec.public_key, &spec.allowed_ips);
+                claim(
+                    owners,
+                    &mut model.device,
+                    &spec.public_key,
+                    &spec.allowed_ips,
+                );
                 model
                     .device
                     .peers
@@ -160,7 +170,11 @@ mod tests {
             apply(&mut model, &p);
             simulate(&mut reference, &p);
             assert_eq!(model, reference, "step {i}");
-            assert!(plan(want, &model).is_empty(), "step {i}: {:?}", plan(want, &model));
+            assert!(
+                plan(want, &model).is_empty(),
+                "step {i}: {:?}",
+                plan(want, &model)
+            );
         }
     }
 
@@ -173,11 +187,18 @@ mod tests {
         apply(&mut model, &first);
         let mut reference = model.clone();
         let p = Plan {
-            steps: plan(&desired(&[(1, &["10.0.0.2/32"]), (2, &["10.0.0.2/32"])]), &model).steps,
+            steps: plan(
+                &desired(&[(1, &["10.0.0.2/32"]), (2, &["10.0.0.2/32"])]),
+                &model,
+            )
+            .steps,
         };
         apply(&mut model, &p);
         simulate(&mut reference, &p);
         assert_eq!(model, reference);
-        assert!(model.device.peers[&Key([1; 32])].config.allowed_ips.is_empty());
+        assert!(model.device.peers[&Key([1; 32])]
+            .config
+            .allowed_ips
+            .is_empty());
     }
 }

@@ -27,15 +27,23 @@ const LOG_EACH_STEP_UP_TO: usize = 100;
 pub(super) enum Then {
     Nothing,
     /// The state file's revision restored at start.
-    Start { revision: u64 },
+    Start {
+        revision: u64,
+    },
     /// A revision from the Core: `Applied` follows.
-    ApplyHeld { revision: u64 },
+    ApplyHeld {
+        revision: u64,
+    },
     /// The periodic resync; `in_sync`: the held revision was applied before it.
-    Resync { in_sync: bool },
+    Resync {
+        in_sync: bool,
+    },
     /// MFA removals: their events go to the Core.
     MfaRemoval,
     /// The removals of a rejected revision.
-    RejectedRemovals { revision: u64 },
+    RejectedRemovals {
+        revision: u64,
+    },
 }
 
 /// What a read is for.
@@ -192,7 +200,11 @@ impl Machine {
                 self.routes_installed(*round, result)
             }
             (wait, outcome) => {
-                error!(?wait, ?outcome, "an outcome that does not answer the action asked for");
+                error!(
+                    ?wait,
+                    ?outcome,
+                    "an outcome that does not answer the action asked for"
+                );
             }
         }
     }
@@ -405,7 +417,9 @@ impl Machine {
             );
         }
         self.request(
-            Action::Read { trigger: "reconcile" },
+            Action::Read {
+                trigger: "reconcile",
+            },
             Wait::Read(AfterRead::Reconcile {
                 trigger,
                 save_first,
