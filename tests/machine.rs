@@ -23,7 +23,10 @@
 //! | `offline_allowance_removes_then_the_core_brings_back` | `offline_allowance_removes_peers_and_the_core_brings_them_back` |
 //!
 //! And the change path: a revision is planned against the machine's model of the
-//! interface without a read, saved once, and the next read finds nothing to do.
+//! interface without a read, saved once, and the next read finds nothing to do; after a
+//! failed apply the next change reads first; timers due together share one read; deltas of
+//! one batch are one apply, a gap asks for a snapshot, a rejected revision applies only its
+//! removals (as `tests/sync.rs` does in real time).
 
 #[path = "machine_sim/mod.rs"]
 mod machine_sim;
@@ -333,8 +336,6 @@ fn drift_made_by_hand_is_repaired() {
     assert!(sim.has(key(1)), "not repaired within resync_interval");
     assert_eq!(sim.status.drift_repairs, 1);
     // A stranger added by hand.
-    let stranger = MemoryBackend::new("x");
-    drop(stranger);
     sim.kernel.modify(|o| {
         let mut p = o.device.peers[&key(2)].clone();
         p.config.public_key = key(77);
@@ -553,4 +554,69 @@ fn timers_due_together_share_one_read() {
     let from = sim.trace.len();
     sim.advance(10 * S);
     assert_eq!(sim.count_since(from, "read"), 1, "{:?}", &sim.trace[from..]);
+}
+
+fn delta(revision: u64, base: u64, upsert: gatehouse_proto::v1::Peer) -> gatehouse_proto::v1::CoreMessage {
+    use gatehouse_proto::v1;
+    v1::CoreMessage {
+        kind: Some(v1::core_message::Kind::Delta(v1::Delta {
+            revision,
+            base_revision: base,
+            changes: vec![v1::Change {
+                kind: Some(v1::change::Kind::UpsertPeer(upsert)),
+            }],
+        })),
+    }
+}
+
+#[test]
+fn deltas_in_one_batch_are_one_apply_and_a_gap_asks_for_a_snapshot() {
+    let mut sim = synced(&[1], None);
+    let r = sim.core.revision;
+    let from = sim.trace.len();
+    sim.core.outbox.push(delta(r + 1, r, peer(2, 0)));
+    sim.core.outbox.push(delta(r + 2, r + 1, peer(3, 0)));
+    sim.deliver();
+    assert!(sim.has(key(2)) && sim.has(key(3)));
+    assert_eq!(sim.count_since(from, "apply"), 1, "{:?}", &sim.trace[from..]);
+    assert_eq!(sim.count_since(from, "save"), 1, "{:?}", &sim.trace[from..]);
+    assert_eq!(sim.count_since(from, "read"), 0);
+    assert_eq!(sim.status.applied_revision, r + 2);
+    // A delta on a base the gateway does not hold: a snapshot request, then the snapshot.
+    let mut loc = sim.core.location.clone().unwrap();
+    loc.peers.push(peer(4, 0));
+    sim.core.revision = r + 5;
+    sim.core.location = Some(loc);
+    sim.core.outbox.push(delta(r + 5, r + 4, peer(4, 0)));
+    sim.deliver();
+    assert_eq!(sim.core.snapshot_requests, 1);
+    assert!(sim.has(key(4)));
+    assert!(!sim.has(key(2)), "the snapshot is the Core's whole location");
+    assert_eq!(sim.status.applied_revision, r + 5);
+}
+
+#[test]
+fn a_rejected_revision_reports_and_applies_only_its_removals() {
+    let mut sim = synced(&[1, 2], None);
+    let good = sim.status.applied_revision;
+    let mut bad = peer(3, 0);
+    bad.allowed_ips = vec!["not an address".into()];
+    // Peer 2 no longer listed, peer 3 invalid.
+    sim.core.publish(location(vec![peer(1, 1), bad], None));
+    sim.deliver();
+    assert!(!sim.has(key(2)), "a revoked peer kept by invalid content");
+    assert!(sim.has(key(1)) && !sim.has(key(3)));
+    let applied = sim.core.applied.last().unwrap();
+    assert_eq!(applied.revision, good);
+    assert!(applied.error.as_ref().is_some_and(|e| !e.rejected.is_empty()));
+    assert!(sim.status.last_rejected.is_some());
+    // The held content is no longer the Core's: the next delta gets a snapshot request.
+    let r = sim.core.revision;
+    sim.core.location = Some(location(vec![peer(1, 1)], None));
+    sim.core.outbox.push(delta(r + 1, r, peer(1, 1)));
+    sim.core.revision = r + 1;
+    sim.deliver();
+    assert_eq!(sim.core.snapshot_requests, 1);
+    assert_eq!(sim.status.applied_revision, r + 1);
+    assert!(sim.status.last_rejected.is_none());
 }

@@ -5,14 +5,12 @@
 //! in-memory store (a restart is a new machine restored from a saved state), and a clock
 //! that jumps from one deadline to the next. Nothing sleeps: minutes pass in microseconds.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use gatehouse::agent::client::CoreSettings;
-use gatehouse::agent::machine::{Action, Machine, Now, Outcome, SendMode};
+use gatehouse::agent::machine::{Action, Machine, Now, Outcome};
 use gatehouse::agent::status::Status;
 use gatehouse::agent::steps::execute_phases;
 use gatehouse::agent::Settings;
@@ -403,11 +401,10 @@ impl Sim {
                     Outcome::Saved(Ok(()))
                 }
             }
-            Action::Send { messages, mode } => {
+            Action::Send { messages, .. } => {
                 if !self.core.up {
                     return Some(Outcome::Sent(0));
                 }
-                let _: SendMode = mode;
                 let n = messages.len();
                 for m in messages {
                     self.core.receive(m);
