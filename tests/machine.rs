@@ -556,7 +556,11 @@ fn timers_due_together_share_one_read() {
     assert_eq!(sim.count_since(from, "read"), 1, "{:?}", &sim.trace[from..]);
 }
 
-fn delta(revision: u64, base: u64, upsert: gatehouse_proto::v1::Peer) -> gatehouse_proto::v1::CoreMessage {
+fn delta(
+    revision: u64,
+    base: u64,
+    upsert: gatehouse_proto::v1::Peer,
+) -> gatehouse_proto::v1::CoreMessage {
     use gatehouse_proto::v1;
     v1::CoreMessage {
         kind: Some(v1::core_message::Kind::Delta(v1::Delta {
@@ -578,7 +582,12 @@ fn deltas_in_one_batch_are_one_apply_and_a_gap_asks_for_a_snapshot() {
     sim.core.outbox.push(delta(r + 2, r + 1, peer(3, 0)));
     sim.deliver();
     assert!(sim.has(key(2)) && sim.has(key(3)));
-    assert_eq!(sim.count_since(from, "apply"), 1, "{:?}", &sim.trace[from..]);
+    assert_eq!(
+        sim.count_since(from, "apply"),
+        1,
+        "{:?}",
+        &sim.trace[from..]
+    );
     assert_eq!(sim.count_since(from, "save"), 1, "{:?}", &sim.trace[from..]);
     assert_eq!(sim.count_since(from, "read"), 0);
     assert_eq!(sim.status.applied_revision, r + 2);
@@ -591,7 +600,10 @@ fn deltas_in_one_batch_are_one_apply_and_a_gap_asks_for_a_snapshot() {
     sim.deliver();
     assert_eq!(sim.core.snapshot_requests, 1);
     assert!(sim.has(key(4)));
-    assert!(!sim.has(key(2)), "the snapshot is the Core's whole location");
+    assert!(
+        !sim.has(key(2)),
+        "the snapshot is the Core's whole location"
+    );
     assert_eq!(sim.status.applied_revision, r + 5);
 }
 
@@ -608,7 +620,10 @@ fn a_rejected_revision_reports_and_applies_only_its_removals() {
     assert!(sim.has(key(1)) && !sim.has(key(3)));
     let applied = sim.core.applied.last().unwrap();
     assert_eq!(applied.revision, good);
-    assert!(applied.error.as_ref().is_some_and(|e| !e.rejected.is_empty()));
+    assert!(applied
+        .error
+        .as_ref()
+        .is_some_and(|e| !e.rejected.is_empty()));
     assert!(sim.status.last_rejected.is_some());
     // The held content is no longer the Core's: the next delta gets a snapshot request.
     let r = sim.core.revision;

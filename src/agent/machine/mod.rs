@@ -48,7 +48,7 @@
 //! `mod.rs` (inputs, outputs, the job runner), `core.rs` (the Core protocol), `reconcile.rs`
 //! (plan, apply, the model, ticks, MFA expiry, the offline policy), `ha.rs` (role and
 //! takeover rounds), `report.rs` (status, diff, the state to save), `held.rs` (the held
-//! location's encodings).
+//! location's encodings), `model.rs` (the model updated by an apply).
 #![deny(clippy::disallowed_methods)]
 
 mod core;

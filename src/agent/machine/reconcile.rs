@@ -1,7 +1,7 @@
 //! Plan, apply and the model of the interface; the timers' ticks (one shared read), MFA
 //! expiry (events saved before the removal) and the offline policy.
 //!
-//! A change is planned against the model ([`Machine::model`]) without reading the
+//! A change is planned against the machine's model (its `model` field) without reading the
 //! interface; the model is the last read with every successful apply simulated on it, and
 //! becomes unknown after an apply that failed. The resync, the stats and MFA ticks, `/diff`,
 //! a takeover and the start read the interface, which repairs drift made by hand.
