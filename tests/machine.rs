@@ -313,6 +313,9 @@ fn kill_and_restart_while_the_core_is_down() {
     sim.kernel.clear_log();
     let state = sim.last_save();
     sim.restart(state, 2 * S);
+    // Restored at start, before any Core or resync.
+    assert_eq!(sim.status.applied_revision, revision);
+    assert!(sim.status.ready, "{}", sim.status.ready_reason);
     sim.advance(30 * S);
     assert_eq!(sim.status.applied_revision, revision);
     assert!(sim.status.ready, "{}", sim.status.ready_reason);
