@@ -32,6 +32,9 @@ pub(super) struct Driver {
     /// The current stream's sender; dropping it ends the stream (the client reconnects).
     pub(super) outbound: Option<mpsc::Sender<v1::GatewayMessage>>,
     pub(super) status_tx: Option<watch::Sender<Status>>,
+    /// The newest status, published at the end of the loop's turn (a turn is one input or
+    /// one batch of Core messages: no half-done batch is shown).
+    pub(super) unpublished: Option<Box<Status>>,
     pub(super) diff_tx: Option<watch::Sender<DiffReport>>,
     pub(super) origin: Instant,
 }
@@ -127,14 +130,8 @@ impl Driver {
                 Some(r) => r.clear().map_err(|e| text(&e)),
                 None => Ok(()),
             }),
-            Action::Publish(mut status) => {
-                if let Some(tx) = &self.status_tx {
-                    status.firewall = self.firewall.status().clone();
-                    let counters = self.backend.counters();
-                    status.device_writes = counters.device_writes;
-                    status.link_writes = counters.link_writes;
-                    tx.send_replace(*status);
-                }
+            Action::Publish(status) => {
+                self.unpublished = Some(status);
                 return None;
             }
             Action::PublishDiff {
@@ -161,6 +158,18 @@ impl Driver {
                 return None;
             }
         })
+    }
+
+    /// Publishes the newest status, with the firewall's state and the backend's counters.
+    pub(super) fn publish(&mut self) {
+        let (Some(tx), Some(mut status)) = (&self.status_tx, self.unpublished.take()) else {
+            return;
+        };
+        status.firewall = self.firewall.status().clone();
+        let counters = self.backend.counters();
+        status.device_writes = counters.device_writes;
+        status.link_writes = counters.link_writes;
+        tx.send_replace(*status);
     }
 
     /// Queues messages in order, stopping at the first that cannot be queued; how many

@@ -140,6 +140,7 @@ pub async fn run_with_vip_reports(
         interface: settings.interface.clone(),
         outbound: None,
         status_tx: Some(status_tx),
+        unpublished: None,
         diff_tx: Some(diff_tx),
         origin,
         store,
@@ -160,6 +161,7 @@ pub async fn run_with_vip_reports(
 
     machine.handle_start(driver.now());
     driver.drain(&mut machine).await;
+    driver.publish();
     let client = tokio::spawn(client::run(settings.core.clone(), core_tx, stop_rx.clone()));
     let http = http_listener.map(|l| {
         let stop = stop_rx.clone();
@@ -290,6 +292,7 @@ async fn event_loop(
             }
         }
         driver.drain(machine).await;
+        driver.publish();
     }
 }
 
