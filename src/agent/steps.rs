@@ -159,6 +159,24 @@ pub struct Executed {
     pub failed: bool,
 }
 
+/// The outcome of each plan step of one apply (every plan step present: `Ok` when it had
+/// nothing to do or succeeded).
+pub type StepOutcomes = BTreeMap<ApplyStep, Result<(), String>>;
+
+/// The outcomes of an apply with nothing to do (every plan step succeeded).
+pub fn nothing_failed() -> StepOutcomes {
+    ApplyStep::PLAN.iter().map(|s| (*s, Ok(()))).collect()
+}
+
+impl StepErrors {
+    /// Records the outcomes of one apply's plan steps.
+    pub fn record_all(&mut self, outcomes: StepOutcomes) {
+        for (step, result) in outcomes {
+            self.record(step, result);
+        }
+    }
+}
+
 /// Executes `plan` phase by phase and sets the plan steps' entries of `errors`.
 ///
 /// Order: peer removals (alone), the link's creation (alone: when it fails nothing else is
@@ -170,11 +188,21 @@ pub fn execute(
     trigger: &str,
     errors: &mut StepErrors,
 ) -> Executed {
-    let mut outcome: BTreeMap<ApplyStep, Result<(), String>> =
-        ApplyStep::PLAN.iter().map(|s| (*s, Ok(()))).collect();
+    let (executed, outcomes) = execute_phases(backend, plan, trigger);
+    errors.record_all(outcomes);
+    executed
+}
+
+/// [`execute`], returning each plan step's outcome instead of recording it.
+pub fn execute_phases(
+    backend: &mut dyn Backend,
+    plan: Plan,
+    trigger: &str,
+) -> (Executed, StepOutcomes) {
+    let mut outcome: StepOutcomes = ApplyStep::PLAN.iter().map(|s| (*s, Ok(()))).collect();
     let mut applied = Plan::default();
     let phases = plan.into_phases();
-    let mut run = |part: Plan, outcome: &mut BTreeMap<ApplyStep, Result<(), String>>| -> bool {
+    let mut run = |part: Plan, outcome: &mut StepOutcomes| -> bool {
         let Some(first) = part.steps.first() else {
             return true;
         };
@@ -213,10 +241,7 @@ pub fn execute(
         run(phases.device, &mut outcome);
     }
     let failed = outcome.values().any(Result::is_err);
-    for (step, result) in outcome {
-        errors.record(step, result);
-    }
-    Executed { applied, failed }
+    (Executed { applied, failed }, outcome)
 }
 
 #[cfg(test)]

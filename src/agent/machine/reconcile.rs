@@ -1,0 +1,664 @@
+//! Plan, apply and the model of the interface; the timers' ticks (one shared read), MFA
+//! expiry (events saved before the removal) and the offline policy.
+//!
+//! A change is planned against the machine's model (its `model` field) without reading the
+//! interface; the model is the last read with every successful apply simulated on it, and
+//! becomes unknown after an apply that failed. The resync, the stats and MFA ticks, `/diff`,
+//! a takeover and the start read the interface, which repairs drift made by hand.
+
+use std::collections::BTreeMap;
+
+use gatehouse_proto::v1;
+use tracing::{debug, error, info, warn};
+
+use super::{held, Action, Job, Machine, Now, Outcome, SendMode};
+use crate::agent::status::unix_ms;
+use crate::agent::steps::{nothing_failed, ApplyStep};
+use crate::mfa::{MfaPolicy, PeerSample, Session};
+use crate::model::{Desired, Key, Observed};
+use crate::plan::{plan, Op, Plan, PlanSummary};
+use crate::state::PendingEvent;
+
+/// Above this many operations, a plan's steps are logged at DEBUG and summarized at INFO.
+const LOG_EACH_STEP_UP_TO: usize = 100;
+
+/// What follows a reconcile, given its result.
+#[derive(Debug)]
+pub(super) enum Then {
+    Nothing,
+    /// The state file's revision restored at start.
+    Start {
+        revision: u64,
+    },
+    /// A revision from the Core: `Applied` follows.
+    ApplyHeld {
+        revision: u64,
+    },
+    /// The periodic resync; `in_sync`: the held revision was applied before it.
+    Resync {
+        in_sync: bool,
+    },
+    /// MFA removals: their events go to the Core.
+    MfaRemoval,
+    /// The removals of a rejected revision.
+    RejectedRemovals {
+        revision: u64,
+    },
+}
+
+/// What a read is for.
+#[derive(Debug)]
+pub(super) enum AfterRead {
+    Reconcile {
+        trigger: String,
+        save_first: bool,
+        then: Then,
+    },
+    Tick {
+        mfa: bool,
+        stats: bool,
+        resync: bool,
+    },
+    Takeover {
+        reason: String,
+    },
+    Diff {
+        desired: Box<Desired>,
+    },
+}
+
+/// A planned apply waiting for its save or its outcome.
+#[derive(Debug)]
+pub(super) struct ApplyCtx {
+    trigger: String,
+    plan: Plan,
+    desired: Desired,
+    summary: PlanSummary,
+    then: Then,
+}
+
+/// What the machine waits for.
+#[derive(Debug)]
+pub(super) enum Wait {
+    BackendCheck,
+    RoutesCleared,
+    Saved,
+    Read(AfterRead),
+    /// The revision is written before the apply.
+    SavedThenApply(Box<ApplyCtx>),
+    /// The revision is written before the reconcile (the model is unknown: read first).
+    SavedThen(Box<Job>),
+    Apply(Box<ApplyCtx>),
+    Firewall {
+        then: Then,
+        read_error: Option<String>,
+        summary: PlanSummary,
+    },
+    /// MFA events on disk before their removal.
+    MfaSaved {
+        rollback: Rollback,
+        count: usize,
+    },
+    Sent(SendMode),
+    Kicked {
+        count: usize,
+        recreated: Vec<Key>,
+    },
+    RoutesInstalled(Box<super::ha::Round>),
+}
+
+/// The machine's state before MFA events were made, to take them back.
+#[derive(Debug)]
+pub(super) struct Rollback {
+    pending: usize,
+    next_seq: u64,
+    tombstones: crate::mfa::Tombstones,
+}
+
+impl Machine {
+    /// Feeds an outcome to what waited for it.
+    pub(super) fn resume(&mut self, wait: Wait, outcome: Outcome) {
+        match (wait, outcome) {
+            (Wait::BackendCheck, Outcome::BackendChecked(result)) => match result {
+                // Health is cleared by the next successful read of the interface.
+                Ok(Some(repair)) => warn!(%repair, "backend repaired itself"),
+                Ok(None) => {}
+                Err(e) => {
+                    error!(error = %e, "backend unhealthy");
+                    self.backend_error = Some(e);
+                }
+            },
+            (Wait::RoutesCleared, Outcome::RoutesCleared(result)) => {
+                if let Err(e) = result {
+                    self.ha.failed("clearing source routes", e);
+                }
+            }
+            (Wait::Saved, Outcome::Saved(result)) => self.saved(result),
+            (Wait::SavedThenApply(ctx), Outcome::Saved(result)) => {
+                self.saved(result);
+                self.apply(*ctx);
+            }
+            (Wait::SavedThen(job), Outcome::Saved(result)) => {
+                self.saved(result);
+                self.spawn(*job);
+            }
+            (Wait::Read(after), Outcome::Read(result)) => self.after_read(after, result),
+            (Wait::Apply(ctx), Outcome::Applied { applied, outcomes }) => {
+                let failed = outcomes.values().any(Result::is_err);
+                self.steps.record_all(outcomes);
+                self.account(&applied);
+                match (&mut self.model, failed) {
+                    (Some(model), false) => super::model::apply(model, &applied),
+                    // After a failed step the interface is unknown: the next change reads it.
+                    _ => self.model = None,
+                }
+                if let Some(model) = &self.model {
+                    self.counts.kernel_peers = model.device.peers.len();
+                }
+                self.firewall(ctx.trigger, ctx.desired, ctx.then, None, ctx.summary);
+            }
+            (
+                Wait::Firewall {
+                    then,
+                    read_error,
+                    summary,
+                },
+                Outcome::Firewall(result),
+            ) => {
+                self.steps.record(ApplyStep::Firewall, result);
+                let result = match (read_error, self.steps.summary()) {
+                    (Some(e), _) => Err(format!("cannot read the interface: {e}")),
+                    (None, Some(failed)) => Err(failed),
+                    (None, None) => Ok(summary),
+                };
+                self.finish(then, result);
+            }
+            (Wait::MfaSaved { rollback, count }, Outcome::Saved(result)) => match result {
+                Ok(()) => {
+                    self.state_error = None;
+                    self.counts.mfa_removals += count as u64;
+                    self.spawn(Job::Reconcile {
+                        trigger: "MFA inactivity".into(),
+                        read: false,
+                        save_first: false,
+                        then: Then::MfaRemoval,
+                    });
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot write the state file: MFA removal postponed");
+                    self.state_error = Some(e);
+                    self.tombstones = rollback.tombstones;
+                    self.pending.truncate(rollback.pending);
+                    self.next_seq = rollback.next_seq;
+                }
+            },
+            (Wait::Sent(mode), Outcome::Sent(queued)) => self.sent(mode, queued),
+            (Wait::Kicked { count, recreated }, Outcome::Kicked(result)) => {
+                self.kicked(count, recreated, result)
+            }
+            (Wait::RoutesInstalled(round), Outcome::RoutesInstalled(result)) => {
+                self.routes_installed(*round, result)
+            }
+            (wait, outcome) => {
+                error!(
+                    ?wait,
+                    ?outcome,
+                    "an outcome that does not answer the action asked for"
+                );
+            }
+        }
+    }
+
+    fn saved(&mut self, result: Result<(), String>) {
+        match result {
+            Ok(()) => self.state_error = None,
+            Err(e) => {
+                error!(error = %e, "cannot write the state file");
+                self.state_error = Some(e);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ reads --
+
+    /// A read of the interface: the health, the MFA timers, the HA book and the model.
+    fn on_read(&mut self, result: Result<Observed, String>) -> Result<(), String> {
+        let observed = match result {
+            Ok(o) => o,
+            Err(e) => {
+                self.backend_error = Some(e.clone());
+                return Err(e);
+            }
+        };
+        let Now { mono, wall } = self.now;
+        self.backend_error = None;
+        self.last_read = Some((mono, wall));
+        self.counts.kernel_peers = observed.device.peers.len();
+        self.mfa.observe(
+            observed
+                .device
+                .peers
+                .iter()
+                .map(|(k, p)| (*k, PeerSample::from(p))),
+            mono,
+            wall,
+        );
+        self.ha.book.observe_here(&observed.device.peers, wall);
+        self.model = Some(observed);
+        Ok(())
+    }
+
+    fn after_read(&mut self, after: AfterRead, result: Result<Observed, String>) {
+        let read = self.on_read(result);
+        match after {
+            AfterRead::Reconcile {
+                trigger,
+                save_first,
+                then,
+            } => match read {
+                Ok(()) => self.plan_and_apply(trigger, save_first, then),
+                Err(e) => match self.effective_desired() {
+                    // The firewall does not depend on the WireGuard device being readable.
+                    Some(desired) => {
+                        self.firewall(trigger, desired, then, Some(e), PlanSummary::default())
+                    }
+                    None => self.finish(then, Err(e)),
+                },
+            },
+            AfterRead::Tick { mfa, stats, resync } => {
+                match &read {
+                    Ok(()) => {
+                        if mfa || stats {
+                            self.spawn(Job::ExpireMfa);
+                        }
+                        if let (true, Some(model)) = (stats, &self.model) {
+                            self.spawn(Job::SendStats(Box::new(model.clone())));
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot read the interface"),
+                }
+                if resync {
+                    let in_sync =
+                        self.held.as_ref().map(|h| h.revision) == Some(self.applied_revision);
+                    self.spawn(Job::Reconcile {
+                        trigger: "periodic resync".into(),
+                        // A read that failed is tried again by the resync itself.
+                        read: read.is_err(),
+                        save_first: false,
+                        then: Then::Resync { in_sync },
+                    });
+                }
+            }
+            AfterRead::Takeover { reason } => {
+                if let Err(e) = read {
+                    // Without a read, own handshakes are unknown: no re-creation, relayed
+                    // activity still tells whom to kick.
+                    self.ha
+                        .failed("reading the interface for the takeover", e.to_string());
+                }
+                self.plan_round(&reason);
+            }
+            AfterRead::Diff { desired } => self.diff_read(read, *desired),
+        }
+    }
+
+    // ------------------------------------------------------------------ ticks --
+
+    /// The due timers share one read: MFA expiry, the stats report, the resync (with the
+    /// backend's check before it); the offline policy decides first.
+    pub(super) fn tick(&mut self, mfa: bool, stats: bool, resync: bool) {
+        if resync {
+            self.spawn(Job::Act(Action::CheckBackend));
+        }
+        self.spawn(Job::OfflinePolicy);
+        self.spawn(Job::TickRead { mfa, stats, resync });
+    }
+
+    pub(super) fn tick_read(&mut self, mfa: bool, stats: bool, resync: bool) {
+        let trigger = if resync {
+            "periodic resync"
+        } else if stats {
+            "stats interval"
+        } else {
+            "mfa deadline"
+        };
+        self.request(
+            Action::Read { trigger },
+            Wait::Read(AfterRead::Tick { mfa, stats, resync }),
+        );
+    }
+
+    pub(super) fn start(&mut self) {
+        let Some(revision) = self.held.as_ref().map(|h| h.revision) else {
+            return;
+        };
+        // A start long after the Core went away: the offline policy decides before any
+        // peer is restored, so removed peers are not briefly re-added.
+        self.check_offline_policy();
+        self.spawn(Job::Reconcile {
+            trigger: "start: restore from state file".into(),
+            read: true,
+            save_first: false,
+            then: Then::Start { revision },
+        });
+    }
+
+    pub(super) fn check_offline_policy(&mut self) {
+        let Some(limit) = self.settings.offline_remove_after else {
+            return;
+        };
+        if self.stream_up || self.offline_removed {
+            return;
+        }
+        let offline = self.offline.offline_for(self.now.mono);
+        if offline > limit {
+            warn!(
+                offline_secs = offline.as_secs(),
+                limit_secs = limit.as_secs(),
+                "offline policy: the Core has been unreachable too long; removing peers"
+            );
+            self.offline_removed = true;
+            self.spawn(Job::Reconcile {
+                trigger: "offline policy".into(),
+                read: false,
+                save_first: false,
+                then: Then::Nothing,
+            });
+        }
+    }
+
+    // ------------------------------------------------------------------ reconcile --
+
+    /// The desired state after local decisions: MFA removals and the offline policy.
+    pub(super) fn effective_desired(&mut self) -> Option<Desired> {
+        let held = self.held.as_ref()?;
+        let mut desired = held.valid.desired.clone();
+        let sessions: BTreeMap<Key, u64> = held
+            .valid
+            .meta
+            .iter()
+            .map(|(k, m)| (*k, m.mfa_session))
+            .collect();
+        self.tombstones.filter(&mut desired, &sessions);
+        if self.offline_removed {
+            desired.peers.clear();
+        }
+        self.counts.desired_peers = desired.peers.len();
+        Some(desired)
+    }
+
+    pub(super) fn mfa_policy(&self) -> MfaPolicy {
+        self.held
+            .as_ref()
+            .map_or(MfaPolicy::Disabled, |h| h.valid.mfa)
+    }
+
+    /// Plan and apply: against the model when it is known and `read` is false, else after
+    /// a read. With `save_first` the state is written before anything is applied.
+    pub(super) fn reconcile(&mut self, trigger: String, read: bool, save_first: bool, then: Then) {
+        if self.held.is_none() {
+            return self.finish(then, Ok(PlanSummary::default()));
+        }
+        if !read && self.model.is_some() {
+            return self.plan_and_apply(trigger, save_first, then);
+        }
+        if save_first {
+            // On disk before the kernel changes, also when the read then fails.
+            let state = self.persisted_state();
+            let job = Job::Reconcile {
+                trigger,
+                read,
+                save_first: false,
+                then,
+            };
+            return self.request(
+                Action::Save(Box::new(state)),
+                Wait::SavedThen(Box::new(job)),
+            );
+        }
+        self.request(
+            Action::Read {
+                trigger: "reconcile",
+            },
+            Wait::Read(AfterRead::Reconcile {
+                trigger,
+                save_first,
+                then,
+            }),
+        );
+    }
+
+    fn plan_and_apply(&mut self, trigger: String, save_first: bool, then: Then) {
+        let Some(desired) = self.effective_desired() else {
+            return self.finish(then, Ok(PlanSummary::default()));
+        };
+        let Some(model) = &self.model else {
+            return self.finish(then, Err("the interface is unknown".into()));
+        };
+        // Peers beyond the backend's limit are refused, the rest applied.
+        let fitted = crate::peer_limit::fit(&desired, model, self.peer_limit);
+        let plan = plan(&fitted.desired, model);
+        let refused = fitted.refused;
+        self.steps.record_peer_limit(refused.as_ref());
+        self.counts.last_reconcile = Some(self.now.wall);
+        self.counts.last_reconcile_ops = plan.len();
+        let summary = plan.summary();
+        if plan.is_empty() {
+            debug!(trigger, "reconcile: the interface matches");
+        } else {
+            log_plan(&trigger, &plan, summary);
+        }
+        // Added peers get their counter epoch now, so the save before the apply has it.
+        for step in &plan.steps {
+            if let Op::AddPeer(spec) = &step.op {
+                self.epochs.start(spec.public_key, &mut self.rng);
+            }
+        }
+        let ctx = ApplyCtx {
+            trigger,
+            plan,
+            desired,
+            summary,
+            then,
+        };
+        if save_first {
+            let state = self.persisted_state();
+            self.request(
+                Action::Save(Box::new(state)),
+                Wait::SavedThenApply(Box::new(ctx)),
+            );
+        } else {
+            self.apply(ctx);
+        }
+    }
+
+    fn apply(&mut self, mut ctx: ApplyCtx) {
+        if ctx.plan.is_empty() {
+            // An empty plan still "runs": it clears the errors of steps that have nothing
+            // left to do (the interface was repaired some other way).
+            self.steps.record_all(nothing_failed());
+            return self.firewall(ctx.trigger, ctx.desired, ctx.then, None, ctx.summary);
+        }
+        let plan = std::mem::take(&mut ctx.plan);
+        let trigger = ctx.trigger.clone();
+        self.request(Action::Apply { trigger, plan }, Wait::Apply(Box::new(ctx)));
+    }
+
+    /// The firewall step, after the peer steps (a failing firewall never holds back a
+    /// removal): recorded like them, so it is reported and retried the same way.
+    fn firewall(
+        &mut self,
+        trigger: String,
+        desired: Desired,
+        then: Then,
+        read_error: Option<String>,
+        summary: PlanSummary,
+    ) {
+        let policy = held::firewall_policy(self.held.as_ref());
+        self.request(
+            Action::Firewall {
+                trigger,
+                policy,
+                desired: Box::new(desired),
+            },
+            Wait::Firewall {
+                then,
+                read_error,
+                summary,
+            },
+        );
+    }
+
+    fn finish(&mut self, then: Then, result: Result<PlanSummary, String>) {
+        match then {
+            Then::Nothing => {}
+            Then::Start { revision } => match result {
+                Ok(_) => {
+                    self.applied_revision = revision;
+                    self.spawn(Job::PostUp);
+                }
+                Err(e) => error!(error = %e, "could not restore the interface from the state file"),
+            },
+            Then::ApplyHeld { revision } => match result {
+                Ok(_) => {
+                    self.applied_revision = revision;
+                    self.send_applied(revision, None);
+                    self.spawn(Job::PostUp);
+                }
+                Err(e) => {
+                    let error = self.steps.to_apply_error().unwrap_or(v1::ApplyError {
+                        kind: v1::ApplyErrorKind::Backend as i32,
+                        message: e,
+                        rejected: vec![],
+                    });
+                    self.send_applied(revision, Some(error));
+                }
+            },
+            Then::Resync { in_sync } => {
+                match result {
+                    Ok(summary) => {
+                        if summary != PlanSummary::default() && in_sync {
+                            self.counts.drift_repairs += 1;
+                            warn!(%summary, "drift repaired: the interface had been changed outside gatehouse");
+                        }
+                        self.mark_applied();
+                    }
+                    Err(e) => debug!(error = %e, "resync not complete"),
+                }
+                self.spawn(Job::Save);
+            }
+            Then::MfaRemoval => self.spawn(Job::SendPendingEvents),
+            Then::RejectedRemovals { revision } => {
+                if let Err(e) = result {
+                    warn!(revision, error = %e, "removals of a rejected revision not complete; retried at the next resync");
+                }
+            }
+        }
+    }
+
+    /// After a successful resync: the held revision is what the kernel has.
+    fn mark_applied(&mut self) {
+        let Some(rev) = self.held.as_ref().map(|h| h.revision) else {
+            return;
+        };
+        if rev != self.applied_revision {
+            self.applied_revision = rev;
+            self.send_applied(rev, None);
+        }
+        self.spawn(Job::PostUp);
+    }
+
+    /// Bookkeeping after an apply: trackers of removed peers.
+    fn account(&mut self, applied: &Plan) {
+        for step in &applied.steps {
+            if let Op::RemovePeer(key) = &step.op {
+                self.epochs.remove(key);
+                self.mfa.forget(key);
+                self.stats.forget(key);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ MFA --
+
+    /// Expiry after a read (the model is that read): events numbered and saved, then the
+    /// removal applied.
+    pub(super) fn expire_mfa(&mut self) {
+        let policy = self.mfa_policy();
+        let (Some(held), Some(observed)) = (&self.held, &self.model) else {
+            return;
+        };
+        let Now { mono, wall } = self.now;
+        let (expired, moot): (Vec<_>, Vec<_>) =
+            self.mfa.expired(policy, mono).into_iter().partition(|e| {
+                // A buried peer still on the interface is a removal that failed to apply:
+                // the reconcile retries it; it is not a new expiry (nor a new event).
+                observed.device.peers.contains_key(&e.key)
+                    && held.valid.desired.peers.contains_key(&e.key)
+                    && !self.tombstones.contains(&e.key)
+            });
+        // Timers of peers that are not (or no longer) both desired and on the interface
+        // cannot lead to a removal: dropped, so they do not hold the next deadline in the
+        // past. A peer that comes back starts a new timer.
+        for e in &moot {
+            self.mfa.forget(&e.key);
+        }
+        if expired.is_empty() {
+            return;
+        }
+        let at_ms = unix_ms(wall);
+        let rollback = Rollback {
+            pending: self.pending.len(),
+            next_seq: self.next_seq,
+            tombstones: self.tombstones.clone(),
+        };
+        for e in &expired {
+            let meta = held.valid.meta.get(&e.key).copied().unwrap_or_default();
+            let psk = held
+                .valid
+                .desired
+                .peers
+                .get(&e.key)
+                .and_then(|p| p.preshared_key.clone());
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let detail = e.detail();
+            info!(peer = %e.key, seq, %detail, "MFA: removing inactive peer");
+            self.pending.push(PendingEvent {
+                seq,
+                public_key: e.key,
+                reason: v1::PeerEventReason::MfaInactive,
+                last_handshake_ms: e.last_handshake.map(unix_ms).unwrap_or(0),
+                at_ms,
+                mfa_session: meta.mfa_session,
+                peer_id: meta.id,
+                detail,
+            });
+            self.tombstones
+                .bury(e.key, Session::of(meta.mfa_session, psk.as_ref()), wall);
+        }
+        // The events are on disk before any peer is removed.
+        let state = self.persisted_state();
+        self.request(
+            Action::Save(Box::new(state)),
+            Wait::MfaSaved {
+                rollback,
+                count: expired.len(),
+            },
+        );
+    }
+}
+
+fn log_plan(trigger: &str, plan: &Plan, summary: PlanSummary) {
+    let each = plan.len() <= LOG_EACH_STEP_UP_TO;
+    for step in &plan.steps {
+        for r in &step.reasons {
+            if each {
+                info!(trigger, subject = %r.subject, field = r.field, old = %r.old, new = %r.new, "apply");
+            } else {
+                debug!(trigger, subject = %r.subject, field = r.field, old = %r.old, new = %r.new, "apply");
+            }
+        }
+    }
+    info!(trigger, %summary, "applying plan");
+}

@@ -1,0 +1,438 @@
+//! A virtual-time driver for the agent's state machine: a scripted Core (it feeds
+//! `CoreMessage`s, records what the machine sends, stores each event once and acks it,
+//! and, like the reference Core, ends an MFA session by removing the peer), the kernel as
+//! the in-memory backend (`plan::simulate` with injectable failures and drift), an
+//! in-memory store (a restart is a new machine restored from a saved state), and a clock
+//! that jumps from one deadline to the next. Nothing sleeps: minutes pass in microseconds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use gatehouse::agent::client::CoreSettings;
+use gatehouse::agent::machine::{Action, Machine, Now, Outcome};
+use gatehouse::agent::status::Status;
+use gatehouse::agent::steps::execute_phases;
+use gatehouse::agent::Settings;
+use gatehouse::backend::memory::MemoryBackend;
+use gatehouse::backend::Backend as _;
+use gatehouse::config::{HooksConfig, Secret, TokenSource};
+use gatehouse::hooks::{Hook, Hooks};
+use gatehouse::model::Key;
+use gatehouse::state::PersistedState;
+use gatehouse_proto::v1::{self, core_message::Kind as In, gateway_message::Kind as Out};
+
+pub const S: Duration = Duration::from_secs(1);
+
+pub fn key(n: u8) -> Key {
+    Key([n; 32])
+}
+
+pub fn peer(n: u8, session: u64) -> v1::Peer {
+    v1::Peer {
+        id: n as u64,
+        public_key: key(n).0.to_vec(),
+        allowed_ips: vec![format!("10.0.0.{}/32", 10 + n)],
+        mfa_session: session,
+        ..Default::default()
+    }
+}
+
+pub fn location(peers: Vec<v1::Peer>, mfa_threshold: Option<u32>) -> v1::Location {
+    v1::Location {
+        id: 1,
+        name: "sim".into(),
+        interface: Some(v1::Interface {
+            private_key: vec![1; 32],
+            listen_port: 51820,
+            addresses: vec!["10.0.0.1/24".into()],
+            mtu: 1420,
+            fwmark: 0,
+        }),
+        peers,
+        firewall: None,
+        mfa: mfa_threshold.map(|t| v1::MfaSettings {
+            enabled: true,
+            disconnect_threshold_secs: t,
+        }),
+    }
+}
+
+pub fn settings() -> Settings {
+    Settings {
+        name: "sim-gateway".into(),
+        interface: "wgsim0".into(),
+        backend_name: "memory".into(),
+        state_dir: PathBuf::from("/nonexistent"),
+        core: CoreSettings {
+            url: "http://core.invalid".into(),
+            token: TokenSource::Inline(Secret::new("t".into())),
+            ca_pem: None,
+            client_identity: None,
+            connect_timeout: 2 * S,
+            keepalive_interval: 2 * S,
+            backoff_base: S,
+            backoff_max: 30 * S,
+        },
+        stats_interval: S,
+        resync_interval: 10 * S,
+        offline_remove_after: None,
+        remove_on_shutdown: false,
+        gateway_id: Some("gw-sim".into()),
+        http_listen: None,
+        hooks: Hooks::new(HooksConfig::default(), "wgsim0"),
+        firewall: Default::default(),
+        ha: Default::default(),
+    }
+}
+
+/// The scripted Core.
+#[derive(Default)]
+pub struct ScriptedCore {
+    pub up: bool,
+    pub revision: u64,
+    pub location: Option<v1::Location>,
+    /// Each event stored once, by seq.
+    pub events: BTreeMap<u64, v1::PeerEvent>,
+    /// Event deliveries, repeats included.
+    pub deliveries: usize,
+    pub applied: Vec<v1::Applied>,
+    pub snapshot_requests: usize,
+    pub stats: usize,
+    /// Messages to the gateway not delivered yet.
+    pub outbox: Vec<v1::CoreMessage>,
+    /// Acks are sent (off: the Core stores events but its acks are lost).
+    pub acks: bool,
+}
+
+impl ScriptedCore {
+    /// A new revision of the location, sent as a snapshot when the stream is up.
+    pub fn publish(&mut self, location: v1::Location) {
+        self.revision += 1;
+        self.location = Some(location);
+        if self.up {
+            self.send_snapshot();
+        }
+    }
+
+    pub fn send_snapshot(&mut self) {
+        self.outbox.push(v1::CoreMessage {
+            kind: Some(In::Snapshot(v1::Snapshot {
+                revision: self.revision,
+                location: self.location.clone(),
+            })),
+        });
+    }
+
+    fn on_event(&mut self, e: v1::PeerEvent) {
+        self.deliveries += 1;
+        let seq = e.seq;
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.events.entry(seq) {
+            let key = e.public_key.clone();
+            slot.insert(e);
+            // The session ends: the peer leaves the location (every gateway).
+            if let Some(mut loc) = self.location.clone() {
+                loc.peers.retain(|p| p.public_key != key);
+                self.publish(loc);
+            }
+        }
+        if self.acks {
+            self.outbox.push(v1::CoreMessage {
+                kind: Some(In::EventAck(v1::EventAck { up_to_seq: seq })),
+            });
+        }
+    }
+
+    fn receive(&mut self, m: v1::GatewayMessage) {
+        match m.kind {
+            Some(Out::PeerEvent(e)) => self.on_event(e),
+            Some(Out::Applied(a)) => self.applied.push(a),
+            Some(Out::SnapshotRequest(_)) => {
+                self.snapshot_requests += 1;
+                self.send_snapshot();
+            }
+            Some(Out::Stats(_)) => self.stats += 1,
+            _ => {}
+        }
+    }
+
+    /// The events stored for `k`.
+    pub fn events_of(&self, k: Key) -> usize {
+        self.events.values().filter(|e| e.public_key == k.0).count()
+    }
+}
+
+/// One action as the trace records it.
+fn kind(a: &Action) -> String {
+    match a {
+        Action::RunHook(h) => format!("hook {h:?}"),
+        Action::CheckBackend => "check".into(),
+        Action::Read { trigger } => format!("read {trigger}"),
+        Action::Apply { plan, .. } => format!("apply {}", plan.summary()),
+        Action::Firewall { .. } => "firewall".into(),
+        Action::Save(_) => "save".into(),
+        Action::Send { mode, .. } => format!("send {mode:?}"),
+        Action::Kick(_) => "kick".into(),
+        Action::InstallSourceRoutes { .. } => "routes".into(),
+        Action::ClearSourceRoutes => "clear routes".into(),
+        Action::Publish(_) => "publish".into(),
+        Action::PublishDiff { .. } => "diff".into(),
+        Action::RemoveInterface => "remove interface".into(),
+    }
+}
+
+/// The world around one machine.
+pub struct Sim {
+    pub settings: Settings,
+    pub machine: Machine,
+    pub kernel: MemoryBackend,
+    pub core: ScriptedCore,
+    /// Every state saved, oldest first.
+    pub saves: Vec<PersistedState>,
+    pub fail_saves: bool,
+    pub trace: Vec<String>,
+    /// (hook, the link existed, peers on the interface)
+    pub hooks: Vec<(Hook, bool, usize)>,
+    pub status: Status,
+    /// Each apply's peer removals, with how many states had been saved before it.
+    pub removals: Vec<(Vec<Key>, usize)>,
+    /// Peers with traffic: their counters grow before every timer.
+    pub active: BTreeSet<Key>,
+    /// Virtual time since the sim began, and since this machine's start.
+    pub clock: Duration,
+    pub started_at: Duration,
+    pub wall0: SystemTime,
+    seed: u64,
+}
+
+impl Sim {
+    pub fn new(settings: Settings) -> Sim {
+        let wall0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let now = Now {
+            mono: Duration::ZERO,
+            wall: wall0,
+        };
+        let machine = Machine::new(settings.clone(), "gw-sim".into(), None, None, 1, now);
+        Sim {
+            settings,
+            machine,
+            kernel: MemoryBackend::new("wgsim0"),
+            core: ScriptedCore {
+                acks: true,
+                ..Default::default()
+            },
+            saves: vec![],
+            fail_saves: false,
+            trace: vec![],
+            hooks: vec![],
+            status: Status::default(),
+            removals: vec![],
+            active: BTreeSet::new(),
+            clock: Duration::ZERO,
+            started_at: Duration::ZERO,
+            wall0,
+            seed: 1,
+        }
+    }
+
+    pub fn now(&self) -> Now {
+        Now {
+            mono: self.clock - self.started_at,
+            wall: self.wall0 + self.clock,
+        }
+    }
+
+    pub fn start(&mut self) {
+        let now = self.now();
+        self.machine.handle_start(now);
+        self.drain();
+    }
+
+    /// Shutdown (SIGTERM): the machine's stop actions run.
+    pub fn stop(&mut self) {
+        let now = self.now();
+        self.machine.handle_shutdown(now);
+        self.drain();
+    }
+
+    /// A new process (after a kill, a reboot or a stop) restored from `state`, `after`
+    /// the old one stopped; the kernel keeps what it had unless the caller changed it.
+    pub fn restart(&mut self, state: Option<PersistedState>, after: Duration) {
+        self.clock += after;
+        self.started_at = self.clock;
+        self.seed += 1;
+        self.core.up = false;
+        self.core.outbox.clear();
+        self.machine = Machine::new(
+            self.settings.clone(),
+            "gw-sim".into(),
+            None,
+            state,
+            self.seed,
+            self.now(),
+        );
+        self.start();
+    }
+
+    pub fn last_save(&self) -> Option<PersistedState> {
+        self.saves.last().cloned()
+    }
+
+    /// The Core's stream opens: Hello (its events stored and acked), then a snapshot.
+    pub fn connect(&mut self) {
+        let now = self.now();
+        self.machine.handle_core_batch_end(now);
+        self.drain();
+        let hello = self.machine.handle_hello_wanted(now);
+        self.core.up = true;
+        for e in hello.pending_events {
+            self.core.on_event(e);
+        }
+        self.core.send_snapshot();
+        self.machine.handle_connected(now);
+        self.drain();
+        self.deliver();
+    }
+
+    pub fn disconnect(&mut self) {
+        let now = self.now();
+        self.core.up = false;
+        self.core.outbox.clear();
+        self.machine.handle_core_batch_end(now);
+        self.drain();
+        self.machine
+            .handle_disconnected("the Core is down".into(), S, 30 * S, now);
+        self.drain();
+    }
+
+    /// Delivers the Core's messages in batches until it has nothing more to say.
+    pub fn deliver(&mut self) {
+        while self.core.up && !self.core.outbox.is_empty() {
+            let batch = std::mem::take(&mut self.core.outbox);
+            for m in batch {
+                let now = self.now();
+                self.machine.handle_core_message(m, now);
+                self.drain();
+            }
+            let now = self.now();
+            self.machine.handle_core_batch_end(now);
+            self.drain();
+        }
+    }
+
+    /// Virtual time passes: each deadline the machine asks for is served in turn.
+    pub fn advance(&mut self, d: Duration) {
+        let end = self.clock + d;
+        loop {
+            let at = self.machine.poll_timeout().at + self.started_at;
+            if at > end {
+                break;
+            }
+            self.clock = self.clock.max(at);
+            self.traffic();
+            let now = self.now();
+            self.machine.handle_timeout(now);
+            self.drain();
+            self.deliver();
+        }
+        self.clock = end;
+    }
+
+    fn traffic(&mut self) {
+        let wall = self.now().wall;
+        let active = self.active.clone();
+        self.kernel.modify(|o| {
+            for k in &active {
+                if let Some(p) = o.device.peers.get_mut(k) {
+                    p.rx_bytes += 1000;
+                    p.last_handshake = Some(wall);
+                }
+            }
+        });
+    }
+
+    pub fn has(&self, k: Key) -> bool {
+        self.kernel.state().device.peers.contains_key(&k)
+    }
+
+    /// Runs the machine's actions, feeding each outcome back, until it has none.
+    pub fn drain(&mut self) {
+        while let Some(action) = self.machine.poll_action() {
+            self.trace.push(kind(&action));
+            if let Some(outcome) = self.execute(action) {
+                let now = self.now();
+                self.machine.handle_outcome(outcome, now);
+            }
+        }
+    }
+
+    fn execute(&mut self, action: Action) -> Option<Outcome> {
+        Some(match action {
+            Action::RunHook(h) => {
+                let state = self.kernel.state();
+                self.hooks
+                    .push((h, state.link.is_some(), state.device.peers.len()));
+                return None;
+            }
+            Action::CheckBackend => Outcome::BackendChecked(Ok(None)),
+            Action::Read { .. } => Outcome::Read(self.kernel.observe().map_err(|e| e.to_string())),
+            Action::Apply { trigger, plan } => {
+                let removed = plan
+                    .steps
+                    .iter()
+                    .filter_map(|s| match &s.op {
+                        gatehouse::plan::Op::RemovePeer(k) => Some(*k),
+                        _ => None,
+                    })
+                    .collect();
+                self.removals.push((removed, self.saves.len()));
+                let (done, outcomes) = execute_phases(&mut self.kernel, plan, &trigger);
+                Outcome::Applied {
+                    applied: done.applied,
+                    outcomes,
+                }
+            }
+            Action::Firewall { .. } => Outcome::Firewall(Ok(())),
+            Action::Save(state) => {
+                if self.fail_saves {
+                    Outcome::Saved(Err("disk full".into()))
+                } else {
+                    self.saves.push(*state);
+                    Outcome::Saved(Ok(()))
+                }
+            }
+            Action::Send { messages, .. } => {
+                if !self.core.up {
+                    return Some(Outcome::Sent(0));
+                }
+                let n = messages.len();
+                for m in messages {
+                    self.core.receive(m);
+                }
+                Outcome::Sent(n)
+            }
+            Action::Kick(batch) => {
+                Outcome::Kicked(self.kernel.kick(&batch).map_err(|e| e.to_string()))
+            }
+            Action::InstallSourceRoutes { .. } => Outcome::RoutesInstalled(Ok(0)),
+            Action::ClearSourceRoutes => Outcome::RoutesCleared(Ok(())),
+            Action::Publish(s) => {
+                self.status = *s;
+                return None;
+            }
+            Action::PublishDiff { .. } => return None,
+            Action::RemoveInterface => {
+                let _ = self.kernel.remove();
+                return None;
+            }
+        })
+    }
+
+    /// How many actions of the trace since `from` start with `prefix`.
+    pub fn count_since(&self, from: usize, prefix: &str) -> usize {
+        self.trace[from..]
+            .iter()
+            .filter(|t| t.starts_with(prefix))
+            .count()
+    }
+}
