@@ -696,7 +696,7 @@ impl Agent {
     /// The firewall step, after the peer steps (a failing firewall never holds back a
     /// removal): recorded like them, so it is reported and retried the same way.
     fn firewall_step(&mut self, trigger: &str, desired: &Desired) {
-        let fw = self.held.as_ref().and_then(|h| h.location.firewall.clone());
+        let fw = self.held.as_ref().and_then(|h| h.firewall().cloned());
         let result = self.firewall.run(trigger, fw.as_ref(), desired);
         self.steps.record(ApplyStep::Firewall, result);
     }
@@ -809,7 +809,7 @@ impl Agent {
             location: self
                 .held
                 .as_ref()
-                .map(|h| prost::Message::encode_to_vec(&h.location)),
+                .map(|h| prost::Message::encode_to_vec(&h.to_proto())),
             mfa: self.mfa.persist(self.mono(), SystemTime::now()),
             tombstones: self.tombstones.clone(),
             epochs: self.epochs.clone(),
@@ -924,7 +924,7 @@ impl Agent {
                 read_unix_ms,
             };
         };
-        let fw = self.held.as_ref().and_then(|h| h.location.firewall.clone());
+        let fw = self.held.as_ref().and_then(|h| h.firewall().cloned());
         let firewall = self.firewall.diff(fw.as_ref(), &desired);
         match self.observe() {
             Ok(observed) => DiffReport {
