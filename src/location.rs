@@ -70,7 +70,12 @@ impl Held {
     /// A revision whose `valid` is what [`validate_location`] made of `location` (of which
     /// only the order of the peer list is kept).
     pub fn new(revision: u64, location: v1::Location, valid: ValidLocation) -> Self {
-        let index = index_of(&location, &valid);
+        Self::of(revision, &location, valid)
+    }
+
+    /// [`Held::new`] without taking the location (nothing of it is kept but its order).
+    fn of(revision: u64, location: &v1::Location, valid: ValidLocation) -> Self {
+        let index = index_of(location, &valid);
         Held {
             revision,
             valid,
@@ -184,7 +189,7 @@ pub fn on_snapshot(snapshot: &v1::Snapshot) -> Update {
             listed: None,
         };
     };
-    accept(snapshot.revision, location.clone())
+    accept(snapshot.revision, location)
 }
 
 /// Applies a delta on top of the held revision, or says why it cannot.
@@ -410,12 +415,12 @@ impl Run {
     }
 }
 
-fn accept(revision: u64, location: v1::Location) -> Update {
-    match validate_location(&location) {
-        Ok(valid) => Update::Accept(Box::new(Held::new(revision, location, valid))),
+fn accept(revision: u64, location: &v1::Location) -> Update {
+    match validate_location(location) {
+        Ok(valid) => Update::Accept(Box::new(Held::of(revision, location, valid))),
         Err(rejections) => Update::Reject {
             revision,
-            listed: Some(listed_keys(&location)),
+            listed: Some(listed_keys(location)),
             rejections,
         },
     }
