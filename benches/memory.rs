@@ -122,7 +122,12 @@ fn measure(peers: u32) -> [usize; 4] {
     let observed_bytes = live() - base;
     assert_eq!(observed.device.peers.len(), peers as usize);
     let n = peers as usize;
-    [held_bytes / n, peak / n, desired_bytes / n, observed_bytes / n]
+    [
+        held_bytes / n,
+        peak / n,
+        desired_bytes / n,
+        observed_bytes / n,
+    ]
 }
 
 fn main() {

@@ -251,16 +251,13 @@ pub fn on_deltas(held: Option<&mut Held>, deltas: &[v1::Delta]) -> (Update, usiz
         used += 1;
     }
     let changes = || deltas[..used].iter().flat_map(|d| &d.changes);
-    let checked = held
-        .index
-        .check(changes())
-        .and_then(|delta| {
-            let mfa = match &delta.mfa {
-                Some((m, secs)) => Some(mfa_policy(m.enabled, *secs)?),
-                None => None,
-            };
-            Ok((delta, mfa))
-        });
+    let checked = held.index.check(changes()).and_then(|delta| {
+        let mfa = match &delta.mfa {
+            Some((m, secs)) => Some(mfa_policy(m.enabled, *secs)?),
+            None => None,
+        };
+        Ok((delta, mfa))
+    });
     let update = match checked {
         Ok((delta, mfa)) => Update::Advanced {
             revision,
@@ -281,10 +278,7 @@ fn held_keys(held: &Held) -> BTreeSet<Key> {
 }
 
 /// The public keys the held location lists after `changes` (malformed keys left out).
-fn listed_after<'a>(
-    held: &Held,
-    changes: impl Iterator<Item = &'a v1::Change>,
-) -> BTreeSet<Key> {
+fn listed_after<'a>(held: &Held, changes: impl Iterator<Item = &'a v1::Change>) -> BTreeSet<Key> {
     let mut listed = held_keys(held);
     for change in changes {
         match &change.kind {

@@ -277,7 +277,10 @@ struct Wanted<'a, F> {
 
 impl<F: Fn(&Key) -> bool> Wanted<'_, F> {
     fn get(&self, key: &Key) -> Option<&PeerSpec> {
-        self.desired.peers.get(key).filter(|_| !(self.excluded)(key))
+        self.desired
+            .peers
+            .get(key)
+            .filter(|_| !(self.excluded)(key))
     }
 
     fn contains(&self, key: &Key) -> bool {

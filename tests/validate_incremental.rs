@@ -163,7 +163,10 @@ fn round_trips(h: &Held) -> Result<(), TestCaseError> {
     let encoded = h.to_proto();
     let again = validate_location(&encoded).map_err(|r| TestCaseError::fail(format!("{r:?}")))?;
     prop_assert_eq!(&again, &h.valid);
-    prop_assert!(held(h.revision, encoded) == *h, "the index is the encoded location's");
+    prop_assert!(
+        held(h.revision, encoded) == *h,
+        "the index is the encoded location's"
+    );
     Ok(())
 }
 
