@@ -2,7 +2,10 @@
 //! how long [`location::on_deltas`] takes to check and apply it in place (the incremental
 //! path), against validating the resulting location whole (what each delta cost before).
 //! Each round is an upsert of a new peer followed by its removal, so the held location
-//! returns to its size; the figure is the median of the single deltas. No root.
+//! returns to its size; the figure is the median of the single deltas. The one-peer change
+//! on the agent's side is that check plus [`plan::plan_keys`] for the changed peer against
+//! the converged interface model: both columns are shown, against the full [`plan::plan`].
+//! No root.
 //!
 //!   cargo bench --bench delta
 //!
@@ -10,7 +13,11 @@
 
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeSet;
+
 use gatehouse::location::{on_deltas, on_snapshot, Held, Update};
+use gatehouse::model::{Desired, DeviceState, Key, LinkState, Observed, PeerState};
+use gatehouse::plan::{self, Scope};
 use gatehouse::validate::validate_location;
 use gatehouse_proto::v1;
 
@@ -74,12 +81,20 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Median of the one-peer deltas (upserts and removals alike).
-fn incremental(peers: u32) -> Duration {
+/// Medians of the one-peer deltas (upserts and removals alike): the check and apply, and
+/// the check and apply plus the scoped plan of the changed peer.
+fn incremental(peers: u32) -> (Duration, Duration) {
     use v1::change::Kind;
     let mut h = held(peers);
+    let observed = converged(&h.valid.desired);
     let extra = peer(peers + 10);
+    let extra_key: BTreeSet<Key> = Key::from_slice(&extra.public_key).into_iter().collect();
+    let scope = Scope {
+        keys: &extra_key,
+        settings: false,
+    };
     let mut times = Vec::new();
+    let mut with_plan = Vec::new();
     for round in 0..ROUNDS {
         for kind in [
             Kind::UpsertPeer(extra.clone()),
@@ -89,6 +104,9 @@ fn incremental(peers: u32) -> Duration {
             let t = Instant::now();
             let (update, _) = on_deltas(Some(&mut h), std::slice::from_ref(&d));
             times.push(t.elapsed());
+            let p = plan::plan_keys(&h.valid.desired, &observed, scope, |_| false);
+            with_plan.push(t.elapsed());
+            assert!(p.len() <= 1, "{p:?}");
             assert!(
                 matches!(update, Update::Advanced { .. }),
                 "round {round}: {update:?}"
@@ -96,7 +114,58 @@ fn incremental(peers: u32) -> Duration {
         }
     }
     assert_eq!(h.valid.desired.peers.len(), peers as usize);
-    median(times)
+    (median(times), median(with_plan))
+}
+
+/// The interface once `desired` is applied (built directly: simulating 100,000 additions
+/// one by one is quadratic).
+fn converged(desired: &Desired) -> Observed {
+    let iface = &desired.interface;
+    Observed {
+        link: Some(LinkState {
+            mtu: iface.mtu.unwrap_or(1420),
+            up: true,
+            addresses: iface.addresses.clone(),
+        }),
+        device: DeviceState {
+            private_key: Some(iface.private_key.clone()),
+            listen_port: iface.listen_port,
+            fwmark: iface.fwmark,
+            peers: desired
+                .peers
+                .iter()
+                .map(|(k, p)| (*k, PeerState::fresh(p.clone())))
+                .collect(),
+        },
+    }
+}
+
+/// The full plan of the location with one added peer against the converged interface
+/// (median of 5).
+fn full_plan(peers: u32) -> Duration {
+    let h = held(peers);
+    let observed = converged(&h.valid.desired);
+    let mut desired = h.valid.desired.clone();
+    let mut one = location(0);
+    one.peers.push(peer(peers + 10));
+    let extra = validate_location(&one)
+        .expect("valid")
+        .desired
+        .peers
+        .pop_first()
+        .expect("a peer");
+    desired.peers.insert(extra.0, extra.1);
+    median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                let p = plan::plan(&desired, &observed);
+                let e = t.elapsed();
+                assert_eq!(p.len(), 1);
+                e
+            })
+            .collect(),
+    )
 }
 
 /// Validating the location whole after one added peer (median of 5).
@@ -115,13 +184,14 @@ fn whole(peers: u32) -> Duration {
 }
 
 fn main() {
-    println!("| peers held | one-peer delta, incremental (median of {}) | whole location validated (median of 5) |", 2 * ROUNDS);
-    println!("|---:|---:|---:|");
+    println!("| peers held | one-peer delta, incremental (median of {}) | incremental + scoped plan | whole location validated (median of 5) | full plan (median of 5) |", 2 * ROUNDS);
+    println!("|---:|---:|---:|---:|---:|");
     for peers in [1_000u32, 100_000] {
+        let (check, with_plan) = incremental(peers);
         println!(
-            "| {peers} | {:?} | {:?} |",
-            incremental(peers),
-            whole(peers)
+            "| {peers} | {check:?} | {with_plan:?} | {:?} | {:?} |",
+            whole(peers),
+            full_plan(peers)
         );
     }
 }

@@ -6,6 +6,9 @@
 //! against the held location's index ([`LocationIndex`]): O(changed × log N), so a one-peer
 //! change costs the same at 1,000 and at 100,000 peers. Both follow the same rules.
 //!
+//! The location is held once, as the validated domain type ([`ValidLocation`]) with its
+//! index; the form the state file stores is made on demand ([`Held::to_proto`]).
+//!
 //! A rejected revision still says which peers it lists: its removals (peers it deletes or
 //! no longer lists) are applied all the same (design §3), see [`Held::keep_only`].
 
@@ -21,13 +24,11 @@ use crate::validate::{
 
 /// A revision of the location that passed validation. `Debug` shows no key material.
 ///
-/// `location` and `valid` are the same content (as sent and as the domain types); the
-/// index follows both, so change them through [`Held::new`], [`Held::keep_only`] and
-/// [`on_deltas`] only.
+/// The index follows `valid` (and keeps the peers' order), so change it through
+/// [`Held::new`], [`Held::keep_only`] and [`on_deltas`] only.
 #[derive(Clone, PartialEq)]
 pub struct Held {
     pub revision: u64,
-    pub location: v1::Location,
     pub valid: ValidLocation,
     index: LocationIndex,
 }
@@ -36,8 +37,8 @@ impl std::fmt::Debug for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Held")
             .field("revision", &self.revision)
-            .field("location", &self.location.name)
-            .field("peers", &self.location.peers.len())
+            .field("location", &self.valid.name)
+            .field("peers", &self.valid.desired.peers.len())
             .finish_non_exhaustive()
     }
 }
@@ -66,15 +67,32 @@ pub enum Update {
 }
 
 impl Held {
-    /// A revision whose `valid` is what [`validate_location`] made of `location`.
+    /// A revision whose `valid` is what [`validate_location`] made of `location` (of which
+    /// only the order of the peer list is kept).
     pub fn new(revision: u64, location: v1::Location, valid: ValidLocation) -> Self {
-        let index = index_of(&location, &valid);
+        Self::of(revision, &location, valid)
+    }
+
+    /// [`Held::new`] without taking the location (nothing of it is kept but its order).
+    fn of(revision: u64, location: &v1::Location, valid: ValidLocation) -> Self {
+        let index = index_of(location, &valid);
         Held {
             revision,
-            location,
             valid,
             index,
         }
+    }
+
+    /// The location as the Core sent it (the same content; peers in the held order): what
+    /// the state file stores. O(N): not for the change path.
+    pub fn to_proto(&self) -> v1::Location {
+        self.valid
+            .to_proto(self.index.order().iter().map(|k| Key(*k)))
+    }
+
+    /// The firewall policy of the held revision.
+    pub fn firewall(&self) -> Option<&v1::FirewallPolicy> {
+        self.valid.firewall.as_ref()
     }
 
     /// Applies a checked delta in place and moves to `revision`; returns the held peers
@@ -85,14 +103,14 @@ impl Held {
         delta: &CheckedDelta,
         mfa: Option<crate::mfa::MfaPolicy>,
     ) -> Vec<Key> {
-        self.index.commit(&mut self.location, delta);
+        self.index.commit(delta);
         let valid = &mut self.valid;
         for key in &delta.removed {
             valid.desired.peers.remove(&Key(*key));
             valid.meta.remove(&Key(*key));
         }
         let mut renewed = Vec::new();
-        for (_, p) in &delta.upserted {
+        for p in &delta.upserted {
             let (spec, meta) = peer_spec(p);
             let key = spec.public_key;
             if let Some(old) = valid.meta.insert(key, meta) {
@@ -102,8 +120,11 @@ impl Held {
             }
             valid.desired.peers.insert(key, spec);
         }
-        if let Some((_, iface)) = &delta.interface {
+        if let Some(iface) = &delta.interface {
             valid.desired.interface = interface_spec(iface);
+        }
+        if let Some(fw) = &delta.firewall {
+            valid.firewall = Some(fw.clone());
         }
         if let Some(mfa) = mfa {
             valid.mfa = mfa;
@@ -126,12 +147,11 @@ impl Held {
         if gone.is_empty() {
             return gone;
         }
-        self.valid.desired.peers.retain(|k, _| listed.contains(k));
-        self.valid.meta.retain(|k, _| listed.contains(k));
-        self.location
-            .peers
-            .retain(|p| Key::from_slice(&p.public_key).is_some_and(|k| listed.contains(&k)));
-        self.index = index_of(&self.location, &self.valid);
+        for key in &gone {
+            self.valid.desired.peers.remove(key);
+            self.valid.meta.remove(key);
+            self.index.remove(&key.0);
+        }
         gone
     }
 }
@@ -169,7 +189,7 @@ pub fn on_snapshot(snapshot: &v1::Snapshot) -> Update {
             listed: None,
         };
     };
-    accept(snapshot.revision, location.clone())
+    accept(snapshot.revision, location)
 }
 
 /// Applies a delta on top of the held revision, or says why it cannot.
@@ -203,7 +223,7 @@ pub fn on_deltas(held: Option<&mut Held>, deltas: &[v1::Delta]) -> (Update, usiz
     };
     if let Err(rejections) = check_changes(&first.changes) {
         // The changes do not all apply: the peers it removes are still removed.
-        let mut listed = listed_keys(&held.location);
+        let mut listed = held_keys(held);
         for change in &first.changes {
             if let Some(v1::change::Kind::RemovePeer(key)) = &change.kind {
                 if let Some(key) = Key::from_slice(key) {
@@ -231,16 +251,13 @@ pub fn on_deltas(held: Option<&mut Held>, deltas: &[v1::Delta]) -> (Update, usiz
         used += 1;
     }
     let changes = || deltas[..used].iter().flat_map(|d| &d.changes);
-    let checked = held
-        .index
-        .check(&held.location, changes())
-        .and_then(|delta| {
-            let mfa = match &delta.mfa {
-                Some((m, secs)) => Some(mfa_policy(m.enabled, *secs)?),
-                None => None,
-            };
-            Ok((delta, mfa))
-        });
+    let checked = held.index.check(changes()).and_then(|delta| {
+        let mfa = match &delta.mfa {
+            Some((m, secs)) => Some(mfa_policy(m.enabled, *secs)?),
+            None => None,
+        };
+        Ok((delta, mfa))
+    });
     let update = match checked {
         Ok((delta, mfa)) => Update::Advanced {
             revision,
@@ -249,18 +266,20 @@ pub fn on_deltas(held: Option<&mut Held>, deltas: &[v1::Delta]) -> (Update, usiz
         Err(rejections) => Update::Reject {
             revision,
             rejections,
-            listed: Some(listed_after(&held.location, changes())),
+            listed: Some(listed_after(held, changes())),
         },
     };
     (update, used)
 }
 
-/// The public keys a location lists after `changes` (malformed keys left out).
-fn listed_after<'a>(
-    location: &v1::Location,
-    changes: impl Iterator<Item = &'a v1::Change>,
-) -> BTreeSet<Key> {
-    let mut listed = listed_keys(location);
+/// The public keys of the held peers.
+fn held_keys(held: &Held) -> BTreeSet<Key> {
+    held.valid.desired.peers.keys().copied().collect()
+}
+
+/// The public keys the held location lists after `changes` (malformed keys left out).
+fn listed_after<'a>(held: &Held, changes: impl Iterator<Item = &'a v1::Change>) -> BTreeSet<Key> {
+    let mut listed = held_keys(held);
     for change in changes {
         match &change.kind {
             Some(v1::change::Kind::UpsertPeer(p)) => {
@@ -390,12 +409,12 @@ impl Run {
     }
 }
 
-fn accept(revision: u64, location: v1::Location) -> Update {
-    match validate_location(&location) {
-        Ok(valid) => Update::Accept(Box::new(Held::new(revision, location, valid))),
+fn accept(revision: u64, location: &v1::Location) -> Update {
+    match validate_location(location) {
+        Ok(valid) => Update::Accept(Box::new(Held::of(revision, location, valid))),
         Err(rejections) => Update::Reject {
             revision,
-            listed: Some(listed_keys(&location)),
+            listed: Some(listed_keys(location)),
             rejections,
         },
     }
@@ -474,9 +493,9 @@ mod tests {
         assert_eq!(h.revision, 6);
         let keys: Vec<Key> = h.valid.desired.peers.keys().copied().collect();
         assert_eq!(keys, vec![Key([3; 32]), Key([4; 32])]);
-        assert_eq!(h.location.peers[0].allowed_ips, vec!["10.0.0.33/32"]);
+        assert_eq!(h.to_proto().peers[0].allowed_ips, vec!["10.0.0.33/32"]);
         assert!(h.valid.mfa.threshold().is_some());
-        assert_eq!(h, held_as(6, h.location.clone()), "as if validated whole");
+        assert_eq!(h, held_as(6, h.to_proto()), "as if validated whole");
     }
 
     #[test]
@@ -580,7 +599,8 @@ mod tests {
         assert_eq!(h.keep_only(&listed), vec![Key([2; 32])]);
         let keys: Vec<Key> = h.valid.desired.peers.keys().copied().collect();
         assert_eq!(keys, vec![Key([3; 32])]);
-        assert_eq!(h.location.peers.len(), 1);
+        assert_eq!(h.to_proto().peers.len(), 1);
+        assert_eq!(h, held_as(5, h.to_proto()), "the index follows");
         assert!(!h.valid.meta.contains_key(&Key([2; 32])));
 
         // An unknown change: the delta's removals still count.
@@ -642,7 +662,7 @@ mod tests {
         assert_eq!(used, 3);
         assert!(matches!(update, Update::Advanced { revision: 8, .. }));
         assert_eq!(h.revision, 8);
-        assert_eq!(h, held_as(8, h.location.clone()), "as if validated whole");
+        assert_eq!(h, held_as(8, h.to_proto()), "as if validated whole");
         let keys: Vec<Key> = h.valid.desired.peers.keys().copied().collect();
         assert_eq!(keys, vec![Key([3; 32]), Key([4; 32]), Key([5; 32])]);
         let (update, used) = on_deltas(Some(&mut h), &run[3..]);

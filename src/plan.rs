@@ -205,6 +205,112 @@ impl fmt::Display for PlanSummary {
 
 /// Plans the operations that make `observed` match `desired`.
 pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    plan_excluding(desired, observed, |_| false)
+}
+
+/// [`plan`] for `desired` without the peers `excluded` says (e.g. ended MFA sessions),
+/// without copying `desired`: an excluded peer is planned as not wanted.
+pub fn plan_excluding(
+    desired: &Desired,
+    observed: &Observed,
+    excluded: impl Fn(&Key) -> bool,
+) -> Plan {
+    let wanted = Wanted { desired, excluded };
+    let mut steps = plan_settings_head(desired, observed);
+    plan_peers(&wanted, &observed.device, &mut steps);
+    plan_device(desired, &observed.device, &mut steps);
+    Plan { steps }
+}
+
+/// What a scoped plan covers: some peers, and the link and device settings or not.
+#[derive(Clone, Copy, Debug)]
+pub struct Scope<'a> {
+    pub keys: &'a BTreeSet<Key>,
+    /// Whether link, address and device settings are planned too.
+    pub settings: bool,
+}
+
+/// [`plan_excluding`] restricted to `scope`: the same steps, reasons and order as the full
+/// plan filtered to the scope's peers (and its settings steps when asked), in
+/// O(keys × log N) for the peers, whatever the size of the location.
+pub fn plan_keys(
+    desired: &Desired,
+    observed: &Observed,
+    scope: Scope<'_>,
+    excluded: impl Fn(&Key) -> bool,
+) -> Plan {
+    let wanted = Wanted { desired, excluded };
+    let device = &observed.device;
+    let mut steps = if scope.settings {
+        plan_settings_head(desired, observed)
+    } else {
+        Vec::new()
+    };
+    // The full plan's order: removals, updates, additions, each in key order.
+    for key in scope.keys {
+        if device.peers.contains_key(key) && wanted.get(key).is_none() {
+            steps.push(removal(key));
+        }
+    }
+    let mut additions = Vec::new();
+    for key in scope.keys {
+        let Some(want) = wanted.get(key) else {
+            continue;
+        };
+        match device.peers.get(key) {
+            None => additions.push(addition(want)),
+            Some(have) => steps.extend(peer_update(want, &have.config)),
+        }
+    }
+    steps.extend(additions);
+    if scope.settings {
+        plan_device(desired, device, &mut steps);
+    }
+    Plan { steps }
+}
+
+/// The desired peers less the excluded ones.
+struct Wanted<'a, F> {
+    desired: &'a Desired,
+    excluded: F,
+}
+
+impl<F: Fn(&Key) -> bool> Wanted<'_, F> {
+    fn get(&self, key: &Key) -> Option<&PeerSpec> {
+        self.desired
+            .peers
+            .get(key)
+            .filter(|_| !(self.excluded)(key))
+    }
+
+    fn contains(&self, key: &Key) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Key, &PeerSpec)> {
+        self.desired
+            .peers
+            .iter()
+            .filter(|(k, _)| !(self.excluded)(k))
+    }
+}
+
+fn removal(key: &Key) -> Step {
+    step(
+        Op::RemovePeer(*key),
+        reason(peer_subject(key), "peer", "present", "absent"),
+    )
+}
+
+fn addition(want: &PeerSpec) -> Step {
+    step(
+        Op::AddPeer(want.clone()),
+        reason(peer_subject(&want.public_key), "peer", "absent", "present"),
+    )
+}
+
+/// The link steps, which come first in a plan.
+fn plan_settings_head(desired: &Desired, observed: &Observed) -> Vec<Step> {
     let mut steps = Vec::new();
     let empty_link = LinkState::default();
     let link = match &observed.link {
@@ -218,9 +324,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         }
     };
     plan_link(desired, link, &mut steps);
-    plan_peers(desired, &observed.device, &mut steps);
-    plan_device(desired, &observed.device, &mut steps);
-    Plan { steps }
+    steps
 }
 
 fn plan_link(desired: &Desired, link: &LinkState, steps: &mut Vec<Step>) {
@@ -287,22 +391,20 @@ fn plan_device(desired: &Desired, device: &DeviceState, steps: &mut Vec<Step>) {
     }
 }
 
-fn plan_peers(desired: &Desired, device: &DeviceState, steps: &mut Vec<Step>) {
+fn plan_peers<F: Fn(&Key) -> bool>(
+    wanted: &Wanted<'_, F>,
+    device: &DeviceState,
+    steps: &mut Vec<Step>,
+) {
     for key in device.peers.keys() {
-        if !desired.peers.contains_key(key) {
-            steps.push(step(
-                Op::RemovePeer(*key),
-                reason(peer_subject(key), "peer", "present", "absent"),
-            ));
+        if !wanted.contains(key) {
+            steps.push(removal(key));
         }
     }
     let mut additions = Vec::new();
-    for (key, want) in &desired.peers {
+    for (key, want) in wanted.iter() {
         match device.peers.get(key) {
-            None => additions.push(step(
-                Op::AddPeer(want.clone()),
-                reason(peer_subject(key), "peer", "absent", "present"),
-            )),
+            None => additions.push(addition(want)),
             Some(have) => {
                 if let Some(update) = peer_update(want, &have.config) {
                     steps.push(update);
@@ -746,7 +848,56 @@ mod tests {
             })
     }
 
+    /// The peer a step is about, if any.
+    fn step_key(step: &Step) -> Option<Key> {
+        match &step.op {
+            Op::AddPeer(s) => Some(s.public_key),
+            Op::UpdatePeer(u) => Some(u.public_key),
+            Op::RemovePeer(k) => Some(*k),
+            _ => None,
+        }
+    }
+
+    /// The full plan restricted to `keys` (and its settings steps when `settings`).
+    fn restricted(plan: &Plan, keys: &BTreeSet<Key>, settings: bool) -> Plan {
+        let steps = plan
+            .steps
+            .iter()
+            .filter(|s| step_key(s).map_or(settings, |k| keys.contains(&k)))
+            .cloned()
+            .collect();
+        Plan { steps }
+    }
+
     proptest! {
+        #[test]
+        fn the_scoped_plan_is_the_full_plan_restricted_to_its_keys(
+            d in arb_desired(),
+            o in arb_observed(),
+            keys in proptest::collection::btree_set((0u8..12).prop_map(key), 0..6),
+            settings in any::<bool>(),
+            dropped in proptest::collection::btree_set((0u8..12).prop_map(key), 0..3),
+        ) {
+            let none = |_: &Key| false;
+            let full = plan(&d, &o);
+            let scope = Scope { keys: &keys, settings };
+            prop_assert_eq!(plan_keys(&d, &o, scope, none), restricted(&full, &keys, settings));
+            // Every changed key (and the settings): the whole plan.
+            let changed: BTreeSet<Key> = full.steps.iter().filter_map(step_key).collect();
+            let all = Scope { keys: &changed, settings: true };
+            prop_assert_eq!(plan_keys(&d, &o, all, none), full);
+            // Excluding peers plans as if they were not desired, without a copy.
+            let excluded = |k: &Key| dropped.contains(k);
+            let mut less = d.clone();
+            less.peers.retain(|k, _| !dropped.contains(k));
+            let without = plan(&less, &o);
+            prop_assert_eq!(&plan_excluding(&d, &o, excluded), &without);
+            prop_assert_eq!(
+                plan_keys(&d, &o, scope, excluded),
+                restricted(&without, &keys, settings)
+            );
+        }
+
         #[test]
         fn applying_the_plan_converges_and_replanning_is_empty(
             d in arb_desired(),

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use gatehouse_proto::v1;
 use gatehouse_validate as rules;
+use ipnet::IpNet;
 
 use crate::mfa::MfaPolicy;
 use crate::model::{Desired, InterfaceSpec, Key, PeerSpec, SecretKey};
@@ -26,28 +27,80 @@ pub struct PeerMeta {
     pub mfa_session: u64,
 }
 
-/// A location that passed validation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A location that passed validation: the one form the agent holds it in. What the state
+/// file needs is made from it by [`ValidLocation::to_proto`]; validating that gives this
+/// location back.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ValidLocation {
+    /// The Core's id of the location.
+    pub id: u64,
     pub name: String,
     pub desired: Desired,
     pub meta: BTreeMap<Key, PeerMeta>,
     /// Whether and after how long inactive peers are removed.
     pub mfa: MfaPolicy,
+    /// The firewall policy as sent (checked by the shared rules; small, one per location).
+    pub firewall: Option<v1::FirewallPolicy>,
+}
+
+impl ValidLocation {
+    /// The location as the Core would send it, peers in `order` (keys not held are skipped,
+    /// held keys not named are left out). Validating it gives `self` back (a property test).
+    pub fn to_proto(&self, order: impl IntoIterator<Item = Key>) -> v1::Location {
+        let iface = &self.desired.interface;
+        let peers = order
+            .into_iter()
+            .filter_map(|k| Some(self.peer_proto(self.desired.peers.get(&k)?)))
+            .collect();
+        let mfa = self.mfa.threshold().map(|t| v1::MfaSettings {
+            enabled: true,
+            disconnect_threshold_secs: u32::try_from(t.as_secs()).unwrap_or(u32::MAX),
+        });
+        v1::Location {
+            id: self.id,
+            name: self.name.clone(),
+            interface: Some(v1::Interface {
+                private_key: iface.private_key.expose().to_vec(),
+                listen_port: u32::from(iface.listen_port),
+                addresses: iface.addresses.iter().map(IpNet::to_string).collect(),
+                mtu: iface.mtu.unwrap_or(0),
+                fwmark: iface.fwmark,
+            }),
+            peers,
+            firewall: self.firewall.clone(),
+            mfa,
+        }
+    }
+
+    fn peer_proto(&self, p: &PeerSpec) -> v1::Peer {
+        let meta = self.meta.get(&p.public_key).copied().unwrap_or_default();
+        v1::Peer {
+            public_key: p.public_key.0.to_vec(),
+            preshared_key: p
+                .preshared_key
+                .as_ref()
+                .map_or_else(Vec::new, |k| k.expose().to_vec()),
+            allowed_ips: p.allowed_ips.iter().map(IpNet::to_string).collect(),
+            persistent_keepalive: u32::from(p.persistent_keepalive),
+            endpoint: p.endpoint.map_or_else(String::new, |e| e.to_string()),
+            id: meta.id,
+            mfa_session: meta.mfa_session,
+        }
+    }
 }
 
 /// Validates a whole location. All problems are reported, not just the first.
 pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Rejection>> {
     let checked = rules::validate_location(loc)?;
     let mfa = mfa_policy(checked.mfa_enabled, checked.mfa_threshold_secs)?;
-    let mut peers = BTreeMap::new();
-    let mut meta = BTreeMap::new();
-    for p in checked.peers.values() {
-        let (spec, m) = peer_spec(p);
-        meta.insert(spec.public_key, m);
-        peers.insert(spec.public_key, spec);
-    }
+    // Collected from sorted input, the maps are built with full nodes (inserting one by one
+    // leaves them half full: about twice the memory per peer).
+    // (`Extend`, as `unzip` uses, inserts one by one.)
+    let specs = || checked.peers.values().map(peer_spec);
+    let peers: BTreeMap<_, _> = specs().map(|(s, _)| (s.public_key, s)).collect();
+    let meta: BTreeMap<_, _> = specs().map(|(s, m)| (s.public_key, m)).collect();
     Ok(ValidLocation {
+        id: checked.id,
         name: checked.name,
         desired: Desired {
             interface: interface_spec(&checked.interface),
@@ -55,6 +108,7 @@ pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Reject
         },
         meta,
         mfa,
+        firewall: loc.firewall.clone(),
     })
 }
 

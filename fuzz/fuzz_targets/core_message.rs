@@ -37,11 +37,14 @@ fn base() -> Held {
     }
 }
 
-/// An accepted location passes the shared validator again and lists only valid peers.
+/// An accepted location, encoded as the state file stores it, passes the shared validator
+/// again, validates to what is held, and lists only valid peers.
 fn check_held(held: &Held) {
-    let again = gatehouse_validate::validate_location(&held.location);
+    let location = held.to_proto();
+    let again = gatehouse::validate::validate_location(&location);
     assert!(again.is_ok(), "accepted but invalid: {:?}", again.err());
-    let valid = gatehouse::validate::valid_peer_keys(&held.location);
+    assert!(again.ok().as_ref() == Some(&held.valid), "the encoding does not round-trip");
+    let valid = gatehouse::validate::valid_peer_keys(&location);
     for key in held.valid.desired.peers.keys() {
         assert!(valid.contains(key), "accepted a peer the validator rejects");
     }

@@ -16,8 +16,10 @@
 //! where the full validator names the outer one only.) The property tests are in the
 //! agent's `tests/validate_incremental.rs`.
 //!
-//! Applying keeps the held list's order, except that a removed peer's place is taken by the
-//! last peer (O(1) removal).
+//! The index keeps the peers' order itself (the held list): applying keeps it, except that
+//! a removed peer's place is taken by the last peer (O(1) removal). It needs no copy of the
+//! location as sent: a held peer's allowed IPs are named by their place in its canonical
+//! (sorted) prefix set, the order in which the holder re-encodes them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -35,6 +37,8 @@ pub struct LocationIndex {
     /// The gateway's own host prefixes (/32, /128).
     hosts: BTreeSet<IpNet>,
     peers: BTreeMap<[u8; 32], Slot>,
+    /// The peers' public keys in list order (`Slot::at` is the place here).
+    order: Vec<[u8; 32]>,
     /// Every peer prefix and the peer holding it (one holder each in a valid location).
     prefixes: BTreeMap<IpNet, [u8; 32]>,
 }
@@ -43,7 +47,9 @@ pub struct LocationIndex {
 struct Slot {
     /// Where the peer sits in the location's peer list.
     at: usize,
-    prefixes: BTreeSet<IpNet>,
+    /// Sorted, no duplicates: a boxed slice (one allocation of exactly its size) rather
+    /// than a set (a whole tree node for the usual one or two prefixes).
+    prefixes: Box<[IpNet]>,
 }
 
 /// The net effect of a run of changes, every changed item checked: what
@@ -53,9 +59,9 @@ pub struct CheckedDelta {
     /// Held peers that leave the location.
     pub removed: Vec<[u8; 32]>,
     /// Peers added or replaced (held ones first, new ones in the order first named), as
-    /// sent and as checked.
-    pub upserted: Vec<(v1::Peer, CheckedPeer)>,
-    pub interface: Option<(v1::Interface, CheckedInterface)>,
+    /// checked.
+    pub upserted: Vec<CheckedPeer>,
+    pub interface: Option<CheckedInterface>,
     pub firewall: Option<v1::FirewallPolicy>,
     /// The MFA settings and the checked threshold.
     pub mfa: Option<(v1::MfaSettings, u32)>,
@@ -89,17 +95,33 @@ impl LocationIndex {
             own_key,
             hosts: BTreeSet::new(),
             peers: BTreeMap::new(),
+            order: Vec::new(),
             prefixes: BTreeMap::new(),
         };
         index.set_hosts(addresses);
-        for (at, (key, prefixes)) in peers.into_iter().enumerate() {
-            for p in prefixes {
-                index.prefixes.insert(p.trunc(), key);
-            }
-            let prefixes = prefixes.iter().map(IpNet::trunc).collect();
-            index.peers.insert(key, Slot { at, prefixes });
+        // Collected rather than inserted one by one: a map built from an iterator has full
+        // nodes (about half the memory). On a duplicate, the last one wins, as with insert.
+        let mut slots = Vec::new();
+        let mut prefixes = Vec::new();
+        for (at, (key, nets)) in peers.into_iter().enumerate() {
+            prefixes.extend(nets.iter().map(|n| (n.trunc(), key)));
+            slots.push((
+                key,
+                Slot {
+                    at,
+                    prefixes: sorted(nets),
+                },
+            ));
+            index.order.push(key);
         }
+        index.peers = slots.into_iter().collect();
+        index.prefixes = prefixes.into_iter().collect();
         index
+    }
+
+    /// The peers' public keys in list order.
+    pub fn order(&self) -> &[[u8; 32]] {
+        &self.order
     }
 
     /// Peers held.
@@ -118,12 +140,11 @@ impl LocationIndex {
             .collect();
     }
 
-    /// Checks `changes` (in order, as one run) against the location this index holds,
-    /// `base`. Every rejection is listed, as [`crate::validate_location`] would list it for
-    /// the resulting location.
+    /// Checks `changes` (in order, as one run) against the location this index holds.
+    /// Every rejection is listed, as [`crate::validate_location`] would list it for the
+    /// resulting location.
     pub fn check<'a>(
         &self,
-        base: &v1::Location,
         changes: impl IntoIterator<Item = &'a v1::Change>,
     ) -> Result<CheckedDelta, Vec<Rejection>> {
         use v1::change::Kind;
@@ -191,7 +212,7 @@ impl LocationIndex {
             }
             entries.extend(cp.allowed_ips.iter().map(|n| (*n, Holder::Peer(*at))));
             raw_at.insert(*at, p);
-            out.upserted.push(((*p).clone(), cp));
+            out.upserted.push(cp);
         }
         // A new interface key that an unchanged peer holds.
         if let (Some((_, Some(ci))), Some(slot)) =
@@ -248,15 +269,22 @@ impl LocationIndex {
             }
         }
         for ((at, net), (_, reason)) in blamed.0 {
-            let canon = net.to_string();
-            let listed = raw_at.get(&at).copied().or_else(|| base.peers.get(at));
-            let j = listed
-                .and_then(|p| p.allowed_ips.iter().position(|s| *s == canon))
-                .unwrap_or(0);
+            let j = match raw_at.get(&at) {
+                Some(p) => {
+                    let canon = net.to_string();
+                    p.allowed_ips.iter().position(|s| *s == canon)
+                }
+                None => self
+                    .order
+                    .get(at)
+                    .and_then(|k| self.peers.get(k))
+                    .and_then(|s| s.prefixes.iter().position(|n| *n == net)),
+            }
+            .unwrap_or(0);
             errs.push(format!("peers[{at}].allowed_ips[{j}]"), reason);
         }
-        if let Some((raw, Some(ci))) = interface {
-            out.interface = Some((raw.clone(), ci));
+        if let Some((_, Some(ci))) = interface {
+            out.interface = Some(ci);
         }
         errs.finish().map(|()| out)
     }
@@ -336,73 +364,70 @@ impl LocationIndex {
         })
     }
 
-    /// Applies a checked delta to the index and to `loc`, the location it indexes: a
-    /// removed peer's place is taken by the last one, a replaced peer keeps its place, a
-    /// new one is appended. O(changed × log N).
-    pub fn commit(&mut self, loc: &mut v1::Location, delta: &CheckedDelta) {
+    /// Applies a checked delta to the index: a removed peer's place is taken by the last
+    /// one, a replaced peer keeps its place, a new one is appended. O(changed × log N).
+    pub fn commit(&mut self, delta: &CheckedDelta) {
         for key in &delta.removed {
-            let Some(slot) = self.peers.remove(key) else {
-                continue;
-            };
-            self.forget_prefixes(key, &slot.prefixes);
-            if slot.at < loc.peers.len() {
-                loc.peers.swap_remove(slot.at);
-            }
-            if let Some(moved) = loc.peers.get(slot.at) {
-                if let Some(s) = keys::key32(&moved.public_key)
-                    .ok()
-                    .and_then(|k| self.peers.get_mut(&k))
-                {
-                    s.at = slot.at;
-                }
-            }
+            self.remove(key);
         }
         // Every replaced peer gives up its prefixes before any is taken (a prefix may move
         // from one peer to another within a delta).
-        for (_, p) in &delta.upserted {
+        for p in &delta.upserted {
             if let Some(old) = self.peers.get(&p.public_key).map(|s| s.prefixes.clone()) {
                 self.forget_prefixes(&p.public_key, &old);
             }
         }
-        for (raw, p) in &delta.upserted {
+        for p in &delta.upserted {
             for n in &p.allowed_ips {
                 self.prefixes.insert(n.trunc(), p.public_key);
             }
-            let prefixes = p.allowed_ips.iter().map(IpNet::trunc).collect();
+            let prefixes = sorted(&p.allowed_ips);
             match self.peers.get_mut(&p.public_key) {
-                Some(slot) => {
-                    slot.prefixes = prefixes;
-                    if let Some(listed) = loc.peers.get_mut(slot.at) {
-                        *listed = raw.clone();
-                    }
-                }
+                Some(slot) => slot.prefixes = prefixes,
                 None => {
-                    let at = loc.peers.len();
-                    loc.peers.push(raw.clone());
+                    let at = self.order.len();
+                    self.order.push(p.public_key);
                     self.peers.insert(p.public_key, Slot { at, prefixes });
                 }
             }
         }
-        if let Some((raw, ci)) = &delta.interface {
+        if let Some(ci) = &delta.interface {
             self.own_key = ci.public_key;
             self.set_hosts(&ci.addresses);
-            loc.interface = Some(raw.clone());
-        }
-        if let Some(fw) = &delta.firewall {
-            loc.firewall = Some(fw.clone());
-        }
-        if let Some((m, _)) = &delta.mfa {
-            loc.mfa = Some(*m);
         }
     }
 
-    fn forget_prefixes(&mut self, key: &[u8; 32], prefixes: &BTreeSet<IpNet>) {
+    /// Drops a peer: the last one takes its place. O(log N).
+    pub fn remove(&mut self, key: &[u8; 32]) {
+        let Some(slot) = self.peers.remove(key) else {
+            return;
+        };
+        self.forget_prefixes(key, &slot.prefixes);
+        if slot.at < self.order.len() {
+            self.order.swap_remove(slot.at);
+        }
+        if let Some(moved) = self.order.get(slot.at) {
+            if let Some(s) = self.peers.get_mut(moved) {
+                s.at = slot.at;
+            }
+        }
+    }
+
+    fn forget_prefixes(&mut self, key: &[u8; 32], prefixes: &[IpNet]) {
         for n in prefixes {
             if self.prefixes.get(n) == Some(key) {
                 self.prefixes.remove(n);
             }
         }
     }
+}
+
+/// A peer's prefixes, truncated, sorted and without duplicates.
+fn sorted(prefixes: &BTreeSet<IpNet>) -> Box<[IpNet]> {
+    let mut v: Vec<IpNet> = prefixes.iter().map(IpNet::trunc).collect();
+    v.sort_unstable();
+    v.dedup();
+    v.into_boxed_slice()
 }
 
 /// The conflict named for each blamed prefix `(peer, prefix)`: the one met first, at the

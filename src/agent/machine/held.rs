@@ -1,6 +1,5 @@
-//! The two uses of the held location's Core form (`Held::location`), and its restore from
-//! the state file, in one place: the firewall policy, the encoded location for the state
-//! file.
+//! The held location's Core forms in one place: its firewall policy, its encoding for the
+//! state file, and its restore from the state file.
 
 use gatehouse_proto::v1;
 use tracing::warn;
@@ -10,12 +9,12 @@ use crate::validate::validate_location;
 
 /// The held location's firewall policy (None without a location or a policy).
 pub(super) fn firewall_policy(held: Option<&Held>) -> Option<v1::FirewallPolicy> {
-    held.and_then(|h| h.location.firewall.clone())
+    held.and_then(|h| h.firewall().cloned())
 }
 
 /// The held location as the state file keeps it.
 pub(super) fn encoded(held: Option<&Held>) -> Option<Vec<u8>> {
-    held.map(|h| prost::Message::encode_to_vec(&h.location))
+    held.map(|h| prost::Message::encode_to_vec(&h.to_proto()))
 }
 
 /// The location saved in the state file, if it decodes and is valid.

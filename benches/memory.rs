@@ -1,0 +1,141 @@
+//! Memory per peer of the state the agent holds (issue 11): the held location (validated
+//! domain form and its index), one desired state handed to the planner, and the observed
+//! interface as a read returns it, at 1,000 and 100,000 peers (each a /32 and a /128, a
+//! preshared key, an id and an MFA session). A counting global allocator measures the bytes
+//! live after each is built (and the peak while building the held location from a snapshot).
+//! No root.
+//!
+//!   cargo bench --bench memory
+//!
+//! Prints a markdown table; `BENCHMARKS.md` records the figures with this command.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use gatehouse::location::{on_snapshot, Held, Update};
+use gatehouse::model::{DeviceState, Observed, PeerState};
+use gatehouse_proto::v1;
+
+/// The system allocator, counting the bytes live and their peak.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded unchanged to the system allocator.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+fn peer(i: u32) -> v1::Peer {
+    let mut key = [7u8; 32];
+    key[..4].copy_from_slice(&i.to_le_bytes());
+    let [_, a, b, c] = (i + 2).to_be_bytes();
+    v1::Peer {
+        public_key: key.to_vec(),
+        preshared_key: vec![9; 32],
+        allowed_ips: vec![
+            format!("10.{a}.{b}.{c}/32"),
+            format!(
+                "{}/128",
+                std::net::Ipv6Addr::from(0xfd00u128 << 112 | u128::from(i + 2))
+            ),
+        ],
+        id: u64::from(i) + 1,
+        mfa_session: 1,
+        ..Default::default()
+    }
+}
+
+fn location(peers: u32) -> v1::Location {
+    v1::Location {
+        id: 1,
+        name: "bench".into(),
+        interface: Some(v1::Interface {
+            private_key: vec![1; 32],
+            listen_port: 51820,
+            addresses: vec!["10.0.0.1/8".into(), "fd00::1/64".into()],
+            mtu: 1420,
+            fwmark: 0,
+        }),
+        peers: (0..peers).map(peer).collect(),
+        firewall: None,
+        mfa: Some(v1::MfaSettings {
+            enabled: true,
+            disconnect_threshold_secs: 600,
+        }),
+    }
+}
+
+/// Bytes per peer of (held, held peak while built, desired, observed).
+fn measure(peers: u32) -> [usize; 4] {
+    let snapshot = v1::Snapshot {
+        revision: 1,
+        location: Some(location(peers)),
+    };
+    let base = live();
+    PEAK.store(base, Ordering::Relaxed);
+    let held: Held = match on_snapshot(&snapshot) {
+        Update::Accept(h) => *h,
+        other => panic!("{other:?}"),
+    };
+    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let held_bytes = live() - base;
+    drop(snapshot);
+
+    let base = live();
+    let desired = held.valid.desired.clone();
+    let desired_bytes = live() - base;
+
+    let base = live();
+    let observed = Observed {
+        link: None,
+        device: DeviceState {
+            peers: desired
+                .peers
+                .iter()
+                .map(|(k, p)| (*k, PeerState::fresh(p.clone())))
+                .collect(),
+            ..DeviceState::default()
+        },
+    };
+    let observed_bytes = live() - base;
+    assert_eq!(observed.device.peers.len(), peers as usize);
+    let n = peers as usize;
+    [
+        held_bytes / n,
+        peak / n,
+        desired_bytes / n,
+        observed_bytes / n,
+    ]
+}
+
+fn main() {
+    println!("| peers | held (valid + index) | peak while accepting a snapshot | one desired copy | observed | per peer, MiB at this size (held + desired + observed) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for peers in [1_000u32, 100_000] {
+        let [held, peak, desired, observed] = measure(peers);
+        let total = (held + desired + observed) as f64 * f64::from(peers) / (1024.0 * 1024.0);
+        println!("| {peers} | {held} B | {peak} B | {desired} B | {observed} B | {total:.1} MiB |");
+    }
+}
