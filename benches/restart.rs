@@ -7,6 +7,10 @@
 //!   sudo cargo bench --bench restart            # + userspace backend (wireguard-go, netns)
 //!   tests/vm/run-kernel-bench.sh restart        # + kernel backend, inside the VM
 //!
+//! `GATEHOUSE_BENCH_PEERS` (default 10,000) and `GATEHOUSE_BENCH_ROUNDS` (restarts per
+//! row, default 5) change the size; the 100,000 kernel figure:
+//!   GATEHOUSE_BENCH_PEERS=100000 WGVM_MEM=4096 WGVM_TIMEOUT=14400 tests/vm/run-kernel-bench.sh restart
+//!
 //! Prints a markdown table; `BENCHMARKS.md` records the figures with this command.
 
 #[path = "../tests/netns/mod.rs"]
@@ -16,17 +20,51 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use gatehouse::agent::status::Status;
 use gatehouse::agent::{self, Settings};
 use gatehouse::backend::kernel::KernelBackend;
 use gatehouse::backend::memory::MemoryBackend;
 use gatehouse::backend::userspace::{UserspaceBackend, UserspaceConfig};
 use gatehouse::backend::Backend;
+use gatehouse_core::api::NewPeer;
 use support::{plain_location, Core};
 use tokio::sync::{oneshot, watch};
 
-const PEERS: usize = 10_000;
-const RUNS: usize = 5;
+/// A size setting from the environment.
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn peers() -> usize {
+    setting("GATEHOUSE_BENCH_PEERS", 10_000)
+}
+
+fn runs() -> usize {
+    setting("GATEHOUSE_BENCH_ROUNDS", 5).max(1)
+}
+
+/// Peer `i`: a distinct public key (any 32 bytes not of low order) and one /32 in
+/// 10.100.0.0/14 (room for 100,000 and more, outside the location's 10.0.0.0/16).
+fn peer(i: usize) -> NewPeer {
+    let mut key = [7u8; 32];
+    key[..4].copy_from_slice(&(i as u32).to_le_bytes());
+    let n = i as u32;
+    NewPeer {
+        public_key: B64.encode(key),
+        allowed_ips: vec![format!(
+            "10.{}.{}.{}/32",
+            100 + (n >> 16),
+            (n >> 8) & 0xff,
+            n & 0xff
+        )],
+        ..Default::default()
+    }
+}
 
 struct Row {
     backend: &'static str,
@@ -86,7 +124,11 @@ async fn start_until_ready(
 
 async fn scenario(name: &'static str, make: &dyn Fn() -> Box<dyn Backend>, rows: &mut Vec<Row>) {
     let mut core = Core::start().await;
-    let (loc, token) = core.location(plain_location("bench"), PEERS).await;
+    let (loc, token) = core.location(plain_location("bench"), 0).await;
+    let all: Vec<NewPeer> = (0..peers()).map(peer).collect();
+    for chunk in all.chunks(8_192) {
+        core.admin.add_peers(loc, chunk).await.expect("add peers");
+    }
     let rev = core.revision(loc).await;
     let state = tempfile::tempdir().unwrap();
     let mut settings = support::settings(&core.url(), &token, state.path());
@@ -104,7 +146,7 @@ async fn scenario(name: &'static str, make: &dyn Fn() -> Box<dyn Backend>, rows:
         }
         let mut times = Vec::new();
         let mut writes = 0;
-        for _ in 0..RUNS {
+        for _ in 0..runs() {
             let (t, w) = start_until_ready(settings.clone(), make(), core_up).await;
             times.push(t);
             writes += w;
@@ -176,7 +218,11 @@ fn main() {
             .status();
         let _ = std::fs::remove_file(format!("/var/run/wireguard/{iface}.log"));
     }
-    println!("\nRestart of an agent holding {PEERS} peers ({RUNS} runs each)\n");
+    println!(
+        "\nRestart of an agent holding {} peers ({} runs each)\n",
+        peers(),
+        runs()
+    );
     println!("| backend | Core | start to ready (median) | max | writes by the restarts |");
     println!("|---|---|---|---|---|");
     for r in rows {
