@@ -172,12 +172,17 @@ async fn bench(peers: usize, rounds: usize, stats_every: Duration) -> Vec<Cycle>
         },
         tx,
     ));
+    let started = Instant::now();
     while status.borrow().applied_revision != revision {
-        tokio::time::timeout(Duration::from_secs(600), status.changed())
+        tokio::time::timeout(Duration::from_secs(1800), status.changed())
             .await
             .expect("the snapshot applied")
             .expect("the agent runs");
     }
+    eprintln!(
+        "stats bench: {peers} peers applied in {:?}",
+        started.elapsed()
+    );
     // The first report after the apply carries every peer; the cycles start after it.
     let ticks = status.borrow().timers.stats_ticks;
     let mut counts = settled(&core, loc, &mut status, ticks + 1).await;
