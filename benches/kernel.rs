@@ -1,7 +1,20 @@
 //! Kernel backend benchmark, beside the `wg` tool on the same (virtual) machine. Needs
 //! root and kernel WireGuard: run it in the VM with `tests/vm/run-kernel-bench.sh`.
-//! Prints a markdown table of medians; absolute times under TCG emulation are slow, the
-//! ratios are what to read.
+//! Prints a markdown table of medians with their spread (min–max over the rounds);
+//! absolute times under TCG emulation are slow, the ratios are what to read.
+//!
+//!   tests/vm/run-kernel-bench.sh                                    # 10,000 peers, 3 rounds
+//!   GATEHOUSE_BENCH_PEERS=100000 GATEHOUSE_BENCH_ROUNDS=5 WGVM_MEM=4096 WGVM_TIMEOUT=14400 \
+//!       tests/vm/run-kernel-bench.sh                                # the 100,000 figures
+//!
+//! With `GATEHOUSE_BENCH_DEFGUARD` set to the helper built from `benches/defguard` (the
+//! script builds it and sets it; `GATEHOUSE_BENCH_DEFGUARD=0` leaves the column out), a
+//! third column: defguard_wireguard_rs's kernel path (`WGApi<Kernel>`) on the same config,
+//! cold (`create_interface` + `configure_interface`) and one peer (`configure_peer`),
+//! timed inside the helper.
+//!
+//! Never deletes an interface (minutes for 10,000 peers under TCG): each round's
+//! interfaces stay in the benchmark's namespace, dropped at the end.
 
 #[path = "../tests/vm/support.rs"]
 mod support;
@@ -76,9 +89,40 @@ fn time(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+/// Median, min and max of the rounds.
+#[derive(Clone, Copy)]
+struct Spread {
+    median: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+fn spread(mut v: Vec<Duration>) -> Spread {
     v.sort();
-    v[v.len() / 2]
+    Spread {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+/// `12.3 ms (10.1–14.2)`.
+fn show(s: Spread) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!("{:.1} ms ({:.1}–{:.1})", ms(s.median), ms(s.min), ms(s.max))
+}
+
+/// `100000` as `100,000`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn wg_config(want: &Desired, port: u16) -> anyhow::Result<tempfile::NamedTempFile> {
@@ -114,26 +158,57 @@ fn converge(b: &mut KernelBackend, want: &Desired) -> anyhow::Result<()> {
 }
 
 struct Row {
-    what: &'static str,
-    ours: Duration,
+    what: String,
+    ours: Spread,
     messages: u64,
-    tool: Duration,
+    tool: Spread,
     tool_cmd: &'static str,
+    defguard: Option<Spread>,
+}
+
+/// The defguard helper's path, when the column is wanted.
+fn defguard_helper() -> Option<String> {
+    let path = std::env::var("GATEHOUSE_BENCH_DEFGUARD").ok()?;
+    std::path::Path::new(&path).is_file().then_some(path)
+}
+
+/// Runs the defguard helper; its stdout is the time of the library calls in ms.
+fn defguard(helper: &str, args: &[&str]) -> anyhow::Result<Duration> {
+    let out = Command::new(helper).args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "defguard helper {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ms: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    Ok(Duration::from_secs_f64(ms / 1e3))
 }
 
 fn run() -> anyhow::Result<()> {
     let peers = setting("GATEHOUSE_BENCH_PEERS", 10_000);
     let rounds = setting("GATEHOUSE_BENCH_ROUNDS", 3).max(1);
     let want = support::desired(9, 41000, u32::try_from(peers)?, 0);
+    let n = thousands(peers);
+    let helper = defguard_helper();
+    let mtu = want.interface.mtu.unwrap_or(1420).to_string();
+    let addresses: Vec<String> = want
+        .interface
+        .addresses
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
     let _ns = Namespace::enter_new()?;
     let mut rows = Vec::new();
 
     // Cold: ours from nothing (link, MTU, addresses, up, device, peers); the tool on a
     // link created beforehand (device and peers only). Fresh interfaces every round.
-    let (mut ours, mut tool) = (Vec::new(), Vec::new());
+    let (mut ours, mut tool, mut dg) = (Vec::new(), Vec::new(), Vec::new());
+    let mut dg_if = String::new();
     let mut messages = 0;
     let mut backend = None;
     let mut conf = None;
+    let mut conf_dg = None;
     let mut tool_if = String::new();
     for round in 0..rounds {
         let port = 41000 + 2 * round as u16;
@@ -150,16 +225,28 @@ fn run() -> anyhow::Result<()> {
         sh("ip", &["link", "add", &tool_if, "type", "wireguard"])?;
         tool.push(time(|| sh("wg", &["setconf", &tool_if, &path]))?);
         progress("wg setconf", tool[tool.len() - 1]);
+        if let Some(helper) = &helper {
+            dg_if = format!("ghd{round}");
+            let c = wg_config(&want, 42000 + round as u16)?;
+            let path = c.path().to_str().unwrap_or_default().to_owned();
+            let mut args = vec!["cold", &dg_if, &path, &mtu];
+            args.extend(addresses.iter().map(String::as_str));
+            dg.push(defguard(helper, &args)?);
+            progress("defguard cold", dg[dg.len() - 1]);
+            conf_dg = Some((c, path));
+        }
         conf = Some((c, path));
     }
     let (mut backend, want) = backend.ok_or_else(|| anyhow::anyhow!("no rounds"))?;
     let (_conf, conf_path) = conf.ok_or_else(|| anyhow::anyhow!("no rounds"))?;
+    let cold = spread(ours);
     rows.push(Row {
-        what: "cold apply, 10,000 peers",
-        ours: median(ours),
+        what: format!("cold apply, {n} peers"),
+        ours: cold,
         messages,
-        tool: median(tool),
+        tool: spread(tool),
         tool_cmd: "`wg setconf` (same config, link pre-created)",
+        defguard: (!dg.is_empty()).then(|| spread(dg)),
     });
 
     // No-op snapshot: observe + plan + apply of the state the kernel already has.
@@ -172,21 +259,24 @@ fn run() -> anyhow::Result<()> {
         tool.push(time(|| sh("wg", &["syncconf", &tool_if, &conf_path]))?);
         progress("wg syncconf", tool[tool.len() - 1]);
     }
+    let noop = spread(ours);
     rows.push(Row {
-        what: "no-op snapshot, 10,000 peers (observe+plan+apply)",
-        ours: median(ours),
+        what: format!("no-op snapshot, {n} peers (observe+plan+apply)"),
+        ours: noop,
         messages: 0,
-        tool: median(tool),
+        tool: spread(tool),
         tool_cmd: "`wg syncconf` (same config)",
+        defguard: None,
     });
 
-    // One peer changed (its keepalive toggled) at 10,000 peers.
+    // One peer changed (its keepalive toggled).
     let key = *want
         .peers
         .keys()
-        .nth(4_321)
+        .nth(peers / 2)
         .unwrap_or_else(|| unreachable!());
     let (mut ours, mut ours_apply, mut tool) = (Vec::new(), Vec::new(), Vec::new());
+    let mut dg = Vec::new();
     let mut changed = want.clone();
     for round in 0..rounds {
         let keepalive = if round % 2 == 0 { 25 } else { 0 };
@@ -217,38 +307,59 @@ fn run() -> anyhow::Result<()> {
                 ],
             )
         })?);
+        if let (Some(helper), Some((_, path))) = (&helper, &conf_dg) {
+            let ka = keepalive.to_string();
+            dg.push(defguard(helper, &["one", &dg_if, path, &k, &ka])?);
+        }
     }
-    let tool_one = median(tool);
+    let tool_one = spread(tool);
+    let dg_one = (!dg.is_empty()).then(|| spread(dg));
     rows.push(Row {
-        what: "one peer changed at 10,000 (observe+plan+apply)",
-        ours: median(ours),
+        what: format!("one peer changed at {n} (observe+plan+apply)"),
+        ours: spread(ours),
         messages: 1,
         tool: tool_one,
         tool_cmd: "`wg set <if> peer <key> persistent-keepalive N`",
+        defguard: dg_one,
     });
     rows.push(Row {
-        what: "one peer changed at 10,000 (apply of a known plan)",
-        ours: median(ours_apply),
+        what: format!("one peer changed at {n} (apply of a known plan)"),
+        ours: spread(ours_apply),
         messages: 1,
         tool: tool_one,
         tool_cmd: "`wg set <if> peer <key> persistent-keepalive N`",
+        defguard: dg_one,
     });
 
-    println!("| scenario | gatehouse | messages | wg tool | tool command | gatehouse / tool |");
-    println!("|---|---:|---:|---:|---|---:|");
+    println!("| scenario | gatehouse, median (min–max) | messages | wg tool, median (min–max) | tool command | gatehouse / tool | defguard_wireguard_rs, median (min–max) | gatehouse / defguard |");
+    println!("|---|---:|---:|---:|---|---:|---:|---:|");
     for r in rows {
+        let (dg, dg_ratio) = match r.defguard {
+            Some(d) => (
+                show(d),
+                format!(
+                    "{:.2}",
+                    r.ours.median.as_secs_f64() / d.median.as_secs_f64()
+                ),
+            ),
+            None => ("–".into(), "–".into()),
+        };
         println!(
-            "| {} | {:.1} ms | {} | {:.1} ms | {} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {dg} | {dg_ratio} |",
             r.what,
-            r.ours.as_secs_f64() * 1e3,
+            show(r.ours),
             r.messages,
-            r.tool.as_secs_f64() * 1e3,
+            show(r.tool),
             r.tool_cmd,
-            r.ours.as_secs_f64() / r.tool.as_secs_f64()
+            r.ours.median.as_secs_f64() / r.tool.median.as_secs_f64()
         );
     }
     println!(
-        "\nmedian of {rounds} rounds, {peers} peers; kernel {}",
+        "\nno-op snapshot / cold apply (medians): {:.1}%",
+        100.0 * noop.median.as_secs_f64() / cold.median.as_secs_f64()
+    );
+    println!(
+        "median of {rounds} rounds, {peers} peers; kernel {}",
         kernel_release()
     );
     Ok(())

@@ -3,7 +3,8 @@
 #   1. setup: Debian packages and the build (scripts/setup.sh)
 #   2. unit and in-process integration tests (no root): cargo test --workspace; the lint rule
 #      of clippy.toml refuses each banned call in the deciding crate (scripts/lint-bites.sh)
-#   3. root end-to-end tests in network namespaces with real wireguard-go clients
+#   3. root end-to-end tests in network namespaces with real wireguard-go clients, and the
+#      benchmark harnesses at CI size (tests/bench/smoke.sh)
 #   4. kernel WireGuard tests inside a QEMU VM (tests/vm)
 #   5. packages: deb and rpm built (scripts/package.sh), lintian, rpmlint, rpm -qp checks
 #   6. the packages on a systemd host: a VM booting Debian with systemd (tests/vm)
@@ -33,6 +34,7 @@ stage "clock, randomness and ordering rule bites (clippy)" scripts/lint-bites.sh
 if [ "$(id -u)" = 0 ]; then
 	stage "root tests in network namespaces" tests/netns/run-root-tests.sh \
 		userspace_link userspace $(for t in tests/e2e_*.rs; do [ -e "$t" ] && basename "$t" .rs; done)
+	stage "benchmark harnesses at CI size (issue 11)" tests/bench/smoke.sh
 	for t in tests/vm_*.rs tests/kernel.rs; do
 		[ -e "$t" ] || continue
 		stage "kernel WireGuard in the VM: $(basename "$t" .rs)" tests/vm/run-kernel-tests.sh --test "$(basename "$t" .rs)"

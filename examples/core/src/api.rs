@@ -243,6 +243,12 @@ pub struct GatewayView {
     /// any NAT); empty when unknown.
     #[serde(default)]
     pub remote_addr: String,
+    /// `Stats` messages received from the gateway (all its streams, since it first came).
+    #[serde(default)]
+    pub stats_messages: u64,
+    /// Peer entries in those messages (a cycle sends only the peers that changed).
+    #[serde(default)]
+    pub stats_entries: u64,
 }
 
 /// The last failed `Applied` of a gateway.

@@ -810,9 +810,13 @@ impl Store {
                 outcome.stored += 1;
             }
         }
+        // Every `Stats` message and every entry it carries (known peers or not) are
+        // counted, so a benchmark can check that a stats cycle sends only changed peers.
         tx.execute(
-            "UPDATE gateways SET last_seen = ?3 WHERE location_id = ?1 AND gateway_id = ?2",
-            params![location as i64, gateway, now],
+            "UPDATE gateways SET last_seen = ?3, stats_messages = stats_messages + 1,
+                 stats_entries = stats_entries + ?4
+             WHERE location_id = ?1 AND gateway_id = ?2",
+            params![location as i64, gateway, now, stats.peers.len() as i64],
         )?;
         tx.commit()?;
         Ok(outcome)
@@ -823,7 +827,7 @@ impl Store {
         self.location_exists(location)?;
         let mut stmt = self.conn.prepare(
             "SELECT gateway_id, name, version, applied_revision, last_error, last_seen,
-                 remote_addr
+                 remote_addr, stats_messages, stats_entries
              FROM gateways WHERE location_id = ?1 AND gateway_id > ?2
              ORDER BY gateway_id LIMIT ?3",
         )?;
@@ -837,11 +841,14 @@ impl Store {
                 r.get::<_, Option<String>>(4)?,
                 r.get::<_, i64>(5)?,
                 r.get::<_, String>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (gateway_id, name, version, applied, err, last_seen, remote_addr) = row?;
+            let (gateway_id, name, version, applied, err, last_seen, remote_addr, msgs, entries) =
+                row?;
             out.push(api::GatewayView {
                 gateway_id,
                 name,
@@ -851,6 +858,8 @@ impl Store {
                 last_error: err.and_then(|s| serde_json::from_str(&s).ok()),
                 last_seen,
                 remote_addr,
+                stats_messages: msgs as u64,
+                stats_entries: entries as u64,
             });
         }
         Ok(out)
@@ -1093,6 +1102,9 @@ CREATE TABLE IF NOT EXISTS gateways (
     last_seen INTEGER NOT NULL,
     -- The address the gateway's latest stream came from, as the Core saw it ('' = unknown).
     remote_addr TEXT NOT NULL DEFAULT '',
+    -- `Stats` messages and the peer entries in them received from the gateway.
+    stats_messages INTEGER NOT NULL DEFAULT 0,
+    stats_entries INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (location_id, gateway_id)
 );
 CREATE TABLE IF NOT EXISTS stats (
@@ -1194,6 +1206,8 @@ fn migrate(conn: &Connection) -> Result<()> {
         ("stats", "last_active", "INTEGER NOT NULL DEFAULT 0"),
         ("events", "outcome", "TEXT NOT NULL DEFAULT ''"),
         ("gateways", "remote_addr", "TEXT NOT NULL DEFAULT ''"),
+        ("gateways", "stats_messages", "INTEGER NOT NULL DEFAULT 0"),
+        ("gateways", "stats_entries", "INTEGER NOT NULL DEFAULT 0"),
     ] {
         let exists: bool = conn
             .prepare(&format!(

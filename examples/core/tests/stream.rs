@@ -633,3 +633,32 @@ async fn after_a_core_start_a_gateway_not_back_yet_gets_the_benefit_of_the_doubt
     assert_eq!(outcome(1), "session_ended");
     assert_eq!(outcome(2), "session_renewed");
 }
+
+#[tokio::test]
+async fn the_gateways_list_counts_stats_messages_and_entries() {
+    let t = TestCore::start().await;
+    let (loc, token) = t.location(false).await;
+    let a = t.admin.add_peer(loc, &peer(1)).await.unwrap();
+    let (gw, _, _) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
+    let hs = unix_ms();
+    gw.send(G::Stats(active_stats(&a.public_key, 500, hs)))
+        .await;
+    // Two entries, one of them for a peer the location does not have: both counted.
+    let mut two = active_stats(&a.public_key, 900, hs);
+    two.peers.extend(active_stats(&key(), 1, hs).peers);
+    gw.send(G::Stats(two)).await;
+    eventually("2 messages, 3 entries", || async {
+        let g = t.admin.gateways(loc).await.unwrap();
+        g.len() == 1 && (g[0].stats_messages, g[0].stats_entries) == (2, 3)
+    })
+    .await;
+    // The counts are the gateway's, across its streams.
+    drop(gw);
+    let (gw, _, _) = Gw::hello(t.grpc(), &token, "gw-1", vec![]).await;
+    gw.send(G::Stats(pb::Stats::default())).await;
+    eventually("3 messages, 3 entries", || async {
+        let g = t.admin.gateways(loc).await.unwrap();
+        (g[0].stats_messages, g[0].stats_entries) == (3, 3)
+    })
+    .await;
+}
