@@ -17,7 +17,7 @@ use crate::agent::steps::{nothing_failed, ApplyStep};
 use crate::mfa::{MfaPolicy, PeerSample, Session};
 use crate::model::{Desired, Key, Observed};
 use crate::plan::{plan, Op, Plan, PlanSummary};
-use crate::state::PendingEvent;
+use crate::state::{Buried, PendingEvent, Record};
 
 /// Above this many operations, a plan's steps are logged at DEBUG and summarized at INFO.
 const LOG_EACH_STEP_UP_TO: usize = 100;
@@ -118,6 +118,14 @@ pub(super) struct Rollback {
 impl Machine {
     /// Feeds an outcome to what waited for it.
     pub(super) fn resume(&mut self, wait: Wait, outcome: Outcome) {
+        let (wait, outcome) = match outcome {
+            Outcome::Saved(_) | Outcome::Appended(_) => match self.written(wait, outcome) {
+                Some(resumed) => resumed,
+                // A refused append: the full save runs, the work waits for it.
+                None => return,
+            },
+            outcome => (wait, outcome),
+        };
         match (wait, outcome) {
             (Wait::BackendCheck, Outcome::BackendChecked(result)) => match result {
                 // Health is cleared by the next successful read of the interface.
@@ -329,6 +337,10 @@ impl Machine {
     }
 
     pub(super) fn start(&mut self) {
+        if std::mem::take(&mut self.compact_at_start) {
+            // The journal replayed at restore is folded into a new base.
+            self.spawn(Job::Save);
+        }
         let Some(revision) = self.held.as_ref().map(|h| h.revision) else {
             return;
         };
@@ -404,17 +416,13 @@ impl Machine {
         }
         if save_first {
             // On disk before the kernel changes, also when the read then fails.
-            let state = self.persisted_state();
             let job = Job::Reconcile {
                 trigger,
                 read,
                 save_first: false,
                 then,
             };
-            return self.request(
-                Action::Save(Box::new(state)),
-                Wait::SavedThen(Box::new(job)),
-            );
+            return self.write(Vec::new(), Wait::SavedThen(Box::new(job)));
         }
         self.request(
             Action::Read {
@@ -449,9 +457,11 @@ impl Machine {
             log_plan(&trigger, &plan, summary);
         }
         // Added peers get their counter epoch now, so the save before the apply has it.
+        let mut started = BTreeMap::new();
         for step in &plan.steps {
             if let Op::AddPeer(spec) = &step.op {
-                self.epochs.start(spec.public_key, &mut self.rng);
+                let epoch = self.epochs.start(spec.public_key, &mut self.rng);
+                started.insert(spec.public_key, epoch);
             }
         }
         let ctx = ApplyCtx {
@@ -462,11 +472,12 @@ impl Machine {
             then,
         };
         if save_first {
-            let state = self.persisted_state();
-            self.request(
-                Action::Save(Box::new(state)),
-                Wait::SavedThenApply(Box::new(ctx)),
-            );
+            let records = if started.is_empty() {
+                vec![]
+            } else {
+                vec![Record::Epochs { started }]
+            };
+            self.write(records, Wait::SavedThenApply(Box::new(ctx)));
         } else {
             self.apply(ctx);
         }
@@ -638,9 +649,16 @@ impl Machine {
                 .bury(e.key, Session::of(meta.mfa_session, psk.as_ref()), wall);
         }
         // The events are on disk before any peer is removed.
-        let state = self.persisted_state();
-        self.request(
-            Action::Save(Box::new(state)),
+        let record = Record::Expired {
+            events: self.pending[rollback.pending..].to_vec(),
+            buried: expired
+                .iter()
+                .filter_map(|e| self.tombstones.get(&e.key).map(|t| Buried::new(e.key, t)))
+                .collect(),
+            next_seq: self.next_seq,
+        };
+        self.write(
+            vec![record],
             Wait::MfaSaved {
                 rollback,
                 count: expired.len(),
