@@ -441,7 +441,8 @@ impl Sim {
         }
     }
 
-    fn execute(&mut self, action: Action) -> Option<Outcome> {
+    /// Executes one action as the store, the kernel and the Core would.
+    pub fn execute(&mut self, action: Action) -> Option<Outcome> {
         Some(match action {
             Action::RunHook(h) => {
                 let state = self.kernel.state();

@@ -211,8 +211,10 @@ impl Machine {
                 }
                 debug!(revision, "revision accepted");
                 self.held = Some(*held);
-                // Not reached by deltas: the next write is the full state.
+                // Not reached by deltas: the next write is the full state, the next plan
+                // covers every peer.
                 self.disk.forget();
+                self.scope = None;
                 self.accepted();
             }
             Update::Gap { held, base } if self.snapshot_requested => {
@@ -320,6 +322,7 @@ impl Machine {
         let used = used.clamp(1, deltas.len());
         if matches!(update, Update::Advanced { .. }) {
             self.disk.deltas_accepted(&deltas[..used]);
+            self.touched(&deltas[..used]);
         }
         info!(
             deltas = used,
@@ -344,6 +347,9 @@ impl Machine {
         let Some(revision) = self.held.as_ref().map(|h| h.revision) else {
             return;
         };
+        // Planned on the touched peers only when the model holds every earlier revision.
+        let scope = self.scope.take();
+        self.apply_scope = scope.filter(|_| self.model.is_some());
         self.reconcile(
             format!("revision {revision}"),
             false,

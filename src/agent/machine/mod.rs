@@ -58,6 +58,7 @@ mod model;
 mod persist;
 mod reconcile;
 mod report;
+mod scope;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -321,6 +322,16 @@ pub struct Machine {
     disk: persist::Disk,
     /// Journal records were replayed at restore: the start writes the full state.
     compact_at_start: bool,
+    /// The peers the deltas accepted since the last apply of the held revision name (see
+    /// `scope.rs`); None: plan everything (a snapshot, a settings change).
+    scope: Option<BTreeSet<crate::model::Key>>,
+    /// The scope of the apply of the held revision under way.
+    apply_scope: Option<BTreeSet<crate::model::Key>>,
+    /// The last plan refused peers beyond the backend's limit: the next plans are full.
+    refused_last: bool,
+    /// The last firewall step ran without a policy and succeeded: with no policy still, a
+    /// scoped change has nothing to do there.
+    firewall_idle: bool,
 }
 
 impl Machine {
@@ -387,6 +398,10 @@ impl Machine {
             dirty: true,
             disk: persist::Disk::default(),
             compact_at_start: false,
+            scope: None,
+            apply_scope: None,
+            refused_last: false,
+            firewall_idle: false,
         };
         if let Some(state) = loaded {
             m.restore(state, &replay);

@@ -72,7 +72,9 @@ pub(super) enum AfterRead {
 pub(super) struct ApplyCtx {
     trigger: String,
     plan: Plan,
-    desired: Desired,
+    /// The effective desired state, for the firewall; None for a scoped change (built only
+    /// if the firewall step needs it).
+    desired: Option<Desired>,
     summary: PlanSummary,
     then: Then,
 }
@@ -93,6 +95,8 @@ pub(super) enum Wait {
         then: Then,
         read_error: Option<String>,
         summary: PlanSummary,
+        /// The step ran without a policy.
+        without_policy: bool,
     },
     /// MFA events on disk before their removal.
     MfaSaved {
@@ -170,9 +174,11 @@ impl Machine {
                     then,
                     read_error,
                     summary,
+                    without_policy,
                 },
                 Outcome::Firewall(result),
             ) => {
+                self.firewall_idle = without_policy && result.is_ok();
                 self.steps.record(ApplyStep::Firewall, result);
                 let result = match (read_error, self.steps.summary()) {
                     (Some(e), _) => Err(format!("cannot read the interface: {e}")),
@@ -267,9 +273,13 @@ impl Machine {
                 Ok(()) => self.plan_and_apply(trigger, save_first, then),
                 Err(e) => match self.effective_desired() {
                     // The firewall does not depend on the WireGuard device being readable.
-                    Some(desired) => {
-                        self.firewall(trigger, desired, then, Some(e), PlanSummary::default())
-                    }
+                    Some(desired) => self.firewall(
+                        trigger,
+                        Some(desired),
+                        then,
+                        Some(e),
+                        PlanSummary::default(),
+                    ),
                     None => self.finish(then, Err(e)),
                 },
             },
@@ -437,17 +447,28 @@ impl Machine {
     }
 
     fn plan_and_apply(&mut self, trigger: String, save_first: bool, then: Then) {
-        let Some(desired) = self.effective_desired() else {
-            return self.finish(then, Ok(PlanSummary::default()));
+        let (plan, desired) = match self.take_scope(&then) {
+            // A change reached by deltas: only the peers they name.
+            Some(keys) => match self.plan_scoped(&keys) {
+                Some(plan) => (plan, None),
+                None => return self.finish(then, Err("the interface is unknown".into())),
+            },
+            None => {
+                let Some(desired) = self.effective_desired() else {
+                    return self.finish(then, Ok(PlanSummary::default()));
+                };
+                let Some(model) = &self.model else {
+                    return self.finish(then, Err("the interface is unknown".into()));
+                };
+                // Peers beyond the backend's limit are refused, the rest applied.
+                let fitted = crate::peer_limit::fit(&desired, model, self.peer_limit);
+                let plan = plan(&fitted.desired, model);
+                let refused = fitted.refused;
+                self.refused_last = refused.is_some();
+                self.steps.record_peer_limit(refused.as_ref());
+                (plan, Some(desired))
+            }
         };
-        let Some(model) = &self.model else {
-            return self.finish(then, Err("the interface is unknown".into()));
-        };
-        // Peers beyond the backend's limit are refused, the rest applied.
-        let fitted = crate::peer_limit::fit(&desired, model, self.peer_limit);
-        let plan = plan(&fitted.desired, model);
-        let refused = fitted.refused;
-        self.steps.record_peer_limit(refused.as_ref());
         self.counts.last_reconcile = Some(self.now.wall);
         self.counts.last_reconcile_ops = plan.len();
         let summary = plan.summary();
@@ -500,23 +521,32 @@ impl Machine {
     fn firewall(
         &mut self,
         trigger: String,
-        desired: Desired,
+        desired: Option<Desired>,
         then: Then,
         read_error: Option<String>,
         summary: PlanSummary,
     ) {
         let policy = held::firewall_policy(self.held.as_ref());
+        let wait = Wait::Firewall {
+            then,
+            read_error,
+            summary,
+            without_policy: policy.is_none(),
+        };
+        if self.firewall_idle_for(desired.as_ref()) {
+            // No policy, and the table is known absent: nothing to do for a change.
+            return self.resume(wait, Outcome::Firewall(Ok(())));
+        }
+        let Some(desired) = desired.or_else(|| self.effective_desired()) else {
+            return self.resume(wait, Outcome::Firewall(Ok(())));
+        };
         self.request(
             Action::Firewall {
                 trigger,
                 policy,
                 desired: Box::new(desired),
             },
-            Wait::Firewall {
-                then,
-                read_error,
-                summary,
-            },
+            wait,
         );
     }
 
