@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use super::client::FromCore;
 use super::firewall::FirewallStep;
-use super::machine::{Action, Machine, Now, Outcome, SendMode};
+use super::machine::{Action, AppendError, Machine, Now, Outcome, SendMode};
 use super::status::Status;
 use super::steps::execute_phases;
 use crate::backend::Backend;
@@ -118,6 +118,13 @@ impl Driver {
                     .map_err(|e| text(&e)),
             ),
             Action::Save(state) => Outcome::Saved(self.store.save(&state).map_err(|e| text(&e))),
+            Action::Append(records) => Outcome::Appended(if self.store.should_compact() {
+                Err(AppendError::Compact)
+            } else {
+                self.store
+                    .append(&records)
+                    .map_err(|e| AppendError::Failed(text(&e)))
+            }),
             Action::Send { messages, mode } => Outcome::Sent(self.send(messages, &mode)),
             Action::Kick(batch) => Outcome::Kicked(self.backend.kick(&batch).map_err(|e| text(&e))),
             Action::InstallSourceRoutes { vips, endpoints } => {

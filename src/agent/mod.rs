@@ -151,6 +151,7 @@ pub async fn run_with_vip_reports(
         gateway_id,
         driver.backend.peer_limit(),
         loaded,
+        driver.store.take_replay(),
         rand::random(),
         driver.now(),
     );

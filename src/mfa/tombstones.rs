@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Desired, Key, SecretKey};
+use crate::model::{Desired, Key, PeerSpec, SecretKey};
 use crate::state::codec::{self, unix_ms};
 
 /// What authorized a peer.
@@ -115,6 +115,21 @@ impl Tombstones {
             true
         });
         blocked
+    }
+
+    /// Whether [`Tombstones::filter`] keeps `key` out of the desired peers, for one peer
+    /// (`mfa_session`: the Core's session of the peer, `peer`: its desired spec; None when
+    /// the Core no longer lists it). Pure: stones are pruned by `filter` only.
+    pub fn blocks(&self, key: &Key, mfa_session: Option<u64>, peer: Option<&PeerSpec>) -> bool {
+        let (Some(stone), Some(mfa_session)) = (self.by_key.get(key), mfa_session) else {
+            return false;
+        };
+        let core_session = match (mfa_session, peer) {
+            (0, Some(peer)) => Session::of(0, peer.preshared_key.as_ref()),
+            (0, None) => return true,
+            (id, _) => Session::Mfa(id),
+        };
+        core_session == stone.session
     }
 
     /// Whether `key` is buried.

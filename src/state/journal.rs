@@ -13,6 +13,9 @@
 //! computed over secret material (deltas can carry preshared and private keys): it is never
 //! logged, only the offset and the reason.
 
+use std::collections::BTreeMap;
+use std::num::NonZeroU64;
+
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
@@ -55,6 +58,11 @@ pub enum Record {
     },
     /// The Core stored the events up to and including `up_to` (their `seq`).
     Acked { up_to: u64 },
+    /// Counter epochs of peers the agent is about to add.
+    Epochs {
+        #[serde(with = "codec::key_map")]
+        started: BTreeMap<Key, u64>,
+    },
     /// The Core-contact clocks (the offline policy's inputs) at `saved_unix_ms`.
     Clock {
         core_last_contact_unix_ms: Option<i64>,
@@ -82,6 +90,10 @@ impl std::fmt::Debug for Record {
                 .field("next_seq", next_seq)
                 .finish(),
             Record::Acked { up_to } => f.debug_struct("Acked").field("up_to", up_to).finish(),
+            Record::Epochs { started } => f
+                .debug_struct("Epochs")
+                .field("started", &started.len())
+                .finish(),
             Record::Clock {
                 core_last_contact_unix_ms,
                 offline_ms,
@@ -141,6 +153,13 @@ pub fn apply(state: &mut PersistedState, record: &Record) {
         Record::Acked { up_to } => {
             state.pending_events.retain(|e| e.seq > *up_to);
             state.next_seq = state.next_seq.max(up_to.saturating_add(1));
+        }
+        Record::Epochs { started } => {
+            for (key, epoch) in started {
+                if let Some(epoch) = NonZeroU64::new(*epoch) {
+                    state.epochs.insert(*key, epoch);
+                }
+            }
         }
         Record::Clock {
             core_last_contact_unix_ms,

@@ -2,7 +2,8 @@
 //! `CoreMessage`s, records what the machine sends, stores each event once and acks it,
 //! and, like the reference Core, ends an MFA session by removing the peer), the kernel as
 //! the in-memory backend (`plan::simulate` with injectable failures and drift), an
-//! in-memory store (a restart is a new machine restored from a saved state), and a clock
+//! in-memory store modelled as the real one is (a base and a journal: a restart is a new
+//! machine restored from the base with the journal's records replayed), and a clock
 //! that jumps from one deadline to the next. Nothing sleeps: minutes pass in microseconds.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use gatehouse::agent::client::CoreSettings;
+use gatehouse::agent::machine::AppendError;
 use gatehouse::agent::machine::{Action, Machine, Now, Outcome};
 use gatehouse::agent::status::Status;
 use gatehouse::agent::steps::execute_phases;
@@ -19,7 +21,7 @@ use gatehouse::backend::Backend as _;
 use gatehouse::config::{HooksConfig, Secret, TokenSource};
 use gatehouse::hooks::{Hook, Hooks};
 use gatehouse::model::Key;
-use gatehouse::state::PersistedState;
+use gatehouse::state::{journal, PersistedState, Record};
 use gatehouse_proto::v1::{self, core_message::Kind as In, gateway_message::Kind as Out};
 
 pub const S: Duration = Duration::from_secs(1);
@@ -171,6 +173,7 @@ fn kind(a: &Action) -> String {
         Action::Apply { plan, .. } => format!("apply {}", plan.summary()),
         Action::Firewall { .. } => "firewall".into(),
         Action::Save(_) => "save".into(),
+        Action::Append(_) => "append".into(),
         Action::Send { mode, .. } => format!("send {mode:?}"),
         Action::Kick(_) => "kick".into(),
         Action::InstallSourceRoutes { .. } => "routes".into(),
@@ -181,15 +184,50 @@ fn kind(a: &Action) -> String {
     }
 }
 
+/// What the store holds: the base with the journal's plain-data records applied (what
+/// `StateStore::open` loads) and the journal's `Deltas` records (`take_replay`).
+#[derive(Clone, Debug)]
+pub struct Disk {
+    pub state: PersistedState,
+    pub replay: Vec<Record>,
+}
+
+impl std::ops::Deref for Disk {
+    type Target = PersistedState;
+    fn deref(&self) -> &PersistedState {
+        &self.state
+    }
+}
+
+/// One write to the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// A full save of this many bytes (the JSON of the state).
+    Full(usize),
+    /// An append of this many bytes (the framed records).
+    Append(usize),
+}
+
 /// The world around one machine.
 pub struct Sim {
     pub settings: Settings,
     pub machine: Machine,
     pub kernel: MemoryBackend,
     pub core: ScriptedCore,
-    /// Every state saved, oldest first.
-    pub saves: Vec<PersistedState>,
+    /// What the store held after each write, oldest first.
+    pub saves: Vec<Disk>,
+    /// Each write, oldest first.
+    pub writes: Vec<Write>,
+    /// The base on disk and its journal.
+    pub base: Option<PersistedState>,
+    pub journal: Vec<Record>,
+    /// Fails saves and appends.
     pub fail_saves: bool,
+    /// Fails appends only.
+    pub fail_appends: bool,
+    /// Appends are possible (a full save succeeded since the store opened with no base,
+    /// or since a save failed).
+    journal_open: bool,
     pub trace: Vec<String>,
     /// (hook, the link existed, peers on the interface)
     pub hooks: Vec<(Hook, bool, usize)>,
@@ -212,7 +250,15 @@ impl Sim {
             mono: Duration::ZERO,
             wall: wall0,
         };
-        let machine = Machine::new(settings.clone(), "gw-sim".into(), None, None, 1, now);
+        let machine = Machine::new(
+            settings.clone(),
+            "gw-sim".into(),
+            None,
+            None,
+            vec![],
+            1,
+            now,
+        );
         Sim {
             settings,
             machine,
@@ -222,7 +268,12 @@ impl Sim {
                 ..Default::default()
             },
             saves: vec![],
+            writes: vec![],
+            base: None,
+            journal: vec![],
             fail_saves: false,
+            fail_appends: false,
+            journal_open: false,
             trace: vec![],
             hooks: vec![],
             status: Status::default(),
@@ -255,27 +306,51 @@ impl Sim {
         self.drain();
     }
 
-    /// A new process (after a kill, a reboot or a stop) restored from `state`, `after`
+    /// A new process (after a kill, a reboot or a stop) restored from `disk`, `after`
     /// the old one stopped; the kernel keeps what it had unless the caller changed it.
-    pub fn restart(&mut self, state: Option<PersistedState>, after: Duration) {
+    /// The store then holds `disk` (a journal's records stay until the next full save).
+    pub fn restart(&mut self, disk: Option<Disk>, after: Duration) {
         self.clock += after;
         self.started_at = self.clock;
         self.seed += 1;
         self.core.up = false;
         self.core.outbox.clear();
+        let (state, replay) = match disk {
+            Some(d) => (Some(d.state), d.replay),
+            None => (None, vec![]),
+        };
+        self.journal_open = state.is_some();
+        self.base = state.clone();
+        self.journal = replay.clone();
         self.machine = Machine::new(
             self.settings.clone(),
             "gw-sim".into(),
             None,
             state,
+            replay,
             self.seed,
             self.now(),
         );
         self.start();
     }
 
-    pub fn last_save(&self) -> Option<PersistedState> {
-        self.saves.last().cloned()
+    /// What the store holds now (None before the first full save).
+    pub fn last_save(&self) -> Option<Disk> {
+        let mut state = self.base.clone()?;
+        let mut replay = vec![];
+        for r in &self.journal {
+            match r {
+                Record::Deltas { .. } => replay.push(r.clone()),
+                r => journal::apply(&mut state, r),
+            }
+        }
+        Some(Disk { state, replay })
+    }
+
+    fn journal_bytes(&self) -> usize {
+        let mut buf = vec![];
+        journal::encode(&self.journal, &mut buf).expect("records encode");
+        buf.len()
     }
 
     /// The Core's stream opens: Hello (its events stored and acked), then a snapshot.
@@ -366,7 +441,8 @@ impl Sim {
         }
     }
 
-    fn execute(&mut self, action: Action) -> Option<Outcome> {
+    /// Executes one action as the store, the kernel and the Core would.
+    pub fn execute(&mut self, action: Action) -> Option<Outcome> {
         Some(match action {
             Action::RunHook(h) => {
                 let state = self.kernel.state();
@@ -395,10 +471,38 @@ impl Sim {
             Action::Firewall { .. } => Outcome::Firewall(Ok(())),
             Action::Save(state) => {
                 if self.fail_saves {
+                    // As the store: the files on disk stay, appends wait for a save that
+                    // succeeds.
+                    self.journal_open = false;
                     Outcome::Saved(Err("disk full".into()))
                 } else {
-                    self.saves.push(*state);
+                    let bytes = serde_json::to_vec(&*state).expect("state encodes").len();
+                    self.writes.push(Write::Full(bytes));
+                    self.base = Some(*state);
+                    self.journal.clear();
+                    self.journal_open = true;
+                    self.saves.extend(self.last_save());
                     Outcome::Saved(Ok(()))
+                }
+            }
+            Action::Append(records) => {
+                let base = self
+                    .base
+                    .as_ref()
+                    .map_or(0, |b| serde_json::to_vec(b).expect("state encodes").len());
+                if self.base.is_none() || !self.journal_open {
+                    Outcome::Appended(Err(AppendError::Failed("no journal".into())))
+                } else if self.journal_bytes() > base {
+                    Outcome::Appended(Err(AppendError::Compact))
+                } else if self.fail_saves || self.fail_appends {
+                    Outcome::Appended(Err(AppendError::Failed("disk full".into())))
+                } else {
+                    let mut buf = vec![];
+                    journal::encode(&records, &mut buf).expect("records encode");
+                    self.writes.push(Write::Append(buf.len()));
+                    self.journal.extend(records);
+                    self.saves.extend(self.last_save());
+                    Outcome::Appended(Ok(buf.len() as u64))
                 }
             }
             Action::Send { messages, .. } => {

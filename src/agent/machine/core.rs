@@ -20,6 +20,7 @@ use crate::agent::client::message_kind;
 use crate::agent::status::{unix_ms, Rejected};
 use crate::location::{self, Update};
 use crate::model::{Key, Observed};
+use crate::state::Record;
 use crate::stats::batches;
 use crate::validate::Rejection;
 
@@ -145,11 +146,14 @@ impl Machine {
                         acknowledged = before - self.pending.len(),
                         "the Core stored peer events"
                     );
-                    // A rewrite costs the whole backlog: while a long one drains, acked
-                    // events leave the file with a later save (a crash in between only
-                    // repeats events, and the Core takes a repeat as one event).
-                    if self.pending.len() <= EVENTS_IN_FLIGHT {
-                        self.spawn(Job::Save);
+                    // An `Acked` record is small; a full rewrite costs the whole backlog:
+                    // while a long one drains without a journal, acked events leave the
+                    // file with a later save (a crash in between only repeats events, and
+                    // the Core takes a repeat as one event).
+                    if self.pending.len() <= EVENTS_IN_FLIGHT || !self.disk.needs_full() {
+                        self.spawn(Job::Write(vec![Record::Acked {
+                            up_to: ack.up_to_seq,
+                        }]));
                     }
                 }
                 // Acknowledged events make room for the next ones of a backlog.
@@ -207,6 +211,10 @@ impl Machine {
                 }
                 debug!(revision, "revision accepted");
                 self.held = Some(*held);
+                // Not reached by deltas: the next write is the full state, the next plan
+                // covers every peer.
+                self.disk.forget();
+                self.scope = None;
                 self.accepted();
             }
             Update::Gap { held, base } if self.snapshot_requested => {
@@ -270,6 +278,7 @@ impl Machine {
         if !gone.is_empty() {
             self.bound_ha_book();
             self.held_trimmed = true;
+            self.disk.forget();
             for key in &gone {
                 info!(peer = %key, revision, "peer removed: the rejected revision no longer lists it");
             }
@@ -311,6 +320,10 @@ impl Machine {
             held => location::on_deltas(held, &deltas),
         };
         let used = used.clamp(1, deltas.len());
+        if matches!(update, Update::Advanced { .. }) {
+            self.disk.deltas_accepted(&deltas[..used]);
+            self.touched(&deltas[..used]);
+        }
         info!(
             deltas = used,
             base = deltas[0].base_revision,
@@ -334,6 +347,9 @@ impl Machine {
         let Some(revision) = self.held.as_ref().map(|h| h.revision) else {
             return;
         };
+        // Planned on the touched peers only when the model holds every earlier revision.
+        let scope = self.scope.take();
+        self.apply_scope = scope.filter(|_| self.model.is_some());
         self.reconcile(
             format!("revision {revision}"),
             false,

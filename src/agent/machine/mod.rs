@@ -55,8 +55,10 @@ mod core;
 mod ha;
 mod held;
 mod model;
+mod persist;
 mod reconcile;
 mod report;
+mod scope;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -79,7 +81,7 @@ use crate::location::Held;
 use crate::mfa::{MfaTracker, Tombstones};
 use crate::model::{Desired, Observed};
 use crate::plan::Plan;
-use crate::state::{first_event_seq, PendingEvent, PersistedState};
+use crate::state::{first_event_seq, PendingEvent, PersistedState, Record};
 use crate::stats::{Epochs, StatsTracker};
 
 pub use self::ha::HaState;
@@ -113,8 +115,11 @@ pub enum Action {
         policy: Option<v1::FirewallPolicy>,
         desired: Box<Desired>,
     },
-    /// Write the state file. Result: [`Outcome::Saved`].
+    /// Write the state file (and start a new journal). Result: [`Outcome::Saved`].
     Save(Box<PersistedState>),
+    /// Append records to the state journal, unless it is due for compaction. Result:
+    /// [`Outcome::Appended`].
+    Append(Vec<Record>),
     /// Queue messages to the Core, in order, stopping at the first that cannot be queued.
     /// Result: [`Outcome::Sent`].
     Send {
@@ -181,11 +186,21 @@ pub enum Outcome {
     },
     Firewall(Result<(), String>),
     Saved(Result<(), String>),
+    /// The bytes appended.
+    Appended(Result<u64, AppendError>),
     /// How many messages were queued (a prefix of those given).
     Sent(usize),
     Kicked(Result<(), String>),
     RoutesInstalled(Result<usize, String>),
     RoutesCleared(Result<(), String>),
+}
+
+/// Why an [`Action::Append`] was not done (the machine writes the full state instead).
+#[derive(Debug)]
+pub enum AppendError {
+    /// The journal outgrew the base (`StateStore::should_compact`).
+    Compact,
+    Failed(String),
 }
 
 /// When the machine wants [`Machine::handle_timeout`].
@@ -202,8 +217,10 @@ pub struct Timeout {
 #[derive(Debug)]
 enum Job {
     Act(Action),
-    /// A save of the current state (built when the job runs).
+    /// A full save of the current state (built when the job runs).
     Save,
+    /// A write of these records (see [`Machine::write`]).
+    Write(Vec<Record>),
     Start,
     Tick {
         mfa: bool,
@@ -301,16 +318,33 @@ pub struct Machine {
     outbox: VecDeque<Action>,
     /// Something changed since the last `Publish`.
     dirty: bool,
+    /// What the state store holds (see `persist.rs`).
+    disk: persist::Disk,
+    /// Journal records were replayed at restore: the start writes the full state.
+    compact_at_start: bool,
+    /// The peers the deltas accepted since the last apply of the held revision name (see
+    /// `scope.rs`); None: plan everything (a snapshot, a settings change).
+    scope: Option<BTreeSet<crate::model::Key>>,
+    /// The scope of the apply of the held revision under way.
+    apply_scope: Option<BTreeSet<crate::model::Key>>,
+    /// The last plan refused peers beyond the backend's limit: the next plans are full.
+    refused_last: bool,
+    /// The last firewall step ran without a policy and succeeded: with no policy still, a
+    /// scoped change has nothing to do there.
+    firewall_idle: bool,
 }
 
 impl Machine {
-    /// A machine for `settings`, restored from `loaded` (the state file, if usable).
-    /// `seed` seeds the counter epochs' random numbers.
+    /// A machine for `settings`, restored from `loaded` (the state file, if usable, with
+    /// the journal's plain-data records applied) and `replay` (the journal's `Deltas`
+    /// records, `StateStore::take_replay`). `seed` seeds the counter epochs' random
+    /// numbers.
     pub fn new(
         settings: Settings,
         gateway_id: String,
         peer_limit: Option<PeerLimit>,
         loaded: Option<PersistedState>,
+        replay: Vec<Record>,
         seed: u64,
         now: Now,
     ) -> Self {
@@ -362,14 +396,21 @@ impl Machine {
             wait: None,
             outbox: VecDeque::new(),
             dirty: true,
+            disk: persist::Disk::default(),
+            compact_at_start: false,
+            scope: None,
+            apply_scope: None,
+            refused_last: false,
+            firewall_idle: false,
         };
         if let Some(state) = loaded {
-            m.restore(state);
+            m.restore(state, &replay);
         }
         m
     }
 
-    fn restore(&mut self, state: PersistedState) {
+    fn restore(&mut self, state: PersistedState, replay: &[Record]) {
+        self.disk = persist::Disk::loaded(state.applied_revision);
         let Now { mono, wall } = self.now;
         self.mfa = MfaTracker::restore(&state.mfa, mono, wall);
         self.tombstones = state.tombstones;
@@ -389,10 +430,22 @@ impl Machine {
             wall,
             mono,
         );
-        if let Some(held) = state
+        if let Some(mut held) = state
             .location
             .and_then(|bytes| held::restore(state.applied_revision, &bytes))
         {
+            if !replay.is_empty() {
+                let replayed = persist::replay(&mut held, replay);
+                info!(
+                    records = replay.len(),
+                    replayed,
+                    revision = held.revision,
+                    "state journal replayed on the restored location"
+                );
+                // The start compacts: the base holds the replayed revision again.
+                self.disk.forget();
+                self.compact_at_start = true;
+            }
             info!(
                 revision = held.revision,
                 peers = held.valid.desired.peers.len(),
@@ -576,10 +629,8 @@ impl Machine {
                     None => self.emit(action),
                 }
             }
-            Job::Save => {
-                let state = self.persisted_state();
-                self.request(Action::Save(Box::new(state)), Wait::Saved);
-            }
+            Job::Save => self.save_full(Wait::Saved),
+            Job::Write(records) => self.write(records, Wait::Saved),
             Job::Start => self.start(),
             Job::Tick { mfa, stats, resync } => self.tick(mfa, stats, resync),
             Job::TickRead { mfa, stats, resync } => self.tick_read(mfa, stats, resync),

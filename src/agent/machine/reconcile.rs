@@ -17,7 +17,7 @@ use crate::agent::steps::{nothing_failed, ApplyStep};
 use crate::mfa::{MfaPolicy, PeerSample, Session};
 use crate::model::{Desired, Key, Observed};
 use crate::plan::{plan, Op, Plan, PlanSummary};
-use crate::state::PendingEvent;
+use crate::state::{Buried, PendingEvent, Record};
 
 /// Above this many operations, a plan's steps are logged at DEBUG and summarized at INFO.
 const LOG_EACH_STEP_UP_TO: usize = 100;
@@ -72,7 +72,9 @@ pub(super) enum AfterRead {
 pub(super) struct ApplyCtx {
     trigger: String,
     plan: Plan,
-    desired: Desired,
+    /// The effective desired state, for the firewall; None for a scoped change (built only
+    /// if the firewall step needs it).
+    desired: Option<Desired>,
     summary: PlanSummary,
     then: Then,
 }
@@ -93,6 +95,8 @@ pub(super) enum Wait {
         then: Then,
         read_error: Option<String>,
         summary: PlanSummary,
+        /// The step ran without a policy.
+        without_policy: bool,
     },
     /// MFA events on disk before their removal.
     MfaSaved {
@@ -118,6 +122,14 @@ pub(super) struct Rollback {
 impl Machine {
     /// Feeds an outcome to what waited for it.
     pub(super) fn resume(&mut self, wait: Wait, outcome: Outcome) {
+        let (wait, outcome) = match outcome {
+            Outcome::Saved(_) | Outcome::Appended(_) => match self.written(wait, outcome) {
+                Some(resumed) => resumed,
+                // A refused append: the full save runs, the work waits for it.
+                None => return,
+            },
+            outcome => (wait, outcome),
+        };
         match (wait, outcome) {
             (Wait::BackendCheck, Outcome::BackendChecked(result)) => match result {
                 // Health is cleared by the next successful read of the interface.
@@ -162,9 +174,11 @@ impl Machine {
                     then,
                     read_error,
                     summary,
+                    without_policy,
                 },
                 Outcome::Firewall(result),
             ) => {
+                self.firewall_idle = without_policy && result.is_ok();
                 self.steps.record(ApplyStep::Firewall, result);
                 let result = match (read_error, self.steps.summary()) {
                     (Some(e), _) => Err(format!("cannot read the interface: {e}")),
@@ -259,9 +273,13 @@ impl Machine {
                 Ok(()) => self.plan_and_apply(trigger, save_first, then),
                 Err(e) => match self.effective_desired() {
                     // The firewall does not depend on the WireGuard device being readable.
-                    Some(desired) => {
-                        self.firewall(trigger, desired, then, Some(e), PlanSummary::default())
-                    }
+                    Some(desired) => self.firewall(
+                        trigger,
+                        Some(desired),
+                        then,
+                        Some(e),
+                        PlanSummary::default(),
+                    ),
                     None => self.finish(then, Err(e)),
                 },
             },
@@ -329,6 +347,10 @@ impl Machine {
     }
 
     pub(super) fn start(&mut self) {
+        if std::mem::take(&mut self.compact_at_start) {
+            // The journal replayed at restore is folded into a new base.
+            self.spawn(Job::Save);
+        }
         let Some(revision) = self.held.as_ref().map(|h| h.revision) else {
             return;
         };
@@ -404,17 +426,13 @@ impl Machine {
         }
         if save_first {
             // On disk before the kernel changes, also when the read then fails.
-            let state = self.persisted_state();
             let job = Job::Reconcile {
                 trigger,
                 read,
                 save_first: false,
                 then,
             };
-            return self.request(
-                Action::Save(Box::new(state)),
-                Wait::SavedThen(Box::new(job)),
-            );
+            return self.write(Vec::new(), Wait::SavedThen(Box::new(job)));
         }
         self.request(
             Action::Read {
@@ -429,17 +447,28 @@ impl Machine {
     }
 
     fn plan_and_apply(&mut self, trigger: String, save_first: bool, then: Then) {
-        let Some(desired) = self.effective_desired() else {
-            return self.finish(then, Ok(PlanSummary::default()));
+        let (plan, desired) = match self.take_scope(&then) {
+            // A change reached by deltas: only the peers they name.
+            Some(keys) => match self.plan_scoped(&keys) {
+                Some(plan) => (plan, None),
+                None => return self.finish(then, Err("the interface is unknown".into())),
+            },
+            None => {
+                let Some(desired) = self.effective_desired() else {
+                    return self.finish(then, Ok(PlanSummary::default()));
+                };
+                let Some(model) = &self.model else {
+                    return self.finish(then, Err("the interface is unknown".into()));
+                };
+                // Peers beyond the backend's limit are refused, the rest applied.
+                let fitted = crate::peer_limit::fit(&desired, model, self.peer_limit);
+                let plan = plan(&fitted.desired, model);
+                let refused = fitted.refused;
+                self.refused_last = refused.is_some();
+                self.steps.record_peer_limit(refused.as_ref());
+                (plan, Some(desired))
+            }
         };
-        let Some(model) = &self.model else {
-            return self.finish(then, Err("the interface is unknown".into()));
-        };
-        // Peers beyond the backend's limit are refused, the rest applied.
-        let fitted = crate::peer_limit::fit(&desired, model, self.peer_limit);
-        let plan = plan(&fitted.desired, model);
-        let refused = fitted.refused;
-        self.steps.record_peer_limit(refused.as_ref());
         self.counts.last_reconcile = Some(self.now.wall);
         self.counts.last_reconcile_ops = plan.len();
         let summary = plan.summary();
@@ -449,9 +478,11 @@ impl Machine {
             log_plan(&trigger, &plan, summary);
         }
         // Added peers get their counter epoch now, so the save before the apply has it.
+        let mut started = BTreeMap::new();
         for step in &plan.steps {
             if let Op::AddPeer(spec) = &step.op {
-                self.epochs.start(spec.public_key, &mut self.rng);
+                let epoch = self.epochs.start(spec.public_key, &mut self.rng);
+                started.insert(spec.public_key, epoch);
             }
         }
         let ctx = ApplyCtx {
@@ -462,11 +493,12 @@ impl Machine {
             then,
         };
         if save_first {
-            let state = self.persisted_state();
-            self.request(
-                Action::Save(Box::new(state)),
-                Wait::SavedThenApply(Box::new(ctx)),
-            );
+            let records = if started.is_empty() {
+                vec![]
+            } else {
+                vec![Record::Epochs { started }]
+            };
+            self.write(records, Wait::SavedThenApply(Box::new(ctx)));
         } else {
             self.apply(ctx);
         }
@@ -489,23 +521,32 @@ impl Machine {
     fn firewall(
         &mut self,
         trigger: String,
-        desired: Desired,
+        desired: Option<Desired>,
         then: Then,
         read_error: Option<String>,
         summary: PlanSummary,
     ) {
         let policy = held::firewall_policy(self.held.as_ref());
+        let wait = Wait::Firewall {
+            then,
+            read_error,
+            summary,
+            without_policy: policy.is_none(),
+        };
+        if self.firewall_idle_for(desired.as_ref()) {
+            // No policy, and the table is known absent: nothing to do for a change.
+            return self.resume(wait, Outcome::Firewall(Ok(())));
+        }
+        let Some(desired) = desired.or_else(|| self.effective_desired()) else {
+            return self.resume(wait, Outcome::Firewall(Ok(())));
+        };
         self.request(
             Action::Firewall {
                 trigger,
                 policy,
                 desired: Box::new(desired),
             },
-            Wait::Firewall {
-                then,
-                read_error,
-                summary,
-            },
+            wait,
         );
     }
 
@@ -638,9 +679,16 @@ impl Machine {
                 .bury(e.key, Session::of(meta.mfa_session, psk.as_ref()), wall);
         }
         // The events are on disk before any peer is removed.
-        let state = self.persisted_state();
-        self.request(
-            Action::Save(Box::new(state)),
+        let record = Record::Expired {
+            events: self.pending[rollback.pending..].to_vec(),
+            buried: expired
+                .iter()
+                .filter_map(|e| self.tombstones.get(&e.key).map(|t| Buried::new(e.key, t)))
+                .collect(),
+            next_seq: self.next_seq,
+        };
+        self.write(
+            vec![record],
             Wait::MfaSaved {
                 rollback,
                 count: expired.len(),

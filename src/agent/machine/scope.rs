@@ -1,0 +1,100 @@
+//! The change path in O(changed): a revision reached by deltas is planned on the peers its
+//! deltas name ([`crate::plan::plan_keys`]), with the MFA tombstones checked per peer, and
+//! the firewall step is skipped when there is no policy and the last step without one
+//! succeeded.
+//!
+//! The rule that makes the scoped plan equal to the full one: the model held every earlier
+//! revision (the last apply of the held revision succeeded, nothing failed since, no peer
+//! was refused for the backend's limit, no step is failing, the offline policy is not removing peers), and the
+//! held location is valid (no two peers share an allowed IP), so only the peers a delta
+//! names can differ between the model and the new revision. Anything else (a snapshot, a
+//! settings change, an unknown model) plans everything; the resync and the ticks always
+//! plan everything (drift repair).
+
+use std::collections::BTreeSet;
+
+use gatehouse_proto::v1;
+use tracing::debug;
+
+use super::reconcile::Then;
+use super::Machine;
+use crate::model::Key;
+use crate::plan::{plan_keys, Scope};
+
+impl Machine {
+    /// Deltas were accepted: their peers join the scope of the next apply (a settings
+    /// change makes it whole).
+    pub(super) fn touched(&mut self, deltas: &[v1::Delta]) {
+        if !self.unapplied {
+            // The last apply covered everything before these deltas.
+            self.scope = Some(BTreeSet::new());
+        }
+        let Some(scope) = self.scope.as_mut() else {
+            return;
+        };
+        for change in deltas.iter().flat_map(|d| &d.changes) {
+            use v1::change::Kind;
+            let key = match &change.kind {
+                Some(Kind::UpsertPeer(p)) => Key::from_slice(&p.public_key),
+                Some(Kind::RemovePeer(k)) => Key::from_slice(k),
+                // Interface, firewall, MFA settings: everything is planned.
+                _ => None,
+            };
+            match key {
+                Some(key) => {
+                    scope.insert(key);
+                }
+                None => {
+                    self.scope = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The scope of this reconcile, when it may be planned on the touched peers only.
+    pub(super) fn take_scope(&mut self, then: &Then) -> Option<BTreeSet<Key>> {
+        let scope = self.apply_scope.take()?;
+        // A failed step is retried by a full plan (its peers are not in the scope).
+        if !matches!(then, Then::ApplyHeld { .. })
+            || self.offline_removed
+            || self.refused_last
+            || self.steps.summary().is_some()
+        {
+            return None;
+        }
+        let held = self.held.as_ref()?;
+        let within = self
+            .peer_limit
+            .is_none_or(|l| held.valid.desired.peers.len() <= l.max);
+        within.then_some(scope)
+    }
+
+    /// The plan of a scoped change: the touched peers against the model.
+    pub(super) fn plan_scoped(&mut self, keys: &BTreeSet<Key>) -> Option<crate::plan::Plan> {
+        let (held, model) = (self.held.as_ref()?, self.model.as_ref()?);
+        let (desired, meta) = (&held.valid.desired, &held.valid.meta);
+        let tombstones = &self.tombstones;
+        let plan = plan_keys(
+            desired,
+            model,
+            Scope {
+                keys,
+                settings: false,
+            },
+            |k| tombstones.blocks(k, meta.get(k).map(|m| m.mfa_session), desired.peers.get(k)),
+        );
+        // Buried peers are few; a stone the Core has ended is pruned by the next full plan.
+        self.counts.desired_peers = desired.peers.len().saturating_sub(tombstones.len());
+        debug!(peers = keys.len(), steps = plan.len(), "scoped plan");
+        Some(plan)
+    }
+
+    /// Whether the firewall step of `ctx` has nothing to do: no desired state was built
+    /// (a scoped change), there is no policy, and the last step without one succeeded.
+    pub(super) fn firewall_idle_for(&self, ctx_desired: Option<&crate::model::Desired>) -> bool {
+        ctx_desired.is_none()
+            && self.firewall_idle
+            && super::held::firewall_policy(self.held.as_ref()).is_none()
+    }
+}
