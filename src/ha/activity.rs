@@ -108,6 +108,12 @@ impl ActivityBook {
         changed
     }
 
+    /// Forgets one peer (it left the held location).
+    pub fn forget(&mut self, key: &Key) {
+        self.peers.remove(key);
+        self.rx_here.remove(key);
+    }
+
     /// Keeps only the peers for which `keep` is true (the held location's).
     pub fn retain(&mut self, mut keep: impl FnMut(&Key) -> bool) {
         self.peers.retain(|k, _| keep(k));

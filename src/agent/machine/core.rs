@@ -178,7 +178,13 @@ impl Machine {
     /// A new held revision (a snapshot, or deltas applied in place): applied at the end of
     /// the batch; the HA book keeps only its peers.
     fn accepted(&mut self) {
+        self.accepted_keeping_book();
         self.bound_ha_book();
+    }
+
+    /// [`Machine::accepted`] without bounding the HA book (deltas forget their removed
+    /// peers from it themselves, in O(changed)).
+    fn accepted_keeping_book(&mut self) {
         self.held_trimmed = false;
         self.last_rejected = None;
         self.unapplied = true;
@@ -192,7 +198,7 @@ impl Machine {
                     self.mfa.forget(key);
                 }
                 debug!(revision, "deltas accepted");
-                self.accepted();
+                self.accepted_keeping_book();
             }
             Update::Accept(held) => {
                 let revision = held.revision;
@@ -323,6 +329,14 @@ impl Machine {
         if matches!(update, Update::Advanced { .. }) {
             self.disk.deltas_accepted(&deltas[..used]);
             self.touched(&deltas[..used]);
+            // The HA book keeps only held peers: those the deltas removed leave it.
+            for change in deltas[..used].iter().flat_map(|d| &d.changes) {
+                if let Some(v1::change::Kind::RemovePeer(k)) = &change.kind {
+                    if let Some(key) = Key::from_slice(k) {
+                        self.ha.book.forget(&key);
+                    }
+                }
+            }
         }
         info!(
             deltas = used,
