@@ -301,7 +301,7 @@ pub struct Machine {
     counts: Counts,
     /// The interface as the machine believes it is: the last read, with each successful
     /// apply simulated on it. None: unknown (before the first read, after a failed apply).
-    model: Option<Observed>,
+    model: Option<model::Model>,
     last_read: Option<(Duration, SystemTime)>,
     last_diff_read: Option<Duration>,
     timers: Timers,

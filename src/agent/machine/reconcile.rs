@@ -160,7 +160,7 @@ impl Machine {
                 self.steps.record_all(outcomes);
                 self.account(&applied);
                 match (&mut self.model, failed) {
-                    (Some(model), false) => super::model::apply(model, &applied),
+                    (Some(model), false) => model.apply(&applied),
                     // After a failed step the interface is unknown: the next change reads it.
                     _ => self.model = None,
                 }
@@ -258,7 +258,7 @@ impl Machine {
             wall,
         );
         self.ha.book.observe_here(&observed.device.peers, wall);
-        self.model = Some(observed);
+        self.model = Some(super::model::Model::new(observed));
         Ok(())
     }
 
@@ -290,7 +290,7 @@ impl Machine {
                             self.spawn(Job::ExpireMfa);
                         }
                         if let (true, Some(model)) = (stats, &self.model) {
-                            self.spawn(Job::SendStats(Box::new(model.clone())));
+                            self.spawn(Job::SendStats(Box::new((**model).clone())));
                         }
                     }
                     Err(e) => warn!(error = %e, "cannot read the interface"),
