@@ -130,3 +130,52 @@ fn a_scoped_change_without_a_firewall_policy_skips_the_firewall_step() {
         &sim.trace[from..]
     );
 }
+
+/// The firewall actions of one scoped change, after the first apply, with the firewall
+/// `on` in the settings and the location's `policy`.
+fn firewall_steps_of_one_change(on: bool, policy: Option<v1::FirewallPolicy>) -> usize {
+    let mut s = settings();
+    s.firewall.enabled = on;
+    let mut sim = Sim::new(s);
+    let mut loc = location((1..6).map(|n| spec(n, 0, 0)).collect(), None);
+    loc.firewall = policy;
+    sim.core.publish(loc);
+    sim.start();
+    sim.connect();
+    let from = sim.trace.len();
+    send(
+        &mut sim,
+        &[Change::Upsert {
+            n: 7,
+            v: 0,
+            keepalive: 0,
+        }],
+    );
+    assert!(sim.has(key(7)));
+    sim.count_since(from, "firewall")
+}
+
+fn policy(enabled: bool) -> v1::FirewallPolicy {
+    v1::FirewallPolicy {
+        enabled,
+        default_verdict: v1::Verdict::Accept as i32,
+        rules: vec![],
+    }
+}
+
+#[test]
+fn a_disabled_policy_is_no_policy_for_a_scoped_change() {
+    // The reference Core sends a location without a policy as a disabled one.
+    assert_eq!(firewall_steps_of_one_change(true, Some(policy(false))), 0);
+    assert_eq!(firewall_steps_of_one_change(true, None), 0);
+}
+
+#[test]
+fn with_the_firewall_off_in_the_settings_a_scoped_change_skips_the_firewall_step() {
+    assert_eq!(firewall_steps_of_one_change(false, Some(policy(true))), 0);
+}
+
+#[test]
+fn an_enforced_policy_runs_the_firewall_step_for_each_change() {
+    assert_eq!(firewall_steps_of_one_change(true, Some(policy(true))), 1);
+}

@@ -531,7 +531,7 @@ impl Machine {
             then,
             read_error,
             summary,
-            without_policy: policy.is_none(),
+            without_policy: !self.enforces_firewall(),
         };
         if self.firewall_idle_for(desired.as_ref()) {
             // No policy, and the table is known absent: nothing to do for a change.
