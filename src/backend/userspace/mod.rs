@@ -304,13 +304,9 @@ impl Backend for UserspaceBackend {
                 }
             }
         }
-        // Peers first, device settings (key, port, fwmark) in their own transaction after
-        // them: wireguard-go stops a transaction at its first error, and a taken listen
-        // port must not keep peer changes (revocations) from the interface.
-        let ops = || plan.steps.iter().map(|s| &s.op);
-        let peers = uapi::encode_set(ops().filter(|op| !matches!(op, Op::ConfigureDevice(_))));
-        let device = uapi::encode_set(ops().filter(|op| matches!(op, Op::ConfigureDevice(_))));
-        for request in [peers, device].into_iter().flatten() {
+        // The key, the peers, then the port and fwmark (`uapi::encode_transactions`).
+        let ops: Vec<&Op> = plan.steps.iter().map(|s| &s.op).collect();
+        for request in uapi::encode_transactions(&ops) {
             self.set(&request)?;
         }
         Ok(())

@@ -54,6 +54,55 @@ pub enum UapiError {
     Truncated,
 }
 
+/// A plan's device and peer operations as the ordered `set=1` transactions that apply
+/// them: the private key first, then the peers, then the listen port and fwmark.
+///
+/// wireguard-go computes one static-static secret per peer when the private key changes:
+/// set before the peers of a cold apply it costs nothing (they compute theirs as they come,
+/// inside a streaming transaction), set after 50,000 peers it is one silent pass over all of
+/// them that can outlast the UAPI timeout. The port comes last, in its own transaction:
+/// wireguard-go stops a transaction at its first error, and a taken port must not keep peer
+/// changes (revocations) from the interface.
+pub fn encode_transactions(ops: &[&Op]) -> Vec<SetRequest> {
+    let device = |keep_key: bool| -> Vec<Op> {
+        ops.iter()
+            .filter_map(|op| match op {
+                Op::ConfigureDevice(c) => Some(c),
+                _ => None,
+            })
+            .map(|c| {
+                let change = if keep_key {
+                    DeviceChange {
+                        private_key: c.private_key.clone(),
+                        ..Default::default()
+                    }
+                } else {
+                    DeviceChange {
+                        private_key: None,
+                        ..c.clone()
+                    }
+                };
+                Op::ConfigureDevice(change)
+            })
+            .filter(|op| !matches!(op, Op::ConfigureDevice(c) if *c == DeviceChange::default()))
+            .collect()
+    };
+    let key = device(true);
+    let rest = device(false);
+    let peers = ops
+        .iter()
+        .copied()
+        .filter(|op| !matches!(op, Op::ConfigureDevice(_)));
+    [
+        encode_set(key.iter()),
+        encode_set(peers),
+        encode_set(rest.iter()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 /// Encodes the device and peer operations of a plan, in order, as one `set=1`
 /// transaction; `None` when the plan has none (link operations are not UAPI's).
 ///
@@ -455,6 +504,52 @@ mod tests {
         let ops = [Op::CreateLink, Op::SetMtu(1420), Op::SetLinkUp];
         assert!(encode_set(&ops).is_none());
         assert!(encode_set(&[]).is_none());
+    }
+
+    #[test]
+    fn the_key_goes_before_the_peers_and_the_port_after_them() {
+        let ops = [
+            Op::AddPeer(PeerSpec::new(key(2), [net("10.0.0.2/32")])),
+            Op::ConfigureDevice(DeviceChange {
+                private_key: Some(SecretKey::new([1; 32])),
+                listen_port: Some(51820),
+                fwmark: Some(7),
+            }),
+            Op::RemovePeer(key(4)),
+        ];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let texts: Vec<String> = encode_transactions(&refs).iter().map(text).collect();
+        assert_eq!(texts.len(), 3, "{texts:?}");
+        assert_eq!(
+            texts[0],
+            format!("set=1\nprivate_key={}\n\n", "01".repeat(32))
+        );
+        assert!(texts[1].contains(&format!("public_key={}", "02".repeat(32))));
+        assert!(texts[1].contains(&format!("public_key={}\nremove=true", "04".repeat(32))));
+        assert!(!texts[1].contains("private_key") && !texts[1].contains("listen_port"));
+        assert_eq!(texts[2], "set=1\nlisten_port=51820\nfwmark=7\n\n");
+        let last = encode_transactions(&refs);
+        assert_eq!(last[2].listen_port, Some(51820));
+        assert_eq!(last[0].listen_port, None);
+    }
+
+    #[test]
+    fn without_a_key_change_there_is_no_key_transaction() {
+        let ops = [
+            Op::ConfigureDevice(DeviceChange {
+                listen_port: Some(51821),
+                ..Default::default()
+            }),
+            Op::AddPeer(PeerSpec::new(key(2), [net("10.0.0.2/32")])),
+        ];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let texts: Vec<String> = encode_transactions(&refs).iter().map(text).collect();
+        assert_eq!(texts.len(), 2, "{texts:?}");
+        assert!(texts[0].contains("public_key="));
+        assert_eq!(texts[1], "set=1\nlisten_port=51821\n\n");
+        let only_peers = [Op::RemovePeer(key(4))];
+        let refs: Vec<&Op> = only_peers.iter().collect();
+        assert_eq!(encode_transactions(&refs).len(), 1);
     }
 
     #[test]
