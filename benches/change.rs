@@ -71,6 +71,8 @@ struct Row {
     peers: usize,
     cold: Duration,
     changes: Vec<Duration>,
+    /// The admin call alone (the Core's share of each change).
+    calls: Vec<Duration>,
     writes_per_change: f64,
     vm_hwm_kib: u64,
     stats_entries: u64,
@@ -78,11 +80,15 @@ struct Row {
 
 impl Row {
     fn quantile(&self, q: f64) -> Duration {
-        let mut v = self.changes.clone();
-        v.sort();
-        let i = ((v.len() - 1) as f64 * q).round() as usize;
-        v[i]
+        quantile(&self.changes, q)
     }
+}
+
+fn quantile(of: &[Duration], q: f64) -> Duration {
+    let mut v = of.to_vec();
+    v.sort();
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -161,6 +167,7 @@ async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
     // The peer in the middle of the key order, its keepalive toggled 0 -> 25 -> 0 ...
     let target = ids[peers / 2];
     let mut times = Vec::with_capacity(changes);
+    let mut calls = Vec::with_capacity(changes);
     let before = site.status().await;
     for i in 0..changes {
         let from = site.revision().await;
@@ -174,6 +181,7 @@ async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
             .patch_peer(id, target, &patch)
             .await
             .expect("patch the peer");
+        calls.push(t.elapsed());
         let s = wait_status(&site, poll, CHANGE_WITHIN, "the change applied", |s| {
             s.applied_revision > from
         })
@@ -202,6 +210,7 @@ async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
         peers,
         cold,
         changes: times,
+        calls,
         writes_per_change: (after.device_writes - before.device_writes) as f64 / changes as f64,
         vm_hwm_kib: vm_hwm,
         stats_entries,
@@ -232,11 +241,11 @@ fn main() {
     println!(
         "\nOne-peer change, admin call to revision applied ({backend} backend, {changes} changes each)\n"
     );
-    println!("| peers | cold apply via agent | median | min | p90 | max | device writes per change | agent VmHWM | stats entries at the Core |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| peers | cold apply via agent | median | min | p90 | max | device writes per change | agent VmHWM | stats entries at the Core | admin call alone (median) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.0} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} | {:.1} MiB | {} |",
+            "| {} | {:.0} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} | {:.1} MiB | {} | {:.1} ms |",
             r.peers,
             ms(r.cold),
             ms(r.quantile(0.5)),
@@ -245,7 +254,8 @@ fn main() {
             ms(r.quantile(1.0)),
             r.writes_per_change,
             r.vm_hwm_kib as f64 / 1024.0,
-            r.stats_entries
+            r.stats_entries,
+            ms(quantile(&r.calls, 0.5))
         );
     }
     if let (Some(small), Some(large)) = (rows.first(), rows.last()) {
