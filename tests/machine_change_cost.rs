@@ -1,7 +1,8 @@
 //! A measurement, not a test of speed (nothing here asserts a time): the machine's own
 //! cost of a one-peer change (a Core delta adding one peer, to the revision applied),
 //! after a snapshot of N peers, with the actions executed by a thin in-memory executor
-//! whose time is not counted. Run:
+//! whose time is not counted; with a firewall policy too, where the driver's firewall step
+//! (over nftables kept in memory) is timed on its own. Run:
 //! `cargo test --release --test machine_change_cost -- --ignored --nocapture`
 //! (figures in BENCHMARKS.md, "Issue 11: one-peer change inside the agent").
 #![allow(dead_code)]
