@@ -117,6 +117,11 @@ impl Driver {
                     .run(&trigger, policy.as_ref(), &desired)
                     .map_err(|e| text(&e)),
             ),
+            Action::FirewallPeers { trigger, change } => Outcome::Firewall(
+                self.firewall
+                    .run_peers(&trigger, &change)
+                    .map_err(|e| text(&e)),
+            ),
             Action::Save(state) => Outcome::Saved(self.store.save(&state).map_err(|e| text(&e))),
             Action::Append(records) => Outcome::Appended(if self.store.should_compact() {
                 Err(AppendError::Compact)

@@ -9,6 +9,12 @@
 //!   masquerade wants one).
 //! - A failure leaves the last good table in place and is reported (state `error`); it
 //!   never blocks the peer changes, which ran before.
+//! - A change of peers alone ([`FirewallStep::run_peers`], the machine's scoped change)
+//!   changes no input of the table: the table is neither read nor written, the kept VPN
+//!   addresses take the change and a removed peer's flows are cut. It runs only on a table
+//!   a full step left in sync; anything else is an error that the next full step repairs.
+
+use std::collections::BTreeSet;
 
 use gatehouse_proto::v1;
 use serde::{Deserialize, Serialize};
@@ -18,6 +24,7 @@ use crate::firewall::conntrack::{self, Cut};
 use crate::firewall::diff::differences;
 use crate::firewall::nft::{self, Image, WriteStats};
 use crate::firewall::policy::{span_of_net, Span};
+use crate::firewall::vpn::VpnChange;
 use crate::firewall::{from_proto, render, table_name, Inputs, Policy, PolicyError, Ruleset};
 use crate::model::Desired;
 
@@ -48,6 +55,9 @@ pub struct FirewallStatus {
     pub last_batch_messages: usize,
     /// Connections cut since start (denied by a new policy, or of removed peers).
     pub flows_cut: u64,
+    /// Changes of peers taken without reading or writing the table (scoped changes).
+    #[serde(default)]
+    pub peer_changes: u64,
 }
 
 impl FirewallStatus {
@@ -63,6 +73,11 @@ pub enum FirewallError {
     Policy(#[from] PolicyError),
     #[error("firewall: {0}")]
     Nft(#[from] nft::NftError),
+    /// A change of peers reached a step with no table known in sync.
+    #[error(
+        "firewall: no table known in sync for a change of peers (the next full step repairs it)"
+    )]
+    NotInSync,
 }
 
 /// The kernel side, behind a trait so the step's decisions are tested without root.
@@ -141,7 +156,7 @@ pub struct FirewallStep {
     /// The policy of the last table written or found equal (cuts flows when it changes).
     enforced: Option<Option<Policy>>,
     /// The peers' addresses at the last step (removed peers' flows are cut).
-    last_peers: Option<Vec<Span>>,
+    last_peers: Option<BTreeSet<Span>>,
     /// A disabled firewall has looked for (and removed) a table of ours.
     cleaned_up: bool,
 }
@@ -169,6 +184,64 @@ impl FirewallStep {
 
     pub fn status(&self) -> &FirewallStatus {
         &self.status
+    }
+
+    /// The VPN addresses kept since the last step (None before the first).
+    pub fn vpn_addresses(&self) -> Option<&BTreeSet<Span>> {
+        self.last_peers.as_ref()
+    }
+
+    /// A change of peers alone (the policy, the interface and the table's other inputs are
+    /// those of the last step): the kept addresses take `change` and the flows of removed
+    /// addresses are cut; the table is neither read nor written.
+    pub fn run_peers(&mut self, trigger: &str, change: &VpnChange) -> Result<(), FirewallError> {
+        if !self.settings.enabled {
+            self.clean_up_once();
+            return Ok(());
+        }
+        let in_sync = self.status.state == "in sync" && self.enforced.is_some();
+        let kept = match (in_sync, self.last_peers.as_mut()) {
+            (true, Some(kept)) => kept,
+            _ => {
+                let e = FirewallError::NotInSync;
+                warn!(trigger, error = %e, "firewall step failed; the last good table stays");
+                self.status.state = "error".into();
+                self.status.detail = vec![e.to_string()];
+                return Err(e);
+            }
+        };
+        change.apply(kept);
+        self.status.peer_changes += 1;
+        if !change.removed.is_empty() {
+            // The policy is the one enforced: what it denies was cut when it came.
+            self.cut(
+                trigger,
+                &Cut {
+                    policy: None,
+                    vpn: &[],
+                    local: &[],
+                    removed: &change.removed,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes the tracked flows `cut` selects; a failure is logged (the table is right,
+    /// and a flow not cut now is cut at the next change).
+    fn cut(&mut self, trigger: &str, cut: &Cut) {
+        match self.tables.cut(cut) {
+            Ok(0) => {}
+            Ok(n) => {
+                self.status.flows_cut += n as u64;
+                info!(
+                    trigger,
+                    flows = n,
+                    "firewall: connections cut (denied now, or of removed peers)"
+                );
+            }
+            Err(e) => warn!(trigger, error = %e, "firewall: cannot cut tracked connections"),
+        }
     }
 
     /// Brings the table in line with the location: `fw` is its policy, `desired` the
@@ -260,22 +333,10 @@ impl FirewallStep {
                 local: &local,
                 removed: &removed,
             };
-            match self.tables.cut(&cut) {
-                Ok(0) => {}
-                Ok(n) => {
-                    self.status.flows_cut += n as u64;
-                    info!(
-                        trigger,
-                        flows = n,
-                        "firewall: connections cut (denied now, or of removed peers)"
-                    );
-                }
-                // The table is right; a flow not cut now is cut at the next change.
-                Err(e) => warn!(trigger, error = %e, "firewall: cannot cut tracked connections"),
-            }
+            self.cut(trigger, &cut);
         }
         self.enforced = Some(policy);
-        self.last_peers = Some(peers);
+        self.last_peers = Some(peers.into_iter().collect());
         self.status.state = "in sync".into();
         self.status.detail = vec![];
         Ok(())

@@ -7,12 +7,15 @@
 //! - [`nft`] (acts): writes a table in one batch, removes it, reads it back (libnftnl).
 //! - [`conntrack`]: which existing flows a new policy denies (pure) and their deletion
 //!   (ctnetlink).
+//! - [`vpn`] (pure): the VPN's addresses (the peers' allowed IPs) and how a change of
+//!   peers moves them.
 
 pub mod conntrack;
 pub mod diff;
 pub mod nft;
 pub mod policy;
 pub mod render;
+pub mod vpn;
 
 pub use policy::{from_proto, Policy, PolicyError};
 pub use render::{render, table_name, Inputs, Ruleset};

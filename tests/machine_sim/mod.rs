@@ -172,6 +172,7 @@ fn kind(a: &Action) -> String {
         Action::Read { trigger } => format!("read {trigger}"),
         Action::Apply { plan, .. } => format!("apply {}", plan.summary()),
         Action::Firewall { .. } => "firewall".into(),
+        Action::FirewallPeers { .. } => "firewall peers".into(),
         Action::Save(_) => "save".into(),
         Action::Append(_) => "append".into(),
         Action::Send { mode, .. } => format!("send {mode:?}"),
@@ -468,7 +469,7 @@ impl Sim {
                     outcomes,
                 }
             }
-            Action::Firewall { .. } => Outcome::Firewall(Ok(())),
+            Action::Firewall { .. } | Action::FirewallPeers { .. } => Outcome::Firewall(Ok(())),
             Action::Save(state) => {
                 if self.fail_saves {
                     // As the store: the files on disk stay, appends wait for a save that

@@ -8,6 +8,7 @@ use crate::model::{InterfaceSpec, Key, PeerSpec, SecretKey};
 #[derive(Default)]
 struct Log {
     table: Option<Image>,
+    reads: usize,
     writes: Vec<String>,
     cuts: Vec<(bool, usize)>,
     fail: bool,
@@ -17,7 +18,9 @@ struct Fake(Arc<Mutex<Log>>);
 
 impl Tables for Fake {
     fn read(&mut self, _: &str) -> Result<Option<Image>, NftError> {
-        Ok(self.0.lock().unwrap().table.clone())
+        let mut log = self.0.lock().unwrap();
+        log.reads += 1;
+        Ok(log.table.clone())
     }
     fn replace(&mut self, rs: &Ruleset) -> Result<WriteStats, NftError> {
         let mut log = self.0.lock().unwrap();
@@ -224,4 +227,74 @@ fn a_failed_write_is_an_error_state_and_keeps_the_last_table() {
     assert_eq!(s.status().state, "error");
     assert!(s.status().error().unwrap().contains("refused"));
     assert_eq!(log.lock().unwrap().table, before);
+}
+
+fn spans(list: &[&str]) -> BTreeSet<Span> {
+    list.iter()
+        .map(|s| span_of_net(&s.parse().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_change_of_peers_moves_the_addresses_without_reading_or_writing_the_table() {
+    let (mut s, log) = step(true);
+    let p = policy(v1::Verdict::Drop);
+    s.run(
+        "revision 1",
+        Some(&p),
+        &desired(&["10.77.0.2/32", "10.77.0.3/32"]),
+    )
+    .unwrap();
+    let (reads, table) = {
+        let l = log.lock().unwrap();
+        (l.reads, l.table.clone())
+    };
+    let change = VpnChange::between(
+        ["10.77.0.3/32".parse().unwrap()],
+        ["10.77.0.4/32".parse().unwrap()],
+    );
+    s.run_peers("revision 2", &change).unwrap();
+    {
+        let l = log.lock().unwrap();
+        assert_eq!(l.reads, reads, "the table is not read");
+        assert_eq!(l.writes, vec!["replace"], "nor written");
+        assert_eq!(l.table, table);
+        assert_eq!(l.cuts.last(), Some(&(false, 1)), "the removed peer's flows");
+    }
+    assert_eq!(s.status().peer_changes, 1);
+    assert_eq!(
+        s.vpn_addresses(),
+        Some(&spans(&["10.77.0.2/32", "10.77.0.4/32"]))
+    );
+    // The full step on the same location finds nothing to write and nothing to cut.
+    let cuts = log.lock().unwrap().cuts.len();
+    s.run(
+        "periodic resync",
+        Some(&p),
+        &desired(&["10.77.0.2/32", "10.77.0.4/32"]),
+    )
+    .unwrap();
+    assert_eq!(log.lock().unwrap().writes.len(), 1);
+    assert_eq!(log.lock().unwrap().cuts.len(), cuts);
+}
+
+#[test]
+fn a_change_of_peers_without_a_table_in_sync_is_an_error_for_the_full_step_to_repair() {
+    let (mut s, log) = step(true);
+    let change = VpnChange::between([], ["10.77.0.4/32".parse().unwrap()]);
+    let err = s.run_peers("revision 2", &change).unwrap_err();
+    assert!(matches!(err, FirewallError::NotInSync), "{err}");
+    assert_eq!(s.status().state, "error");
+    let d = desired(&["10.77.0.4/32"]);
+    log.lock().unwrap().fail = true;
+    let p = policy(v1::Verdict::Drop);
+    assert!(s.run("revision 2", Some(&p), &d).is_err());
+    assert!(
+        s.run_peers("revision 3", &change).is_err(),
+        "a failed write"
+    );
+    log.lock().unwrap().fail = false;
+    s.run("periodic resync", Some(&p), &d).unwrap();
+    s.run_peers("revision 3", &VpnChange::default()).unwrap();
+    assert_eq!(s.status().state, "in sync");
 }

@@ -115,6 +115,13 @@ pub enum Action {
         policy: Option<v1::FirewallPolicy>,
         desired: Box<Desired>,
     },
+    /// A change of peers alone, after a scoped apply: the firewall's VPN addresses move by
+    /// `change`; the table's inputs are unchanged (no read, no write). Result:
+    /// [`Outcome::Firewall`].
+    FirewallPeers {
+        trigger: String,
+        change: crate::firewall::vpn::VpnChange,
+    },
     /// Write the state file (and start a new journal). Result: [`Outcome::Saved`].
     Save(Box<PersistedState>),
     /// Append records to the state journal, unless it is due for compaction. Result:

@@ -75,6 +75,9 @@ pub(super) struct ApplyCtx {
     /// The effective desired state, for the firewall; None for a scoped change (built only
     /// if the firewall step needs it).
     desired: Option<Desired>,
+    /// A scoped change: its peers and their allowed IPs before the apply (the firewall
+    /// step takes the difference).
+    touched: Option<super::scope::Touched>,
     summary: PlanSummary,
     then: Then,
 }
@@ -167,7 +170,14 @@ impl Machine {
                 if let Some(model) = &self.model {
                     self.counts.kernel_peers = model.device.peers.len();
                 }
-                self.firewall(ctx.trigger, ctx.desired, ctx.then, None, ctx.summary);
+                self.firewall(
+                    ctx.trigger,
+                    ctx.desired,
+                    ctx.touched,
+                    ctx.then,
+                    None,
+                    ctx.summary,
+                );
             }
             (
                 Wait::Firewall {
@@ -276,6 +286,7 @@ impl Machine {
                     Some(desired) => self.firewall(
                         trigger,
                         Some(desired),
+                        None,
                         then,
                         Some(e),
                         PlanSummary::default(),
@@ -447,10 +458,13 @@ impl Machine {
     }
 
     fn plan_and_apply(&mut self, trigger: String, save_first: bool, then: Then) {
-        let (plan, desired) = match self.take_scope(&then) {
+        let (plan, desired, touched) = match self.take_scope(&then) {
             // A change reached by deltas: only the peers they name.
             Some(keys) => match self.plan_scoped(&keys) {
-                Some(plan) => (plan, None),
+                Some(plan) => {
+                    let touched = self.touched_before(keys);
+                    (plan, None, touched)
+                }
                 None => return self.finish(then, Err("the interface is unknown".into())),
             },
             None => {
@@ -466,7 +480,7 @@ impl Machine {
                 let refused = fitted.refused;
                 self.refused_last = refused.is_some();
                 self.steps.record_peer_limit(refused.as_ref());
-                (plan, Some(desired))
+                (plan, Some(desired), None)
             }
         };
         self.counts.last_reconcile = Some(self.now.wall);
@@ -489,6 +503,7 @@ impl Machine {
             trigger,
             plan,
             desired,
+            touched,
             summary,
             then,
         };
@@ -509,7 +524,14 @@ impl Machine {
             // An empty plan still "runs": it clears the errors of steps that have nothing
             // left to do (the interface was repaired some other way).
             self.steps.record_all(nothing_failed());
-            return self.firewall(ctx.trigger, ctx.desired, ctx.then, None, ctx.summary);
+            return self.firewall(
+                ctx.trigger,
+                ctx.desired,
+                ctx.touched,
+                ctx.then,
+                None,
+                ctx.summary,
+            );
         }
         let plan = std::mem::take(&mut ctx.plan);
         let trigger = ctx.trigger.clone();
@@ -517,11 +539,14 @@ impl Machine {
     }
 
     /// The firewall step, after the peer steps (a failing firewall never holds back a
-    /// removal): recorded like them, so it is reported and retried the same way.
+    /// removal): recorded like them, so it is reported and retried the same way. A scoped
+    /// change whose apply succeeded (`touched`, the model known) moves the firewall's VPN
+    /// addresses by its peers' difference; anything else brings the whole table in line.
     fn firewall(
         &mut self,
         trigger: String,
         desired: Option<Desired>,
+        touched: Option<super::scope::Touched>,
         then: Then,
         read_error: Option<String>,
         summary: PlanSummary,
@@ -536,6 +561,9 @@ impl Machine {
         if self.firewall_idle_for(desired.as_ref()) {
             // No policy, and the table is known absent: nothing to do for a change.
             return self.resume(wait, Outcome::Firewall(Ok(())));
+        }
+        if let (None, Some(change)) = (&desired, touched.and_then(|t| self.vpn_change(t))) {
+            return self.request(Action::FirewallPeers { trigger, change }, wait);
         }
         let Some(desired) = desired.or_else(|| self.effective_desired()) else {
             return self.resume(wait, Outcome::Firewall(Ok(())));

@@ -1,7 +1,9 @@
 //! The change path in O(changed): a revision reached by deltas is planned on the peers its
 //! deltas name ([`crate::plan::plan_keys`]), with the MFA tombstones checked per peer, and
 //! the firewall step is skipped when there is no policy and the last step without one
-//! succeeded.
+//! succeeded. With a policy, the firewall step of a scoped change is
+//! [`super::Action::FirewallPeers`]: the touched peers' allowed IPs before the apply (from the
+//! model) against after it, so neither the desired state nor the table is rebuilt.
 //!
 //! The rule that makes the scoped plan equal to the full one: the model held every earlier
 //! revision (the last apply of the held revision succeeded, nothing failed since, no peer
@@ -18,10 +20,34 @@ use tracing::debug;
 
 use super::reconcile::Then;
 use super::Machine;
+use crate::firewall::vpn::VpnChange;
 use crate::model::Key;
 use crate::plan::{plan_keys, Scope};
 
+/// The peers of a scoped change and their allowed IPs on the interface before its apply.
+#[derive(Debug)]
+pub(super) struct Touched {
+    keys: BTreeSet<Key>,
+    before: Vec<ipnet::IpNet>,
+}
+
 impl Machine {
+    /// The touched peers' allowed IPs as the model holds them before the apply.
+    pub(super) fn touched_before(&self, keys: BTreeSet<Key>) -> Option<Touched> {
+        let model = self.model.as_ref()?;
+        let before = allowed_ips(model, &keys);
+        Some(Touched { keys, before })
+    }
+
+    /// The firewall's VPN addresses moved by a scoped change whose apply succeeded: the
+    /// model then holds the touched peers as the kernel does. None when the model is
+    /// unknown (a failed step): the full step runs instead.
+    pub(super) fn vpn_change(&self, touched: Touched) -> Option<VpnChange> {
+        let model = self.model.as_ref()?;
+        let after = allowed_ips(model, &touched.keys);
+        Some(VpnChange::between(touched.before, after))
+    }
+
     /// Deltas were accepted: their peers join the scope of the next apply (a settings
     /// change makes it whole).
     pub(super) fn touched(&mut self, deltas: &[v1::Delta]) {
@@ -107,4 +133,12 @@ impl Machine {
                 .and_then(|h| h.firewall())
                 .is_some_and(|p| p.enabled)
     }
+}
+
+/// The allowed IPs of `keys` on the modelled interface.
+fn allowed_ips(model: &crate::model::Observed, keys: &BTreeSet<Key>) -> Vec<ipnet::IpNet> {
+    keys.iter()
+        .filter_map(|k| model.device.peers.get(k))
+        .flat_map(|p| p.config.allowed_ips.iter().copied())
+        .collect()
 }
