@@ -20,6 +20,8 @@
 
 // The harness's own unit tests (compiled here too: benches build with cfg(test)) use
 // nothing of this bench.
+#[path = "../tests/support/bench.rs"]
+mod bench;
 #[allow(unused_imports)]
 #[path = "../tests/e2e/mod.rs"]
 mod e2e;
@@ -27,8 +29,7 @@ mod e2e;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
+use bench::{ms, quantile, setting};
 use e2e::{AgentProcess, Site};
 use gatehouse::agent::status::Status;
 use gatehouse_core::api::{NewPeer, PeerPatch};
@@ -37,34 +38,6 @@ use gatehouse_core::api::{NewPeer, PeerPatch};
 const COLD_WITHIN: Duration = Duration::from_secs(3600);
 /// How long one change may take before the bench gives up.
 const CHANGE_WITHIN: Duration = Duration::from_secs(600);
-
-fn setting(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.into())
-}
-
-fn number(name: &str, default: u64) -> u64 {
-    setting(name, &default.to_string())
-        .parse()
-        .unwrap_or_else(|_| panic!("{name} is not a number"))
-}
-
-/// Peer `i`: a distinct public key (any 32 bytes not of low order; no Curve25519 work to
-/// make 100,000 of them) and one /32 in 10.100.0.0/14, outside the location's /24.
-fn peer(i: usize) -> NewPeer {
-    let mut key = [7u8; 32];
-    key[..4].copy_from_slice(&(i as u32).to_le_bytes());
-    let n = i as u32;
-    NewPeer {
-        public_key: B64.encode(key),
-        allowed_ips: vec![format!(
-            "10.{}.{}.{}/32",
-            100 + (n >> 16),
-            (n >> 8) & 0xff,
-            n & 0xff
-        )],
-        ..Default::default()
-    }
-}
 
 /// One size's figures.
 struct Row {
@@ -82,17 +55,6 @@ impl Row {
     fn quantile(&self, q: f64) -> Duration {
         quantile(&self.changes, q)
     }
-}
-
-fn quantile(of: &[Duration], q: f64) -> Duration {
-    let mut v = of.to_vec();
-    v.sort();
-    let i = ((v.len() - 1) as f64 * q).round() as usize;
-    v[i]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// `VmHWM` of a process, in KiB (its peak resident set).
@@ -141,11 +103,11 @@ async fn start_agent(site: &mut Site, backend: &str) {
 }
 
 async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
-    let changes = number("GATEHOUSE_BENCH_CHANGES", 20) as usize;
-    let poll = Duration::from_millis(number("GATEHOUSE_BENCH_POLL_MS", 5));
+    let changes = setting("GATEHOUSE_BENCH_CHANGES", 20usize);
+    let poll = Duration::from_millis(setting("GATEHOUSE_BENCH_POLL_MS", 5));
     let name = format!("loc-{}", site.tag);
     let id = site.create_location(Site::default_location(&name)).await.id;
-    let all: Vec<NewPeer> = (0..peers).map(peer).collect();
+    let all: Vec<NewPeer> = (0..peers).map(e2e::support::bulk_peer).collect();
     let mut ids = Vec::with_capacity(peers);
     for chunk in all.chunks(8_192) {
         let added = site.admin().add_peers(id, chunk).await.expect("add peers");
@@ -153,7 +115,7 @@ async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
     }
     let revision = site.revision().await;
     site.options.stats_interval = Duration::from_secs(3600);
-    site.options.resync_interval = Duration::from_secs(number("GATEHOUSE_BENCH_RESYNC_SECS", 120));
+    site.options.resync_interval = Duration::from_secs(setting("GATEHOUSE_BENCH_RESYNC_SECS", 120));
     site.options.log_level = "warn".into();
     let started = Instant::now();
     start_agent(&mut site, backend).await;
@@ -218,11 +180,11 @@ async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
 }
 
 fn main() {
-    let sizes: Vec<usize> = setting("GATEHOUSE_BENCH_PEERS", "1000")
+    let sizes: Vec<usize> = setting("GATEHOUSE_BENCH_PEERS", String::from("1000"))
         .split(',')
         .map(|s| s.trim().parse().expect("GATEHOUSE_BENCH_PEERS: sizes"))
         .collect();
-    let backend = setting("GATEHOUSE_BENCH_BACKEND", "userspace");
+    let backend = setting("GATEHOUSE_BENCH_BACKEND", String::from("userspace"));
     if !e2e::netns::is_root() {
         eprintln!("change bench: needs root (network namespaces); skipped");
         return;

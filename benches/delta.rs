@@ -11,10 +11,15 @@
 //!
 //! Prints a markdown table; `BENCHMARKS.md` records the figures with this command.
 
-use std::time::{Duration, Instant};
+#[path = "../tests/support/bench.rs"]
+mod bench;
+#[path = "../tests/support/scale.rs"]
+mod scale;
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
+use bench::{median, median_of};
 use gatehouse::location::{on_deltas, on_snapshot, Held, Update};
 use gatehouse::model::{Desired, DeviceState, Key, LinkState, Observed, PeerState};
 use gatehouse::plan::{self, Scope};
@@ -23,45 +28,10 @@ use gatehouse_proto::v1;
 
 const ROUNDS: u64 = 2_000;
 
-fn peer(i: u32) -> v1::Peer {
-    let mut key = [7u8; 32];
-    key[..4].copy_from_slice(&i.to_le_bytes());
-    let [_, a, b, c] = (i + 2).to_be_bytes();
-    v1::Peer {
-        // Any 32 bytes that are not of low order are a valid public key.
-        public_key: key.to_vec(),
-        allowed_ips: vec![
-            format!("10.{a}.{b}.{c}/32"),
-            format!(
-                "{}/128",
-                std::net::Ipv6Addr::from(0xfd00u128 << 112 | u128::from(i + 2))
-            ),
-        ],
-        ..Default::default()
-    }
-}
-
-fn location(peers: u32) -> v1::Location {
-    v1::Location {
-        id: 1,
-        name: "bench".into(),
-        interface: Some(v1::Interface {
-            private_key: vec![1; 32],
-            listen_port: 51820,
-            addresses: vec!["10.0.0.1/8".into(), "fd00::1/64".into()],
-            mtu: 1420,
-            fwmark: 0,
-        }),
-        peers: (0..peers).map(peer).collect(),
-        firewall: None,
-        mfa: None,
-    }
-}
-
 fn held(peers: u32) -> Held {
     match on_snapshot(&v1::Snapshot {
         revision: 1,
-        location: Some(location(peers)),
+        location: Some(scale::location_of(peers)),
     }) {
         Update::Accept(h) => *h,
         other => panic!("{other:?}"),
@@ -76,18 +46,13 @@ fn delta(revision: u64, kind: v1::change::Kind) -> v1::Delta {
     }
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 /// Medians of the one-peer deltas (upserts and removals alike): the check and apply, and
 /// the check and apply plus the scoped plan of the changed peer.
 fn incremental(peers: u32) -> (Duration, Duration) {
     use v1::change::Kind;
     let mut h = held(peers);
     let observed = converged(&h.valid.desired);
-    let extra = peer(peers + 10);
+    let extra = scale::proto_peer(peers + 10);
     let extra_key: BTreeSet<Key> = Key::from_slice(&extra.public_key).into_iter().collect();
     let scope = Scope {
         keys: &extra_key,
@@ -146,8 +111,7 @@ fn full_plan(peers: u32) -> Duration {
     let h = held(peers);
     let observed = converged(&h.valid.desired);
     let mut desired = h.valid.desired.clone();
-    let mut one = location(0);
-    one.peers.push(peer(peers + 10));
+    let one = scale::location(vec![scale::proto_peer(peers + 10)]);
     let extra = validate_location(&one)
         .expect("valid")
         .desired
@@ -170,17 +134,11 @@ fn full_plan(peers: u32) -> Duration {
 
 /// Validating the location whole after one added peer (median of 5).
 fn whole(peers: u32) -> Duration {
-    let mut loc = location(peers);
-    loc.peers.push(peer(peers + 10));
-    median(
-        (0..5)
-            .map(|_| {
-                let t = Instant::now();
-                validate_location(&loc).expect("valid");
-                t.elapsed()
-            })
-            .collect(),
-    )
+    let mut loc = scale::location_of(peers);
+    loc.peers.push(scale::proto_peer(peers + 10));
+    median_of(5, || {
+        validate_location(&loc).expect("valid");
+    })
 }
 
 fn main() {

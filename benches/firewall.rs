@@ -7,20 +7,17 @@
 //! `GATEHOUSE_BENCH_ADDRESSES` (default 10,000), `GATEHOUSE_BENCH_RULES` (100) and
 //! `GATEHOUSE_BENCH_ROUNDS` (5; the median is printed) change the size.
 
+#[path = "../tests/support/bench.rs"]
+mod bench;
+
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use bench::{median, setting};
 use gatehouse::firewall::diff::differences;
 use gatehouse::firewall::nft::{image, Socket};
 use gatehouse::firewall::{from_proto, render, Inputs};
 use gatehouse_proto::v1;
-
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `addresses` spread over `rules` rules as destinations (every other address, so none
 /// merge), half of the rules with a port range, sources the VPN's subnets.
@@ -60,13 +57,8 @@ fn policy(addresses: usize, rules: usize) -> v1::FirewallPolicy {
     }
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+    format!("{:.1} ms", bench::ms(d))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,9 +70,9 @@ fn main() -> anyhow::Result<()> {
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         anyhow::bail!("unshare: {}", std::io::Error::last_os_error());
     }
-    let addresses = setting("GATEHOUSE_BENCH_ADDRESSES", 10_000);
-    let rule_count = setting("GATEHOUSE_BENCH_RULES", 100);
-    let rounds = setting("GATEHOUSE_BENCH_ROUNDS", 5).max(1);
+    let addresses = setting("GATEHOUSE_BENCH_ADDRESSES", 10_000usize);
+    let rule_count = setting("GATEHOUSE_BENCH_RULES", 100usize);
+    let rounds = setting("GATEHOUSE_BENCH_ROUNDS", 5usize).max(1);
     let proto = policy(addresses, rule_count);
 
     let (mut render_t, mut write_t, mut reapply_t) = (vec![], vec![], vec![]);

@@ -16,6 +16,8 @@
 //! Never deletes an interface (minutes for 10,000 peers under TCG): each round's
 //! interfaces stay in the benchmark's namespace, dropped at the end.
 
+#[path = "../tests/support/bench.rs"]
+mod bench;
 #[path = "../tests/vm/support.rs"]
 mod support;
 
@@ -23,19 +25,11 @@ use std::io::Write as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use bench::{ms, setting, spread, thousands, Spread};
 use gatehouse::backend::kernel::KernelBackend;
 use gatehouse::backend::Backend;
 use gatehouse::model::Desired;
 use gatehouse::plan::plan;
-
-/// Peers (`GATEHOUSE_BENCH_PEERS`, default 10,000) and rounds per scenario
-/// (`GATEHOUSE_BENCH_ROUNDS`, default 3; the median is shown).
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn progress(what: &str, d: Duration) {
     eprintln!("kernel bench: {what}: {:.1} ms", d.as_secs_f64() * 1e3);
@@ -89,40 +83,9 @@ fn time(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
-/// Median, min and max of the rounds.
-#[derive(Clone, Copy)]
-struct Spread {
-    median: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-fn spread(mut v: Vec<Duration>) -> Spread {
-    v.sort();
-    Spread {
-        median: v[v.len() / 2],
-        min: v[0],
-        max: v[v.len() - 1],
-    }
-}
-
 /// `12.3 ms (10.1–14.2)`.
 fn show(s: Spread) -> String {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     format!("{:.1} ms ({:.1}–{:.1})", ms(s.median), ms(s.min), ms(s.max))
-}
-
-/// `100000` as `100,000`.
-fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn wg_config(want: &Desired, port: u16) -> anyhow::Result<tempfile::NamedTempFile> {
@@ -186,8 +149,8 @@ fn defguard(helper: &str, args: &[&str]) -> anyhow::Result<Duration> {
 }
 
 fn run() -> anyhow::Result<()> {
-    let peers = setting("GATEHOUSE_BENCH_PEERS", 10_000);
-    let rounds = setting("GATEHOUSE_BENCH_ROUNDS", 3).max(1);
+    let peers = setting("GATEHOUSE_BENCH_PEERS", 10_000usize);
+    let rounds = setting("GATEHOUSE_BENCH_ROUNDS", 3usize).max(1);
     let want = support::desired(9, 41000, u32::try_from(peers)?, 0);
     let n = thousands(peers);
     let helper = defguard_helper();

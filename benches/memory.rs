@@ -9,6 +9,9 @@
 //!
 //! Prints a markdown table; `BENCHMARKS.md` records the figures with this command.
 
+#[path = "../tests/support/scale.rs"]
+mod scale;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -47,43 +50,23 @@ fn live() -> usize {
     LIVE.load(Ordering::Relaxed)
 }
 
+/// The shared bench peer with a preshared key, an id and an MFA session.
 fn peer(i: u32) -> v1::Peer {
-    let mut key = [7u8; 32];
-    key[..4].copy_from_slice(&i.to_le_bytes());
-    let [_, a, b, c] = (i + 2).to_be_bytes();
     v1::Peer {
-        public_key: key.to_vec(),
         preshared_key: vec![9; 32],
-        allowed_ips: vec![
-            format!("10.{a}.{b}.{c}/32"),
-            format!(
-                "{}/128",
-                std::net::Ipv6Addr::from(0xfd00u128 << 112 | u128::from(i + 2))
-            ),
-        ],
         id: u64::from(i) + 1,
         mfa_session: 1,
-        ..Default::default()
+        ..scale::proto_peer(i)
     }
 }
 
 fn location(peers: u32) -> v1::Location {
     v1::Location {
-        id: 1,
-        name: "bench".into(),
-        interface: Some(v1::Interface {
-            private_key: vec![1; 32],
-            listen_port: 51820,
-            addresses: vec!["10.0.0.1/8".into(), "fd00::1/64".into()],
-            mtu: 1420,
-            fwmark: 0,
-        }),
-        peers: (0..peers).map(peer).collect(),
-        firewall: None,
         mfa: Some(v1::MfaSettings {
             enabled: true,
             disconnect_threshold_secs: 600,
         }),
+        ..scale::location((0..peers).map(peer).collect())
     }
 }
 

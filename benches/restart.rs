@@ -17,6 +17,8 @@
 //!
 //! Prints a markdown table; `BENCHMARKS.md` records the figures with this command.
 
+#[path = "../tests/support/bench.rs"]
+mod bench;
 #[path = "../tests/netns/mod.rs"]
 mod netns;
 #[path = "../tests/support/mod.rs"]
@@ -24,8 +26,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
+use bench::setting;
 use gatehouse::agent::status::Status;
 use gatehouse::agent::{self, Settings};
 use gatehouse::backend::kernel::KernelBackend;
@@ -36,16 +37,8 @@ use gatehouse_core::api::NewPeer;
 use support::{plain_location, Core};
 use tokio::sync::{oneshot, watch};
 
-/// A size setting from the environment.
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn peers() -> usize {
-    setting("GATEHOUSE_BENCH_PEERS", 10_000)
+    setting("GATEHOUSE_BENCH_PEERS", 10_000usize)
 }
 
 /// Whether the backend `name` is to be measured.
@@ -56,25 +49,7 @@ fn wanted(name: &str) -> bool {
 }
 
 fn runs() -> usize {
-    setting("GATEHOUSE_BENCH_ROUNDS", 5).max(1)
-}
-
-/// Peer `i`: a distinct public key (any 32 bytes not of low order) and one /32 in
-/// 10.100.0.0/14 (room for 100,000 and more, outside the location's 10.0.0.0/16).
-fn peer(i: usize) -> NewPeer {
-    let mut key = [7u8; 32];
-    key[..4].copy_from_slice(&(i as u32).to_le_bytes());
-    let n = i as u32;
-    NewPeer {
-        public_key: B64.encode(key),
-        allowed_ips: vec![format!(
-            "10.{}.{}.{}/32",
-            100 + (n >> 16),
-            (n >> 8) & 0xff,
-            n & 0xff
-        )],
-        ..Default::default()
-    }
+    setting("GATEHOUSE_BENCH_ROUNDS", 5usize).max(1)
 }
 
 struct Row {
@@ -136,7 +111,7 @@ async fn start_until_ready(
 async fn scenario(name: &'static str, make: &dyn Fn() -> Box<dyn Backend>, rows: &mut Vec<Row>) {
     let mut core = Core::start().await;
     let (loc, token) = core.location(plain_location("bench"), 0).await;
-    let all: Vec<NewPeer> = (0..peers()).map(peer).collect();
+    let all: Vec<NewPeer> = (0..peers()).map(support::bulk_peer).collect();
     for chunk in all.chunks(8_192) {
         core.admin.add_peers(loc, chunk).await.expect("add peers");
     }

@@ -10,55 +10,34 @@
 //!
 //! Prints a markdown table; `BENCHMARKS.md` records the figures with this command.
 
+#[path = "../tests/support/bench.rs"]
+mod bench;
+#[path = "../tests/support/scale.rs"]
+mod scale;
+
 use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
+use bench::median;
 use gatehouse::model::Key;
 use gatehouse::state::{PersistedState, Record, StateStore};
 use gatehouse::stats::Epochs;
 use gatehouse_proto::v1;
 use prost::Message as _;
 
-fn key(i: u32) -> [u8; 32] {
-    let mut key = [7u8; 32];
-    key[..4].copy_from_slice(&i.to_le_bytes());
-    key
-}
-
+/// The shared bench peer with a preshared key.
 fn peer(i: u32) -> v1::Peer {
-    let [_, a, b, c] = (i + 2).to_be_bytes();
     v1::Peer {
-        public_key: key(i).to_vec(),
         preshared_key: vec![9; 32],
-        allowed_ips: vec![
-            format!("10.{a}.{b}.{c}/32"),
-            format!(
-                "{}/128",
-                std::net::Ipv6Addr::from(0xfd00u128 << 112 | u128::from(i + 2))
-            ),
-        ],
-        ..Default::default()
+        ..scale::proto_peer(i)
     }
 }
 
 fn state(id: &str, peers: u32) -> PersistedState {
-    let location = v1::Location {
-        id: 1,
-        name: "bench".into(),
-        interface: Some(v1::Interface {
-            private_key: vec![1; 32],
-            listen_port: 51820,
-            addresses: vec!["10.0.0.1/8".into(), "fd00::1/64".into()],
-            mtu: 1420,
-            fwmark: 0,
-        }),
-        peers: (0..peers).map(peer).collect(),
-        firewall: None,
-        mfa: None,
-    };
+    let location = scale::location((0..peers).map(peer).collect());
     let mut epochs = Epochs::new();
     for i in 0..peers {
-        epochs.insert(Key(key(i)), NonZeroU64::MIN);
+        epochs.insert(Key(scale::key(i)), NonZeroU64::MIN);
     }
     PersistedState {
         applied_revision: 1,
@@ -81,11 +60,6 @@ fn one_peer_change(revision: u64, peers: u32) -> Record {
         revision,
         deltas: vec![delta.encode_to_vec()],
     }
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 struct Row {

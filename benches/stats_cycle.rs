@@ -14,6 +14,8 @@
 //! On main (commit 6d1ea12) the in-memory backend's first apply of 100,000 peers takes
 //! hours: `plan::simulate` claims allowed IPs by scanning every peer (BENCHMARKS.md).
 
+#[path = "../tests/support/bench.rs"]
+mod bench;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -21,8 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
+use bench::setting;
 use gatehouse::agent::status::Status;
 use gatehouse::agent::{self};
 use gatehouse::backend::memory::MemoryBackend;
@@ -32,30 +33,6 @@ use gatehouse::plan::Plan;
 use gatehouse_core::api::NewPeer;
 use support::{plain_location, Core};
 use tokio::sync::{oneshot, watch};
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Peer `i`: a distinct public key and one /32 in 10.100.0.0/14.
-fn peer(i: usize) -> NewPeer {
-    let mut key = [7u8; 32];
-    key[..4].copy_from_slice(&(i as u32).to_le_bytes());
-    let n = i as u32;
-    NewPeer {
-        public_key: B64.encode(key),
-        allowed_ips: vec![format!(
-            "10.{}.{}.{}/32",
-            100 + (n >> 16),
-            (n >> 8) & 0xff,
-            n & 0xff
-        )],
-        ..Default::default()
-    }
-}
 
 /// Reads of the interface and their total time (ns), shared with the bench.
 #[derive(Clone, Default)]
@@ -149,7 +126,7 @@ struct Cycle {
 async fn bench(peers: usize, rounds: usize, stats_every: Duration) -> Vec<Cycle> {
     let core = Core::start().await;
     let (loc, token) = core.location(plain_location("stats"), 0).await;
-    let all: Vec<NewPeer> = (0..peers).map(peer).collect();
+    let all: Vec<NewPeer> = (0..peers).map(support::bulk_peer).collect();
     for chunk in all.chunks(8_192) {
         core.admin.add_peers(loc, chunk).await.expect("add peers");
     }
@@ -228,8 +205,8 @@ async fn bench(peers: usize, rounds: usize, stats_every: Duration) -> Vec<Cycle>
 }
 
 fn main() {
-    let peers = setting("GATEHOUSE_BENCH_PEERS", 100_000) as usize;
-    let rounds = setting("GATEHOUSE_BENCH_ROUNDS", 3).max(1) as usize;
+    let peers = setting("GATEHOUSE_BENCH_PEERS", 100_000usize);
+    let rounds = setting("GATEHOUSE_BENCH_ROUNDS", 3usize).max(1);
     let stats_every = Duration::from_millis(setting("GATEHOUSE_BENCH_STATS_MS", 3000));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -10,6 +10,8 @@
 //! device build and send a real handshake initiation (wireguard-go does it inside the UAPI
 //! transaction; the kernel queues it to a worker after the netlink answer).
 
+#[path = "../tests/support/bench.rs"]
+mod bench;
 #[path = "../tests/vm/support.rs"]
 mod support;
 
@@ -17,18 +19,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use bench::{median, setting};
 use gatehouse::backend::kernel::KernelBackend;
 use gatehouse::backend::userspace::{UserspaceBackend, UserspaceConfig};
 use gatehouse::backend::{Backend, Kick};
 use gatehouse::model::Desired;
 use gatehouse::plan::plan;
-
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(program).args(args).output()?;
@@ -64,11 +60,6 @@ impl Drop for Namespace {
     }
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn main() {
     if let Err(e) = run() {
         eprintln!("takeover bench: {e:#}");
@@ -77,8 +68,8 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    let peers = setting("GATEHOUSE_BENCH_PEERS", 2_000);
-    let rounds = setting("GATEHOUSE_BENCH_ROUNDS", 3).max(1);
+    let peers = setting("GATEHOUSE_BENCH_PEERS", 2_000usize);
+    let rounds = setting("GATEHOUSE_BENCH_ROUNDS", 3usize).max(1);
     let want: Desired = support::desired(17, 41100, u32::try_from(peers)?, 0);
     let _ns = Namespace::enter_new()?;
     sh("ip", &["link", "set", "lo", "up"])?;

@@ -145,7 +145,7 @@ pub fn init_logging(level: &str, format: LogFormat) {
 /// 3 when the agent cannot be reached.
 pub async fn status(base: &str) -> i32 {
     let url = format!("{}/status", base.trim_end_matches('/'));
-    match fetch::<Status>(&url).await {
+    match call::<Status>(reqwest::Method::GET, &url).await {
         Ok(mut s) => {
             (s.ready, s.ready_reason) = s.readiness_now(std::time::SystemTime::now());
             print!("{}", render_status(&s));
@@ -166,7 +166,7 @@ pub async fn status(base: &str) -> i32 {
 /// exit 0 when nothing differs, 1 when something does, 3 when the agent cannot be reached.
 pub async fn diff(base: &str) -> i32 {
     let url = format!("{}/diff", base.trim_end_matches('/'));
-    match fetch::<DiffReport>(&url).await {
+    match call::<DiffReport>(reqwest::Method::GET, &url).await {
         Ok(d) => {
             if let Some(ms) = d.read_unix_ms {
                 let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
@@ -208,35 +208,17 @@ pub async fn diff(base: &str) -> i32 {
 /// be reached.
 pub async fn ha_command(base: &str, command: crate::ha::Command) -> i32 {
     let url = format!("{}/{}", base.trim_end_matches('/'), command.name());
-    let sent = async {
-        reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()?
-            .post(&url)
-            .send()
-            .await
-    };
-    let response = match sent.await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot reach the agent at {url}: {e}");
-            return 3;
-        }
-    };
-    let code = response.status();
-    let body = response.text().await.unwrap_or_default();
-    if !code.is_success() {
-        eprintln!("error: {url} answered {code}: {}", body.trim());
-        return 1;
-    }
-    match serde_json::from_str::<crate::ha::Answer>(&body) {
+    match call::<crate::ha::Answer>(reqwest::Method::POST, &url).await {
         Ok(a) => {
             println!("{}: {}", command.name(), render_ha_line(a.role, a.draining));
             0
         }
         Err(e) => {
-            eprintln!("error: {url}: unexpected answer ({e}): {}", body.trim());
-            1
+            eprintln!("error: {e}");
+            match e {
+                CallError::Unreachable { .. } => 3,
+                CallError::Refused { .. } | CallError::Unexpected { .. } => 1,
+            }
         }
     }
 }
@@ -253,21 +235,68 @@ fn render_ha_line(role: crate::ha::Role, draining: bool) -> String {
     )
 }
 
-async fn fetch<T: serde::de::DeserializeOwned>(url: &str) -> anyhow::Result<T> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
-    let response = client
-        .get(url)
+/// How long a command waits for the running agent's answer.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a call to the running agent brought no answer of the expected form.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    /// Nothing answered (or the answer broke off): exit 3 for every command.
+    #[error("cannot reach the agent at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The agent answered with an error status (an HA command it refuses).
+    #[error("{url} answered {status}: {body}")]
+    Refused {
+        url: String,
+        status: reqwest::StatusCode,
+        body: String,
+    },
+    /// The agent answered success with a body that is not the expected JSON.
+    #[error("{url}: unexpected answer ({source}): {body}")]
+    Unexpected {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+        body: String,
+    },
+}
+
+/// The one request of the agent's HTTP clients (`GET /status`, `GET /diff`, `POST /drain`
+/// etc.): sends `method` to `url` and decodes the JSON answer.
+async fn call<T: serde::de::DeserializeOwned>(
+    method: reqwest::Method,
+    url: &str,
+) -> Result<T, CallError> {
+    let unreachable = |source| CallError::Unreachable {
+        url: url.to_owned(),
+        source,
+    };
+    let response = reqwest::Client::builder()
+        .timeout(AGENT_TIMEOUT)
+        .build()
+        .map_err(unreachable)?
+        .request(method, url)
         .send()
         .await
-        .with_context(|| format!("cannot reach the agent at {url}"))?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "{url} answered {}",
-        response.status()
-    );
-    Ok(response.json().await?)
+        .map_err(unreachable)?;
+    let status = response.status();
+    let body = response.text().await.map_err(unreachable)?;
+    if !status.is_success() {
+        return Err(CallError::Refused {
+            url: url.to_owned(),
+            status,
+            body: body.trim().to_owned(),
+        });
+    }
+    serde_json::from_str(&body).map_err(|source| CallError::Unexpected {
+        url: url.to_owned(),
+        source,
+        body: body.trim().to_owned(),
+    })
 }
 
 /// The human form of the status.
@@ -424,6 +453,75 @@ fn hostname() -> String {
 mod tests {
     use super::*;
     use crate::ha::{Role, TakeoverStatus};
+
+    /// A stand-in agent on loopback: answers one request per reply (status line and body)
+    /// and returns the request lines it saw.
+    fn stand_in(
+        replies: Vec<(&'static str, &'static str)>,
+    ) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (status, body) in replies {
+                let (mut conn, _) = listener.accept().expect("accept");
+                let mut buf = [0u8; 4096];
+                let n = conn.read(&mut buf).expect("read");
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                seen.push(head.lines().next().unwrap_or("").to_owned());
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+            seen
+        });
+        (url, server)
+    }
+
+    #[tokio::test]
+    async fn one_call_serves_get_and_post_and_tells_the_failures_apart() {
+        let (url, server) = stand_in(vec![
+            ("200 OK", r#"{"role":"active","draining":false}"#),
+            ("200 OK", r#"{"role":"standby","draining":true}"#),
+            ("403 Forbidden", " loopback only\n"),
+            ("200 OK", "not json"),
+        ]);
+        let get: crate::ha::Answer = call(reqwest::Method::GET, &format!("{url}/status"))
+            .await
+            .expect("GET");
+        assert_eq!((get.role, get.draining), (Role::Active, false));
+        let post: crate::ha::Answer = call(reqwest::Method::POST, &format!("{url}/drain"))
+            .await
+            .expect("POST");
+        assert_eq!((post.role, post.draining), (Role::Standby, true));
+        let refused = call::<crate::ha::Answer>(reqwest::Method::POST, &format!("{url}/activate"))
+            .await
+            .expect_err("403");
+        assert!(
+            matches!(&refused, CallError::Refused { status, body, .. } if status.as_u16() == 403 && body == "loopback only"),
+            "{refused}"
+        );
+        let garbled = call::<Status>(reqwest::Method::GET, &format!("{url}/status"))
+            .await
+            .expect_err("not json");
+        assert!(matches!(garbled, CallError::Unexpected { .. }), "{garbled}");
+        assert_eq!(
+            server.join().expect("server"),
+            vec![
+                "GET /status HTTP/1.1",
+                "POST /drain HTTP/1.1",
+                "POST /activate HTTP/1.1",
+                "GET /status HTTP/1.1"
+            ]
+        );
+        let gone = call::<Status>(reqwest::Method::GET, &format!("{url}/status"))
+            .await
+            .expect_err("nothing listens");
+        assert!(matches!(gone, CallError::Unreachable { .. }), "{gone}");
+    }
 
     #[test]
     fn status_prints_the_role_and_drain_line() {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use e2e::support::bulk_peer;
 use e2e::{eventually, Site};
 use gatehouse_core::api::NewPeer;
 
@@ -22,31 +23,13 @@ const LIMIT: usize = 1 << 16;
 const PEERS: usize = LIMIT + 1;
 const WITHIN: Duration = Duration::from_secs(300);
 
-/// Peer `i`: a distinct valid public key (any 32 bytes that are not of low order) and
-/// one /32 outside the gateway's subnet.
-fn peer(i: usize) -> NewPeer {
-    let mut key = [7u8; 32];
-    key[..4].copy_from_slice(&(i as u32).to_le_bytes());
-    let n = i as u32;
-    NewPeer {
-        public_key: B64.encode(key),
-        allowed_ips: vec![format!(
-            "10.{}.{}.{}/32",
-            100 + (n >> 16),
-            (n >> 8) & 0xff,
-            n & 0xff
-        )],
-        ..Default::default()
-    }
-}
-
 #[test]
 #[ignore = "root + wireguard-go: tests/netns/run-root-tests.sh e2e_peer_limit"]
 fn a_location_beyond_the_wireguard_go_limit() {
     e2e::run("pl", async |mut site: Site| {
         let name = format!("loc-{}", site.tag);
         let id = site.create_location(Site::default_location(&name)).await.id;
-        let all: Vec<NewPeer> = (0..PEERS).map(peer).collect();
+        let all: Vec<NewPeer> = (0..PEERS).map(bulk_peer).collect();
         for chunk in all.chunks(8_192) {
             site.admin().add_peers(id, chunk).await.expect("add peers");
         }
@@ -76,7 +59,7 @@ fn a_location_beyond_the_wireguard_go_limit() {
         );
         // Nothing is in the device at first: the peers are kept by key, the greatest refused.
         let refused = (0..PEERS)
-            .map(|i| peer(i).public_key)
+            .map(|i| bulk_peer(i).public_key)
             .max_by_key(|k| B64.decode(k).expect("base64"))
             .expect("peers");
         assert!(reason.contains(&refused), "{reason} names {refused}");

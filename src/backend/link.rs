@@ -479,22 +479,28 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
     info
 }
 
-/// The address an `RTM_NEWADDR` describes, or `None` for kernel-generated ones.
-fn address_of(msg: &AddressMessage) -> Option<IpNet> {
-    let mut local = None;
+/// The interface's own address in an address message: IFA_LOCAL where present (on
+/// point-to-point IPv4 links IFA_ADDRESS is the peer's), else IFA_ADDRESS (IPv6 usually
+/// sends that one only).
+pub(crate) fn own_ip(msg: &AddressMessage) -> Option<IpAddr> {
     let mut address = None;
-    let mut protocol = None;
     for attr in &msg.attributes {
         match attr {
-            AddressAttribute::Local(ip) => local = Some(*ip),
+            AddressAttribute::Local(ip) => return Some(*ip),
             AddressAttribute::Address(ip) => address = Some(*ip),
-            AddressAttribute::Protocol(p) => protocol = Some(*p),
             _ => {}
         }
     }
-    // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on
-    // point-to-point IPv4 links. IPv6 usually sends IFA_ADDRESS only.
-    let ip = local.or(address)?;
+    address
+}
+
+/// The address an `RTM_NEWADDR` describes, or `None` for kernel-generated ones.
+fn address_of(msg: &AddressMessage) -> Option<IpNet> {
+    let ip = own_ip(msg)?;
+    let protocol = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Protocol(p) => Some(*p),
+        _ => None,
+    });
     let kernel_made = match protocol {
         Some(AddressProtocol::LinkLocal | AddressProtocol::RouterAnnouncement) => true,
         Some(_) => false,
@@ -680,6 +686,24 @@ mod tests {
             absorb(&datagram, 1, &mut reply),
             Err(Failure::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn the_own_address_is_ifa_local_in_either_order_else_ifa_address() {
+        let (local, peer) = ("10.1.2.3".parse().unwrap(), "10.9.9.9".parse().unwrap());
+        let mut msg = AddressMessage::default();
+        msg.attributes = vec![
+            AddressAttribute::Address(peer),
+            AddressAttribute::Local(local),
+        ];
+        assert_eq!(own_ip(&msg), Some(local));
+        msg.attributes.reverse();
+        assert_eq!(own_ip(&msg), Some(local));
+        msg.attributes
+            .retain(|a| matches!(a, AddressAttribute::Address(_)));
+        assert_eq!(own_ip(&msg), Some(peer));
+        msg.attributes.clear();
+        assert_eq!(own_ip(&msg), None);
     }
 
     #[test]

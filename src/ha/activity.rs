@@ -49,13 +49,40 @@ impl Seen {
 
 /// The book (see the module doc).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(from = "Stored")]
 pub struct ActivityBook {
     #[serde(with = "codec::key_map")]
     peers: BTreeMap<Key, Seen>,
     /// Received bytes at the last read here (a baseline, not kept across restarts).
     #[serde(skip)]
     rx_here: BTreeMap<Key, u64>,
+    /// How many of `peers` have an endpoint: kept by every change of `peers` (an endpoint
+    /// is never taken back, only the peer), so the status reads it in O(1).
+    #[serde(skip)]
+    endpoints: usize,
+}
+
+/// The book as the state file holds it; the count is rebuilt on load.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Stored {
+    #[serde(with = "codec::key_map")]
+    peers: BTreeMap<Key, Seen>,
+}
+
+impl From<Stored> for ActivityBook {
+    fn from(stored: Stored) -> Self {
+        let endpoints = stored
+            .peers
+            .values()
+            .filter(|s| s.endpoint.is_some())
+            .count();
+        ActivityBook {
+            peers: stored.peers,
+            rx_here: BTreeMap::new(),
+            endpoints,
+        }
+    }
 }
 
 impl ActivityBook {
@@ -78,7 +105,7 @@ impl ActivityBook {
 
     /// Peers whose endpoint is known.
     pub fn endpoints_known(&self) -> usize {
-        self.peers.values().filter(|s| s.endpoint.is_some()).count()
+        self.endpoints
     }
 
     /// A sign of life another gateway saw at `at`, at `endpoint` (relayed by the Core).
@@ -110,13 +137,22 @@ impl ActivityBook {
 
     /// Forgets one peer (it left the held location).
     pub fn forget(&mut self, key: &Key) {
-        self.peers.remove(key);
+        if self.peers.remove(key).is_some_and(|s| s.endpoint.is_some()) {
+            self.endpoints -= 1;
+        }
         self.rx_here.remove(key);
     }
 
     /// Keeps only the peers for which `keep` is true (the held location's).
     pub fn retain(&mut self, mut keep: impl FnMut(&Key) -> bool) {
-        self.peers.retain(|k, _| keep(k));
+        let endpoints = &mut self.endpoints;
+        self.peers.retain(|k, s| {
+            let kept = keep(k);
+            if !kept && s.endpoint.is_some() {
+                *endpoints -= 1;
+            }
+            kept
+        });
         self.rx_here.retain(|k, _| keep(k));
     }
 
@@ -128,6 +164,22 @@ impl ActivityBook {
         source: Source,
     ) -> bool {
         let at_ms = unix_ms(at);
+        let had_endpoint = self.peers.get(&key).is_some_and(|s| s.endpoint.is_some());
+        let changed = self.update(key, at_ms, endpoint, source);
+        if !had_endpoint && self.peers.get(&key).is_some_and(|s| s.endpoint.is_some()) {
+            self.endpoints += 1;
+        }
+        changed
+    }
+
+    /// The rule of [`ActivityBook::record`] on the entry of `key`.
+    fn update(
+        &mut self,
+        key: Key,
+        at_ms: i64,
+        endpoint: Option<SocketAddr>,
+        source: Source,
+    ) -> bool {
         match self.peers.get_mut(&key) {
             None => {
                 self.peers.insert(
@@ -223,6 +275,38 @@ mod tests {
         assert_eq!(b.get(&key(2)).unwrap().endpoint, ep("198.51.100.2:2"));
         // Nothing new: no change.
         assert!(!b.observe_here(&peers, t(80)));
+    }
+
+    /// The count kept by each change equals a count over the book, through every way a
+    /// peer or an endpoint arrives and leaves, and after a load from the state file.
+    #[test]
+    fn the_endpoint_count_is_kept_by_every_change() {
+        let counted = |b: &ActivityBook| b.peers.values().filter(|s| s.endpoint.is_some()).count();
+        let mut b = ActivityBook::new();
+        let check = |b: &ActivityBook, want: usize| {
+            assert_eq!((b.endpoints_known(), counted(b)), (want, want));
+        };
+        b.relayed(key(1), t(1), None);
+        check(&b, 0);
+        b.relayed(key(1), t(0), ep("198.51.100.1:1")); // older, fills in the endpoint
+        check(&b, 1);
+        b.relayed(key(1), t(5), ep("198.51.100.1:2")); // newer, replaces it
+        b.relayed(key(1), t(6), None); // newer without one: kept
+        check(&b, 1);
+        b.relayed(key(2), t(1), ep("198.51.100.2:2"));
+        b.relayed(key(3), t(1), None);
+        let here = BTreeMap::from([peer(4, 0, Some(t(9)), "198.51.100.4:4")]);
+        b.observe_here(&here, t(10));
+        check(&b, 3);
+        b.forget(&key(3)); // no endpoint
+        check(&b, 3);
+        b.forget(&key(2));
+        b.forget(&key(2)); // twice: nothing more
+        check(&b, 2);
+        b.retain(|k| *k != key(1));
+        check(&b, 1);
+        let back: ActivityBook = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        check(&back, 1);
     }
 
     #[test]

@@ -28,6 +28,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, watch};
 
+use crate::backend::link::own_ip;
+
 /// One address change, reduced to what the watcher needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddrEvent {
@@ -131,7 +133,7 @@ pub fn addr_event(msg: &RouteNetlinkMessage) -> Option<AddrEvent> {
         RouteNetlinkMessage::DelAddress(a) => (a, false),
         _ => return None,
     };
-    let ip = address_ip(addr)?;
+    let ip = own_ip(addr)?;
     let index = addr.header.index;
     if !new {
         return Some(AddrEvent::Gone { index, ip });
@@ -152,21 +154,6 @@ pub fn addr_event(msg: &RouteNetlinkMessage) -> Option<AddrEvent> {
         ip,
         usable: !unusable,
     })
-}
-
-/// The interface's own address: IFA_LOCAL (IPv4, where IFA_ADDRESS is the peer's on
-/// point-to-point links), else IFA_ADDRESS (IPv6).
-fn address_ip(msg: &AddressMessage) -> Option<IpAddr> {
-    let mut local = None;
-    let mut address = None;
-    for attr in &msg.attributes {
-        match attr {
-            AddressAttribute::Local(ip) => local = Some(*ip),
-            AddressAttribute::Address(ip) => address = Some(*ip),
-            _ => {}
-        }
-    }
-    local.or(address)
 }
 
 /// What one received datagram says to the loop.

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod scale;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -163,6 +165,18 @@ pub fn peer(n: usize) -> NewPeer {
 
 pub fn peer_list(from: usize, count: usize) -> Vec<NewPeer> {
     (from..from + count).map(peer).collect()
+}
+
+/// Peer `i` of a large location (100,000 and more) as the admin API takes it: the key
+/// [`scale::key`] (no Curve25519 work) and one /32 in 10.100.0.0/14, outside
+/// [`plain_location`]'s subnet.
+pub fn bulk_peer(i: usize) -> NewPeer {
+    let i = u32::try_from(i).expect("fewer than 2^32 peers");
+    NewPeer {
+        public_key: Key(scale::key(i)).to_base64(),
+        allowed_ips: vec![scale::outside_ipv4(i)],
+        ..Default::default()
+    }
 }
 
 /// An agent on the in-memory backend, in this process.
