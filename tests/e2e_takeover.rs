@@ -421,14 +421,20 @@ fn only_a_recreating_kick_makes_a_gateway_holding_a_session_handshake_again() {
     );
     assert!(peer.last_handshake.is_some());
 
-    // An update-only kick of a peer the device does not have is skipped (a re-creating one
-    // is sent only for a peer the agent's model holds: `takeover::sendable`).
+    // A kick of a peer the device does not have is skipped, whatever the kind.
     let stranger = PeerSpec::new(clamped_key().public_key(), [net("10.98.0.9/32")]);
-    b.kick(&[Kick {
-        peer: stranger,
-        endpoint,
-        recreate: false,
-    }])
+    b.kick(&[
+        Kick {
+            peer: stranger.clone(),
+            endpoint,
+            recreate: true,
+        },
+        Kick {
+            peer: stranger,
+            endpoint,
+            recreate: false,
+        },
+    ])
     .expect("kick");
     assert_eq!(b.observe().expect("observe").device.peers.len(), 1);
     lab.source_routes(|r| r.clear().expect("clear"));

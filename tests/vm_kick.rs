@@ -148,14 +148,20 @@ fn a_kernel_kick_starts_a_handshake_and_a_recreating_one_replaces_a_session() {
     assert_eq!(seen.config.allowed_ips, peer.allowed_ips);
     assert_eq!(seen.config.persistent_keepalive, 0);
 
-    // 4. An update-only kick of an absent peer changes nothing (a re-creating one is sent
-    // only for a peer the agent's model holds: `takeover::sendable`).
+    // 4. Kicks of an absent peer change nothing.
     let stranger = PeerSpec::new(Key([9; 32]), ["10.0.9.9/32".parse().unwrap()]);
-    b.kick(&[Kick {
-        peer: stranger,
-        endpoint,
-        recreate: false,
-    }])
+    b.kick(&[
+        Kick {
+            peer: stranger.clone(),
+            endpoint,
+            recreate: true,
+        },
+        Kick {
+            peer: stranger,
+            endpoint,
+            recreate: false,
+        },
+    ])
     .expect("kick");
     assert_eq!(b.observe().expect("observe").device.peers.len(), 1);
 }
