@@ -13,7 +13,6 @@ pub struct Kick {
     /// session with the client (a handshake here less than 180 s ago, REJECT_AFTER_TIME), and
     /// a keepalive over that old session would not make the client switch to this gateway
     /// (the failback black hole of defguard#1909). A re-created peer's counters restart at 0.
-    /// Set only for a peer the device holds: re-creating an absent one would add it.
     pub recreate: bool,
 }
 

@@ -128,9 +128,7 @@ pub trait Backend: Send {
 
     /// Sets each peer's endpoint and makes the device send a handshake initiation to it now
     /// (a keepalive with no valid session starts a handshake; the persistent keepalive is
-    /// switched 0 -> nonzero to send it, then restored to the desired value). An update-only
-    /// kick of a peer not in the device is skipped; a re-creating one writes the whole peer,
-    /// so the caller sends it only for a peer the device holds (the agent's model of it, no
-    /// read here). Few messages: many kicks per netlink message / UAPI transaction.
+    /// switched 0 -> nonzero to send it, then restored to the desired value). Peers not in the
+    /// device are skipped. Few messages: many kicks per netlink message / UAPI transaction.
     fn kick(&mut self, kicks: &[Kick]) -> Result<(), BackendError>;
 }

@@ -14,10 +14,6 @@
 //!   would not make the client switch back (the failback black hole).
 //! - Order: by public key (deterministic). Pace: at most `rate` kicks per second, in
 //!   batches every [`BATCH_PERIOD`] (the first at once).
-//! - When a batch is due ([`sendable`]): only peers still held, and only peers the
-//!   interface holds by the agent's model of it (a re-creation writes the whole peer, so it
-//!   would add one that is absent, e.g. removed for MFA inactivity); without a model, no
-//!   re-creation (an update never adds). The backends trust this and read nothing.
 //!
 //! Pure: times are passed in; the caller executes each batch when [`Pacer::poll_timeout`]
 //! is due.
@@ -27,7 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use super::activity::ActivityBook;
 use crate::backend::Kick;
-use crate::model::{Key, PeerSpec, PeerState};
+use crate::model::{Key, PeerSpec};
 
 /// WireGuard's REJECT_AFTER_TIME: a session older than this is no longer used.
 pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
@@ -139,28 +135,6 @@ impl Pacer {
     pub fn remaining(&self) -> usize {
         self.queue.len()
     }
-}
-
-/// The kicks of a due batch that may go out (module doc, last rule): `held` is the
-/// desired peers, `interface` the peers of the agent's model of the interface (None when
-/// it has none: before the first read, after a failed apply).
-pub fn sendable(
-    batch: Vec<Kick>,
-    held: &BTreeMap<Key, PeerSpec>,
-    interface: Option<&BTreeMap<Key, PeerState>>,
-) -> Vec<Kick> {
-    batch
-        .into_iter()
-        .filter(|k| held.contains_key(&k.peer.public_key))
-        .filter_map(|mut k| {
-            match interface {
-                Some(peers) if !peers.contains_key(&k.peer.public_key) => return None,
-                Some(_) => {}
-                None => k.recreate = false,
-            }
-            Some(k)
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -315,44 +289,6 @@ mod tests {
             per_second[second] += batch.len();
         }
         per_second
-    }
-
-    #[test]
-    fn a_due_batch_keeps_held_peers_on_the_interface_and_recreates_only_those() {
-        let batch: Vec<Kick> = (1..=3u8)
-            .map(|n| Kick {
-                peer: PeerSpec::new(key(n), []),
-                endpoint: ep(n),
-                recreate: true,
-            })
-            .collect();
-        let sent = |held: &[u8], interface: Option<&[u8]>| {
-            let held = peers(3)
-                .into_iter()
-                .filter(|(k, _)| held.iter().any(|n| key(*n) == *k));
-            let interface: Option<BTreeMap<Key, PeerState>> = interface.map(|i| {
-                i.iter()
-                    .map(|n| (key(*n), PeerState::fresh(PeerSpec::new(key(*n), []))))
-                    .collect()
-            });
-            sendable(batch.clone(), &held.collect(), interface.as_ref())
-                .into_iter()
-                .map(|k| (k.peer.public_key, k.recreate))
-                .collect::<Vec<_>>()
-        };
-        // Peer 2 is held but no longer on the interface (removed for MFA inactivity): a
-        // re-creation would add it back, so it is not kicked.
-        assert_eq!(
-            sent(&[1, 2, 3], Some(&[1, 3])),
-            vec![(key(1), true), (key(3), true)]
-        );
-        // Peer 3 left the held location.
-        assert_eq!(
-            sent(&[1, 2], Some(&[1, 2, 3])),
-            vec![(key(1), true), (key(2), true)]
-        );
-        // No model of the interface: updates only (they never add a peer).
-        assert_eq!(sent(&[1, 2], None), vec![(key(1), false), (key(2), false)]);
     }
 
     #[test]

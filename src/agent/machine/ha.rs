@@ -18,7 +18,7 @@ use crate::agent::status::unix_ms;
 use crate::backend::Kick;
 use crate::ha::activity::ActivityBook;
 use crate::ha::role::{Operator, RoleInput, RoleState, Transition};
-use crate::ha::takeover::{plan_takeover, sendable, Pacer, TakeoverInput, TakeoverPlan};
+use crate::ha::takeover::{plan_takeover, Pacer, TakeoverInput, TakeoverPlan};
 use crate::ha::{Answer, Command, HaSettings, HaStatus, Role, TakeoverStatus};
 use crate::model::Key;
 use crate::state::codec::from_unix_ms;
@@ -320,13 +320,15 @@ impl Machine {
     }
 
     fn kick(&mut self, batch: Vec<Kick>) {
-        // Held peers on the interface by the model (the round's read, kept by each apply):
-        // the backends trust it and read nothing (`takeover::sendable`).
+        // A peer no longer held is not kicked (and the backend skips, never re-adds, a
+        // peer that is not on the interface, e.g. one removed for MFA inactivity).
         let Some(held) = self.held.as_ref().filter(|_| !self.offline_removed) else {
             return;
         };
-        let interface = self.model.as_ref().map(|m| &m.device.peers);
-        let batch = sendable(batch, &held.valid.desired.peers, interface);
+        let batch: Vec<_> = batch
+            .into_iter()
+            .filter(|k| held.valid.desired.peers.contains_key(&k.peer.public_key))
+            .collect();
         if batch.is_empty() {
             return;
         }

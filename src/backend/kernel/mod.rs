@@ -13,11 +13,12 @@ pub mod dump;
 pub mod genl;
 pub mod pack;
 
+use std::collections::BTreeSet;
 use std::io;
 
 use super::link::{check_interface_name, Link, LinkInfo};
 use super::{Backend, BackendError, Kick, WriteCounters};
-use crate::model::Observed;
+use crate::model::{Key, Observed};
 use crate::plan::{Op, Plan};
 
 use self::genl::WgSocket;
@@ -135,6 +136,24 @@ impl KernelBackend {
             tracing::debug!(interface = %self.name, messages = total, "WireGuard device configured");
         }
         Ok(())
+    }
+
+    /// The public keys of the device's peers (one dump).
+    fn peer_keys(&mut self) -> Result<BTreeSet<Key>, BackendError> {
+        let op = || format!("read WireGuard device {}", self.name);
+        let mut parts = self
+            .wg
+            .get_device(&self.name)
+            .map_err(|e| BackendError::io(op(), e))?;
+        let device = dump::merge_dump(&parts);
+        for part in &mut parts {
+            pack::zeroize_attributes(&mut part.attributes);
+        }
+        let device = device.map_err(|e| BackendError::Operation {
+            op: op(),
+            message: e.to_string(),
+        })?;
+        Ok(device.peers.into_keys().collect())
     }
 
     /// Sends device messages in order, counting each; stops at the first refused one.
@@ -261,13 +280,25 @@ impl Backend for KernelBackend {
         }
     }
 
-    /// Kicks go out packed like plan operations ([`pack_kicks`]), as given: a re-creation
-    /// comes only for a peer the agent's model holds ([`crate::ha::takeover::sendable`]).
+    /// Kicks go out packed like plan operations ([`pack_kicks`]). A re-creation would
+    /// create an absent peer, so when there is one the device's peers are read first and
+    /// the kicks of absent peers are left out (an update-only kick skips itself).
     fn kick(&mut self, kicks: &[Kick]) -> Result<(), BackendError> {
         if kicks.is_empty() {
             return Ok(());
         }
-        let messages = pack_kicks(&self.name, kicks.iter(), self.message_limit);
+        let present = if kicks.iter().any(|k| k.recreate) {
+            Some(self.peer_keys()?)
+        } else {
+            None
+        };
+        let wanted = kicks.iter().filter(|k| {
+            !k.recreate
+                || present
+                    .as_ref()
+                    .is_some_and(|p| p.contains(&k.peer.public_key))
+        });
+        let messages = pack_kicks(&self.name, wanted, self.message_limit);
         self.send_all(&messages)?;
         tracing::debug!(
             interface = %self.name,

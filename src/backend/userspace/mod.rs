@@ -370,13 +370,31 @@ impl Backend for UserspaceBackend {
         )))
     }
 
-    /// One UAPI transaction ([`uapi::encode_kicks`]), as given: a re-creation comes only
-    /// for a peer the agent's model holds ([`crate::ha::takeover::sendable`]).
+    /// One UAPI transaction ([`uapi::encode_kicks`]). A re-creation would create an
+    /// absent peer, so when there is one the device is read first and the kicks of absent
+    /// peers are left out (an update-only kick skips itself).
     fn kick(&mut self, kicks: &[Kick]) -> Result<(), BackendError> {
         if kicks.is_empty() {
             return Ok(());
         }
-        if let Some(request) = uapi::encode_kicks(kicks.iter()) {
+        let present = if kicks.iter().any(|k| k.recreate) {
+            Some(
+                self.observe()?
+                    .device
+                    .peers
+                    .into_keys()
+                    .collect::<std::collections::BTreeSet<_>>(),
+            )
+        } else {
+            None
+        };
+        let wanted = kicks.iter().filter(|k| {
+            !k.recreate
+                || present
+                    .as_ref()
+                    .is_some_and(|p| p.contains(&k.peer.public_key))
+        });
+        if let Some(request) = uapi::encode_kicks(wanted) {
             self.set(&request)?;
         }
         tracing::debug!(interface = %self.interface, kicks = kicks.len(), "takeover handshakes started");
