@@ -5,17 +5,16 @@
 //!
 //! Pure: the caller reads the interface and sends the messages.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU64;
 use std::time::SystemTime;
 
 use gatehouse_proto::v1::{PeerStats, Stats};
-use ipnet::IpNet;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Key, PeerState};
+use crate::model::{AllowedIps, Key, PeerState};
 use crate::state::codec::{self, unix_ms};
 
 /// What was last reported per peer on the current stream.
@@ -186,7 +185,7 @@ struct Reported {
     tx_bytes: u64,
     last_handshake: Option<SystemTime>,
     epoch: u64,
-    allowed_ips: BTreeSet<IpNet>,
+    allowed_ips: AllowedIps,
 }
 
 impl Reported {
@@ -213,7 +212,10 @@ impl Reported {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
     use std::time::Duration;
+
+    use ipnet::IpNet;
 
     use rand::SeedableRng;
 
