@@ -11,6 +11,7 @@ use gatehouse::agent::machine::{Action, Machine, Outcome};
 use gatehouse::agent::steps::nothing_failed;
 use gatehouse::backend::Backend as _;
 use gatehouse::model::Observed;
+use gatehouse::plan::KernelModel;
 use gatehouse_proto::v1;
 use machine_sim::*;
 use std::time::{Duration, Instant};
@@ -35,15 +36,16 @@ fn wpeer(n: u32) -> v1::Peer {
 }
 
 struct X {
-    obs: Observed,
+    /// The interface, applied to as the kernel would (O(k log N) per apply).
+    obs: KernelModel,
     rev: u64,
 }
 
 fn exec(x: &mut X, a: Action) -> Option<Outcome> {
     Some(match a {
-        Action::Read { .. } => Outcome::Read(Ok(x.obs.clone())),
+        Action::Read { .. } => Outcome::Read(Ok(Observed::clone(&x.obs))),
         Action::Apply { plan, .. } => {
-            gatehouse::plan::simulate(&mut x.obs, &plan);
+            x.obs.apply(&plan);
             Outcome::Applied {
                 applied: plan,
                 outcomes: nothing_failed(),
@@ -80,9 +82,11 @@ fn measure(n: u32) {
     let now = sim.now();
     let mut m = Machine::new(settings(), "gw".into(), None, None, vec![], 1, now);
     let mut x = X {
-        obs: gatehouse::backend::memory::MemoryBackend::new("wgsim0")
-            .observe()
-            .unwrap(),
+        obs: KernelModel::new(
+            gatehouse::backend::memory::MemoryBackend::new("wgsim0")
+                .observe()
+                .unwrap(),
+        ),
         rev: 1,
     };
     let mut t = Duration::ZERO;
