@@ -1,6 +1,8 @@
 //! Memory per peer of the state the agent holds (issue 11): the held location (validated
-//! domain form and its index), one desired state handed to the planner, and the observed
-//! interface as a read returns it, at 1,000 and 100,000 peers (each a /32 and a /128, a
+//! domain form and its index), one desired state handed to the planner, the observed
+//! interface as a read returns it, the owners index the machine's model of the interface
+//! keeps beside it (`plan::KernelModel`), and what the stats tracker keeps per reported
+//! peer, at 1,000 and 100,000 peers (each a /32 and a /128, a
 //! preshared key, an id and an MFA session). A counting global allocator measures the bytes
 //! live after each is built (and the peak while building the held location from a snapshot).
 //! No root.
@@ -17,6 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use gatehouse::location::{on_snapshot, Held, Update};
 use gatehouse::model::{DeviceState, Observed, PeerState};
+use gatehouse::plan::KernelModel;
+use gatehouse::stats::{Epochs, StatsTracker};
 use gatehouse_proto::v1;
 
 /// The system allocator, counting the bytes live and their peak.
@@ -70,8 +74,9 @@ fn location(peers: u32) -> v1::Location {
     }
 }
 
-/// Bytes per peer of (held, held peak while built, desired, observed).
-fn measure(peers: u32) -> [usize; 4] {
+/// Bytes per peer of (held, held peak while built, desired, observed, model index, stats
+/// tracker).
+fn measure(peers: u32) -> [usize; 6] {
     let snapshot = v1::Snapshot {
         revision: 1,
         location: Some(location(peers)),
@@ -104,21 +109,38 @@ fn measure(peers: u32) -> [usize; 4] {
     };
     let observed_bytes = live() - base;
     assert_eq!(observed.device.peers.len(), peers as usize);
+
+    // The model takes the read over: what it adds is its owners index.
+    let base = live();
+    let model = KernelModel::new(observed);
+    let index_bytes = live() - base;
+
+    let base = live();
+    let mut tracker = StatsTracker::new();
+    let sent = tracker.changed(&model.device.peers, &Epochs::new());
+    drop(sent);
+    let tracker_bytes = live() - base;
+    drop(tracker);
+    drop(model);
+
     let n = peers as usize;
     [
         held_bytes / n,
         peak / n,
         desired_bytes / n,
         observed_bytes / n,
+        index_bytes / n,
+        tracker_bytes / n,
     ]
 }
 
 fn main() {
-    println!("| peers | held (valid + index) | peak while accepting a snapshot | one desired copy | observed | per peer, MiB at this size (held + desired + observed) |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| peers | held (valid + index) | peak while accepting a snapshot | one desired copy | observed | model's owners index | stats tracker | held + desired + observed + index + tracker, MiB at this size |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for peers in [1_000u32, 100_000] {
-        let [held, peak, desired, observed] = measure(peers);
-        let total = (held + desired + observed) as f64 * f64::from(peers) / (1024.0 * 1024.0);
-        println!("| {peers} | {held} B | {peak} B | {desired} B | {observed} B | {total:.1} MiB |");
+        let [held, peak, desired, observed, index, tracker] = measure(peers);
+        let sum = held + desired + observed + index + tracker;
+        let total = sum as f64 * f64::from(peers) / (1024.0 * 1024.0);
+        println!("| {peers} | {held} B | {peak} B | {desired} B | {observed} B | {index} B | {tracker} B | {total:.1} MiB |");
     }
 }

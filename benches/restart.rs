@@ -12,8 +12,8 @@
 //!   GATEHOUSE_BENCH_PEERS=100000 GATEHOUSE_BENCH_BACKENDS=kernel WGVM_MEM=8192 \
 //!       WGVM_TIMEOUT=14400 tests/vm/run-kernel-bench.sh restart
 //! `GATEHOUSE_BENCH_BACKENDS` (default `memory,kernel,userspace`) picks the backends:
-//! wireguard-go holds at most 65,536 peers, and the memory backend's model is quadratic
-//! in the peers on main (BENCHMARKS.md), so 100,000 is for the kernel alone.
+//! wireguard-go holds at most 65,536 peers, so 100,000 is for the kernel and memory
+//! backends.
 //!
 //! Prints a markdown table; `BENCHMARKS.md` records the figures with this command.
 

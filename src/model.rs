@@ -12,6 +12,9 @@ use base64::Engine as _;
 use ipnet::IpNet;
 use zeroize::Zeroize;
 
+mod allowed_ips;
+pub use allowed_ips::AllowedIps;
+
 /// A WireGuard public key. Shown in base64 (public keys are not secret).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key(pub [u8; 32]);
@@ -136,7 +139,7 @@ pub struct PeerSpec {
     pub public_key: Key,
     pub preshared_key: Option<SecretKey>,
     /// Normalized (host bits cleared), as the kernel stores them.
-    pub allowed_ips: BTreeSet<IpNet>,
+    pub allowed_ips: AllowedIps,
     /// Seconds, 0 = off.
     pub persistent_keepalive: u16,
     /// None: learned from the peer's packets (roaming); Some: enforced.

@@ -12,8 +12,11 @@ use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
+mod kernel;
+pub use kernel::{simulate, KernelModel};
+
 use crate::model::{
-    Desired, DeviceState, Key, LinkState, Observed, PeerSpec, PeerState, SecretKey,
+    AllowedIps, Desired, DeviceState, Key, LinkState, Observed, PeerSpec, SecretKey,
 };
 
 /// One change to make.
@@ -48,8 +51,25 @@ pub struct PeerUpdate {
     pub preshared_key: Option<Option<SecretKey>>,
     pub persistent_keepalive: Option<u16>,
     /// Replaces the whole allowed-IP list.
-    pub allowed_ips: Option<BTreeSet<IpNet>>,
+    pub allowed_ips: Option<AllowedIps>,
     pub endpoint: Option<SocketAddr>,
+}
+
+/// Sets the fields `update` names on `config`, as the kernel does for a peer it holds (the
+/// allowed IPs replace the old ones; who else held them is [`KernelModel`]'s business).
+pub fn update_config(config: &mut PeerSpec, update: &PeerUpdate) {
+    if let Some(psk) = &update.preshared_key {
+        config.preshared_key = psk.clone();
+    }
+    if let Some(k) = update.persistent_keepalive {
+        config.persistent_keepalive = k;
+    }
+    if let Some(ips) = &update.allowed_ips {
+        config.allowed_ips = ips.clone();
+    }
+    if let Some(e) = update.endpoint {
+        config.endpoint = Some(e);
+    }
 }
 
 impl PeerUpdate {
@@ -475,86 +495,6 @@ fn peer_update(want: &PeerSpec, have: &PeerSpec) -> Option<Step> {
     }
 }
 
-/// Applies a plan to an observed state as a WireGuard interface would: the model the
-/// in-memory backend runs on and the property test checks against.
-pub fn simulate(observed: &mut Observed, plan: &Plan) {
-    for step in &plan.steps {
-        match &step.op {
-            Op::CreateLink => {
-                observed.link = Some(LinkState {
-                    mtu: 1420,
-                    up: false,
-                    addresses: BTreeSet::new(),
-                });
-                observed.device = DeviceState::default();
-            }
-            Op::SetMtu(mtu) => link_mut(observed).mtu = *mtu,
-            Op::SetLinkUp => link_mut(observed).up = true,
-            Op::AddAddress(a) => {
-                link_mut(observed).addresses.insert(*a);
-            }
-            Op::RemoveAddress(a) => {
-                link_mut(observed).addresses.remove(a);
-            }
-            Op::ConfigureDevice(change) => {
-                let dev = &mut observed.device;
-                if let Some(k) = &change.private_key {
-                    dev.private_key = Some(k.clone());
-                }
-                if let Some(p) = change.listen_port {
-                    dev.listen_port = p;
-                }
-                if let Some(m) = change.fwmark {
-                    dev.fwmark = m;
-                }
-            }
-            Op::AddPeer(spec) => {
-                claim_allowed_ips(&mut observed.device, &spec.public_key, &spec.allowed_ips);
-                observed
-                    .device
-                    .peers
-                    .insert(spec.public_key, PeerState::fresh(spec.clone()));
-            }
-            Op::UpdatePeer(update) => {
-                if let Some(ips) = &update.allowed_ips {
-                    claim_allowed_ips(&mut observed.device, &update.public_key, ips);
-                }
-                if let Some(peer) = observed.device.peers.get_mut(&update.public_key) {
-                    let c = &mut peer.config;
-                    if let Some(psk) = &update.preshared_key {
-                        c.preshared_key = psk.clone();
-                    }
-                    if let Some(k) = update.persistent_keepalive {
-                        c.persistent_keepalive = k;
-                    }
-                    if let Some(ips) = &update.allowed_ips {
-                        c.allowed_ips = ips.clone();
-                    }
-                    if let Some(e) = update.endpoint {
-                        c.endpoint = Some(e);
-                    }
-                }
-            }
-            Op::RemovePeer(key) => {
-                observed.device.peers.remove(key);
-            }
-        }
-    }
-}
-
-/// The kernel keeps each allowed IP on one peer: giving it to `owner` takes it from others.
-fn claim_allowed_ips(device: &mut DeviceState, owner: &Key, ips: &BTreeSet<IpNet>) {
-    for (key, peer) in device.peers.iter_mut() {
-        if key != owner {
-            peer.config.allowed_ips.retain(|ip| !ips.contains(ip));
-        }
-    }
-}
-
-fn link_mut(observed: &mut Observed) -> &mut LinkState {
-    observed.link.get_or_insert_with(LinkState::default)
-}
-
 fn step(op: Op, reason: Reason) -> Step {
     Step {
         op,
@@ -587,7 +527,7 @@ fn secret_label(key: Option<&SecretKey>) -> &'static str {
     }
 }
 
-fn join(ips: &BTreeSet<IpNet>) -> String {
+fn join(ips: &AllowedIps) -> String {
     if ips.is_empty() {
         return "<none>".into();
     }
@@ -600,7 +540,7 @@ fn join(ips: &BTreeSet<IpNet>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::InterfaceSpec;
+    use crate::model::{InterfaceSpec, PeerState};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -771,7 +711,7 @@ mod tests {
             .prop_map(move |(ips, psk, ka, ep)| PeerSpec {
                 public_key: key(k),
                 preshared_key: psk.map(|b| SecretKey::new([b; 32])),
-                allowed_ips: ips,
+                allowed_ips: ips.into(),
                 persistent_keepalive: ka,
                 endpoint: ep,
             })

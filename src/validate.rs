@@ -139,7 +139,7 @@ pub(crate) fn peer_spec(p: &rules::CheckedPeer) -> (PeerSpec, PeerMeta) {
     let spec = PeerSpec {
         public_key: key,
         preshared_key: p.preshared_key.as_ref().map(|k| SecretKey::new(k.0)),
-        allowed_ips: p.allowed_ips.clone(),
+        allowed_ips: p.allowed_ips.iter().copied().collect(),
         persistent_keepalive: p.persistent_keepalive,
         endpoint: p.endpoint,
     };

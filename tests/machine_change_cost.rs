@@ -14,6 +14,7 @@ use gatehouse::agent::steps::nothing_failed;
 use gatehouse::backend::Backend as _;
 use gatehouse::firewall::nft;
 use gatehouse::model::Observed;
+use gatehouse::plan::KernelModel;
 use gatehouse_proto::v1;
 use machine_sim::*;
 use std::time::{Duration, Instant};
@@ -38,7 +39,8 @@ fn wpeer(n: u32) -> v1::Peer {
 }
 
 struct X {
-    obs: Observed,
+    /// The interface, applied to as the kernel would (O(k log N) per apply).
+    obs: KernelModel,
     rev: u64,
     /// The driver's firewall step over nftables kept in memory, and its time.
     fw: FirewallStep,
@@ -71,9 +73,9 @@ impl gatehouse::agent::firewall::Tables for Tables {
 
 fn exec(x: &mut X, a: Action) -> Option<Outcome> {
     Some(match a {
-        Action::Read { .. } => Outcome::Read(Ok(x.obs.clone())),
+        Action::Read { .. } => Outcome::Read(Ok(Observed::clone(&x.obs))),
         Action::Apply { plan, .. } => {
-            apply_fast(&mut x.obs, &plan);
+            x.obs.apply(&plan);
             Outcome::Applied {
                 applied: plan,
                 outcomes: nothing_failed(),
@@ -105,32 +107,6 @@ fn exec(x: &mut X, a: Action) -> Option<Outcome> {
         Action::ClearSourceRoutes => Outcome::RoutesCleared(Ok(())),
         _ => return None,
     })
-}
-
-/// The executor's interface model: adds and removals inserted directly (`plan::simulate`
-/// scans every peer per added peer, which makes the set-up quadratic at 100,000), the rest
-/// simulated. Not counted in the measured time.
-fn apply_fast(obs: &mut Observed, plan: &gatehouse::plan::Plan) {
-    use gatehouse::plan::Op;
-    for step in &plan.steps {
-        match &step.op {
-            Op::AddPeer(spec) => {
-                obs.device.peers.insert(
-                    spec.public_key,
-                    gatehouse::model::PeerState::fresh(spec.clone()),
-                );
-            }
-            Op::RemovePeer(key) => {
-                obs.device.peers.remove(key);
-            }
-            _ => gatehouse::plan::simulate(
-                obs,
-                &gatehouse::plan::Plan {
-                    steps: vec![step.clone()],
-                },
-            ),
-        }
-    }
 }
 
 /// The policy of the firewall variant: a default drop and a few rules.
@@ -173,9 +149,11 @@ fn measure(n: u32, firewall: Option<v1::FirewallPolicy>) {
     let now = sim.now();
     let mut m = Machine::new(settings(), "gw".into(), None, None, vec![], 1, now);
     let mut x = X {
-        obs: gatehouse::backend::memory::MemoryBackend::new("wgsim0")
-            .observe()
-            .unwrap(),
+        obs: KernelModel::new(
+            gatehouse::backend::memory::MemoryBackend::new("wgsim0")
+                .observe()
+                .unwrap(),
+        ),
         rev: 1,
         fw: FirewallStep::new(
             "wgsim0",

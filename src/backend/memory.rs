@@ -1,5 +1,5 @@
-//! An in-memory interface for tests: the plan is executed with [`crate::plan::simulate`],
-//! the WireGuard model the property test checks. Clones share one interface, so a test can
+//! An in-memory interface for tests: the plan is executed on a [`KernelModel`], the
+//! WireGuard model the property tests check (O(k log N) for an apply of k peer changes). Clones share one interface, so a test can
 //! keep a handle, inspect what the agent did and change the "kernel" behind its back, and
 //! make any phase of an apply fail (fault injection). Takeover kicks set the endpoint,
 //! restart a re-created peer's counters and handshake, and are recorded for the test.
@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{Backend, BackendError, Kick, PeerLimit, WriteCounters};
 use crate::model::{Observed, PeerState};
-use crate::plan::{simulate, Op, Phase, Plan};
+use crate::plan::{KernelModel, Op, Phase, Plan};
 
 /// A shared simulated interface.
 #[derive(Clone, Debug)]
@@ -20,7 +20,7 @@ pub struct MemoryBackend {
 
 #[derive(Debug, Default)]
 struct Inner {
-    state: Observed,
+    state: KernelModel,
     counters: WriteCounters,
     applied: Vec<Op>,
     fail_next: Option<String>,
@@ -44,12 +44,12 @@ impl MemoryBackend {
 
     /// The interface as it is now.
     pub fn state(&self) -> Observed {
-        self.lock().state.clone()
+        Observed::clone(&self.lock().state)
     }
 
     /// Changes the interface behind the agent's back (drift, traffic, handshakes).
     pub fn modify(&self, f: impl FnOnce(&mut Observed)) {
-        f(&mut self.lock().state)
+        self.lock().state.modify(f)
     }
 
     /// Every operation applied so far, in order.
@@ -112,7 +112,7 @@ impl Backend for MemoryBackend {
     }
 
     fn observe(&mut self) -> Result<Observed, BackendError> {
-        Ok(self.lock().state.clone())
+        Ok(Observed::clone(&self.lock().state))
     }
 
     fn apply(&mut self, plan: &Plan) -> Result<(), BackendError> {
@@ -135,7 +135,7 @@ impl Backend for MemoryBackend {
         }
         if let Some(limit) = inner.peer_limit {
             let mut next = inner.state.clone();
-            simulate(&mut next, plan);
+            next.apply(plan);
             if next.device.peers.len() > limit.max {
                 return Err(BackendError::Operation {
                     op: "apply".into(),
@@ -143,7 +143,7 @@ impl Backend for MemoryBackend {
                 });
             }
         }
-        simulate(&mut inner.state, plan);
+        inner.state.apply(plan);
         let mut device_ops = 0;
         for step in &plan.steps {
             match step.op.phase() {
@@ -167,7 +167,7 @@ impl Backend for MemoryBackend {
     }
 
     fn remove(&mut self) -> Result<(), BackendError> {
-        self.lock().state = Observed::default();
+        self.lock().state = KernelModel::default();
         Ok(())
     }
 
@@ -182,15 +182,18 @@ impl Backend for MemoryBackend {
                 message,
             });
         }
-        for kick in kicks {
-            let Some(peer) = inner.state.device.peers.get_mut(&kick.peer.public_key) else {
-                continue;
-            };
-            if kick.recreate {
-                *peer = PeerState::fresh(kick.peer.clone());
+        // A re-created peer may come back with other allowed IPs: re-indexed once per call.
+        inner.state.modify(|state| {
+            for kick in kicks {
+                let Some(peer) = state.device.peers.get_mut(&kick.peer.public_key) else {
+                    continue;
+                };
+                if kick.recreate {
+                    *peer = PeerState::fresh(kick.peer.clone());
+                }
+                peer.config.endpoint = Some(kick.endpoint);
             }
-            peer.config.endpoint = Some(kick.endpoint);
-        }
+        });
         inner.counters.device_writes += 1;
         inner.kicks.push(kicks.to_vec());
         Ok(())

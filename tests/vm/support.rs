@@ -171,7 +171,11 @@ pub fn assert_dump_matches(dump: &Dump, want: &Desired) {
     );
     for (key, w) in &want.peers {
         let h = &dump.peers[key];
-        assert_eq!(h.allowed_ips, w.allowed_ips, "allowed IPs of {key}");
+        assert_eq!(
+            h.allowed_ips,
+            std::collections::BTreeSet::from(&w.allowed_ips),
+            "allowed IPs of {key}"
+        );
         assert_eq!(
             h.preshared_key,
             w.preshared_key.as_ref().map(|k| k.expose_base64()),

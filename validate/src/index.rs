@@ -86,10 +86,10 @@ struct NetPeers<'a> {
 impl LocationIndex {
     /// The index of a valid location: `own_key` is the interface's public key, `peers` the
     /// peers in the order of the location's list with their allowed IPs (canonical).
-    pub fn new<'a>(
+    pub fn new<'a, N: IntoIterator<Item = &'a IpNet> + Copy>(
         own_key: [u8; 32],
         addresses: impl IntoIterator<Item = &'a IpNet>,
-        peers: impl IntoIterator<Item = ([u8; 32], &'a BTreeSet<IpNet>)>,
+        peers: impl IntoIterator<Item = ([u8; 32], N)>,
     ) -> Self {
         let mut index = LocationIndex {
             own_key,
@@ -104,7 +104,7 @@ impl LocationIndex {
         let mut slots = Vec::new();
         let mut prefixes = Vec::new();
         for (at, (key, nets)) in peers.into_iter().enumerate() {
-            prefixes.extend(nets.iter().map(|n| (n.trunc(), key)));
+            prefixes.extend(nets.into_iter().map(|n| (n.trunc(), key)));
             slots.push((
                 key,
                 Slot {
@@ -423,8 +423,8 @@ impl LocationIndex {
 }
 
 /// A peer's prefixes, truncated, sorted and without duplicates.
-fn sorted(prefixes: &BTreeSet<IpNet>) -> Box<[IpNet]> {
-    let mut v: Vec<IpNet> = prefixes.iter().map(IpNet::trunc).collect();
+fn sorted<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> Box<[IpNet]> {
+    let mut v: Vec<IpNet> = prefixes.into_iter().map(IpNet::trunc).collect();
     v.sort_unstable();
     v.dedup();
     v.into_boxed_slice()

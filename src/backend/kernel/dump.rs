@@ -196,7 +196,7 @@ mod tests {
         assert_eq!(p1.config.preshared_key, None, "zero key means none");
         let p2 = &dev.peers[&Key([2; 32])];
         assert_eq!(p2.config.preshared_key, Some(SecretKey::new([6; 32])));
-        let want: std::collections::BTreeSet<IpNet> = ["10.1.0.0/24", "fd00::/64", "10.2.0.0/16"]
+        let want: crate::model::AllowedIps = ["10.1.0.0/24", "fd00::/64", "10.2.0.0/16"]
             .iter()
             .map(|s| s.parse().unwrap())
             .collect();

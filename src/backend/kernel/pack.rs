@@ -696,7 +696,7 @@ mod tests {
         assert_eq!(ips(p), vec![v4(5, 32)]);
 
         let all_ips_removed = PeerUpdate {
-            allowed_ips: Some(BTreeSet::new()),
+            allowed_ips: Some(crate::model::AllowedIps::new()),
             ..PeerUpdate {
                 public_key: key(9),
                 preshared_key: None,
@@ -773,7 +773,7 @@ mod tests {
                     "{limit}: {m:?}"
                 );
             }
-            let sent: BTreeSet<IpNet> = parsed
+            let sent: crate::model::AllowedIps = parsed
                 .iter()
                 .flat_map(peers_of)
                 .filter(|p| p[0] == WireguardPeerAttribute::PublicKey(key(1).0))

@@ -3,7 +3,6 @@
 //! transaction, [`parse_get`] turns a `get=1` answer into a [`DeviceState`], and
 //! [`parse_errno`] reads the answer to a `set`. Keys travel in hex.
 
-use std::collections::BTreeSet;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
@@ -335,7 +334,7 @@ fn encode_update(text: &mut String, update: &PeerUpdate) {
     }
 }
 
-fn encode_allowed_ips(text: &mut String, ips: &BTreeSet<IpNet>) {
+fn encode_allowed_ips(text: &mut String, ips: &crate::model::AllowedIps) {
     line(text, "replace_allowed_ips", "true");
     for ip in ips {
         line(text, "allowed_ip", ip);
@@ -603,7 +602,7 @@ mod tests {
 
         only_keepalive.persistent_keepalive = None;
         only_keepalive.preshared_key = Some(None);
-        only_keepalive.allowed_ips = Some(BTreeSet::new());
+        only_keepalive.allowed_ips = Some(crate::model::AllowedIps::new());
         let t = text(&encode_set(&[Op::UpdatePeer(only_keepalive)]).unwrap());
         assert!(
             t.contains(&format!("preshared_key={}\n", "0".repeat(64))),

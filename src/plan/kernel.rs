@@ -1,0 +1,193 @@
+//! The kernel's model of one WireGuard interface: what applying a plan does to it. The
+//! in-memory backend runs on it, the agent's state machine keeps its model of the interface
+//! with it, and the plan's property tests check against it.
+//!
+//! The rule that makes it more than field updates: each allowed IP belongs to one peer, and
+//! giving it to a peer (added or updated) takes it from whoever held it. The model keeps an
+//! index of who holds each allowed IP beside the interface, built once per read
+//! ([`KernelModel::new`]) and kept by each apply, so an apply of k peer changes costs
+//! O(k log N): a cold apply of 100,000 peers is not quadratic, and a one-peer change costs
+//! the same at 1,000 and at 100,000 peers.
+//!
+//! A read holds each allowed IP on at most one peer (the kernel's rule). For a hand-made state
+//! that breaks it, the index names the last holder in key order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Deref;
+
+use ipnet::IpNet;
+
+use super::{update_config, Op, Plan};
+use crate::model::{AllowedIps, DeviceState, Key, LinkState, Observed, PeerState};
+
+/// Who holds each allowed IP.
+type Owners = BTreeMap<IpNet, Key>;
+
+/// An interface with the owners of its allowed IPs. Read it as an [`Observed`] (`Deref`);
+/// change it with [`KernelModel::apply`] (or [`KernelModel::modify`], which re-indexes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelModel {
+    observed: Observed,
+    owners: Owners,
+}
+
+impl KernelModel {
+    /// The model of a read of the interface (O(N log N)).
+    pub fn new(observed: Observed) -> Self {
+        let owners = index(&observed.device);
+        KernelModel { observed, owners }
+    }
+
+    /// Applies `plan` as the interface would: O(k log N) for k peer operations.
+    pub fn apply(&mut self, plan: &Plan) {
+        for step in &plan.steps {
+            self.apply_op(&step.op);
+        }
+    }
+
+    /// The interface, without its index.
+    pub fn into_observed(self) -> Observed {
+        self.observed
+    }
+
+    /// Changes the interface outside a plan (drift, traffic, a test's hand-made state),
+    /// then rebuilds the index (O(N log N)).
+    pub fn modify<R>(&mut self, f: impl FnOnce(&mut Observed) -> R) -> R {
+        let out = f(&mut self.observed);
+        self.owners = index(&self.observed.device);
+        out
+    }
+
+    fn apply_op(&mut self, op: &Op) {
+        let observed = &mut self.observed;
+        match op {
+            Op::CreateLink => {
+                observed.link = Some(LinkState {
+                    mtu: 1420,
+                    up: false,
+                    addresses: BTreeSet::new(),
+                });
+                observed.device = DeviceState::default();
+                self.owners.clear();
+            }
+            Op::SetMtu(mtu) => link_mut(observed).mtu = *mtu,
+            Op::SetLinkUp => link_mut(observed).up = true,
+            Op::AddAddress(a) => {
+                link_mut(observed).addresses.insert(*a);
+            }
+            Op::RemoveAddress(a) => {
+                link_mut(observed).addresses.remove(a);
+            }
+            Op::ConfigureDevice(change) => {
+                let dev = &mut observed.device;
+                if let Some(k) = &change.private_key {
+                    dev.private_key = Some(k.clone());
+                }
+                if let Some(p) = change.listen_port {
+                    dev.listen_port = p;
+                }
+                if let Some(m) = change.fwmark {
+                    dev.fwmark = m;
+                }
+            }
+            Op::AddPeer(spec) => {
+                // A re-added key replaces the old entry: its old IPs are released first.
+                if let Some(old) = observed.device.peers.remove(&spec.public_key) {
+                    release(&mut self.owners, &spec.public_key, &old.config.allowed_ips);
+                }
+                claim(
+                    &mut self.owners,
+                    &mut observed.device,
+                    Some(&spec.public_key),
+                    &spec.allowed_ips,
+                );
+                observed
+                    .device
+                    .peers
+                    .insert(spec.public_key, PeerState::fresh(spec.clone()));
+            }
+            Op::UpdatePeer(update) => {
+                let key = &update.public_key;
+                let held = observed.device.peers.contains_key(key);
+                if let Some(ips) = &update.allowed_ips {
+                    // An update of a peer the interface does not hold still takes its IPs
+                    // from the others (and gives them to nobody).
+                    claim(
+                        &mut self.owners,
+                        &mut observed.device,
+                        held.then_some(key),
+                        ips,
+                    );
+                    if let Some(peer) = observed.device.peers.get(key) {
+                        let dropped: AllowedIps =
+                            peer.config.allowed_ips.difference(ips).copied().collect();
+                        release(&mut self.owners, key, &dropped);
+                    }
+                }
+                if let Some(peer) = observed.device.peers.get_mut(key) {
+                    update_config(&mut peer.config, update);
+                }
+            }
+            Op::RemovePeer(key) => {
+                if let Some(old) = observed.device.peers.remove(key) {
+                    release(&mut self.owners, key, &old.config.allowed_ips);
+                }
+            }
+        }
+    }
+}
+
+impl Deref for KernelModel {
+    type Target = Observed;
+
+    fn deref(&self) -> &Observed {
+        &self.observed
+    }
+}
+
+/// Applies a plan to an observed state as a WireGuard interface would (see the module doc).
+/// O(N log N) for the index; hold a [`KernelModel`] to apply plan after plan.
+pub fn simulate(observed: &mut Observed, plan: &Plan) {
+    let mut model = KernelModel::new(std::mem::take(observed));
+    model.apply(plan);
+    *observed = model.into_observed();
+}
+
+fn index(device: &DeviceState) -> Owners {
+    device
+        .peers
+        .iter()
+        .flat_map(|(k, p)| p.config.allowed_ips.iter().map(move |ip| (*ip, *k)))
+        .collect()
+}
+
+/// Gives `ips` to `owner` (to nobody if None), taking them from whoever held them.
+fn claim(owners: &mut Owners, device: &mut DeviceState, owner: Option<&Key>, ips: &AllowedIps) {
+    for ip in ips {
+        let prev = match owner {
+            Some(owner) => owners.insert(*ip, *owner),
+            None => owners.remove(ip),
+        };
+        if let Some(prev) = prev.filter(|prev| Some(prev) != owner) {
+            if let Some(p) = device.peers.get_mut(&prev) {
+                p.config.allowed_ips.remove(ip);
+            }
+        }
+    }
+}
+
+/// Forgets `ips` as held by `key` (where it still holds them).
+fn release(owners: &mut Owners, key: &Key, ips: &AllowedIps) {
+    for ip in ips {
+        if owners.get(ip) == Some(key) {
+            owners.remove(ip);
+        }
+    }
+}
+
+fn link_mut(observed: &mut Observed) -> &mut LinkState {
+    observed.link.get_or_insert_with(LinkState::default)
+}
+
+#[cfg(test)]
+mod tests;
