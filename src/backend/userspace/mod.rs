@@ -243,21 +243,28 @@ impl Backend for UserspaceBackend {
 
     fn observe(&mut self) -> Result<Observed, BackendError> {
         self.dead_process()?;
-        let answer =
-            match socket::transact(&self.socket_path(), b"get=1\n\n", self.config.uapi_timeout) {
-                Ok(answer) => answer,
-                Err(e) if self.process.is_none() && !self.wanted && is_absent(&e) => {
-                    return Ok(Observed::default())
-                }
-                Err(e) => {
-                    return Err(BackendError::Unavailable(format!(
-                        "wireguard-go for {} does not answer on {}: {e}",
-                        self.interface,
-                        self.socket_path().display()
-                    )))
-                }
-            };
-        let device = uapi::parse_get(&answer).map_err(|e| BackendError::Operation {
+        // Parsed as it arrives: the answer's text is never held whole.
+        let mut parser = uapi::GetParser::default();
+        let read = socket::transact_lines(
+            &self.socket_path(),
+            b"get=1\n\n",
+            self.config.uapi_timeout,
+            |line| parser.line(line),
+        );
+        match read {
+            Ok(()) => {}
+            Err(e) if self.process.is_none() && !self.wanted && is_absent(&e) => {
+                return Ok(Observed::default())
+            }
+            Err(e) => {
+                return Err(BackendError::Unavailable(format!(
+                    "wireguard-go for {} does not answer on {}: {e}",
+                    self.interface,
+                    self.socket_path().display()
+                )))
+            }
+        }
+        let device = parser.finish().map_err(|e| BackendError::Operation {
             op: format!("read WireGuard device {}", self.interface),
             message: e.to_string(),
         })?;

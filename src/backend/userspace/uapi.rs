@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
@@ -159,44 +160,88 @@ pub fn encode_kicks<'a>(kicks: impl IntoIterator<Item = &'a Kick> + Clone) -> Op
 
 /// Parses the answer to `get=1` (the `key=value` lines up to and including `errno=`).
 pub fn parse_get(answer: &str) -> Result<DeviceState, UapiError> {
-    let mut device = DeviceState::default();
-    let mut peer: Option<PeerBuilder> = None;
-    for (n, raw) in answer.lines().enumerate() {
-        let number = n + 1;
-        if raw.is_empty() {
-            continue;
+    let mut parser = GetParser::default();
+    for raw in answer.lines() {
+        if parser.line(raw).is_break() {
+            break;
         }
+    }
+    parser.finish()
+}
+
+/// The answer to `get=1` parsed line by line as it arrives, so that the whole answer (a
+/// few hundred bytes per peer) is never held as text beside the parsed device.
+#[derive(Default)]
+pub struct GetParser {
+    device: DeviceState,
+    peer: Option<PeerBuilder>,
+    lines: usize,
+    /// Set by the `errno=` line or the first malformed line: the answer is complete.
+    end: Option<Result<(), UapiError>>,
+}
+
+impl GetParser {
+    /// Feeds one line (without its newline). `Break` once the answer is complete (its
+    /// `errno=` line) or malformed: later lines are not read.
+    pub fn line(&mut self, raw: &str) -> ControlFlow<()> {
+        if self.end.is_some() {
+            return ControlFlow::Break(());
+        }
+        self.lines += 1;
+        if raw.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        if let Err(e) = self.take(raw) {
+            self.end = Some(Err(e));
+        }
+        match self.end {
+            Some(_) => ControlFlow::Break(()),
+            None => ControlFlow::Continue(()),
+        }
+    }
+
+    fn take(&mut self, raw: &str) -> Result<(), UapiError> {
+        let number = self.lines;
         let bad = |why: String| UapiError::Malformed { line: number, why };
         let (key, value) = raw
             .split_once('=')
             .ok_or_else(|| bad("no '=' in line".into()))?;
         match key {
             "errno" => {
-                if let Some(p) = peer.take() {
-                    let p = p.build();
-                    device.peers.insert(p.config.public_key, p);
-                }
-                let code = parse_errno_value(value).map_err(&bad)?;
-                return match code {
-                    0 => Ok(device),
+                self.end_peer();
+                self.end = Some(match parse_errno_value(value).map_err(bad)? {
+                    0 => Ok(()),
                     code => Err(UapiError::Errno(code)),
-                };
+                });
             }
             "public_key" => {
-                if let Some(p) = peer.take() {
-                    let p = p.build();
-                    device.peers.insert(p.config.public_key, p);
-                }
-                let key = parse_key(value).map_err(&bad)?;
-                peer = Some(PeerBuilder::new(Key(key)));
+                self.end_peer();
+                let key = parse_key(value).map_err(bad)?;
+                self.peer = Some(PeerBuilder::new(Key(key)));
             }
-            _ => match peer.as_mut() {
-                None => parse_device_line(&mut device, key, value).map_err(bad)?,
+            _ => match self.peer.as_mut() {
+                None => parse_device_line(&mut self.device, key, value).map_err(bad)?,
                 Some(p) => p.line(key, value).map_err(bad)?,
             },
         }
+        Ok(())
     }
-    Err(UapiError::Truncated)
+
+    fn end_peer(&mut self) {
+        if let Some(p) = self.peer.take() {
+            let p = p.build();
+            self.device.peers.insert(p.config.public_key, p);
+        }
+    }
+
+    /// The device, once the answer ended with `errno=0`.
+    pub fn finish(self) -> Result<DeviceState, UapiError> {
+        match self.end {
+            Some(Ok(())) => Ok(self.device),
+            Some(Err(e)) => Err(e),
+            None => Err(UapiError::Truncated),
+        }
+    }
 }
 
 /// Reads the answer to `set=1`: `Ok` for `errno=0`.
