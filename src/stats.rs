@@ -178,7 +178,9 @@ fn nonzero_epochs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<Key
     Ok(map)
 }
 
-/// The reported fields of one peer.
+/// The reported fields of one peer. The allowed IPs as an exact-size slice: one is kept
+/// per peer of the interface, and a set allocates a whole tree node for one or two
+/// prefixes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Reported {
     endpoint: Option<SocketAddr>,
@@ -186,7 +188,7 @@ struct Reported {
     tx_bytes: u64,
     last_handshake: Option<SystemTime>,
     epoch: u64,
-    allowed_ips: BTreeSet<IpNet>,
+    allowed_ips: Box<[IpNet]>,
 }
 
 impl Reported {
@@ -197,7 +199,7 @@ impl Reported {
             tx_bytes: p.tx_bytes,
             last_handshake: p.last_handshake,
             epoch,
-            allowed_ips: p.config.allowed_ips.clone(),
+            allowed_ips: p.config.allowed_ips.iter().copied().collect(),
         }
     }
 
@@ -207,7 +209,7 @@ impl Reported {
             && self.tx_bytes == p.tx_bytes
             && self.last_handshake == p.last_handshake
             && self.epoch == epoch
-            && self.allowed_ips == p.config.allowed_ips
+            && self.allowed_ips.iter().eq(p.config.allowed_ips.iter())
     }
 }
 
@@ -289,6 +291,27 @@ mod tests {
         assert_eq!(got[0].tx_bytes, 20);
         assert_eq!(got[0].allowed_ips, vec!["10.0.0.1/32".to_string()]);
         assert_eq!(got[0].last_handshake_ms, 0);
+    }
+
+    #[test]
+    fn an_allowed_ip_change_alone_is_reported() {
+        let mut ps = peers(3);
+        let epochs = Epochs::new();
+        let mut t = StatsTracker::new();
+        t.changed(&ps, &epochs);
+        let extra: IpNet = "fd00::1/128".parse().unwrap();
+        ps.get_mut(&key(2))
+            .unwrap()
+            .config
+            .allowed_ips
+            .insert(extra);
+        let got = t.changed(&ps, &epochs);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0].allowed_ips,
+            vec!["10.0.0.2/32".to_string(), "fd00::1/128".into()]
+        );
+        assert!(t.changed(&ps, &epochs).is_empty());
     }
 
     #[test]
