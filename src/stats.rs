@@ -5,7 +5,7 @@
 //!
 //! Pure: the caller reads the interface and sends the messages.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU64;
 use std::time::SystemTime;
@@ -215,6 +215,7 @@ impl Reported {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
     use std::time::Duration;
 
     use rand::SeedableRng;
