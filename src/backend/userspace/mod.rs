@@ -4,7 +4,9 @@
 //! - The plan's `CreateLink` starts wireguard-go (or adopts one that already answers on
 //!   the interface's socket). Link operations (MTU, up, addresses) go through
 //!   [`crate::backend::link`] to the TUN device wireguard-go created; device and peer
-//!   operations become one UAPI `set` transaction per apply (one `device_writes`).
+//!   operations become one UAPI `set` transaction per apply (one `device_writes`), peer
+//!   operations split into transactions of at most [`SET_BATCH_PEERS`] peers (a cold
+//!   apply of 50,000 peers is 25 transactions, not one 20 MB request).
 //! - [`Backend::check`] restarts a wireguard-go that died and re-creates nothing else:
 //!   the agent's next reconcile observes the empty device and re-applies everything.
 //! - Dropping the backend leaves wireguard-go running, so the tunnel and its peers
@@ -28,6 +30,11 @@ use crate::model::Observed;
 use crate::plan::{Op, Plan};
 use process::{LogFollower, Process};
 use uapi::UapiError;
+
+/// Most peer operations in one UAPI `set` transaction (about 400 bytes of text each): the
+/// request of a cold apply is built and sent in pieces of this size, so its text is never
+/// whole in memory.
+pub const SET_BATCH_PEERS: usize = 2048;
 
 /// Where wireguard-go puts its UAPI sockets (compiled into wireguard-go).
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/wireguard";
@@ -314,10 +321,19 @@ impl Backend for UserspaceBackend {
         // Peers first, device settings (key, port, fwmark) in their own transaction after
         // them: wireguard-go stops a transaction at its first error, and a taken listen
         // port must not keep peer changes (revocations) from the interface.
+        // The peers in batches, in order; the first failing batch stops the rest, as
+        // wireguard-go stops one transaction at its first error.
         let ops = || plan.steps.iter().map(|s| &s.op);
-        let peers = uapi::encode_set(ops().filter(|op| !matches!(op, Op::ConfigureDevice(_))));
+        let peers: Vec<&Op> = ops()
+            .filter(|op| matches!(op, Op::AddPeer(_) | Op::UpdatePeer(_) | Op::RemovePeer(_)))
+            .collect();
+        for batch in peers.chunks(SET_BATCH_PEERS) {
+            if let Some(request) = uapi::encode_set(batch.iter().copied()) {
+                self.set(&request)?;
+            }
+        }
         let device = uapi::encode_set(ops().filter(|op| matches!(op, Op::ConfigureDevice(_))));
-        for request in [peers, device].into_iter().flatten() {
+        if let Some(request) = device {
             self.set(&request)?;
         }
         Ok(())
