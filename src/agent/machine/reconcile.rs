@@ -265,6 +265,8 @@ impl Machine {
             wall,
         );
         self.ha.book.observe_here(&observed.device.peers, wall);
+        // The model this read replaces is dropped before the new index is built.
+        self.model = None;
         self.model = Some(super::model::Model::new(observed));
         Ok(())
     }
