@@ -14,7 +14,12 @@
 //! `GATEHOUSE_BENCH_CHANGES` (default 20), `GATEHOUSE_BENCH_POLL_MS` (default 5),
 //! `GATEHOUSE_BENCH_BACKEND` (`userspace`, default; `kernel` in the VM),
 //! `GATEHOUSE_BENCH_RESYNC_SECS` (default 120: a failed apply is retried by the next
-//! resync; the stats interval is an hour, so no stats read lands among the changes).
+//! resync), `GATEHOUSE_BENCH_STATS_SECS` (default 3600, so no stats read lands among the
+//! changes), `GATEHOUSE_BENCH_SETTLE_SECS` (default 0: how long the agent runs after the
+//! changes before its peak RSS is read, so that stats and resync ticks count in it),
+//! `GATEHOUSE_BENCH_AGENT_ENV` (`NAME=VALUE;NAME=VALUE`, set for the agent process only:
+//! a profiler's `LD_PRELOAD`, `GATEHOUSE_*` settings). "VmHWM cold" is the peak after the
+//! cold apply, "VmHWM" the peak at the end.
 //! Prints a markdown table and, with two sizes or more, the ratio of the medians
 //! (largest size / smallest). Resolution: the poll interval plus one `/status` call.
 
@@ -47,6 +52,7 @@ struct Row {
     /// The admin call alone (the Core's share of each change).
     calls: Vec<Duration>,
     writes_per_change: f64,
+    vm_hwm_cold_kib: u64,
     vm_hwm_kib: u64,
     stats_entries: u64,
 }
@@ -99,7 +105,21 @@ async fn start_agent(site: &mut Site, backend: &str) {
     }
     let text = toml::to_string(&config).expect("render");
     std::fs::write(&site.paths.config, text).expect("write the agent configuration");
-    site.agent = Some(AgentProcess::spawn(&site.paths));
+    site.agent = Some(AgentProcess::spawn_with_env(&site.paths, &agent_env()));
+}
+
+/// `GATEHOUSE_BENCH_AGENT_ENV`: `NAME=VALUE` pairs separated by `;`.
+fn agent_env() -> Vec<(String, String)> {
+    setting("GATEHOUSE_BENCH_AGENT_ENV", String::new())
+        .split(';')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (k, v) = p
+                .split_once('=')
+                .expect("GATEHOUSE_BENCH_AGENT_ENV: NAME=VALUE pairs");
+            (k.trim().to_string(), v.to_string())
+        })
+        .collect()
 }
 
 async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
@@ -114,7 +134,7 @@ async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
         ids.extend(added.into_iter().map(|p| p.id));
     }
     let revision = site.revision().await;
-    site.options.stats_interval = Duration::from_secs(3600);
+    site.options.stats_interval = Duration::from_secs(setting("GATEHOUSE_BENCH_STATS_SECS", 3600));
     site.options.resync_interval = Duration::from_secs(setting("GATEHOUSE_BENCH_RESYNC_SECS", 120));
     site.options.log_level = "warn".into();
     let started = Instant::now();
@@ -124,6 +144,8 @@ async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
     })
     .await;
     let cold = started.elapsed();
+    let pid = site.agent.as_ref().expect("the agent runs").pid();
+    let vm_hwm_cold = vm_hwm_kib(pid);
     eprintln!("change bench: {peers} peers applied by the agent in {cold:?}");
 
     // The peer in the middle of the key order, its keepalive toggled 0 -> 25 -> 0 ...
@@ -160,7 +182,11 @@ async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let after = site.status().await;
-    let pid = site.agent.as_ref().expect("the agent runs").pid();
+    let settle = Duration::from_secs(setting("GATEHOUSE_BENCH_SETTLE_SECS", 0));
+    if !settle.is_zero() {
+        eprintln!("change bench: {peers} peers, the agent runs {settle:?} more (ticks)");
+        tokio::time::sleep(settle).await;
+    }
     let vm_hwm = vm_hwm_kib(pid);
     let stats_entries = site
         .gateway_in_core()
@@ -174,6 +200,7 @@ async fn measure(mut site: Site, peers: usize, backend: &str) -> Row {
         changes: times,
         calls,
         writes_per_change: (after.device_writes - before.device_writes) as f64 / changes as f64,
+        vm_hwm_cold_kib: vm_hwm_cold,
         vm_hwm_kib: vm_hwm,
         stats_entries,
     }
@@ -203,11 +230,11 @@ fn main() {
     println!(
         "\nOne-peer change, admin call to revision applied ({backend} backend, {changes} changes each)\n"
     );
-    println!("| peers | cold apply via agent | median | min | p90 | max | device writes per change | agent VmHWM | stats entries at the Core | admin call alone (median) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| peers | cold apply via agent | median | min | p90 | max | device writes per change | agent VmHWM cold | agent VmHWM | stats entries at the Core | admin call alone (median) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.0} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} | {:.1} MiB | {} | {:.1} ms |",
+            "| {} | {:.0} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} | {:.1} MiB | {:.1} MiB | {} | {:.1} ms |",
             r.peers,
             ms(r.cold),
             ms(r.quantile(0.5)),
@@ -215,6 +242,7 @@ fn main() {
             ms(r.quantile(0.9)),
             ms(r.quantile(1.0)),
             r.writes_per_change,
+            r.vm_hwm_cold_kib as f64 / 1024.0,
             r.vm_hwm_kib as f64 / 1024.0,
             r.stats_entries,
             ms(quantile(&r.calls, 0.5))

@@ -283,6 +283,27 @@ mod tests {
     }
 
     #[test]
+    fn an_allowed_ip_change_alone_is_reported() {
+        let mut ps = peers(3);
+        let epochs = Epochs::new();
+        let mut t = StatsTracker::new();
+        t.changed(&ps, &epochs);
+        let extra: IpNet = "fd00::1/128".parse().unwrap();
+        ps.get_mut(&key(2))
+            .unwrap()
+            .config
+            .allowed_ips
+            .insert(extra);
+        let got = t.changed(&ps, &epochs);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0].allowed_ips,
+            vec!["10.0.0.2/32".to_string(), "fd00::1/128".into()]
+        );
+        assert!(t.changed(&ps, &epochs).is_empty());
+    }
+
+    #[test]
     fn epoch_change_and_reappearance_are_reported() {
         let ps = peers(2);
         let mut epochs = Epochs::new();

@@ -545,6 +545,27 @@ fn after_a_failed_apply_the_next_change_reads_first() {
     assert!(sim.core.applied.last().unwrap().error.is_none());
 }
 
+/// A stats tick reports what its read shows: every peer first on a stream, then only the
+/// peers whose counters moved, and nothing when none did.
+#[test]
+fn a_stats_tick_reports_the_changed_peers_of_its_read() {
+    let mut s = settings();
+    s.stats_interval = 10 * S;
+    let mut sim = Sim::new(s);
+    sim.core
+        .publish(location(vec![peer(1, 1), peer(2, 2), peer(3, 3)], None));
+    sim.start();
+    sim.connect();
+    sim.advance(10 * S);
+    assert_eq!(sim.core.stats_peers, vec![vec![key(1), key(2), key(3)]]);
+    sim.active.insert(key(2));
+    sim.advance(10 * S);
+    assert_eq!(sim.core.stats_peers[1..], [vec![key(2)]]);
+    sim.active.clear();
+    sim.advance(10 * S);
+    assert_eq!(sim.core.stats_peers.len(), 2, "nothing moved: no message");
+}
+
 #[test]
 fn timers_due_together_share_one_read() {
     let mut s = settings();

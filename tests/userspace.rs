@@ -273,6 +273,50 @@ fn tunnel_lifecycle_with_real_wireguard_go() {
     assert!(!Path::new(&format!("/var/run/wireguard/{}.sock", lab.gw_if)).exists());
 }
 
+/// Peer `i` of a large location: a distinct public key (any 32 bytes not of low order)
+/// and one /32 in 10.120.0.0/14.
+fn many_peer(i: u32) -> PeerSpec {
+    let mut key = [7u8; 32];
+    key[..4].copy_from_slice(&i.to_le_bytes());
+    let ip = format!("10.{}.{}.{}/32", 120 + (i >> 16), (i >> 8) & 255, i & 255);
+    PeerSpec::new(Key(key), [net(&ip)])
+}
+
+/// A cold apply of more peers than one UAPI transaction carries goes in batches (the
+/// request is never built whole), all of it lands, and the read of them all (parsed as
+/// it arrives, over many socket reads) plans nothing afterwards.
+#[test]
+#[ignore = "needs root, wireguard-go and wg; run tests/netns/run-root-tests.sh"]
+fn a_cold_apply_of_thousands_of_peers_goes_in_batches_and_reads_back_whole() {
+    use gatehouse::backend::userspace::SET_BATCH_PEERS;
+    let lab = Lab::new();
+    let mut b = lab.backend();
+    let n = 2 * SET_BATCH_PEERS as u32 + 100;
+    let mut peers: Vec<PeerSpec> = (0..n).map(many_peer).collect();
+    peers.push(lab.client_peer());
+    let desired = lab.desired(peers);
+    reconcile(&mut b, &desired);
+    let _guard = PidGuard(b.pid());
+    assert_eq!(
+        b.counters().device_writes,
+        3 + 1,
+        "{} peer operations in batches of {SET_BATCH_PEERS}, then the device settings",
+        n + 1
+    );
+    let observed = b.observe().expect("observe");
+    assert_eq!(observed.device.peers.len(), n as usize + 1);
+    for (key, spec) in &desired.peers {
+        assert_eq!(
+            observed.device.peers[key].config.allowed_ips, spec.allowed_ips,
+            "{key}"
+        );
+    }
+    let again = plan(&desired, &observed);
+    assert!(again.is_empty(), "converged: {again:?}");
+    assert!(lab.tunnel_works(5), "the client among them still works");
+    b.remove().unwrap();
+}
+
 #[test]
 #[ignore = "needs root, wireguard-go and wg; run tests/netns/run-root-tests.sh"]
 fn a_new_backend_adopts_a_running_wireguard_go_without_churn() {

@@ -123,6 +123,12 @@ impl AgentProcess {
     /// appended to `paths.log`, without any `GATEHOUSE_*` variable of the test's own
     /// environment.
     pub fn spawn(paths: &AgentPaths) -> AgentProcess {
+        Self::spawn_with_env(paths, &[])
+    }
+
+    /// [`AgentProcess::spawn`] with extra environment variables for the agent only (a
+    /// benchmark's `LD_PRELOAD` profiler, for one).
+    pub fn spawn_with_env(paths: &AgentPaths, env: &[(String, String)]) -> AgentProcess {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -142,6 +148,7 @@ impl AgentProcess {
                 cmd.env_remove(name);
             }
         }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().expect("start the gatehouse agent");
         AgentProcess {
             child: ChildGuard(child),

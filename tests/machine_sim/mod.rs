@@ -101,6 +101,8 @@ pub struct ScriptedCore {
     pub applied: Vec<v1::Applied>,
     pub snapshot_requests: usize,
     pub stats: usize,
+    /// The peers of each `Stats` message received, in order.
+    pub stats_peers: Vec<Vec<Key>>,
     /// Messages to the gateway not delivered yet.
     pub outbox: Vec<v1::CoreMessage>,
     /// Acks are sent (off: the Core stores events but its acks are lost).
@@ -153,7 +155,14 @@ impl ScriptedCore {
                 self.snapshot_requests += 1;
                 self.send_snapshot();
             }
-            Some(Out::Stats(_)) => self.stats += 1,
+            Some(Out::Stats(s)) => {
+                self.stats += 1;
+                let keys = s
+                    .peers
+                    .iter()
+                    .filter_map(|p| Key::from_slice(&p.public_key));
+                self.stats_peers.push(keys.collect());
+            }
             _ => {}
         }
     }

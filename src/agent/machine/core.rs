@@ -19,10 +19,11 @@ use super::{Action, Job, Machine, Now, SendMode};
 use crate::agent::client::message_kind;
 use crate::agent::status::{unix_ms, Rejected};
 use crate::location::{self, Update};
-use crate::model::{Key, Observed};
+use crate::model::Key;
 use crate::state::Record;
 use crate::stats::batches;
 use crate::validate::Rejection;
+use gatehouse_proto::v1::PeerStats;
 
 /// Peer events sent and not yet acknowledged, at most (a small part of the outbound queue).
 const EVENTS_IN_FLIGHT: usize = 1000;
@@ -436,11 +437,24 @@ impl Machine {
         self.send(messages, SendMode::Events(seqs));
     }
 
-    pub(super) fn send_stats(&mut self, observed: &Observed) {
+    /// The stats delta of the model just read: the peers whose counters changed since the
+    /// last report. None while no stream is up (the tracker keeps its baseline).
+    pub(super) fn stats_changed(&mut self) -> Option<Vec<PeerStats>> {
+        let model = self.model.as_ref()?;
+        self.stream_up
+            .then(|| self.stats.changed(&model.device.peers, &self.epochs))
+    }
+
+    /// Sends a stats delta taken by [`Machine::stats_changed`].
+    pub(super) fn send_stats(&mut self, changed: Option<Vec<PeerStats>>) {
+        let Some(peers) = changed else {
+            return;
+        };
         if !self.stream_up {
+            // The stream went down since the read: everything is reported next time.
+            self.stats.reset();
             return;
         }
-        let peers = self.stats.changed(&observed.device.peers, &self.epochs);
         let messages: Vec<_> = batches(peers, self.now.wall, STATS_MESSAGE_BYTES)
             .into_iter()
             .map(|s| v1::GatewayMessage {

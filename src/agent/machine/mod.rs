@@ -249,7 +249,9 @@ enum Job {
         then: Then,
     },
     ExpireMfa,
-    SendStats(Box<Observed>),
+    /// The peers whose counters changed since the last report (None: no stream up at the
+    /// read, nothing taken from the tracker).
+    SendStats(Option<Vec<v1::PeerStats>>),
     SendPendingEvents,
     CoreMessage(Box<v1::CoreMessage>),
     FlushDeltas,
@@ -649,7 +651,7 @@ impl Machine {
                 then,
             } => self.reconcile(trigger, read, save_first, then),
             Job::ExpireMfa => self.expire_mfa(),
-            Job::SendStats(observed) => self.send_stats(&observed),
+            Job::SendStats(changed) => self.send_stats(changed),
             Job::SendPendingEvents => self.send_pending_events(),
             Job::CoreMessage(msg) => self.on_message(*msg),
             Job::FlushDeltas => self.flush_deltas(),

@@ -72,12 +72,15 @@ pub(super) enum AfterRead {
 pub(super) struct ApplyCtx {
     trigger: String,
     plan: Plan,
-    /// The effective desired state, for the firewall; None for a scoped change (built only
-    /// if the firewall step needs it).
+    /// The effective desired state, for the firewall, when the plan needed a copy (MFA
+    /// tombstones or the offline policy took peers out); else built after the apply, when
+    /// the firewall step needs it.
     desired: Option<Desired>,
     /// A scoped change: its peers and their allowed IPs before the apply (the firewall
     /// step takes the difference).
     touched: Option<super::scope::Touched>,
+    /// A full plan: the firewall step runs (a scoped change may skip it).
+    full: bool,
     summary: PlanSummary,
     then: Then,
 }
@@ -170,9 +173,13 @@ impl Machine {
                 if let Some(model) = &self.model {
                     self.counts.kernel_peers = model.device.peers.len();
                 }
+                // The applied operations (a copy of every peer after a cold apply) go
+                // before the firewall step builds its desired state.
+                drop(applied);
+                let desired = self.firewall_desired(ctx.desired, ctx.full);
                 self.firewall(
                     ctx.trigger,
-                    ctx.desired,
+                    desired,
                     ctx.touched,
                     ctx.then,
                     None,
@@ -268,6 +275,8 @@ impl Machine {
             wall,
         );
         self.ha.book.observe_here(&observed.device.peers, wall);
+        // The model this read replaces is dropped before the new index is built.
+        self.model = None;
         self.model = Some(super::model::Model::new(observed));
         Ok(())
     }
@@ -300,8 +309,12 @@ impl Machine {
                         if mfa || stats {
                             self.spawn(Job::ExpireMfa);
                         }
-                        if let (true, Some(model)) = (stats, &self.model) {
-                            self.spawn(Job::SendStats(Box::new((**model).clone())));
+                        if stats {
+                            // The delta is taken from this read now (the MFA expiry
+                            // before the send may change the model): the changed peers'
+                            // counters, not a copy of the whole interface.
+                            let changed = self.stats_changed();
+                            self.spawn(Job::SendStats(changed));
                         }
                     }
                     Err(e) => warn!(error = %e, "cannot read the interface"),
@@ -406,18 +419,37 @@ impl Machine {
     pub(super) fn effective_desired(&mut self) -> Option<Desired> {
         let held = self.held.as_ref()?;
         let mut desired = held.valid.desired.clone();
-        let sessions: BTreeMap<Key, u64> = held
-            .valid
-            .meta
-            .iter()
-            .map(|(k, m)| (*k, m.mfa_session))
-            .collect();
-        self.tombstones.filter(&mut desired, &sessions);
+        if !self.tombstones.is_empty() {
+            let sessions: BTreeMap<Key, u64> = held
+                .valid
+                .meta
+                .iter()
+                .map(|(k, m)| (*k, m.mfa_session))
+                .collect();
+            self.tombstones.filter(&mut desired, &sessions);
+        }
         if self.offline_removed {
             desired.peers.clear();
         }
         self.counts.desired_peers = desired.peers.len();
         Some(desired)
+    }
+
+    /// Whether the desired state differs from the held location's: MFA tombstones or the
+    /// offline policy take peers out (a full plan needs its own copy only then).
+    fn desired_filtered(&self) -> bool {
+        !self.tombstones.is_empty() || self.offline_removed
+    }
+
+    /// The desired state for the firewall step after an apply: the plan's copy, or for a
+    /// full plan that planned on the held location itself, a copy made now (the plan's
+    /// operations are gone by then); None for a scoped change.
+    fn firewall_desired(&mut self, desired: Option<Desired>, full: bool) -> Option<Desired> {
+        match (desired, full) {
+            (Some(desired), _) => Some(desired),
+            (None, true) => self.effective_desired(),
+            (None, false) => None,
+        }
     }
 
     pub(super) fn mfa_policy(&self) -> MfaPolicy {
@@ -458,29 +490,38 @@ impl Machine {
     }
 
     fn plan_and_apply(&mut self, trigger: String, save_first: bool, then: Then) {
-        let (plan, desired, touched) = match self.take_scope(&then) {
+        let (plan, desired, touched, full) = match self.take_scope(&then) {
             // A change reached by deltas: only the peers they name.
             Some(keys) => match self.plan_scoped(&keys) {
                 Some(plan) => {
                     let touched = self.touched_before(keys);
-                    (plan, None, touched)
+                    (plan, None, touched, false)
                 }
                 None => return self.finish(then, Err("the interface is unknown".into())),
             },
             None => {
-                let Some(desired) = self.effective_desired() else {
+                // Planned on the held location itself unless peers are filtered out: no
+                // copy of every peer beside the plan's own.
+                let filtered = match self.desired_filtered() {
+                    true => self.effective_desired(),
+                    false => None,
+                };
+                let Some(held) = &self.held else {
                     return self.finish(then, Ok(PlanSummary::default()));
                 };
                 let Some(model) = &self.model else {
                     return self.finish(then, Err("the interface is unknown".into()));
                 };
+                let desired = filtered.as_ref().unwrap_or(&held.valid.desired);
+                self.counts.desired_peers = desired.peers.len();
                 // Peers beyond the backend's limit are refused, the rest applied.
-                let fitted = crate::peer_limit::fit(&desired, model, self.peer_limit);
-                let plan = plan(&fitted.desired, model);
-                let refused = fitted.refused;
+                let (plan, refused) = {
+                    let fitted = crate::peer_limit::fit(desired, model, self.peer_limit);
+                    (plan(&fitted.desired, model), fitted.refused)
+                };
                 self.refused_last = refused.is_some();
                 self.steps.record_peer_limit(refused.as_ref());
-                (plan, Some(desired), None)
+                (plan, filtered, None, true)
             }
         };
         self.counts.last_reconcile = Some(self.now.wall);
@@ -504,6 +545,7 @@ impl Machine {
             plan,
             desired,
             touched,
+            full,
             summary,
             then,
         };
@@ -524,9 +566,10 @@ impl Machine {
             // An empty plan still "runs": it clears the errors of steps that have nothing
             // left to do (the interface was repaired some other way).
             self.steps.record_all(nothing_failed());
+            let desired = self.firewall_desired(ctx.desired, ctx.full);
             return self.firewall(
                 ctx.trigger,
-                ctx.desired,
+                desired,
                 ctx.touched,
                 ctx.then,
                 None,

@@ -4,7 +4,10 @@
 //! - The plan's `CreateLink` starts wireguard-go (or adopts one that already answers on
 //!   the interface's socket). Link operations (MTU, up, addresses) go through
 //!   [`crate::backend::link`] to the TUN device wireguard-go created; device and peer
-//!   operations become one UAPI `set` transaction per apply (one `device_writes`).
+//!   operations become UAPI `set` transactions (one `device_writes` each): a new private
+//!   key first, the peer operations in transactions of at most [`SET_BATCH_PEERS`] peers
+//!   (a cold apply of 50,000 peers is 25 of them, not one 20 MB request), then the listen
+//!   port and fwmark ([`uapi::encode_transactions`]).
 //! - [`Backend::check`] restarts a wireguard-go that died and re-creates nothing else:
 //!   the agent's next reconcile observes the empty device and re-applies everything.
 //! - Dropping the backend leaves wireguard-go running, so the tunnel and its peers
@@ -28,6 +31,11 @@ use crate::model::Observed;
 use crate::plan::{Op, Plan};
 use process::{LogFollower, Process};
 use uapi::UapiError;
+
+/// Most peer operations in one UAPI `set` transaction (about 400 bytes of text each): the
+/// request of a cold apply is built and sent in pieces of this size, so its text is never
+/// whole in memory.
+pub const SET_BATCH_PEERS: usize = 2048;
 
 /// Where wireguard-go puts its UAPI sockets (compiled into wireguard-go).
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/wireguard";
@@ -243,21 +251,28 @@ impl Backend for UserspaceBackend {
 
     fn observe(&mut self) -> Result<Observed, BackendError> {
         self.dead_process()?;
-        let answer =
-            match socket::transact(&self.socket_path(), b"get=1\n\n", self.config.uapi_timeout) {
-                Ok(answer) => answer,
-                Err(e) if self.process.is_none() && !self.wanted && is_absent(&e) => {
-                    return Ok(Observed::default())
-                }
-                Err(e) => {
-                    return Err(BackendError::Unavailable(format!(
-                        "wireguard-go for {} does not answer on {}: {e}",
-                        self.interface,
-                        self.socket_path().display()
-                    )))
-                }
-            };
-        let device = uapi::parse_get(&answer).map_err(|e| BackendError::Operation {
+        // Parsed as it arrives: the answer's text is never held whole.
+        let mut parser = uapi::GetParser::default();
+        let read = socket::transact_lines(
+            &self.socket_path(),
+            b"get=1\n\n",
+            self.config.uapi_timeout,
+            |line| parser.line(line),
+        );
+        match read {
+            Ok(()) => {}
+            Err(e) if self.process.is_none() && !self.wanted && is_absent(&e) => {
+                return Ok(Observed::default())
+            }
+            Err(e) => {
+                return Err(BackendError::Unavailable(format!(
+                    "wireguard-go for {} does not answer on {}: {e}",
+                    self.interface,
+                    self.socket_path().display()
+                )))
+            }
+        }
+        let device = parser.finish().map_err(|e| BackendError::Operation {
             op: format!("read WireGuard device {}", self.interface),
             message: e.to_string(),
         })?;
@@ -304,9 +319,11 @@ impl Backend for UserspaceBackend {
                 }
             }
         }
-        // The key, the peers, then the port and fwmark (`uapi::encode_transactions`).
+        // The key, the peers in batches, then the port and fwmark
+        // (`uapi::encode_transactions`); the first failing transaction stops the rest, as
+        // wireguard-go stops one transaction at its first error.
         let ops: Vec<&Op> = plan.steps.iter().map(|s| &s.op).collect();
-        for request in uapi::encode_transactions(&ops) {
+        for request in uapi::encode_transactions(&ops, SET_BATCH_PEERS) {
             self.set(&request)?;
         }
         Ok(())

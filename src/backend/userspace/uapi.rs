@@ -5,6 +5,7 @@
 
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
@@ -54,23 +55,29 @@ pub enum UapiError {
 }
 
 /// A plan's device and peer operations as the ordered `set=1` transactions that apply
-/// them: the private key first, then the peers, then the listen port and fwmark.
+/// them: the private key first, then the peers in transactions of at most `batch`, then the
+/// listen port and fwmark. Built one at a time as the caller takes them, so a cold apply's
+/// text is never whole in memory.
 ///
 /// wireguard-go computes one static-static secret per peer when the private key changes:
-/// set before the peers of a cold apply it costs nothing (they compute theirs as they come,
-/// inside a streaming transaction), set after 50,000 peers it is one silent pass over all of
-/// them that can outlast the UAPI timeout. The port comes last, in its own transaction:
-/// wireguard-go stops a transaction at its first error, and a taken port must not keep peer
-/// changes (revocations) from the interface.
-pub fn encode_transactions(ops: &[&Op]) -> Vec<SetRequest> {
-    let device = |keep_key: bool| -> Vec<Op> {
-        ops.iter()
+/// set before the peers of a cold apply it costs nothing (they compute theirs as they come),
+/// set after 50,000 peers it is one silent pass over all of them that can outlast the UAPI
+/// timeout. The port comes last, in its own transaction: wireguard-go stops a transaction at
+/// its first error, and a taken port must not keep peer changes (revocations) from the
+/// interface.
+pub fn encode_transactions<'a>(
+    ops: &'a [&'a Op],
+    batch: usize,
+) -> impl Iterator<Item = SetRequest> + 'a {
+    let device = move |keep_key: bool| -> Option<SetRequest> {
+        let changes: Vec<Op> = ops
+            .iter()
             .filter_map(|op| match op {
                 Op::ConfigureDevice(c) => Some(c),
                 _ => None,
             })
             .map(|c| {
-                let change = if keep_key {
+                if keep_key {
                     DeviceChange {
                         private_key: c.private_key.clone(),
                         ..Default::default()
@@ -80,26 +87,26 @@ pub fn encode_transactions(ops: &[&Op]) -> Vec<SetRequest> {
                         private_key: None,
                         ..c.clone()
                     }
-                };
-                Op::ConfigureDevice(change)
+                }
             })
-            .filter(|op| !matches!(op, Op::ConfigureDevice(c) if *c == DeviceChange::default()))
-            .collect()
+            .filter(|c| *c != DeviceChange::default())
+            .map(Op::ConfigureDevice)
+            .collect();
+        encode_set(changes.iter())
     };
-    let key = device(true);
-    let rest = device(false);
-    let peers = ops
+    let peers: Vec<&'a Op> = ops
         .iter()
         .copied()
-        .filter(|op| !matches!(op, Op::ConfigureDevice(_)));
-    [
-        encode_set(key.iter()),
-        encode_set(peers),
-        encode_set(rest.iter()),
-    ]
-    .into_iter()
-    .flatten()
-    .collect()
+        .filter(|op| matches!(op, Op::AddPeer(_) | Op::UpdatePeer(_) | Op::RemovePeer(_)))
+        .collect();
+    let batch = batch.max(1);
+    let batches = (0..peers.len())
+        .step_by(batch)
+        .map(move |i| encode_set(peers[i..peers.len().min(i + batch)].iter().copied()));
+    std::iter::once_with(move || device(true))
+        .chain(batches)
+        .chain(std::iter::once_with(move || device(false)))
+        .flatten()
 }
 
 /// Encodes the device and peer operations of a plan, in order, as one `set=1`
@@ -207,44 +214,88 @@ pub fn encode_kicks<'a>(kicks: impl IntoIterator<Item = &'a Kick> + Clone) -> Op
 
 /// Parses the answer to `get=1` (the `key=value` lines up to and including `errno=`).
 pub fn parse_get(answer: &str) -> Result<DeviceState, UapiError> {
-    let mut device = DeviceState::default();
-    let mut peer: Option<PeerBuilder> = None;
-    for (n, raw) in answer.lines().enumerate() {
-        let number = n + 1;
-        if raw.is_empty() {
-            continue;
+    let mut parser = GetParser::default();
+    for raw in answer.lines() {
+        if parser.line(raw).is_break() {
+            break;
         }
+    }
+    parser.finish()
+}
+
+/// The answer to `get=1` parsed line by line as it arrives, so that the whole answer (a
+/// few hundred bytes per peer) is never held as text beside the parsed device.
+#[derive(Default)]
+pub struct GetParser {
+    device: DeviceState,
+    peer: Option<PeerBuilder>,
+    lines: usize,
+    /// Set by the `errno=` line or the first malformed line: the answer is complete.
+    end: Option<Result<(), UapiError>>,
+}
+
+impl GetParser {
+    /// Feeds one line (without its newline). `Break` once the answer is complete (its
+    /// `errno=` line) or malformed: later lines are not read.
+    pub fn line(&mut self, raw: &str) -> ControlFlow<()> {
+        if self.end.is_some() {
+            return ControlFlow::Break(());
+        }
+        self.lines += 1;
+        if raw.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        if let Err(e) = self.take(raw) {
+            self.end = Some(Err(e));
+        }
+        match self.end {
+            Some(_) => ControlFlow::Break(()),
+            None => ControlFlow::Continue(()),
+        }
+    }
+
+    fn take(&mut self, raw: &str) -> Result<(), UapiError> {
+        let number = self.lines;
         let bad = |why: String| UapiError::Malformed { line: number, why };
         let (key, value) = raw
             .split_once('=')
             .ok_or_else(|| bad("no '=' in line".into()))?;
         match key {
             "errno" => {
-                if let Some(p) = peer.take() {
-                    let p = p.build();
-                    device.peers.insert(p.config.public_key, p);
-                }
-                let code = parse_errno_value(value).map_err(&bad)?;
-                return match code {
-                    0 => Ok(device),
+                self.end_peer();
+                self.end = Some(match parse_errno_value(value).map_err(bad)? {
+                    0 => Ok(()),
                     code => Err(UapiError::Errno(code)),
-                };
+                });
             }
             "public_key" => {
-                if let Some(p) = peer.take() {
-                    let p = p.build();
-                    device.peers.insert(p.config.public_key, p);
-                }
-                let key = parse_key(value).map_err(&bad)?;
-                peer = Some(PeerBuilder::new(Key(key)));
+                self.end_peer();
+                let key = parse_key(value).map_err(bad)?;
+                self.peer = Some(PeerBuilder::new(Key(key)));
             }
-            _ => match peer.as_mut() {
-                None => parse_device_line(&mut device, key, value).map_err(bad)?,
+            _ => match self.peer.as_mut() {
+                None => parse_device_line(&mut self.device, key, value).map_err(bad)?,
                 Some(p) => p.line(key, value).map_err(bad)?,
             },
         }
+        Ok(())
     }
-    Err(UapiError::Truncated)
+
+    fn end_peer(&mut self) {
+        if let Some(p) = self.peer.take() {
+            let p = p.build();
+            self.device.peers.insert(p.config.public_key, p);
+        }
+    }
+
+    /// The device, once the answer ended with `errno=0`.
+    pub fn finish(self) -> Result<DeviceState, UapiError> {
+        match self.end {
+            Some(Ok(())) => Ok(self.device),
+            Some(Err(e)) => Err(e),
+            None => Err(UapiError::Truncated),
+        }
+    }
 }
 
 /// Reads the answer to `set=1`: `Ok` for `errno=0`.
@@ -517,7 +568,7 @@ mod tests {
             Op::RemovePeer(key(4)),
         ];
         let refs: Vec<&Op> = ops.iter().collect();
-        let texts: Vec<String> = encode_transactions(&refs).iter().map(text).collect();
+        let texts: Vec<String> = encode_transactions(&refs, 100).map(|r| text(&r)).collect();
         assert_eq!(texts.len(), 3, "{texts:?}");
         assert_eq!(
             texts[0],
@@ -527,9 +578,11 @@ mod tests {
         assert!(texts[1].contains(&format!("public_key={}\nremove=true", "04".repeat(32))));
         assert!(!texts[1].contains("private_key") && !texts[1].contains("listen_port"));
         assert_eq!(texts[2], "set=1\nlisten_port=51820\nfwmark=7\n\n");
-        let last = encode_transactions(&refs);
+        let last: Vec<SetRequest> = encode_transactions(&refs, 100).collect();
         assert_eq!(last[2].listen_port, Some(51820));
         assert_eq!(last[0].listen_port, None);
+        // In batches of one: the key, each peer operation, then the port.
+        assert_eq!(encode_transactions(&refs, 1).count(), 4);
     }
 
     #[test]
@@ -542,13 +595,13 @@ mod tests {
             Op::AddPeer(PeerSpec::new(key(2), [net("10.0.0.2/32")])),
         ];
         let refs: Vec<&Op> = ops.iter().collect();
-        let texts: Vec<String> = encode_transactions(&refs).iter().map(text).collect();
+        let texts: Vec<String> = encode_transactions(&refs, 100).map(|r| text(&r)).collect();
         assert_eq!(texts.len(), 2, "{texts:?}");
         assert!(texts[0].contains("public_key="));
         assert_eq!(texts[1], "set=1\nlisten_port=51821\n\n");
         let only_peers = [Op::RemovePeer(key(4))];
         let refs: Vec<&Op> = only_peers.iter().collect();
-        assert_eq!(encode_transactions(&refs).len(), 1);
+        assert_eq!(encode_transactions(&refs, 100).count(), 1);
     }
 
     #[test]
