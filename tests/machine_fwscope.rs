@@ -218,18 +218,18 @@ impl Rig {
     fn new() -> Rig {
         let now = Sim::new(settings()).now();
         let kernel = Arc::new(Mutex::new(Kernel::default()));
-        let step = FirewallStep::new(
-            IFACE,
-            FirewallSettings {
-                enabled: true,
-                masquerade: true,
-            },
-            Box::new(Fake(kernel.clone())),
-        );
+        let firewall = FirewallSettings {
+            enabled: true,
+            masquerade: true,
+        };
+        let step = FirewallStep::new(IFACE, firewall, Box::new(Fake(kernel.clone())));
         let obs = gatehouse::backend::memory::MemoryBackend::new(IFACE)
             .observe()
             .unwrap();
-        let m = Machine::new(settings(), "gw".into(), None, None, vec![], 1, now);
+        // The machine and its step share one `[firewall]` section, as in the agent.
+        let mut settings = settings();
+        settings.firewall = firewall;
+        let m = Machine::new(settings, "gw".into(), None, None, vec![], 1, now);
         let mut rig = Rig {
             m,
             obs,

@@ -79,11 +79,16 @@ fn merge_peer(
             WireguardPeerAttribute::RxBytes(n) => peer.rx_bytes = *n,
             WireguardPeerAttribute::TxBytes(n) => peer.tx_bytes = *n,
             WireguardPeerAttribute::AllowedIps(ips) => {
-                for ip in ips {
-                    let net = allowed_ip(ip)
-                        .map_err(|detail| DumpError::BadAllowedIp { peer: key, detail })?;
-                    peer.config.allowed_ips.insert(net);
-                }
+                // One attribute's prefixes added at once (a set grown by one insert per
+                // prefix would copy itself per prefix).
+                let nets = ips
+                    .iter()
+                    .map(|ip| {
+                        allowed_ip(ip)
+                            .map_err(|detail| DumpError::BadAllowedIp { peer: key, detail })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                peer.config.allowed_ips.extend(nets);
             }
             _ => {}
         }

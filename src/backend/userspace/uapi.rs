@@ -486,6 +486,9 @@ fn parse_endpoint(value: &str) -> Result<SocketAddr, String> {
 /// A peer being read, line by line.
 struct PeerBuilder {
     state: PeerState,
+    /// The `allowed_ip` lines, made a set once at the end (a set built by one insert per
+    /// line would copy itself per line: quadratic in a peer's prefixes).
+    allowed_ips: Vec<IpNet>,
     handshake_sec: u64,
     handshake_nsec: u32,
 }
@@ -494,6 +497,7 @@ impl PeerBuilder {
     fn new(key: Key) -> Self {
         PeerBuilder {
             state: PeerState::fresh(PeerSpec::new(key, [])),
+            allowed_ips: Vec::new(),
             handshake_sec: 0,
             handshake_nsec: 0,
         }
@@ -509,7 +513,7 @@ impl PeerBuilder {
                 let net: IpNet = value
                     .parse()
                     .map_err(|_| format!("allowed_ip {value:?} is not a CIDR"))?;
-                c.allowed_ips.insert(net.trunc());
+                self.allowed_ips.push(net.trunc());
             }
             "rx_bytes" => self.state.rx_bytes = parse_number(key, value)?,
             "tx_bytes" => self.state.tx_bytes = parse_number(key, value)?,
@@ -522,6 +526,7 @@ impl PeerBuilder {
     }
 
     fn build(mut self) -> PeerState {
+        self.state.config.allowed_ips = std::mem::take(&mut self.allowed_ips).into_iter().collect();
         if self.handshake_sec != 0 || self.handshake_nsec != 0 {
             // checked: absurd values from a misbehaving wireguard-go are "no handshake",
             // never an overflow panic in the event loop.
