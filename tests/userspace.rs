@@ -196,8 +196,8 @@ fn tunnel_lifecycle_with_real_wireguard_go() {
     assert!(b.pid().is_some());
     assert_eq!(
         b.counters().device_writes,
-        2,
-        "one UAPI set for all peer ops, one for the device settings after them"
+        3,
+        "the private key, then one UAPI set for all peer ops, then the port after them"
     );
     assert!(lab.tunnel_works(5), "ping through the tunnel");
     let shown = lab.gw.ip(&["addr", "show", "dev", &lab.gw_if]);
@@ -299,8 +299,8 @@ fn a_cold_apply_of_thousands_of_peers_goes_in_batches_and_reads_back_whole() {
     let _guard = PidGuard(b.pid());
     assert_eq!(
         b.counters().device_writes,
-        3 + 1,
-        "{} peer operations in batches of {SET_BATCH_PEERS}, then the device settings",
+        1 + 3 + 1,
+        "the private key, {} peer operations in batches of {SET_BATCH_PEERS}, then the port",
         n + 1
     );
     let observed = b.observe().expect("observe");
