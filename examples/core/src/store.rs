@@ -31,7 +31,7 @@ pub struct Store {
     /// Stored items the shared rules reject: reported, and left out of what is served.
     pub(crate) audit: Audit,
     /// Per location, the index a peer change is checked against (O(change)).
-    indexes: Indexes,
+    pub(crate) indexes: Indexes,
 }
 
 /// What a stats batch did.
@@ -368,7 +368,7 @@ impl Store {
         let added: Vec<pb::Peer> = rows.iter().filter_map(|r| r.desired(false)).collect();
         let (found, checked) = match self.indexes.check(location, &[], &added) {
             Outcome::Checked(found, checked) => (found, checked),
-            Outcome::Full => (cross_check(&tx, &loc, &ids)?, None),
+            Outcome::Full(checked) => (cross_check(&tx, &loc, &ids)?, checked),
         };
         found.only_peers().into_result(|k, field, stored| {
             let prefix = if item_prefix {
@@ -471,7 +471,7 @@ impl Store {
         let changed: Vec<pb::Peer> = new.desired(false).into_iter().collect();
         let (found, checked) = match self.indexes.check(location, &removed, &changed) {
             Outcome::Checked(found, checked) => (found, checked),
-            Outcome::Full => (cross_check(&tx, &loc, &[peer])?, None),
+            Outcome::Full(checked) => (cross_check(&tx, &loc, &[peer])?, checked),
         };
         found
             .only_peers()
