@@ -77,9 +77,9 @@ impl Indexes {
         location: u64,
         load: impl FnOnce() -> Result<(pb::Interface, Vec<pb::Peer>), E>,
     ) -> Result<(), E> {
-        if !self.held.contains_key(&location) {
+        if let std::collections::btree_map::Entry::Vacant(e) = self.held.entry(location) {
             let (interface, peers) = load()?;
-            self.held.insert(location, build(interface, peers));
+            e.insert(build(interface, peers));
         }
         Ok(())
     }
