@@ -14,6 +14,7 @@ mod http;
 mod hub;
 mod input;
 mod page;
+mod peer_index;
 mod relay;
 mod shared;
 mod stats;

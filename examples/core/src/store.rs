@@ -17,6 +17,7 @@ use crate::api;
 use crate::audit::{self, Audit};
 use crate::error::CoreError;
 use crate::page::Page;
+use crate::peer_index::{Indexes, Outcome};
 use crate::relay;
 use crate::stats::{self, CounterRun};
 use crate::validate;
@@ -29,6 +30,8 @@ pub struct Store {
     pub(crate) conn: Connection,
     /// Stored items the shared rules reject: reported, and left out of what is served.
     pub(crate) audit: Audit,
+    /// Per location, the index a peer change is checked against (O(change)).
+    pub(crate) indexes: Indexes,
 }
 
 /// What a stats batch did.
@@ -63,6 +66,7 @@ impl Store {
         let mut store = Store {
             conn,
             audit: Audit::default(),
+            indexes: Indexes::default(),
         };
         store.audit_all()?;
         Ok(store)
@@ -267,6 +271,8 @@ impl Store {
             }
         }
         let delta = bump(&tx, id, changes)?;
+        // The interface's key and addresses enter the peer check: rebuilt at the next one.
+        self.indexes.forget(id);
         tx.commit()?;
         let mut view = new.view();
         view.revision = delta.revision;
@@ -306,6 +312,8 @@ impl Store {
     ) -> Result<(Vec<api::PeerView>, pb::Delta)> {
         let tx = self.conn.transaction()?;
         let loc = load_location(&tx, location)?;
+        self.indexes
+            .prepare(location, || stored_location(&tx, &loc))?;
         let mut ids = Vec::with_capacity(peers.len());
         let mut request_ips = Vec::with_capacity(peers.len());
         {
@@ -356,25 +364,28 @@ impl Store {
                 request_ips.push(ips);
             }
         }
-        cross_check(&tx, &loc, &ids)?
-            .only_peers()
-            .into_result(|k, field, stored| {
-                let prefix = if item_prefix {
-                    format!("[{k}].")
-                } else {
-                    String::new()
-                };
-                let field = validate::request_field(field, stored, &request_ips[k]);
-                format!("{prefix}{field}")
-            })?;
         let rows = load_peers_by_ids(&tx, location, &ids)?;
+        let added: Vec<pb::Peer> = rows.iter().filter_map(|r| r.desired(false)).collect();
+        let (found, checked) = match self.indexes.check(location, &[], &added) {
+            Outcome::Checked(found, checked) => (found, checked),
+            Outcome::Full(checked) => (cross_check(&tx, &loc, &ids)?, checked),
+        };
+        found.only_peers().into_result(|k, field, stored| {
+            let prefix = if item_prefix {
+                format!("[{k}].")
+            } else {
+                String::new()
+            };
+            let field = validate::request_field(field, stored, &request_ips[k]);
+            format!("{prefix}{field}")
+        })?;
         let changes = rows
             .iter()
             .filter_map(|r| r.desired(loc.mfa))
             .map(|p| change(pb::change::Kind::UpsertPeer(p)))
             .collect();
         let delta = bump(&tx, location, changes)?;
-        tx.commit()?;
+        commit(tx, &mut self.indexes, location, checked.as_ref())?;
         Ok((rows.iter().map(|r| r.view(loc.mfa)).collect(), delta))
     }
 
@@ -402,6 +413,8 @@ impl Store {
         let tx = self.conn.transaction()?;
         let loc = load_location(&tx, location)?;
         let old = load_peer(&tx, location, peer)?;
+        self.indexes
+            .prepare(location, || stored_location(&tx, &loc))?;
         let mut new = old.clone();
         if let Some(k) = &patch.public_key {
             new.public_key = validate::public_key("public_key", k)?.to_vec();
@@ -450,7 +463,17 @@ impl Store {
                 new.endpoint
             ],
         )?;
-        cross_check(&tx, &loc, &[peer])?
+        let removed = if new.public_key == old.public_key {
+            Vec::new()
+        } else {
+            vec![old.public_key.clone()]
+        };
+        let changed: Vec<pb::Peer> = new.desired(false).into_iter().collect();
+        let (found, checked) = match self.indexes.check(location, &removed, &changed) {
+            Outcome::Checked(found, checked) => (found, checked),
+            Outcome::Full(checked) => (cross_check(&tx, &loc, &[peer])?, checked),
+        };
+        found
             .only_peers()
             .into_result(|_, field, stored| validate::request_field(field, stored, &request_ips))?;
         let mut changes = Vec::new();
@@ -466,7 +489,7 @@ impl Store {
             }
         }
         let delta = bump(&tx, location, changes)?;
-        tx.commit()?;
+        commit(tx, &mut self.indexes, location, checked.as_ref())?;
         Ok((new.view(loc.mfa), delta))
     }
 
@@ -481,7 +504,11 @@ impl Store {
             .into_iter()
             .collect();
         let delta = bump(&tx, location, changes)?;
-        tx.commit()?;
+        if let Err(e) = tx.commit() {
+            self.indexes.forget(location);
+            return Err(e.into());
+        }
+        self.indexes.remove(location, &old.public_key);
         Ok(delta)
     }
 
@@ -1261,6 +1288,31 @@ fn cross_check(
     }
     let changed = changed.iter().filter_map(|id| by_id.remove(id)).collect();
     Ok(validate::cross_check(loc.interface(), unchanged, changed))
+}
+
+/// Commits a checked change of peers and keeps the location's index in step with it
+/// (dropped when the commit fails: what the database holds is then unsure).
+fn commit(
+    tx: Transaction<'_>,
+    indexes: &mut Indexes,
+    location: u64,
+    checked: Option<&gatehouse_validate::index::CheckedDelta>,
+) -> Result<()> {
+    if let Err(e) = tx.commit() {
+        indexes.forget(location);
+        return Err(e.into());
+    }
+    indexes.committed(location, checked);
+    Ok(())
+}
+
+/// The stored location as the peer check reads it: the interface and every peer.
+fn stored_location(conn: &Connection, loc: &LocationRow) -> Result<(pb::Interface, Vec<pb::Peer>)> {
+    let peers = load_peers(conn, loc.id, None)?
+        .iter()
+        .filter_map(|r| r.desired(false))
+        .collect();
+    Ok((loc.interface(), peers))
 }
 
 /// Claims allowed IPs for a peer: each normalized CIDR at most once per location.

@@ -275,6 +275,7 @@ mod tests {
         let mut store = Store {
             conn,
             audit: Default::default(),
+            indexes: Default::default(),
         };
         let grant = store
             .authenticate("ght_old", 10)
