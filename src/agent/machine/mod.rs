@@ -338,8 +338,8 @@ pub struct Machine {
     apply_scope: Option<BTreeSet<crate::model::Key>>,
     /// The last plan refused peers beyond the backend's limit: the next plans are full.
     refused_last: bool,
-    /// The last firewall step ran without a policy and succeeded: with no policy still, a
-    /// scoped change has nothing to do there.
+    /// The firewall is off in the settings and the step ran once (its clean-up): a scoped
+    /// change has nothing to do there.
     firewall_idle: bool,
 }
 

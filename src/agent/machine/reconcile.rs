@@ -101,8 +101,8 @@ pub(super) enum Wait {
         then: Then,
         read_error: Option<String>,
         summary: PlanSummary,
-        /// The step ran without a policy.
-        without_policy: bool,
+        /// The firewall is off in the settings.
+        firewall_off: bool,
     },
     /// MFA events on disk before their removal.
     MfaSaved {
@@ -191,11 +191,11 @@ impl Machine {
                     then,
                     read_error,
                     summary,
-                    without_policy,
+                    firewall_off,
                 },
                 Outcome::Firewall(result),
             ) => {
-                self.firewall_idle = without_policy && result.is_ok();
+                self.firewall_idle = firewall_off && result.is_ok();
                 self.steps.record(ApplyStep::Firewall, result);
                 let result = match (read_error, self.steps.summary()) {
                     (Some(e), _) => Err(format!("cannot read the interface: {e}")),
@@ -599,10 +599,10 @@ impl Machine {
             then,
             read_error,
             summary,
-            without_policy: !self.enforces_firewall(),
+            firewall_off: !self.settings.firewall.enabled,
         };
         if self.firewall_idle_for(desired.as_ref()) {
-            // No policy, and the table is known absent: nothing to do for a change.
+            // The firewall is off and its clean-up ran: nothing to do for a change.
             return self.resume(wait, Outcome::Firewall(Ok(())));
         }
         if let (None, Some(change)) = (&desired, touched.and_then(|t| self.vpn_change(t))) {

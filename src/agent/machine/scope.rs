@@ -117,21 +117,11 @@ impl Machine {
     }
 
     /// Whether the firewall step of `ctx` has nothing to do: no desired state was built
-    /// (a scoped change), no policy is enforced, and the last step without one succeeded.
+    /// (a scoped change), the firewall is off in the settings, and its clean-up ran. With
+    /// the firewall on, a scoped change always takes the scoped step, policy or not: it cuts
+    /// the tracked flows of the addresses that left (O(change), no table read).
     pub(super) fn firewall_idle_for(&self, ctx_desired: Option<&crate::model::Desired>) -> bool {
-        ctx_desired.is_none() && self.firewall_idle && !self.enforces_firewall()
-    }
-
-    /// Whether the firewall step keeps a table: the firewall is on in the settings and the
-    /// location's policy is enabled. A disabled policy (the Core's default for a location
-    /// without one) is no policy: its step only removes a table, which no change brings back.
-    pub(super) fn enforces_firewall(&self) -> bool {
-        self.settings.firewall.enabled
-            && self
-                .held
-                .as_ref()
-                .and_then(|h| h.firewall())
-                .is_some_and(|p| p.enabled)
+        ctx_desired.is_none() && self.firewall_idle && !self.settings.firewall.enabled
     }
 }
 
