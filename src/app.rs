@@ -384,9 +384,13 @@ pub fn render_status(s: &Status) -> String {
         s.drift_repairs
     );
     for failed in &s.failed_steps {
+        let _ = writeln!(out, "apply      FAILED step {failed}");
+    }
+    if let Some(r) = &s.apply_retry {
         let _ = writeln!(
             out,
-            "apply      FAILED step {failed} (retried at each resync)"
+            "apply      retry in {} ms ({} failed attempts in a row): {}",
+            r.next_in_ms, r.attempts, r.error
         );
     }
     let fw = &s.firewall;

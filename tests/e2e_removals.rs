@@ -11,6 +11,7 @@
 mod e2e;
 
 use e2e::{cmd_ok, eventually, ClientOptions, Site, CONVERGE, GW_TUNNEL};
+use gatehouse::agent::status::Status;
 use gatehouse_core::api::LocationPatch;
 
 #[test]
@@ -96,12 +97,21 @@ fn a_revoked_peer_leaves_the_interface_although_an_address_cannot_be_added() {
             error.rejected.iter().any(|r| r.item == "step.addresses"),
             "{error:?}"
         );
-        let tries = |log: &str| log.matches("apply step failed").count();
-        let before = tries(&site.agent_log());
+        // Retried with backoff (in /status: attempts in a row), logged once.
+        let tries = |s: &Status| s.apply_retry.as_ref().map_or(0, |r| r.attempts);
+        let before = tries(&status);
         tokio::time::sleep(site.options.resync_interval * 3).await;
+        let after = site.status().await;
         assert!(
-            tries(&site.agent_log()) > before,
-            "the address step is retried at each resync"
+            tries(&after) > before && before >= 1,
+            "the address step is retried: {:?} then {:?}",
+            status.apply_retry,
+            after.apply_retry
+        );
+        let log = site.agent_log();
+        assert!(
+            log.matches("retrying with backoff").count() < tries(&after) as usize,
+            "logged at each attempt: {log}"
         );
 
         // IPv6 back on: the next resync adds the address and clears the failure.

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use gatehouse::backend::memory::MemoryBackend;
 use gatehouse::model::Key;
+use gatehouse::plan::Phase;
 use gatehouse_core::api::{EventView, NewLocation, PeerView};
 use support::*;
 use tokio::task::JoinHandle;
@@ -511,14 +512,18 @@ async fn a_removal_that_fails_to_apply_is_retried_without_a_second_event() {
     })
     .await;
 
-    // B goes idle; removing it fails once.
-    agent.backend.fail_next_apply("injected: netlink busy");
+    // B goes idle; removing it fails until the fault ends (a fault of one apply would be
+    // over at the retry, 125 to 250 ms later: too soon to watch).
+    agent
+        .backend
+        .fail_phase(Phase::PeerRemovals, "injected: netlink busy");
     traffic_b.stop().await;
     eventually("the removal failed", || async {
         agent.status().apply_error.is_some()
     })
     .await;
     assert!(has(&agent.backend, b), "still there after the failed apply");
+    agent.backend.clear_faults();
     eventually("the removal retried", || async { !has(&agent.backend, b) }).await;
     let s = agent.status();
     assert_eq!(

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 
 use gatehouse_proto::v1;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::firewall::conntrack::{self, Cut};
 use crate::firewall::diff::differences;
@@ -159,6 +159,9 @@ pub struct FirewallStep {
     last_peers: Option<BTreeSet<Span>>,
     /// A disabled firewall has looked for (and removed) a table of ours.
     cleaned_up: bool,
+    /// The last step's error: a step that fails again alike (the machine retries it with
+    /// backoff) is logged at DEBUG.
+    failing: Option<String>,
 }
 
 impl FirewallStep {
@@ -179,6 +182,7 @@ impl FirewallStep {
             enforced: None,
             last_peers: None,
             cleaned_up: false,
+            failing: None,
         }
     }
 
@@ -204,12 +208,11 @@ impl FirewallStep {
             (true, Some(kept)) => kept,
             _ => {
                 let e = FirewallError::NotInSync;
-                warn!(trigger, error = %e, "firewall step failed; the last good table stays");
-                self.status.state = "error".into();
-                self.status.detail = vec![e.to_string()];
+                self.failed(trigger, &e);
                 return Err(e);
             }
         };
+        self.failing = None;
         change.apply(kept);
         self.status.peer_changes += 1;
         if !change.removed.is_empty() {
@@ -257,14 +260,28 @@ impl FirewallStep {
             return Ok(());
         }
         match self.step(trigger, fw, desired) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.failing = None;
+                Ok(())
+            }
             Err(e) => {
-                warn!(trigger, error = %e, "firewall step failed; the last good table stays");
-                self.status.state = "error".into();
-                self.status.detail = vec![e.to_string()];
+                self.failed(trigger, &e);
                 Err(e)
             }
         }
+    }
+
+    /// A failed step: in the status, and logged when the failure starts or changes.
+    fn failed(&mut self, trigger: &str, e: &FirewallError) {
+        let text = e.to_string();
+        if self.failing.as_ref() == Some(&text) {
+            debug!(trigger, error = %text, "firewall step failed again");
+        } else {
+            warn!(trigger, error = %text, "firewall step failed; the last good table stays");
+        }
+        self.status.state = "error".into();
+        self.status.detail = vec![text.clone()];
+        self.failing = Some(text);
     }
 
     fn step(
@@ -284,7 +301,10 @@ impl FirewallStep {
             // Drift: the table differs although the policy is the one last enforced.
             let drift = !policy_changed;
             for d in &diffs {
-                if drift {
+                if self.failing.is_some() {
+                    // The same differences, tried again after a failure.
+                    debug!(trigger, table = %table, difference = %d, "firewall: applying again");
+                } else if drift {
                     warn!(trigger, table = %table, difference = %d, "firewall drift: repairing");
                 } else {
                     info!(trigger, table = %table, change = %d, "firewall: applying");

@@ -26,6 +26,10 @@ pub struct Status {
     /// ..."); retried at the next reconcile. Also the reasons in `/readyz`'s body.
     #[serde(default)]
     pub failed_steps: Vec<String>,
+    /// The last reconcile failed: when it runs again (backoff), how many attempts failed
+    /// in a row, and the last error.
+    #[serde(default)]
+    pub apply_retry: Option<ApplyRetry>,
     /// The last revision the Core sent that was rejected, with the reasons.
     pub last_rejected: Option<Rejected>,
     pub core: CoreStatus,
@@ -103,6 +107,16 @@ pub struct CoreStatus {
     pub snapshots: u64,
     /// The backoff ceiling the delay was drawn from (full jitter).
     pub retry_ceiling_ms: Option<u64>,
+}
+
+/// A failed apply waiting for its retry.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyRetry {
+    /// Failed reconciles in a row.
+    pub attempts: u32,
+    /// In how long the next attempt runs (as of the status).
+    pub next_in_ms: u64,
+    pub error: String,
 }
 
 /// A rejected revision.

@@ -1,7 +1,7 @@
 //! Applying a plan step by step, and what failed. The rule (design §4): peer removals go
 //! first and on their own; a failing link, address, device or firewall step is recorded,
-//! reported (`Applied`, `/status`, `/readyz`) and retried by the next reconcile, and never
-//! keeps a removed peer in the interface.
+//! reported (`Applied`, `/status`, `/readyz`) and retried (with backoff, and by every
+//! reconcile), and never keeps a removed peer in the interface.
 //!
 //! [`StepErrors`] is the one record of failed steps. The plan's steps are set by
 //! [`execute`] at each reconcile; any other fallible step (the firewall) records its own
@@ -13,7 +13,7 @@ use std::fmt;
 
 use gatehouse_proto::v1;
 use serde::{Deserialize, Serialize};
-use tracing::error;
+use tracing::{debug, error};
 
 use crate::backend::Backend;
 use crate::peer_limit::Refused;
@@ -117,6 +117,12 @@ impl StepErrors {
         self.record(ApplyStep::PeerLimit, text.map_or(Ok(()), Err));
     }
 
+    /// True when a failed step is worth trying again: any but the peer limit (planning
+    /// again refuses the same peers).
+    pub fn retryable(&self) -> bool {
+        self.0.keys().any(|s| *s != ApplyStep::PeerLimit)
+    }
+
     /// True when a failed step keeps the gateway from carrying traffic.
     pub fn blocking(&self) -> bool {
         self.0.keys().any(|s| s.blocks_readiness())
@@ -213,7 +219,9 @@ pub fn execute_phases(
                 true
             }
             Err(e) => {
-                error!(trigger, step = %step, error = %e, "apply step failed; retried at the next reconcile");
+                // Each attempt at DEBUG: the machine logs when the failure starts or changes
+                // (its retry runs every few seconds while the step fails).
+                debug!(trigger, step = %step, error = %e, "apply step failed; retried with backoff");
                 let entry = outcome.entry(step).or_insert(Ok(()));
                 // The first error of a step is the one reported.
                 if entry.is_ok() {

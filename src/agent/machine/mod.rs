@@ -37,8 +37,10 @@
 //! # Errors in outcomes
 //! - A failed read: the health shows it; a change planned on the model goes on, a tick
 //!   does nothing more (the resync tries its own read).
-//! - A failed apply step: recorded per step (reported in `Applied`, `/status`), the model
-//!   becomes unknown, so the next change reads the interface first; retried at the resync.
+//! - A failed apply step (or the read before an apply): recorded per step (reported in
+//!   `Applied`, `/status`), the model becomes unknown after a peer step, so the next change
+//!   reads the interface first; the reconcile runs again after a backoff (`retry.rs`), and at
+//!   the resync.
 //! - A failed save: shown in the status; for MFA removals, the removal is postponed.
 //! - A send that could not be queued: a lost `Applied` or snapshot request gives the stream
 //!   up (the driver drops it; the next stream starts with Hello and a snapshot); a lost
@@ -48,7 +50,8 @@
 //! `mod.rs` (inputs, outputs, the job runner), `core.rs` (the Core protocol), `reconcile.rs`
 //! (plan, apply, the model, ticks, MFA expiry, the offline policy), `ha.rs` (role and
 //! takeover rounds), `report.rs` (status, diff, the state to save), `held.rs` (the held
-//! location's encodings), `model.rs` (the model updated by an apply).
+//! location's encodings), `model.rs` (the model updated by an apply), `retry.rs` (the
+//! backoff after a failed apply).
 #![deny(clippy::disallowed_methods)]
 
 mod core;
@@ -58,6 +61,7 @@ mod model;
 mod persist;
 mod reconcile;
 mod report;
+mod retry;
 mod scope;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -341,6 +345,8 @@ pub struct Machine {
     /// The firewall is off in the settings and the step ran once (its clean-up): a scoped
     /// change has nothing to do there.
     firewall_idle: bool,
+    /// The next attempt after a failed reconcile.
+    retry: retry::Retry,
 }
 
 impl Machine {
@@ -358,6 +364,7 @@ impl Machine {
         now: Now,
     ) -> Self {
         let periodic = Periodic::new(now.mono, settings.stats_interval, settings.resync_interval);
+        let retry = retry::Retry::new(settings.resync_interval);
         let mut m = Machine {
             ha: HaState::new(settings.ha.clone()),
             core: CoreStatus {
@@ -411,6 +418,7 @@ impl Machine {
             apply_scope: None,
             refused_last: false,
             firewall_idle: false,
+            retry,
         };
         if let Some(state) = loaded {
             m.restore(state, &replay);
@@ -485,7 +493,10 @@ impl Machine {
             return Timeout { at, urgent: true };
         }
         let (_, periodic) = self.periodic.next();
-        let at = self.next_mfa_check().map_or(periodic, |m| m.min(periodic));
+        let at = [self.next_mfa_check(), self.retry.due()]
+            .into_iter()
+            .flatten()
+            .fold(periodic, Duration::min);
         Timeout { at, urgent: false }
     }
 
@@ -556,6 +567,15 @@ impl Machine {
         }
         if mfa || stats || resync {
             self.spawn(Job::Tick { mfa, stats, resync });
+        }
+        // After the tick's read (its model is used); the resync's reconcile is the retry.
+        if self.retry.take_due(now.mono) && !resync {
+            self.spawn(Job::Reconcile {
+                trigger: "apply retry".into(),
+                read: false,
+                save_first: false,
+                then: Then::Retry,
+            });
         }
         self.run();
     }

@@ -44,6 +44,8 @@ pub(super) enum Then {
     RejectedRemovals {
         revision: u64,
     },
+    /// The retry of a failed reconcile (`retry.rs`).
+    Retry,
 }
 
 /// What a read is for.
@@ -197,11 +199,14 @@ impl Machine {
             ) => {
                 self.firewall_idle = firewall_off && result.is_ok();
                 self.steps.record(ApplyStep::Firewall, result);
+                // Peers refused for the backend's limit fail alike at every attempt.
+                let retry = read_error.is_some() || self.steps.retryable();
                 let result = match (read_error, self.steps.summary()) {
                     (Some(e), _) => Err(format!("cannot read the interface: {e}")),
                     (None, Some(failed)) => Err(failed),
                     (None, None) => Ok(summary),
                 };
+                self.reconciled(result.as_ref().err().filter(|_| retry).cloned());
                 self.finish(then, result);
             }
             (Wait::MfaSaved { rollback, count }, Outcome::Saved(result)) => match result {
@@ -527,10 +532,12 @@ impl Machine {
         self.counts.last_reconcile = Some(self.now.wall);
         self.counts.last_reconcile_ops = plan.len();
         let summary = plan.summary();
+        // The plan a failing reconcile tries again is logged once, not at every attempt.
+        let again = self.retry.failing() && matches!(then, Then::Retry | Then::Resync { .. });
         if plan.is_empty() {
             debug!(trigger, "reconcile: the interface matches");
         } else {
-            log_plan(&trigger, &plan, summary);
+            log_plan(&trigger, &plan, summary, again);
         }
         // Added peers get their counter epoch now, so the save before the apply has it.
         let mut started = BTreeMap::new();
@@ -662,7 +669,13 @@ impl Machine {
             Then::MfaRemoval => self.spawn(Job::SendPendingEvents),
             Then::RejectedRemovals { revision } => {
                 if let Err(e) = result {
-                    warn!(revision, error = %e, "removals of a rejected revision not complete; retried at the next resync");
+                    warn!(revision, error = %e, "removals of a rejected revision not complete; retried with backoff");
+                }
+            }
+            // Failing again: `reconciled` scheduled the next attempt.
+            Then::Retry => {
+                if result.is_ok() {
+                    self.mark_applied();
                 }
             }
         }
@@ -768,7 +781,11 @@ impl Machine {
     }
 }
 
-fn log_plan(trigger: &str, plan: &Plan, summary: PlanSummary) {
+/// `quiet`: at DEBUG only (a plan tried again while it fails).
+fn log_plan(trigger: &str, plan: &Plan, summary: PlanSummary, quiet: bool) {
+    if quiet {
+        return debug!(trigger, %summary, "applying plan again");
+    }
     let each = plan.len() <= LOG_EACH_STEP_UP_TO;
     for step in &plan.steps {
         for r in &step.reasons {

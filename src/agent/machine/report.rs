@@ -63,6 +63,7 @@ impl Machine {
             applied_revision: self.applied_revision,
             apply_error: self.steps.summary(),
             failed_steps: self.steps.reasons(),
+            apply_retry: self.retry.status(mono),
             last_rejected: self.last_rejected.clone(),
             core: self.core.clone(),
             desired_peers: self.counts.desired_peers,
