@@ -22,48 +22,23 @@ fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
 }
 
-/// Sends `request` and reads the answer up to its terminating blank line.
+/// Sends `request` and reads the answer up to its terminating blank line, whole: each
+/// line with its newline, the blank line left out ([`transact_lines`] reads it).
 pub(super) fn transact(
     path: &Path,
     request: &[u8],
     timeout: Duration,
 ) -> io::Result<Zeroizing<String>> {
-    let mut stream = connect(path, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    stream.write_all(request)?;
-    let mut answer = Zeroizing::new(Vec::with_capacity(4096));
-    let mut chunk = Zeroizing::new([0u8; 8192]);
-    loop {
-        let n = match stream.read(&mut chunk[..]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            break;
-        }
-        if answer.len() + n > answer.capacity() {
-            // Grow by copying into a new zeroing buffer, so no key stays behind in a
-            // freed allocation.
-            let mut bigger = Zeroizing::new(Vec::with_capacity((answer.len() + n) * 2));
-            bigger.extend_from_slice(&answer);
-            answer = bigger;
-        }
-        answer.extend_from_slice(&chunk[..n]);
-        if answer.ends_with(b"\n\n") {
-            break;
-        }
-        if answer.len() > MAX_ANSWER {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "UAPI answer larger than 256 MiB",
-            ));
-        }
-    }
-    let text = std::str::from_utf8(&answer)
+    let mut answer = Zeroizing::new(Vec::with_capacity(64));
+    transact_lines(path, request, timeout, |line| {
+        extend_zeroizing(&mut answer, line.as_bytes());
+        extend_zeroizing(&mut answer, b"\n");
+        ControlFlow::Continue(())
+    })?;
+    // Whole lines of UTF-8 (checked by `transact_lines`): the bytes are kept, not copied.
+    let text = String::from_utf8(std::mem::take(&mut *answer))
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "UAPI answer is not UTF-8"))?;
-    Ok(Zeroizing::new(text.to_owned()))
+    Ok(Zeroizing::new(text))
 }
 
 /// Sends `request` and hands the answer to `each`, one line at a time without its
@@ -248,6 +223,20 @@ mod tests {
         let (path, server) = serve(dir.path(), peer_lines(10) + "\n", 8192);
         assert!(!answers(&path, Duration::from_secs(5)), "no errno line");
         server.join().unwrap();
+    }
+
+    /// `transact` reads through `transact_lines`: the answer's lines up to the blank line,
+    /// however cut, and nothing after it.
+    #[test]
+    fn a_whole_answer_ends_at_its_blank_line() {
+        for piece in [1, 3, 8192] {
+            let dir = tempfile::tempdir().unwrap();
+            let answer = "errno=0\n\nlisten_port=1\n".to_string();
+            let (path, server) = serve(dir.path(), answer, piece);
+            let got = transact(&path, b"set=1\n\n", Duration::from_secs(5)).unwrap();
+            server.join().unwrap();
+            assert_eq!(got.as_str(), "errno=0\n", "pieces of {piece} bytes");
+        }
     }
 
     #[test]
