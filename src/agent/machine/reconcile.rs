@@ -178,15 +178,7 @@ impl Machine {
                 // The applied operations (a copy of every peer after a cold apply) go
                 // before the firewall step builds its desired state.
                 drop(applied);
-                let desired = self.firewall_desired(ctx.desired, ctx.full);
-                self.firewall(
-                    ctx.trigger,
-                    desired,
-                    ctx.touched,
-                    ctx.then,
-                    None,
-                    ctx.summary,
-                );
+                self.firewall_after(*ctx);
             }
             (
                 Wait::Firewall {
@@ -573,19 +565,24 @@ impl Machine {
             // An empty plan still "runs": it clears the errors of steps that have nothing
             // left to do (the interface was repaired some other way).
             self.steps.record_all(nothing_failed());
-            let desired = self.firewall_desired(ctx.desired, ctx.full);
-            return self.firewall(
-                ctx.trigger,
-                desired,
-                ctx.touched,
-                ctx.then,
-                None,
-                ctx.summary,
-            );
+            return self.firewall_after(ctx);
         }
         let plan = std::mem::take(&mut ctx.plan);
         let trigger = ctx.trigger.clone();
         self.request(Action::Apply { trigger, plan }, Wait::Apply(Box::new(ctx)));
+    }
+
+    /// The firewall step that follows the peer steps of `ctx` (its plan applied or empty).
+    fn firewall_after(&mut self, ctx: ApplyCtx) {
+        let desired = self.firewall_desired(ctx.desired, ctx.full);
+        self.firewall(
+            ctx.trigger,
+            desired,
+            ctx.touched,
+            ctx.then,
+            None,
+            ctx.summary,
+        );
     }
 
     /// The firewall step, after the peer steps (a failing firewall never holds back a
