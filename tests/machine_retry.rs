@@ -143,6 +143,58 @@ fn a_success_resets_the_backoff() {
     assert!(within(t1 - t0, MS(250)), "{:?}", t1 - t0);
 }
 
+#[test]
+fn a_failing_firewall_step_is_retried_without_holding_back_the_peers_or_reading() {
+    let _serial = one_at_a_time();
+    let mut sim = synced(&[1, 2]);
+    sim.fail_firewall = Some("nft: Device or resource busy".into());
+    let t0 = sim.clock;
+    revoke(&mut sim, 2);
+    assert!(!sim.has(key(2)), "the removal is not held back");
+    let retry = sim.status.apply_retry.clone().expect("a retry pending");
+    assert!(retry.error.contains("firewall: nft"), "{retry:?}");
+
+    let from = sim.trace.len();
+    let t1 = next_firewall(&mut sim, 10 * S);
+    assert!(within(t1 - t0, MS(250)), "{:?}", t1 - t0);
+    // The peers' model is known (their steps succeeded): nothing to read or apply.
+    assert_eq!(sim.count_since(from, "read"), 0, "{:?}", &sim.trace[from..]);
+    assert_eq!(
+        sim.count_since(from, "apply"),
+        0,
+        "{:?}",
+        &sim.trace[from..]
+    );
+    sim.fail_firewall = None;
+    let t2 = next_firewall(&mut sim, 10 * S);
+    assert!(within(t2 - t1, MS(500)), "{:?}", t2 - t1);
+    assert_eq!(sim.status.apply_retry, None);
+    assert_eq!(sim.status.failed_steps, Vec::<String>::new());
+    let last = sim.core.applied.last().unwrap();
+    assert_eq!(
+        (last.revision, last.error.is_none()),
+        (sim.core.revision, true)
+    );
+}
+
+/// [`next_apply`] for the firewall step.
+fn next_firewall(sim: &mut Sim, limit: Duration) -> Duration {
+    let end = sim.clock + limit;
+    loop {
+        let runs = sim.count_since(0, "firewall");
+        let at = sim.machine.poll_timeout().at + sim.started_at;
+        assert!(
+            at <= end,
+            "no firewall step within {limit:?}: {:?}",
+            sim.trace
+        );
+        sim.advance(at - sim.clock);
+        if sim.count_since(0, "firewall") > runs {
+            return sim.clock;
+        }
+    }
+}
+
 /// Log lines at INFO and above, written by the tracing subscriber set for this thread.
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);

@@ -235,6 +235,8 @@ pub struct Sim {
     pub fail_saves: bool,
     /// Fails appends only.
     pub fail_appends: bool,
+    /// Fails the firewall step with this error.
+    pub fail_firewall: Option<String>,
     /// Appends are possible (a full save succeeded since the store opened with no base,
     /// or since a save failed).
     journal_open: bool,
@@ -283,6 +285,7 @@ impl Sim {
             journal: vec![],
             fail_saves: false,
             fail_appends: false,
+            fail_firewall: None,
             journal_open: false,
             trace: vec![],
             hooks: vec![],
@@ -478,7 +481,9 @@ impl Sim {
                     outcomes,
                 }
             }
-            Action::Firewall { .. } | Action::FirewallPeers { .. } => Outcome::Firewall(Ok(())),
+            Action::Firewall { .. } | Action::FirewallPeers { .. } => {
+                Outcome::Firewall(self.fail_firewall.clone().map_or(Ok(()), Err))
+            }
             Action::Save(state) => {
                 if self.fail_saves {
                     // As the store: the files on disk stay, appends wait for a save that
