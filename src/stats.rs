@@ -14,13 +14,15 @@ use gatehouse_proto::v1::{PeerStats, Stats};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
+use crate::keyed::KeyedVec;
 use crate::model::{Key, PeerState};
 use crate::state::codec::{self, unix_ms};
 
-/// What was last reported per peer on the current stream.
+/// What was last reported per peer on the current stream: a fingerprint per peer, in a
+/// sorted vector (no tree node per peer).
 #[derive(Clone, Debug, Default)]
 pub struct StatsTracker {
-    last: BTreeMap<Key, Reported>,
+    last: KeyedVec<Reported>,
 }
 
 impl StatsTracker {
@@ -35,21 +37,24 @@ impl StatsTracker {
     pub fn changed(&mut self, peers: &BTreeMap<Key, PeerState>, epochs: &Epochs) -> Vec<PeerStats> {
         self.last.retain(|k, _| peers.contains_key(k));
         let mut out = Vec::new();
+        let mut first = Vec::new();
         for (key, peer) in peers {
             let epoch = epochs.get(key);
             let now = Reported::of(peer, epoch);
-            if self.last.get(key) == Some(&now) {
-                continue;
+            match self.last.get_mut(key) {
+                Some(last) if *last == now => continue,
+                Some(last) => *last = now,
+                None => first.push((*key, now)),
             }
-            self.last.insert(*key, now);
             out.push(peer_stats(key, peer, epoch));
         }
+        self.last.merge(first);
         out
     }
 
     /// A new stream: the next report carries every peer.
     pub fn reset(&mut self) {
-        self.last.clear();
+        self.last = KeyedVec::new();
     }
 
     /// Forgets one peer (removed).
