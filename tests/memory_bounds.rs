@@ -10,9 +10,12 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use gatehouse::ha::activity::ActivityBook;
-use gatehouse::mfa::{MfaTracker, PeerSample};
+use gatehouse::location::Held;
+use gatehouse::mfa::{MfaTracker, PeerSample, Tombstones};
 use gatehouse::model::{Key, PeerSpec, PeerState};
+use gatehouse::state::{HaSaved, LocationText, SavedState, StateStore};
 use gatehouse::stats::{Epochs, StatsTracker};
+use gatehouse::validate::validate_location;
 use gatehouse_proto::v1;
 
 struct Counting;
@@ -114,6 +117,62 @@ fn interface() -> BTreeMap<Key, PeerState> {
 
 fn wall() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+}
+
+#[test]
+fn the_full_save_streams_the_state_to_the_file() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let loc = location();
+    let valid = validate_location(&loc).expect("valid");
+    let held = Held::new(9, loc, valid);
+    let mut mfa = MfaTracker::new();
+    mfa.observe(
+        (0..N).map(|i| {
+            let sample = PeerSample {
+                rx_bytes: u64::from(i),
+                last_handshake: Some(wall()),
+            };
+            (key(i), sample)
+        }),
+        Duration::from_secs(1),
+        wall(),
+    );
+    let (tombstones, epochs, book) = (Tombstones::new(), Epochs::new(), ActivityBook::new());
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut store, _) = StateStore::open(tmp.path()).unwrap();
+    let view = SavedState {
+        gateway_id: "gw",
+        applied_revision: 9,
+        location: Some(LocationText(&held)),
+        mfa: mfa.saved(Duration::from_secs(2), wall()),
+        tombstones: &tombstones,
+        epochs: &epochs,
+        pending_events: &[],
+        next_seq: 1,
+        core_last_contact_unix_ms: None,
+        offline_ms: None,
+        saved_unix_ms: None,
+        ha: HaSaved {
+            draining: false,
+            activity: &book,
+            vips_present: vec![],
+            operator: None,
+            active_since_unix_ms: None,
+        },
+    };
+    let (saved, peak) = peak_during(|| store.save(&view));
+    saved.unwrap();
+    let written = std::fs::metadata(tmp.path().join("state.json"))
+        .unwrap()
+        .len() as usize;
+    assert!(written > 5_000_000, "{written} bytes written");
+    // The write buffer (64 KiB), one peer's encoding and its text, the path names: far
+    // below the text (which a whole-text save holds, twice while it grows) or a copy of
+    // the location or the timers.
+    assert!(
+        peak < 256 * 1024,
+        "the save held {peak} bytes at its peak for a {written}-byte file"
+    );
 }
 
 #[test]
