@@ -132,23 +132,34 @@ impl<V: Copy> KeyedVec<V> {
             .filter_map(|(k, v)| v.as_mut().map(|v| (&*k, v)))
     }
 
-    /// The records of keys not held yet (sorted or not; none held, none twice), merged
-    /// in place with what is held; removed records are dropped. O(N + k log k).
-    pub fn merge(&mut self, mut new: Vec<(Key, V)>) {
+    /// The records of keys not held yet (sorted or not; none held, none twice; `None`s
+    /// are skipped), merged in place with what is held; removed records are dropped.
+    /// O(N + k log k).
+    ///
+    /// The vector keeps room for an eighth more records: the peers added between two
+    /// reads join without moving every record (a reallocation holds the old and the new
+    /// vector at once). The first batch's own allocation becomes the vector: give it its
+    /// room ([`KeyedVec::room_for`]).
+    pub fn merge(&mut self, mut new: Vec<(Key, Option<V>)>) {
         self.compact();
+        new.retain(|(_, v)| v.is_some());
         if new.is_empty() {
             return;
         }
         new.sort_unstable_by_key(|(k, _)| *k);
         debug_assert!(new.windows(2).all(|w| w[0].0 != w[1].0), "new keys twice");
         if self.items.is_empty() {
-            // The first batch (a cold start): no merge, the vector made at its size.
-            self.items = new.into_iter().map(|(k, v)| (k, Some(v))).collect();
-            self.items.shrink_to_fit();
+            // The batch's allocation becomes the vector.
+            let room = Self::room_for(new.len());
+            self.items = new;
+            self.items.reserve_exact(room - self.items.len());
             return;
         }
         let held = self.items.len();
-        self.items.reserve_exact(new.len());
+        if self.items.capacity() - held < new.len() {
+            self.items
+                .reserve_exact(Self::room_for(held + new.len()) - held);
+        }
         let filler = (new[0].0, None);
         self.items.resize(held + new.len(), filler);
         // From the back: the larger of the two next keys goes to the last free place.
@@ -160,10 +171,15 @@ impl<V: Copy> KeyedVec<V> {
                 i -= 1;
             } else {
                 debug_assert!(i == 0 || self.items[i - 1].0 != new[j - 1].0, "key held");
-                self.items[w] = (new[j - 1].0, Some(new[j - 1].1));
+                self.items[w] = new[j - 1];
                 j -= 1;
             }
         }
+    }
+
+    /// The capacity kept for `n` records: an eighth more.
+    pub fn room_for(n: usize) -> usize {
+        n + n / 8
     }
 
     /// Drops the removed records.
@@ -246,7 +262,7 @@ mod tests {
                         }
                     }
                 }
-                v.merge(new);
+                v.merge(new.into_iter().map(|(k, x)| (k, Some(x))).collect());
                 prop_assert_eq!(v.len(), map.len());
                 let got: Vec<(Key, u32)> = v.iter().map(|(k, x)| (*k, *x)).collect();
                 let want: Vec<(Key, u32)> = map.iter().map(|(k, x)| (*k, *x)).collect();

@@ -147,31 +147,39 @@ impl MfaTracker {
     /// value. Peers absent from this read keep their timer (a peer removed by hand and
     /// re-added by the reconciler shows no life by that); call [`forget`](Self::forget)
     /// or [`retain`](Self::retain) when a peer leaves the desired state.
-    pub fn observe(
-        &mut self,
-        peers: impl IntoIterator<Item = (Key, PeerSample)>,
-        now: Duration,
-        now_wall: SystemTime,
-    ) {
-        // New peers join in one batch.
-        let mut new: Vec<(Key, Entry)> = Vec::new();
+    pub fn observe<I>(&mut self, peers: I, now: Duration, now_wall: SystemTime)
+    where
+        I: IntoIterator<Item = (Key, PeerSample)>,
+        I::IntoIter: Clone,
+    {
+        // New peers join in one batch, made at its size with the tracker's room (it
+        // becomes the tracker's vector on a first read): no growing copy beside it.
+        let peers = peers.into_iter();
+        let first = peers
+            .clone()
+            .filter(|(k, _)| !self.peers.contains_key(k))
+            .count();
+        let mut new = Vec::with_capacity(KeyedVec::<Entry>::room_for(first));
         for (key, sample) in peers {
             match self.peers.get_mut(&key) {
                 Some(entry) => entry.observe(sample, now, now_wall),
-                None => new.push((key, Entry::first_seen(sample, now))),
+                None => new.push((key, Some(Entry::first_seen(sample, now)))),
             }
         }
         // A new key read twice: seen at its first sample, observed at the next (a first
-        // entry holds its sample as is).
-        new.sort_by_key(|(k, _)| *k);
+        // entry holds its sample as is). A read comes in key order: no sort (a stable
+        // sort takes a scratch copy).
+        if !new.is_sorted_by_key(|(k, _)| *k) {
+            new.sort_by_key(|(k, _)| *k);
+        }
         new.dedup_by(|later, kept| {
             let twice = later.0 == kept.0;
-            if twice {
+            if let (true, Some(later), Some(kept)) = (twice, later.1, kept.1.as_mut()) {
                 let sample = PeerSample {
-                    rx_bytes: later.1.rx_bytes,
-                    last_handshake: later.1.last_handshake,
+                    rx_bytes: later.rx_bytes,
+                    last_handshake: later.last_handshake,
                 };
-                kept.1.observe(sample, now, now_wall);
+                kept.observe(sample, now, now_wall);
             }
             twice
         });

@@ -37,14 +37,15 @@ impl StatsTracker {
     pub fn changed(&mut self, peers: &BTreeMap<Key, PeerState>, epochs: &Epochs) -> Vec<PeerStats> {
         self.last.retain(|k, _| peers.contains_key(k));
         let mut out = Vec::new();
-        let mut first = Vec::new();
+        let first = peers.keys().filter(|k| !self.last.contains_key(k));
+        let mut first = Vec::with_capacity(KeyedVec::<Reported>::room_for(first.count()));
         for (key, peer) in peers {
             let epoch = epochs.get(key);
             let now = Reported::of(peer, epoch);
             match self.last.get_mut(key) {
                 Some(last) if *last == now => continue,
                 Some(last) => *last = now,
-                None => first.push((*key, now)),
+                None => first.push((*key, Some(now))),
             }
             out.push(peer_stats(key, peer, epoch));
         }

@@ -119,7 +119,8 @@ impl ActivityBook {
     /// One read of this gateway's interface at `now`. True when the book changed.
     pub fn observe_here(&mut self, peers: &BTreeMap<Key, PeerState>, now: SystemTime) -> bool {
         let mut changed = false;
-        let mut first: Vec<(Key, u64)> = Vec::new();
+        let first = peers.keys().filter(|k| !self.rx_here.contains_key(k));
+        let mut first = Vec::with_capacity(KeyedVec::<u64>::room_for(first.count()));
         for (key, peer) in peers {
             let endpoint = peer.config.endpoint;
             if let Some(handshake) = peer.last_handshake {
@@ -129,7 +130,7 @@ impl ActivityBook {
             let grew = match self.rx_here.get_mut(key) {
                 Some(before) => std::mem::replace(before, peer.rx_bytes) < peer.rx_bytes,
                 None => {
-                    first.push((*key, peer.rx_bytes));
+                    first.push((*key, Some(peer.rx_bytes)));
                     false
                 }
             };
