@@ -90,7 +90,18 @@ pub fn peer_stats(key: &Key, peer: &PeerState, counter_epoch: u64) -> PeerStats 
 /// (leave room for the `GatewayMessage` envelope, a few bytes), in order, with
 /// `more = true` on all but the last. A single peer larger than `max_bytes` travels
 /// alone. No peers: no messages.
-pub fn batches(peers: Vec<PeerStats>, collected_at: SystemTime, max_bytes: usize) -> Vec<Stats> {
+///
+/// The report is held about once: the peers leave `peers` as they join a batch, `peers`
+/// gives its room back at each batch's end, and a finished batch is cut to its size.
+pub fn batches(
+    mut peers: Vec<PeerStats>,
+    collected_at: SystemTime,
+    max_bytes: usize,
+) -> Vec<Stats> {
+    /// Room given back only when at least this many peers' places are free.
+    const SHRINK_AT: usize = 1024;
+    // Taken from the end: reversed first, so the order is kept.
+    peers.reverse();
     let collected_at_ms = unix_ms(collected_at);
     let empty = Stats {
         collected_at_ms,
@@ -102,19 +113,25 @@ pub fn batches(peers: Vec<PeerStats>, collected_at: SystemTime, max_bytes: usize
     let mut out = Vec::new();
     let mut current = empty.clone();
     let mut size = fixed;
-    for peer in peers {
+    while let Some(peer) = peers.pop() {
         let len = peer.encoded_len();
         // Field 2, length-delimited: one key byte, the length, the message.
         let item =
             prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(len as u64) + len;
         if !current.peers.is_empty() && size + item > max_bytes {
-            out.push(std::mem::replace(&mut current, empty.clone()));
+            let mut done = std::mem::replace(&mut current, empty.clone());
+            done.peers.shrink_to_fit();
+            out.push(done);
             size = fixed;
+            if peers.capacity() - peers.len() >= SHRINK_AT {
+                peers.shrink_to_fit();
+            }
         }
         current.peers.push(peer);
         size += item;
     }
     if !current.peers.is_empty() {
+        current.peers.shrink_to_fit();
         out.push(current);
     }
     if let Some(last) = out.last_mut() {

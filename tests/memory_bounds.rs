@@ -14,7 +14,7 @@ use gatehouse::location::Held;
 use gatehouse::mfa::{MfaTracker, PeerSample, Tombstones};
 use gatehouse::model::{Key, PeerSpec, PeerState};
 use gatehouse::state::{HaSaved, LocationText, SavedState, StateStore};
-use gatehouse::stats::{Epochs, StatsTracker};
+use gatehouse::stats::{batches, Epochs, StatsTracker};
 use gatehouse::validate::validate_location;
 use gatehouse_proto::v1;
 
@@ -227,5 +227,14 @@ fn the_trackers_keep_a_fixed_size_record_per_peer() {
         "stats tracker: {} bytes per peer",
         bytes / n
     );
-    drop((mfa, book, stats));
+
+    // The first report, split into messages: held about once while it is split.
+    let (report, report_bytes) = kept_by(|| StatsTracker::new().changed(&peers, &epochs));
+    let (messages, peak) = peak_during(|| batches(report, wall(), 256 * 1024));
+    assert!(messages.len() > 4);
+    assert!(
+        peak < report_bytes / 2,
+        "splitting a report of {report_bytes} bytes added {peak} at its peak"
+    );
+    drop((mfa, book, stats, messages));
 }
