@@ -26,6 +26,7 @@ pub mod ha;
 // Runs hook commands under a deadline (its tests poll for the killed children).
 #[allow(clippy::disallowed_methods)]
 pub mod hooks;
+pub mod keyed;
 // The HTTP server: reads the clock to judge readiness and a stale diff when asked.
 #[allow(clippy::disallowed_methods)]
 pub mod http;

@@ -90,6 +90,14 @@ impl Held {
             .to_proto(self.index.order().iter().map(|k| Key(*k)))
     }
 
+    /// The prost encoding of [`Held::to_proto`], piece by piece (see
+    /// [`ValidLocation::encode_proto`]): the state file is written without a copy of the
+    /// location.
+    pub fn encode_proto<E>(&self, out: &mut impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
+        self.valid
+            .encode_proto(self.index.order().iter().map(|k| Key(*k)), out)
+    }
+
     /// The firewall policy of the held revision.
     pub fn firewall(&self) -> Option<&v1::FirewallPolicy> {
         self.valid.firewall.as_ref()

@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::keyed::KeyedVec;
 use crate::model::{Key, PeerState};
 use crate::state::codec::{self, duration_ms, from_unix_ms, unix_ms};
 
@@ -128,10 +129,11 @@ impl Expiry {
     }
 }
 
-/// Per-peer inactivity timers.
+/// Per-peer inactivity timers: one fixed-size record per tracked peer, sorted by key
+/// ([`KeyedVec`]: no tree node per peer).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MfaTracker {
-    peers: BTreeMap<Key, Entry>,
+    peers: KeyedVec<Entry>,
 }
 
 impl MfaTracker {
@@ -145,43 +147,43 @@ impl MfaTracker {
     /// value. Peers absent from this read keep their timer (a peer removed by hand and
     /// re-added by the reconciler shows no life by that); call [`forget`](Self::forget)
     /// or [`retain`](Self::retain) when a peer leaves the desired state.
-    pub fn observe(
-        &mut self,
-        peers: impl IntoIterator<Item = (Key, PeerSample)>,
-        now: Duration,
-        now_wall: SystemTime,
-    ) {
+    pub fn observe<I>(&mut self, peers: I, now: Duration, now_wall: SystemTime)
+    where
+        I: IntoIterator<Item = (Key, PeerSample)>,
+        I::IntoIter: Clone,
+    {
+        // New peers join in one batch, made at its size with the tracker's room (it
+        // becomes the tracker's vector on a first read): no growing copy beside it.
+        let peers = peers.into_iter();
+        let first = peers
+            .clone()
+            .filter(|(k, _)| !self.peers.contains_key(k))
+            .count();
+        let mut new = Vec::with_capacity(KeyedVec::<Entry>::room_for(first));
         for (key, sample) in peers {
-            let Some(entry) = self.peers.get_mut(&key) else {
-                self.peers.insert(key, Entry::first_seen(sample, now));
-                continue;
-            };
-            let mut life_age: Option<Duration> = None;
-            let rx_reset_with_traffic = sample.rx_bytes < entry.rx_bytes && sample.rx_bytes > 0;
-            if sample.rx_bytes > entry.rx_bytes || rx_reset_with_traffic {
-                life_age = Some(Duration::ZERO);
+            match self.peers.get_mut(&key) {
+                Some(entry) => entry.observe(sample, now, now_wall),
+                None => new.push((key, Some(Entry::first_seen(sample, now)))),
             }
-            if let Some(hs) = sample.last_handshake {
-                if entry.last_handshake != Some(hs) {
-                    let age = now_wall.duration_since(hs).unwrap_or(Duration::ZERO);
-                    let age = age.min(entry.observed.age(now));
-                    life_age = Some(life_age.map_or(age, |a| a.min(age)));
-                }
-            }
-            if let Some(age) = life_age {
-                if age < entry.life.age(now) {
-                    entry.life = Mark::aged(now, age);
-                }
-            }
-            entry.rx_bytes = sample.rx_bytes;
-            // A peer re-created (takeover, drift repair) reads as never handshaken: its
-            // last handshake is still the one seen before (for the event), and a
-            // re-creation is no sign of life.
-            if sample.last_handshake.is_some() {
-                entry.last_handshake = sample.last_handshake;
-            }
-            entry.observed = Mark::aged(now, Duration::ZERO);
         }
+        // A new key read twice: seen at its first sample, observed at the next (a first
+        // entry holds its sample as is). A read comes in key order: no sort (a stable
+        // sort takes a scratch copy).
+        if !new.is_sorted_by_key(|(k, _)| *k) {
+            new.sort_by_key(|(k, _)| *k);
+        }
+        new.dedup_by(|later, kept| {
+            let twice = later.0 == kept.0;
+            if let (true, Some(later), Some(kept)) = (twice, later.1, kept.1.as_mut()) {
+                let sample = PeerSample {
+                    rx_bytes: later.rx_bytes,
+                    last_handshake: later.last_handshake,
+                };
+                kept.observe(sample, now, now_wall);
+            }
+            twice
+        });
+        self.peers.merge(new);
     }
 
     /// A sign of life another gateway of the location saw at wall time `at` (relayed by
@@ -231,7 +233,7 @@ impl MfaTracker {
     /// polling. `None` when disabled or nothing is tracked.
     pub fn next_deadline(&self, policy: MfaPolicy, now: Duration) -> Option<Duration> {
         let threshold = policy.threshold()?;
-        let max_age = self.peers.values().map(|e| e.life.age(now)).max()?;
+        let max_age = self.peers.iter().map(|(_, e)| e.life.age(now)).max()?;
         Some(match threshold.checked_sub(max_age) {
             // Expired means strictly longer than the threshold.
             Some(left) => now
@@ -269,20 +271,30 @@ impl MfaTracker {
     pub fn persist(&self, now: Duration, now_wall: SystemTime) -> MfaSnapshot {
         MfaSnapshot {
             saved_at_unix_ms: unix_ms(now_wall),
-            peers: self
-                .peers
-                .iter()
-                .map(|(k, e)| {
-                    let snap = PeerTimer {
-                        rx_bytes: e.rx_bytes,
-                        last_handshake_unix_ms: e.last_handshake.map(unix_ms),
-                        inactive_for_ms: duration_ms(e.life.age(now)),
-                        since_observed_ms: duration_ms(e.observed.age(now)),
-                    };
-                    (*k, snap)
-                })
-                .collect(),
+            peers: self.timers(now).collect(),
         }
+    }
+
+    /// [`MfaTracker::persist`] without building it: serializes as the snapshot would.
+    pub fn saved(&self, now: Duration, now_wall: SystemTime) -> MfaSaved<'_> {
+        MfaSaved {
+            tracker: self,
+            now,
+            saved_at_unix_ms: unix_ms(now_wall),
+        }
+    }
+
+    /// Each peer's timer as saved at `now`, in key order.
+    fn timers(&self, now: Duration) -> impl Iterator<Item = (Key, PeerTimer)> + '_ {
+        self.peers.iter().map(move |(k, e)| {
+            let snap = PeerTimer {
+                rx_bytes: e.rx_bytes,
+                last_handshake_unix_ms: e.last_handshake.map(unix_ms),
+                inactive_for_ms: duration_ms(e.life.age(now)),
+                since_observed_ms: duration_ms(e.observed.age(now)),
+            };
+            (*k, snap)
+        })
     }
 
     /// Timers from a snapshot saved by an earlier run. The downtime (`now_wall` minus the
@@ -293,26 +305,24 @@ impl MfaTracker {
         let downtime = now_wall
             .duration_since(from_unix_ms(snap.saved_at_unix_ms))
             .unwrap_or(Duration::ZERO);
-        let peers = snap
-            .peers
-            .iter()
-            .map(|(k, p)| {
-                let entry = Entry {
-                    rx_bytes: p.rx_bytes,
-                    last_handshake: p.last_handshake_unix_ms.map(from_unix_ms),
-                    life: Mark::aged(
-                        now,
-                        Duration::from_millis(p.inactive_for_ms).saturating_add(downtime),
-                    ),
-                    observed: Mark::aged(
-                        now,
-                        Duration::from_millis(p.since_observed_ms).saturating_add(downtime),
-                    ),
-                };
-                (*k, entry)
-            })
-            .collect();
-        MfaTracker { peers }
+        let peers = snap.peers.iter().map(|(k, p)| {
+            let entry = Entry {
+                rx_bytes: p.rx_bytes,
+                last_handshake: p.last_handshake_unix_ms.map(from_unix_ms),
+                life: Mark::aged(
+                    now,
+                    Duration::from_millis(p.inactive_for_ms).saturating_add(downtime),
+                ),
+                observed: Mark::aged(
+                    now,
+                    Duration::from_millis(p.since_observed_ms).saturating_add(downtime),
+                ),
+            };
+            (*k, entry)
+        });
+        MfaTracker {
+            peers: KeyedVec::from_sorted(peers),
+        }
     }
 }
 
@@ -325,6 +335,34 @@ pub struct MfaSnapshot {
     pub peers: BTreeMap<Key, PeerTimer>,
 }
 
+/// [`MfaSnapshot`] borrowed from the tracker ([`MfaTracker::saved`]): the same JSON, each
+/// peer's timer made as it is written.
+pub struct MfaSaved<'a> {
+    tracker: &'a MfaTracker,
+    now: Duration,
+    saved_at_unix_ms: i64,
+}
+
+impl Serialize for MfaSaved<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+
+        struct Peers<'a>(&'a MfaSaved<'a>);
+        impl Serialize for Peers<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let timers = self.0.tracker.timers(self.0.now);
+                s.collect_map(timers.map(|(k, t)| (k.to_base64(), t)))
+            }
+        }
+
+        // The fields of `MfaSnapshot`, in its order.
+        let mut st = s.serialize_struct("MfaSnapshot", 2)?;
+        st.serialize_field("saved_at_unix_ms", &self.saved_at_unix_ms)?;
+        st.serialize_field("peers", &Peers(self))?;
+        st.end()
+    }
+}
+
 /// One peer's timer as saved.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerTimer {
@@ -334,7 +372,7 @@ pub struct PeerTimer {
     pub since_observed_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     rx_bytes: u64,
     last_handshake: Option<SystemTime>,
@@ -352,6 +390,35 @@ impl Entry {
             life: Mark::aged(now, Duration::ZERO),
             observed: Mark::aged(now, Duration::ZERO),
         }
+    }
+
+    /// A read of a tracked peer (the rules of [`MfaTracker::observe`]).
+    fn observe(&mut self, sample: PeerSample, now: Duration, now_wall: SystemTime) {
+        let mut life_age: Option<Duration> = None;
+        let rx_reset_with_traffic = sample.rx_bytes < self.rx_bytes && sample.rx_bytes > 0;
+        if sample.rx_bytes > self.rx_bytes || rx_reset_with_traffic {
+            life_age = Some(Duration::ZERO);
+        }
+        if let Some(hs) = sample.last_handshake {
+            if self.last_handshake != Some(hs) {
+                let age = now_wall.duration_since(hs).unwrap_or(Duration::ZERO);
+                let age = age.min(self.observed.age(now));
+                life_age = Some(life_age.map_or(age, |a| a.min(age)));
+            }
+        }
+        if let Some(age) = life_age {
+            if age < self.life.age(now) {
+                self.life = Mark::aged(now, age);
+            }
+        }
+        self.rx_bytes = sample.rx_bytes;
+        // A peer re-created (takeover, drift repair) reads as never handshaken: its
+        // last handshake is still the one seen before (for the event), and a
+        // re-creation is no sign of life.
+        if sample.last_handshake.is_some() {
+            self.last_handshake = sample.last_handshake;
+        }
+        self.observed = Mark::aged(now, Duration::ZERO);
     }
 }
 
@@ -415,6 +482,25 @@ mod tests {
     /// Monotonic and wall clocks advancing together, as on a calm host.
     fn observe_at(t: &mut MfaTracker, secs: u64, peers: &[(Key, PeerSample)]) {
         t.observe(peers.iter().copied(), s(secs), wall(secs));
+    }
+
+    #[test]
+    fn a_timer_is_one_fixed_size_record() {
+        // The removal mark of the sorted vector fits in the record's niche: a tracked
+        // peer costs its key and its entry, nothing more (no tree node).
+        assert_eq!(
+            std::mem::size_of::<(Key, Option<Entry>)>(),
+            std::mem::size_of::<Key>() + std::mem::size_of::<Entry>()
+        );
+        assert!(std::mem::size_of::<Entry>() <= 88);
+        let mut t = MfaTracker::new();
+        let sample = PeerSample {
+            rx_bytes: 1,
+            last_handshake: None,
+        };
+        t.observe((0..100u8).rev().map(|n| (key(n), sample)), s(1), wall(1));
+        assert_eq!(t.len(), 100);
+        assert_eq!(t.peers.iter().next().map(|(k, _)| *k), Some(key(0)));
     }
 
     #[test]

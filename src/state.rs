@@ -60,7 +60,9 @@ use thiserror::Error;
 use zeroize::Zeroize;
 
 pub use journal::{Buried, Record};
-pub use persisted::{first_event_seq, HaPersisted, PendingEvent, PersistedState};
+pub use persisted::{
+    first_event_seq, HaPersisted, HaSaved, LocationText, PendingEvent, PersistedState, SavedState,
+};
 
 /// The state file's name in the state directory.
 pub const STATE_FILE: &str = "state.json";
@@ -243,24 +245,29 @@ impl StateStore {
     }
 
     /// Writes a full base atomically and starts a new, empty journal (the order is in the
-    /// module doc). `state.gateway_id` is written as given; the store's id is the one to
-    /// put there.
-    pub fn save(&mut self, state: &PersistedState) -> Result<(), StateError> {
+    /// module doc). `state` is a [`PersistedState`] or a borrowed view that serializes as
+    /// one (the agent's, so that no copy of the state is built to save it); its
+    /// `gateway_id` is written as given, the store's id is the one to put there. The JSON
+    /// goes to the file as it is produced, through a bounded buffer wiped after use (the
+    /// state holds the private key): the text is never held whole.
+    pub fn save(&mut self, state: &impl Serialize) -> Result<(), StateError> {
         // Whatever happens below, appends wait for a save that completes: the journal on
         // disk may already be stale.
         self.journal = None;
         self.generation += 1;
-        let mut bytes = serde_json::to_vec(&OnDisk {
+        let on_disk = OnDisk {
             version: STATE_VERSION,
             journal_generation: self.generation,
             state,
-        })
-        .map_err(StateError::Encode)?;
-        bytes.push(b'\n');
-        let result = write_atomic(&self.dir, STATE_FILE, &bytes);
-        let len = bytes.len() as u64;
-        bytes.zeroize();
-        result?;
+        };
+        let len = write_atomic_with(&self.dir, STATE_FILE, |out| {
+            serde_json::to_writer(&mut *out, &on_disk).map_err(|e| match e.is_io() {
+                // The file's error, as it was.
+                true => WriteError::Io(io::Error::from(e)),
+                false => WriteError::Encode(e),
+            })?;
+            out.write_all(b"\n").map_err(WriteError::Io)
+        })?;
         self.base_bytes = len;
         self.journal = Some(create_journal(&self.dir, self.generation)?);
         Ok(())
@@ -464,11 +471,11 @@ fn stray_generation(dir: &Path) -> u64 {
 }
 
 #[derive(Serialize)]
-struct OnDisk<'a> {
+struct OnDisk<'a, S> {
     version: u64,
     journal_generation: u64,
     #[serde(flatten)]
-    state: &'a PersistedState,
+    state: &'a S,
 }
 
 #[derive(Deserialize)]
@@ -559,6 +566,25 @@ fn move_aside(dir: &Path, name: &str) -> Result<PathBuf, StateError> {
 
 /// Writes `name` in `dir` atomically with mode 0600.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+    write_atomic_with(dir, name, |out| {
+        out.write_all(bytes).map_err(WriteError::Io)
+    })
+    .map(drop)
+}
+
+/// Why [`write_atomic_with`]'s content could not be written.
+enum WriteError {
+    Io(io::Error),
+    Encode(serde_json::Error),
+}
+
+/// Writes `name` in `dir` atomically with mode 0600, its content produced by `fill`
+/// through a [`Wiped`] buffer; returns the bytes written.
+fn write_atomic_with(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut Wiped<File>) -> Result<(), WriteError>,
+) -> Result<u64, StateError> {
     let tmp = dir.join(format!("{TEMP_PREFIX}{name}"));
     let target = dir.join(name);
     let written = (|| {
@@ -567,22 +593,87 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateError> 
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("removing stale", &tmp, e)),
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| io_err("creating", &tmp, e))?;
-        file.write_all(bytes)
-            .map_err(|e| io_err("writing", &tmp, e))?;
+        let mut out = Wiped::new(file);
+        fill(&mut out)
+            .and_then(|()| out.flush().map_err(WriteError::Io))
+            .map_err(|e| match e {
+                WriteError::Io(e) => io_err("writing", &tmp, e),
+                WriteError::Encode(e) => StateError::Encode(e),
+            })?;
+        let len = out.written;
+        let file = out.into_inner();
         file.sync_all().map_err(|e| io_err("syncing", &tmp, e))?;
-        fs::rename(&tmp, &target).map_err(|e| io_err("renaming over", &target, e))
+        fs::rename(&tmp, &target).map_err(|e| io_err("renaming over", &target, e))?;
+        Ok(len)
     })();
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    written?;
-    sync_dir(dir)
+    let len = written?;
+    sync_dir(dir)?;
+    Ok(len)
+}
+
+/// A write buffer of [`Wiped::CAPACITY`] bytes in front of `W`, zeroed after each flush
+/// and when dropped: what passes through it (the state, with the private key) does not
+/// stay in freed memory, and a write of any size holds at most this much.
+struct Wiped<W: io::Write> {
+    inner: W,
+    /// Zeroed when dropped too.
+    buf: zeroize::Zeroizing<Vec<u8>>,
+    /// Bytes passed to `inner` so far.
+    written: u64,
+}
+
+impl<W: io::Write> Wiped<W> {
+    const CAPACITY: usize = 64 * 1024;
+
+    fn new(inner: W) -> Self {
+        Wiped {
+            inner,
+            buf: zeroize::Zeroizing::new(Vec::with_capacity(Self::CAPACITY)),
+            written: 0,
+        }
+    }
+
+    /// The writer, after a [`io::Write::flush`] (what is still buffered is wiped, not
+    /// written).
+    fn into_inner(self) -> W {
+        self.inner
+    }
+
+    fn flush_buf(&mut self) -> io::Result<()> {
+        let result = self.inner.write_all(&self.buf);
+        if result.is_ok() {
+            self.written += self.buf.len() as u64;
+        }
+        // `zeroize` wipes the whole capacity and clears the length.
+        self.buf.zeroize();
+        result
+    }
+}
+
+impl<W: io::Write> io::Write for Wiped<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.len() + data.len() > Self::CAPACITY {
+            self.flush_buf()?;
+        }
+        // At most CAPACITY bytes per call: the buffer never grows.
+        let n = data.len().min(Self::CAPACITY);
+        self.buf.extend_from_slice(&data[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_buf()?;
+        self.inner.flush()
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StateError> {

@@ -14,13 +14,15 @@ use gatehouse_proto::v1::{PeerStats, Stats};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
+use crate::keyed::KeyedVec;
 use crate::model::{Key, PeerState};
 use crate::state::codec::{self, unix_ms};
 
-/// What was last reported per peer on the current stream.
+/// What was last reported per peer on the current stream: a fingerprint per peer, in a
+/// sorted vector (no tree node per peer).
 #[derive(Clone, Debug, Default)]
 pub struct StatsTracker {
-    last: BTreeMap<Key, Reported>,
+    last: KeyedVec<Reported>,
 }
 
 impl StatsTracker {
@@ -35,21 +37,25 @@ impl StatsTracker {
     pub fn changed(&mut self, peers: &BTreeMap<Key, PeerState>, epochs: &Epochs) -> Vec<PeerStats> {
         self.last.retain(|k, _| peers.contains_key(k));
         let mut out = Vec::new();
+        let first = peers.keys().filter(|k| !self.last.contains_key(k));
+        let mut first = Vec::with_capacity(KeyedVec::<Reported>::room_for(first.count()));
         for (key, peer) in peers {
             let epoch = epochs.get(key);
             let now = Reported::of(peer, epoch);
-            if self.last.get(key) == Some(&now) {
-                continue;
+            match self.last.get_mut(key) {
+                Some(last) if *last == now => continue,
+                Some(last) => *last = now,
+                None => first.push((*key, Some(now))),
             }
-            self.last.insert(*key, now);
             out.push(peer_stats(key, peer, epoch));
         }
+        self.last.merge(first);
         out
     }
 
     /// A new stream: the next report carries every peer.
     pub fn reset(&mut self) {
-        self.last.clear();
+        self.last = KeyedVec::new();
     }
 
     /// Forgets one peer (removed).
@@ -84,7 +90,18 @@ pub fn peer_stats(key: &Key, peer: &PeerState, counter_epoch: u64) -> PeerStats 
 /// (leave room for the `GatewayMessage` envelope, a few bytes), in order, with
 /// `more = true` on all but the last. A single peer larger than `max_bytes` travels
 /// alone. No peers: no messages.
-pub fn batches(peers: Vec<PeerStats>, collected_at: SystemTime, max_bytes: usize) -> Vec<Stats> {
+///
+/// The report is held about once: the peers leave `peers` as they join a batch, `peers`
+/// gives its room back at each batch's end, and a finished batch is cut to its size.
+pub fn batches(
+    mut peers: Vec<PeerStats>,
+    collected_at: SystemTime,
+    max_bytes: usize,
+) -> Vec<Stats> {
+    /// Room given back only when at least this many peers' places are free.
+    const SHRINK_AT: usize = 1024;
+    // Taken from the end: reversed first, so the order is kept.
+    peers.reverse();
     let collected_at_ms = unix_ms(collected_at);
     let empty = Stats {
         collected_at_ms,
@@ -96,19 +113,25 @@ pub fn batches(peers: Vec<PeerStats>, collected_at: SystemTime, max_bytes: usize
     let mut out = Vec::new();
     let mut current = empty.clone();
     let mut size = fixed;
-    for peer in peers {
+    while let Some(peer) = peers.pop() {
         let len = peer.encoded_len();
         // Field 2, length-delimited: one key byte, the length, the message.
         let item =
             prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(len as u64) + len;
         if !current.peers.is_empty() && size + item > max_bytes {
-            out.push(std::mem::replace(&mut current, empty.clone()));
+            let mut done = std::mem::replace(&mut current, empty.clone());
+            done.peers.shrink_to_fit();
+            out.push(done);
             size = fixed;
+            if peers.capacity() - peers.len() >= SHRINK_AT {
+                peers.shrink_to_fit();
+            }
         }
         current.peers.push(peer);
         size += item;
     }
     if !current.peers.is_empty() {
+        current.peers.shrink_to_fit();
         out.push(current);
     }
     if let Some(last) = out.last_mut() {

@@ -47,15 +47,61 @@ impl ValidLocation {
     /// The location as the Core would send it, peers in `order` (keys not held are skipped,
     /// held keys not named are left out). Validating it gives `self` back (a property test).
     pub fn to_proto(&self, order: impl IntoIterator<Item = Key>) -> v1::Location {
-        let iface = &self.desired.interface;
         let peers = order
             .into_iter()
             .filter_map(|k| Some(self.peer_proto(self.desired.peers.get(&k)?)))
             .collect();
-        let mfa = self.mfa.threshold().map(|t| v1::MfaSettings {
-            enabled: true,
-            disconnect_threshold_secs: u32::try_from(t.as_secs()).unwrap_or(u32::MAX),
-        });
+        v1::Location {
+            peers,
+            firewall: self.firewall.clone(),
+            mfa: self.mfa_proto(),
+            ..self.head_proto()
+        }
+    }
+
+    /// The prost encoding of [`ValidLocation::to_proto`] (the same bytes), handed to `out`
+    /// piece by piece: the fields before the peers, each peer, the fields after them. No
+    /// copy of the whole location is made (for the state file). The pieces hold the
+    /// private and preshared keys: the buffer they pass through is wiped.
+    pub fn encode_proto<E>(
+        &self,
+        order: impl IntoIterator<Item = Key>,
+        out: &mut impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        use prost::Message as _;
+        use zeroize::Zeroize as _;
+
+        let mut buf = zeroize::Zeroizing::new(Vec::new());
+        let mut head = self.head_proto();
+        head.encode_raw(&mut *buf);
+        if let Some(iface) = head.interface.as_mut() {
+            iface.private_key.zeroize();
+        }
+        out(&buf)?;
+        for key in order {
+            let Some(spec) = self.desired.peers.get(&key) else {
+                continue;
+            };
+            buf.zeroize();
+            let mut peer = self.peer_proto(spec);
+            // Field 4 of `Location`: `repeated Peer peers`.
+            prost::encoding::message::encode(4, &peer, &mut *buf);
+            peer.preshared_key.zeroize();
+            out(&buf)?;
+        }
+        buf.zeroize();
+        if let Some(firewall) = &self.firewall {
+            prost::encoding::message::encode(5, firewall, &mut *buf);
+        }
+        if let Some(mfa) = &self.mfa_proto() {
+            prost::encoding::message::encode(6, mfa, &mut *buf);
+        }
+        out(&buf)
+    }
+
+    /// The location's fields before its peers (its id, name and interface).
+    fn head_proto(&self) -> v1::Location {
+        let iface = &self.desired.interface;
         v1::Location {
             id: self.id,
             name: self.name.clone(),
@@ -66,10 +112,17 @@ impl ValidLocation {
                 mtu: iface.mtu.unwrap_or(0),
                 fwmark: iface.fwmark,
             }),
-            peers,
-            firewall: self.firewall.clone(),
-            mfa,
+            peers: Vec::new(),
+            firewall: None,
+            mfa: None,
         }
+    }
+
+    fn mfa_proto(&self) -> Option<v1::MfaSettings> {
+        self.mfa.threshold().map(|t| v1::MfaSettings {
+            enabled: true,
+            disconnect_threshold_secs: u32::try_from(t.as_secs()).unwrap_or(u32::MAX),
+        })
     }
 
     fn peer_proto(&self, p: &PeerSpec) -> v1::Peer {

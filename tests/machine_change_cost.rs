@@ -99,7 +99,7 @@ fn exec(x: &mut X, a: Action) -> Option<Outcome> {
             x.fw_time += s.elapsed();
             Outcome::Firewall(r.map_err(|e| e.to_string()))
         }
-        Action::Save(_) => Outcome::Saved(Ok(())),
+        Action::Save => Outcome::Saved(Ok(())),
         Action::Append(_) => Outcome::Appended(Ok(0)),
         Action::Send { messages, .. } => Outcome::Sent(messages.len()),
         Action::Kick(_) => Outcome::Kicked(Ok(())),

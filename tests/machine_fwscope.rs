@@ -273,7 +273,7 @@ impl Rig {
                     Outcome::Firewall(r.map_err(|e| e.to_string()))
                 }
                 Action::CheckBackend => Outcome::BackendChecked(Ok(None)),
-                Action::Save(_) => Outcome::Saved(Ok(())),
+                Action::Save => Outcome::Saved(Ok(())),
                 Action::Append(_) => Outcome::Appended(Ok(0)),
                 Action::Send { messages, .. } => Outcome::Sent(messages.len()),
                 Action::Kick(_) => Outcome::Kicked(Ok(())),

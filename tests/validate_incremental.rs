@@ -161,6 +161,17 @@ fn held(revision: u64, location: v1::Location) -> Held {
 /// trip), for every valid location and after runs of deltas.
 fn round_trips(h: &Held) -> Result<(), TestCaseError> {
     let encoded = h.to_proto();
+    // The state file's encoding, made a peer at a time, is the same bytes.
+    let mut pieces = Vec::new();
+    h.encode_proto(&mut |b: &[u8]| {
+        pieces.extend_from_slice(b);
+        Ok::<_, ()>(())
+    })
+    .expect("no error");
+    prop_assert!(
+        pieces == prost::Message::encode_to_vec(&encoded),
+        "streamed encoding"
+    );
     let again = validate_location(&encoded).map_err(|r| TestCaseError::fail(format!("{r:?}")))?;
     prop_assert_eq!(&again, &h.valid);
     prop_assert!(

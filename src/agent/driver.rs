@@ -50,7 +50,7 @@ impl Driver {
     /// Executes the machine's actions until it has none, feeding each outcome back.
     pub(super) async fn drain(&mut self, machine: &mut Machine) {
         while let Some(action) = machine.poll_action() {
-            if let Some(outcome) = self.execute(action).await {
+            if let Some(outcome) = self.execute(action, machine).await {
                 machine.handle_outcome(outcome, self.now());
             }
         }
@@ -90,7 +90,9 @@ impl Driver {
         self.drain(machine).await;
     }
 
-    async fn execute(&mut self, action: Action) -> Option<Outcome> {
+    /// Executes one action; `machine` is read (never changed) for what the action names
+    /// from it (the state to save).
+    async fn execute(&mut self, action: Action, machine: &Machine) -> Option<Outcome> {
         let text = |e: &dyn std::fmt::Display| e.to_string();
         Some(match action {
             Action::RunHook(hook) => {
@@ -122,7 +124,11 @@ impl Driver {
                     .run_peers(&trigger, &change)
                     .map_err(|e| text(&e)),
             ),
-            Action::Save(state) => Outcome::Saved(self.store.save(&state).map_err(|e| text(&e))),
+            Action::Save => Outcome::Saved(
+                self.store
+                    .save(&machine.state_to_save())
+                    .map_err(|e| text(&e)),
+            ),
             Action::Append(records) => Outcome::Appended(if self.store.should_compact() {
                 Err(AppendError::Compact)
             } else {

@@ -19,6 +19,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::keyed::KeyedVec;
 use crate::model::{Key, PeerState};
 use crate::state::codec::{self, from_unix_ms, unix_ms};
 
@@ -53,9 +54,10 @@ impl Seen {
 pub struct ActivityBook {
     #[serde(with = "codec::key_map")]
     peers: BTreeMap<Key, Seen>,
-    /// Received bytes at the last read here (a baseline, not kept across restarts).
+    /// Received bytes at the last read here (a baseline, not kept across restarts): one
+    /// record per peer of the interface, in a sorted vector.
     #[serde(skip)]
-    rx_here: BTreeMap<Key, u64>,
+    rx_here: KeyedVec<u64>,
     /// How many of `peers` have an endpoint: kept by every change of `peers` (an endpoint
     /// is never taken back, only the peer), so the status reads it in O(1).
     #[serde(skip)]
@@ -79,7 +81,7 @@ impl From<Stored> for ActivityBook {
             .count();
         ActivityBook {
             peers: stored.peers,
-            rx_here: BTreeMap::new(),
+            rx_here: KeyedVec::new(),
             endpoints,
         }
     }
@@ -117,21 +119,27 @@ impl ActivityBook {
     /// One read of this gateway's interface at `now`. True when the book changed.
     pub fn observe_here(&mut self, peers: &BTreeMap<Key, PeerState>, now: SystemTime) -> bool {
         let mut changed = false;
+        let first = peers.keys().filter(|k| !self.rx_here.contains_key(k));
+        let mut first = Vec::with_capacity(KeyedVec::<u64>::room_for(first.count()));
         for (key, peer) in peers {
             let endpoint = peer.config.endpoint;
             if let Some(handshake) = peer.last_handshake {
                 changed |= self.record(*key, handshake, endpoint, Source::Here);
             }
             // A lower count is a re-created peer: a new baseline, no sign of life by itself.
-            let grew = self
-                .rx_here
-                .insert(*key, peer.rx_bytes)
-                .is_some_and(|before| peer.rx_bytes > before);
+            let grew = match self.rx_here.get_mut(key) {
+                Some(before) => std::mem::replace(before, peer.rx_bytes) < peer.rx_bytes,
+                None => {
+                    first.push((*key, Some(peer.rx_bytes)));
+                    false
+                }
+            };
             if grew {
                 changed |= self.record(*key, now, endpoint, Source::Here);
             }
         }
         self.rx_here.retain(|k, _| peers.contains_key(k));
+        self.rx_here.merge(first);
         changed
     }
 

@@ -2,6 +2,7 @@
 //! bytes as base64, and wall-clock times as Unix milliseconds.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -98,9 +99,76 @@ pub mod opt_bytes_b64 {
     }
 }
 
+/// Base64 (standard, padded) of a byte stream given in pieces of any size, written to a
+/// formatter as it goes: the same text as encoding the pieces joined. Holds at most
+/// [`B64Stream::CHUNK`] input bytes and their text, wiped after use (the state file's
+/// location holds keys).
+#[derive(Default)]
+pub struct B64Stream {
+    /// Input not encoded yet (fewer than 3 bytes between pushes).
+    pending: zeroize::Zeroizing<Vec<u8>>,
+    text: zeroize::Zeroizing<String>,
+}
+
+impl B64Stream {
+    /// Input bytes encoded per write (a multiple of 3: no padding inside the text).
+    pub const CHUNK: usize = 3 * 1024;
+
+    /// Encodes what it can of `bytes` (whole groups of 3 with what was pending) to `f`.
+    pub fn push(&mut self, mut bytes: &[u8], f: &mut impl fmt::Write) -> fmt::Result {
+        while !bytes.is_empty() {
+            let take = (Self::CHUNK - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            let whole = self.pending.len() / 3 * 3;
+            self.write(whole, f)?;
+        }
+        Ok(())
+    }
+
+    /// Encodes the rest (with padding).
+    pub fn finish(mut self, f: &mut impl fmt::Write) -> fmt::Result {
+        let all = self.pending.len();
+        self.write(all, f)
+    }
+
+    /// Encodes and writes the first `n` pending bytes, keeps the others.
+    fn write(&mut self, n: usize, f: &mut impl fmt::Write) -> fmt::Result {
+        use zeroize::Zeroize as _;
+        if n == 0 {
+            return Ok(());
+        }
+        self.text.zeroize();
+        B64.encode_string(&self.pending[..n], &mut self.text);
+        f.write_str(&self.text)?;
+        self.pending.copy_within(n.., 0);
+        let rest = self.pending.len() - n;
+        self.pending[rest..].zeroize();
+        self.pending.truncate(rest);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streamed_base64_is_the_base64_of_the_whole() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for pieces in [1, 2, 3, 4, 5, 7, 1000, 3072, 3073, 10_000] {
+            let mut text = String::new();
+            let mut b = B64Stream::default();
+            for piece in data.chunks(pieces) {
+                b.push(piece, &mut text).unwrap();
+            }
+            b.finish(&mut text).unwrap();
+            assert_eq!(text, B64.encode(&data), "pieces of {pieces}");
+        }
+        let mut text = String::new();
+        B64Stream::default().finish(&mut text).unwrap();
+        assert_eq!(text, "");
+    }
 
     #[test]
     fn unix_ms_round_trips_both_sides_of_the_epoch() {

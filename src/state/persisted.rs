@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::codec;
 use crate::ha::activity::ActivityBook;
-use crate::mfa::{MfaSnapshot, Tombstones};
+use crate::location::Held;
+use crate::mfa::{MfaSaved, MfaSnapshot, Tombstones};
 use crate::model::Key;
 use crate::stats::Epochs;
 
@@ -42,6 +43,56 @@ pub struct PersistedState {
     pub saved_unix_ms: Option<i64>,
     /// HA: drain (kept until `undrain`) and where each client was last seen.
     pub ha: HaPersisted,
+}
+
+/// A [`PersistedState`] borrowed from its owners, for [`super::StateStore::save`]: it
+/// serializes to the same JSON as the `PersistedState` they would build, without building
+/// it (the MFA timers, the HA book and the location are written as they are read; the
+/// location's encoding goes to the file a peer at a time).
+#[derive(Serialize)]
+pub struct SavedState<'a> {
+    pub gateway_id: &'a str,
+    pub applied_revision: u64,
+    pub location: Option<LocationText<'a>>,
+    pub mfa: MfaSaved<'a>,
+    pub tombstones: &'a Tombstones,
+    pub epochs: &'a Epochs,
+    pub pending_events: &'a [PendingEvent],
+    pub next_seq: u64,
+    pub core_last_contact_unix_ms: Option<i64>,
+    pub offline_ms: Option<u64>,
+    pub saved_unix_ms: Option<i64>,
+    pub ha: HaSaved<'a>,
+}
+
+/// [`HaPersisted`] borrowed (the book is not copied).
+#[derive(Serialize)]
+pub struct HaSaved<'a> {
+    pub draining: bool,
+    pub activity: &'a ActivityBook,
+    pub vips_present: Vec<std::net::IpAddr>,
+    pub operator: Option<crate::ha::role::Operator>,
+    pub active_since_unix_ms: Option<i64>,
+}
+
+/// The held location as [`PersistedState::location`] stores it (base64 of its prost
+/// encoding), produced while it is written: a JSON string made a peer at a time.
+pub struct LocationText<'a>(pub &'a Held);
+
+impl Serialize for LocationText<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // `collect_str` writes what `Display` produces as it comes (serde_json).
+        s.collect_str(self)
+    }
+}
+
+impl fmt::Display for LocationText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut text = codec::B64Stream::default();
+        self.0
+            .encode_proto(&mut |bytes: &[u8]| text.push(bytes, &mut *f))?;
+        text.finish(f)
+    }
 }
 
 /// What HA keeps across restarts (design §12).

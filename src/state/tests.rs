@@ -285,3 +285,146 @@ fn a_fresh_start_numbers_events_above_an_earlier_run() {
         1
     );
 }
+
+/// A location of `n` peers with keys and a firewall policy, as the Core sends it.
+fn big_location(n: u32) -> gatehouse_proto::v1::Location {
+    use gatehouse_proto::v1;
+    let peers = (0..n)
+        .map(|i| {
+            let mut key = [7u8; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            v1::Peer {
+                public_key: key.to_vec(),
+                preshared_key: vec![9; 32],
+                allowed_ips: vec![format!(
+                    "10.{}.{}.{}/32",
+                    1 + (i >> 16),
+                    (i >> 8) & 255,
+                    i & 255
+                )],
+                persistent_keepalive: 25,
+                id: u64::from(i) + 1,
+                mfa_session: u64::from(i % 3),
+                ..Default::default()
+            }
+        })
+        .collect();
+    v1::Location {
+        id: 4,
+        name: "office".into(),
+        interface: Some(v1::Interface {
+            private_key: vec![5; 32],
+            listen_port: 51820,
+            addresses: vec!["10.0.0.1/8".into()],
+            mtu: 1420,
+            fwmark: 0,
+        }),
+        peers,
+        firewall: None,
+        mfa: Some(v1::MfaSettings {
+            enabled: true,
+            disconnect_threshold_secs: 600,
+        }),
+    }
+}
+
+#[test]
+fn a_borrowed_state_is_saved_as_the_owned_one_and_loads_back() {
+    use crate::location::Held;
+    use crate::validate::validate_location;
+
+    let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    // Large enough that the text passes the write buffer many times over.
+    let location = big_location(3_000);
+    let valid = validate_location(&location).expect("valid");
+    let held = Held::new(8, location, valid);
+    let mut mfa = MfaTracker::new();
+    mfa.observe(
+        (0..3_000u32).map(|i| {
+            let mut key = [7u8; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            let sample = PeerSample {
+                rx_bytes: u64::from(i),
+                last_handshake: (i % 2 == 0).then_some(wall),
+            };
+            (Key(key), sample)
+        }),
+        Duration::from_secs(3),
+        wall,
+    );
+    let owned = sample_state("gw");
+    let mut expected = owned.clone();
+    expected.location = Some(prost::Message::encode_to_vec(&held.to_proto()));
+    expected.mfa = mfa.persist(Duration::from_secs(10), wall);
+    let view = SavedState {
+        gateway_id: &owned.gateway_id,
+        applied_revision: owned.applied_revision,
+        location: Some(LocationText(&held)),
+        mfa: mfa.saved(Duration::from_secs(10), wall),
+        tombstones: &owned.tombstones,
+        epochs: &owned.epochs,
+        pending_events: &owned.pending_events,
+        next_seq: owned.next_seq,
+        core_last_contact_unix_ms: owned.core_last_contact_unix_ms,
+        offline_ms: owned.offline_ms,
+        saved_unix_ms: owned.saved_unix_ms,
+        ha: HaSaved {
+            draining: owned.ha.draining,
+            activity: &owned.ha.activity,
+            vips_present: owned.ha.vips_present.clone(),
+            operator: owned.ha.operator,
+            active_since_unix_ms: owned.ha.active_since_unix_ms,
+        },
+    };
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (mut by_view, _) = StateStore::open(&a).unwrap();
+    let (mut by_value, _) = StateStore::open(&b).unwrap();
+    by_view.save(&view).unwrap();
+    by_value.save(&expected).unwrap();
+    let text = fs::read(a.join(STATE_FILE)).unwrap();
+    assert!(
+        text.len() > 4 * Wiped::<File>::CAPACITY,
+        "{} bytes",
+        text.len()
+    );
+    assert!(
+        text == fs::read(b.join(STATE_FILE)).unwrap(),
+        "the same bytes as the owned state's"
+    );
+    assert_eq!(by_view.base_bytes(), text.len() as u64);
+    assert_eq!(mode(&a.join(STATE_FILE)), 0o600);
+    drop(by_view);
+    let (_, outcome) = StateStore::open(&a).unwrap();
+    match outcome {
+        LoadOutcome::Loaded(loaded) => {
+            let mut expected = expected;
+            expected.gateway_id = loaded.gateway_id.clone();
+            assert!(*loaded == expected, "loads as the owned state");
+        }
+        other => panic!("expected Loaded, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_save_that_cannot_encode_leaves_the_old_file() {
+    struct Refuses;
+    impl Serialize for Refuses {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("no"))
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut store, _) = StateStore::open(tmp.path()).unwrap();
+    let state = sample_state(store.gateway_id());
+    store.save(&state).unwrap();
+    let before = fs::read(tmp.path().join(STATE_FILE)).unwrap();
+    assert!(matches!(store.save(&Refuses), Err(StateError::Encode(_))));
+    assert_eq!(fs::read(tmp.path().join(STATE_FILE)).unwrap(), before);
+    assert!(fs::read_dir(tmp.path()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(TEMP_PREFIX)));
+}

@@ -182,7 +182,7 @@ fn kind(a: &Action) -> String {
         Action::Apply { plan, .. } => format!("apply {}", plan.summary()),
         Action::Firewall { .. } => "firewall".into(),
         Action::FirewallPeers { .. } => "firewall peers".into(),
-        Action::Save(_) => "save".into(),
+        Action::Save => "save".into(),
         Action::Append(_) => "append".into(),
         Action::Send { mode, .. } => format!("send {mode:?}"),
         Action::Kick(_) => "kick".into(),
@@ -484,14 +484,22 @@ impl Sim {
             Action::Firewall { .. } | Action::FirewallPeers { .. } => {
                 Outcome::Firewall(self.fail_firewall.clone().map_or(Ok(()), Err))
             }
-            Action::Save(state) => {
+            Action::Save => {
+                let state = Box::new(self.machine.persisted());
+                // The store writes the borrowed view: the same JSON as the owned state.
+                let written =
+                    serde_json::to_vec(&self.machine.state_to_save()).expect("state encodes");
+                assert!(
+                    written == serde_json::to_vec(&*state).expect("state encodes"),
+                    "the saved view serializes as the persisted state"
+                );
                 if self.fail_saves {
                     // As the store: the files on disk stay, appends wait for a save that
                     // succeeds.
                     self.journal_open = false;
                     Outcome::Saved(Err("disk full".into()))
                 } else {
-                    let bytes = serde_json::to_vec(&*state).expect("state encodes").len();
+                    let bytes = written.len();
                     self.writes.push(Write::Full(bytes));
                     self.base = Some(*state);
                     self.journal.clear();

@@ -22,7 +22,7 @@ use crate::ha::takeover::{plan_takeover, Pacer, TakeoverInput, TakeoverPlan};
 use crate::ha::{Answer, Command, HaSettings, HaStatus, Role, TakeoverStatus};
 use crate::model::Key;
 use crate::state::codec::from_unix_ms;
-use crate::state::HaPersisted;
+use crate::state::{HaPersisted, HaSaved};
 
 /// The HA state.
 #[derive(Debug)]
@@ -84,6 +84,17 @@ impl HaState {
         self.book = persisted.activity;
         if persisted.draining {
             info!("draining (kept from before the restart; `gatehouse undrain` ends it)");
+        }
+    }
+
+    /// [`HaState::persisted`] borrowed (the book is not copied).
+    pub(super) fn saved(&self) -> HaSaved<'_> {
+        HaSaved {
+            draining: self.role.draining(),
+            activity: &self.book,
+            vips_present: self.role.vips_present().iter().copied().collect(),
+            operator: self.role.operator(),
+            active_since_unix_ms: self.active_since.map(unix_ms),
         }
     }
 

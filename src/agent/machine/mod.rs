@@ -85,7 +85,7 @@ use crate::location::Held;
 use crate::mfa::{MfaTracker, Tombstones};
 use crate::model::{Desired, Observed};
 use crate::plan::Plan;
-use crate::state::{first_event_seq, PendingEvent, PersistedState, Record};
+use crate::state::{first_event_seq, PendingEvent, PersistedState, Record, SavedState};
 use crate::stats::{Epochs, StatsTracker};
 
 pub use self::ha::HaState;
@@ -126,8 +126,11 @@ pub enum Action {
         trigger: String,
         change: crate::firewall::vpn::VpnChange,
     },
-    /// Write the state file (and start a new journal). Result: [`Outcome::Saved`].
-    Save(Box<PersistedState>),
+    /// Write the state file (and start a new journal) with [`Machine::state_to_save`], borrowed
+    /// from the machine: it does not change until this action's outcome is fed back (see
+    /// the calling contract), so the state is not copied to be saved. Result:
+    /// [`Outcome::Saved`].
+    Save,
     /// Append records to the state journal, unless it is due for compaction. Result:
     /// [`Outcome::Appended`].
     Append(Vec<Record>),
@@ -505,9 +508,15 @@ impl Machine {
         self.ha.answer()
     }
 
-    /// The state to write (also what shutdown saves).
+    /// The state to write, as an owned value (what [`Machine::state_to_save`] writes).
     pub fn persisted(&self) -> PersistedState {
         self.persisted_state()
+    }
+
+    /// What an [`Action::Save`] writes: the state borrowed from the machine, serialized
+    /// as [`Machine::persisted`] would be without building it.
+    pub fn state_to_save(&self) -> SavedState<'_> {
+        self.saved_state()
     }
 
     // ------------------------------------------------------------------ inputs --

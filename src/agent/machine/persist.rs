@@ -140,8 +140,7 @@ impl Machine {
     pub(super) fn save_full(&mut self, wait: Wait) {
         let revision = self.held.as_ref().map_or(0, |h| h.revision);
         self.disk.writing = Some(Writing::Full { revision });
-        let state = self.persisted_state();
-        self.request(Action::Save(Box::new(state)), wait);
+        self.request(Action::Save, wait);
     }
 
     /// The outcome of a write, as the waiting work sees it (`Saved`); a refused append

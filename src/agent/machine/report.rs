@@ -8,9 +8,38 @@ use crate::agent::status::{readiness, unix_ms, Readiness, Status};
 use crate::http::DiffReport;
 use crate::model::Desired;
 use crate::plan::plan;
-use crate::state::PersistedState;
+use crate::state::{LocationText, PersistedState, SavedState};
 
 impl Machine {
+    /// The state a full save writes, borrowed: what [`Machine::persisted_state`] would build,
+    /// serialized without building it.
+    pub(super) fn saved_state(&self) -> SavedState<'_> {
+        let (mono, wall) = (self.now.mono, self.now.wall);
+        SavedState {
+            gateway_id: &self.gateway_id,
+            applied_revision: self.held.as_ref().map_or(0, |h| h.revision),
+            location: self.held.as_ref().map(LocationText),
+            mfa: self.mfa.saved(mono, wall),
+            tombstones: &self.tombstones,
+            epochs: &self.epochs,
+            pending_events: &self.pending,
+            next_seq: self.next_seq,
+            core_last_contact_unix_ms: self.core_last_contact(),
+            offline_ms: Some(self.offline.offline_for(mono).as_millis() as u64),
+            saved_unix_ms: Some(unix_ms(wall)),
+            ha: self.ha.saved(),
+        }
+    }
+
+    /// While the stream is up the Core is in contact now, even if idle.
+    fn core_last_contact(&self) -> Option<i64> {
+        if self.stream_up {
+            Some(unix_ms(self.now.wall))
+        } else {
+            self.last_contact.map(unix_ms)
+        }
+    }
+
     pub(super) fn persisted_state(&self) -> PersistedState {
         let (mono, wall) = (self.now.mono, self.now.wall);
         PersistedState {
@@ -25,11 +54,7 @@ impl Machine {
             // While the stream is up the Core is in contact now, even if idle.
             offline_ms: Some(self.offline.offline_for(mono).as_millis() as u64),
             saved_unix_ms: Some(unix_ms(wall)),
-            core_last_contact_unix_ms: if self.stream_up {
-                Some(unix_ms(wall))
-            } else {
-                self.last_contact.map(unix_ms)
-            },
+            core_last_contact_unix_ms: self.core_last_contact(),
             ha: self.ha.persisted(),
         }
     }

@@ -1,0 +1,240 @@
+//! Heap bounds of the agent's per-peer state, measured by a counting allocator (bytes
+//! asked of the allocator, not time): the full state save streams (it never holds the
+//! state's text or a copy of its big parts), and the per-peer trackers cost a fixed-size
+//! record per peer.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use gatehouse::ha::activity::ActivityBook;
+use gatehouse::location::Held;
+use gatehouse::mfa::{MfaTracker, PeerSample, Tombstones};
+use gatehouse::model::{Key, PeerSpec, PeerState};
+use gatehouse::state::{HaSaved, LocationText, SavedState, StateStore};
+use gatehouse::stats::{batches, Epochs, StatsTracker};
+use gatehouse::validate::validate_location;
+use gatehouse_proto::v1;
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// One measurement at a time (the tests of this file share the counters).
+static ONE: Mutex<()> = Mutex::new(());
+
+/// What running `f` adds to the heap at its peak, above what was live before it.
+fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let out = f();
+    (out, PEAK.load(Ordering::Relaxed) - before)
+}
+
+/// What `f`'s result keeps on the heap.
+fn kept_by<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let before = LIVE.load(Ordering::Relaxed);
+    let out = f();
+    let after = LIVE.load(Ordering::Relaxed);
+    (out, after.saturating_sub(before))
+}
+
+const N: u32 = 20_000;
+
+fn key(i: u32) -> Key {
+    let mut k = [3u8; 32];
+    k[..4].copy_from_slice(&i.to_be_bytes());
+    Key(k)
+}
+
+fn location() -> v1::Location {
+    v1::Location {
+        id: 1,
+        name: "office".into(),
+        interface: Some(v1::Interface {
+            private_key: vec![5; 32],
+            listen_port: 51820,
+            addresses: vec!["10.0.0.1/8".into()],
+            mtu: 0,
+            fwmark: 0,
+        }),
+        peers: (0..N)
+            .map(|i| v1::Peer {
+                public_key: key(i).0.to_vec(),
+                preshared_key: vec![9; 32],
+                allowed_ips: vec![format!(
+                    "10.{}.{}.{}/32",
+                    1 + (i >> 16),
+                    (i >> 8) & 255,
+                    i & 255
+                )],
+                id: u64::from(i) + 1,
+                mfa_session: 7,
+                ..Default::default()
+            })
+            .collect(),
+        firewall: None,
+        mfa: Some(v1::MfaSettings {
+            enabled: true,
+            disconnect_threshold_secs: 600,
+        }),
+    }
+}
+
+fn interface() -> BTreeMap<Key, PeerState> {
+    (0..N)
+        .map(|i| {
+            let ip = format!("10.{}.{}.{}/32", 1 + (i >> 16), (i >> 8) & 255, i & 255);
+            let mut p = PeerState::fresh(PeerSpec::new(key(i), [ip.parse().unwrap()]));
+            p.rx_bytes = u64::from(i);
+            (key(i), p)
+        })
+        .collect()
+}
+
+fn wall() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+}
+
+#[test]
+fn the_full_save_streams_the_state_to_the_file() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let loc = location();
+    let valid = validate_location(&loc).expect("valid");
+    let held = Held::new(9, loc, valid);
+    let mut mfa = MfaTracker::new();
+    mfa.observe(
+        (0..N).map(|i| {
+            let sample = PeerSample {
+                rx_bytes: u64::from(i),
+                last_handshake: Some(wall()),
+            };
+            (key(i), sample)
+        }),
+        Duration::from_secs(1),
+        wall(),
+    );
+    let (tombstones, epochs, book) = (Tombstones::new(), Epochs::new(), ActivityBook::new());
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut store, _) = StateStore::open(tmp.path()).unwrap();
+    let view = SavedState {
+        gateway_id: "gw",
+        applied_revision: 9,
+        location: Some(LocationText(&held)),
+        mfa: mfa.saved(Duration::from_secs(2), wall()),
+        tombstones: &tombstones,
+        epochs: &epochs,
+        pending_events: &[],
+        next_seq: 1,
+        core_last_contact_unix_ms: None,
+        offline_ms: None,
+        saved_unix_ms: None,
+        ha: HaSaved {
+            draining: false,
+            activity: &book,
+            vips_present: vec![],
+            operator: None,
+            active_since_unix_ms: None,
+        },
+    };
+    let (saved, peak) = peak_during(|| store.save(&view));
+    saved.unwrap();
+    let written = std::fs::metadata(tmp.path().join("state.json"))
+        .unwrap()
+        .len() as usize;
+    assert!(written > 5_000_000, "{written} bytes written");
+    // The write buffer (64 KiB), one peer's encoding and its text, the path names: far
+    // below the text (which a whole-text save holds, twice while it grows) or a copy of
+    // the location or the timers.
+    assert!(
+        peak < 256 * 1024,
+        "the save held {peak} bytes at its peak for a {written}-byte file"
+    );
+}
+
+#[test]
+fn the_trackers_keep_a_fixed_size_record_per_peer() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let peers = interface();
+    let n = peers.len();
+
+    // MFA: the key (32 bytes) and an 88-byte timer, with an eighth of room for peers
+    // added between reads (135 bytes); a tree of them cost about 220.
+    let (mfa, bytes) = kept_by(|| {
+        let mut t = MfaTracker::new();
+        let samples = peers.iter().map(|(k, p)| (*k, PeerSample::from(p)));
+        // The first read holds one vector of the records, not a growing one beside it.
+        let ((), peak) = peak_during(|| t.observe(samples, Duration::from_secs(1), wall()));
+        assert!(
+            peak <= n * 136,
+            "MFA first read: {} bytes per peer",
+            peak / n
+        );
+        // A second read: the steady state.
+        let samples = peers.iter().map(|(k, p)| (*k, PeerSample::from(p)));
+        t.observe(samples, Duration::from_secs(2), wall());
+        t
+    });
+    assert_eq!(mfa.len(), n);
+    assert!(
+        bytes <= n * 136,
+        "MFA tracker: {} bytes per peer",
+        bytes / n
+    );
+
+    // HA book: the received-bytes baseline of every peer, 48 bytes each (and room).
+    let (book, bytes) = kept_by(|| {
+        let mut b = ActivityBook::new();
+        b.observe_here(&peers, wall());
+        b.observe_here(&peers, wall());
+        b
+    });
+    assert!(bytes <= n * 56, "HA book: {} bytes per peer", bytes / n);
+
+    // Stats: a fingerprint per reported peer, 48 bytes each (and room).
+    let epochs = Epochs::new();
+    let (stats, bytes) = kept_by(|| {
+        let mut s = StatsTracker::new();
+        assert_eq!(s.changed(&peers, &epochs).len(), n);
+        assert!(s.changed(&peers, &epochs).is_empty());
+        s
+    });
+    assert!(
+        bytes <= n * 56,
+        "stats tracker: {} bytes per peer",
+        bytes / n
+    );
+
+    // The first report, split into messages: held about once while it is split.
+    let (report, report_bytes) = kept_by(|| StatsTracker::new().changed(&peers, &epochs));
+    let (messages, peak) = peak_during(|| batches(report, wall(), 256 * 1024));
+    assert!(messages.len() > 4);
+    assert!(
+        peak < report_bytes / 2,
+        "splitting a report of {report_bytes} bytes added {peak} at its peak"
+    );
+    drop((mfa, book, stats, messages));
+}
