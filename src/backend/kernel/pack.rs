@@ -177,7 +177,7 @@ pub fn pack<'a>(
 }
 
 /// [`pack`], handing each request to `sink` as soon as it is complete (the buffer is
-/// reused, and zeroed, once `sink` returns).
+/// reused once `sink` returns, zeroed first if it held a key).
 pub fn pack_each<'a>(
     interface: &str,
     ops: impl IntoIterator<Item = &'a Op>,
@@ -318,6 +318,7 @@ impl Attr<'_> {
 /// The attributes of a peer entry's first piece, in the order they are written: the
 /// public key, the flags, then at most three more.
 struct Head<'a> {
+    key: &'a [u8; 32],
     attrs: [Attr<'a>; 5],
     len: usize,
 }
@@ -325,6 +326,7 @@ struct Head<'a> {
 impl<'a> Head<'a> {
     fn new(key: &'a [u8; 32], flags: u32) -> Self {
         Head {
+            key,
             attrs: [Attr::Flags(flags); 5],
             len: 0,
         }
@@ -347,10 +349,7 @@ impl<'a> Head<'a> {
     }
 
     fn key(&self) -> &'a [u8; 32] {
-        match self.attrs[0] {
-            Attr::PublicKey(k) => k,
-            _ => unreachable!("a head starts with the public key"),
-        }
+        self.key
     }
 
     /// Encoded size of the attributes.
