@@ -66,6 +66,7 @@ fn main() {
     let (mut plan_t, mut pack_t) = (Vec::new(), Vec::new());
     let (mut plan_a, mut pack_a) = ((0, 0), (0, 0));
     let (mut messages, mut bytes) = (0, 0);
+    let mut buffer = Vec::new();
     for _ in 0..rounds {
         let (a0, b0) = counted();
         let start = Instant::now();
@@ -75,6 +76,7 @@ fn main() {
         let start = Instant::now();
         let (mut n, mut len) = (0, 0);
         pack_each(
+            &mut buffer,
             "ghbench0",
             p.steps.iter().map(|s| &s.op),
             MESSAGE_LIMIT,

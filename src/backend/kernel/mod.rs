@@ -45,6 +45,8 @@ pub struct KernelBackend {
     link: Link,
     wg: WgSocket,
     message_limit: usize,
+    /// Where device messages are built, allocated once (see [`pack_each`]).
+    message_buffer: Vec<u8>,
     device_writes: u64,
 }
 
@@ -75,6 +77,7 @@ impl KernelBackend {
             link,
             wg,
             message_limit: MESSAGE_LIMIT,
+            message_buffer: Vec::with_capacity(MESSAGE_LIMIT),
             device_writes: 0,
         })
     }
@@ -129,8 +132,14 @@ impl KernelBackend {
                 }
             }
         }
-        let total = self.send_packed(|interface, limit, sink| {
-            pack_each(interface, plan.steps.iter().map(|s| &s.op), limit, sink)
+        let total = self.send_packed(|buffer, interface, limit, sink| {
+            pack_each(
+                buffer,
+                interface,
+                plan.steps.iter().map(|s| &s.op),
+                limit,
+                sink,
+            )
         })?;
         if total > 0 {
             tracing::debug!(interface = %self.name, messages = total, "WireGuard device configured");
@@ -162,18 +171,19 @@ impl KernelBackend {
     /// error ("message n of total").
     fn send_packed(
         &mut self,
-        pack: impl FnOnce(&str, usize, &mut dyn FnMut(&mut SetDevice)),
+        pack: impl FnOnce(&mut Vec<u8>, &str, usize, &mut dyn FnMut(&mut SetDevice)),
     ) -> Result<usize, BackendError> {
         let KernelBackend {
             name,
             wg,
             message_limit,
             device_writes,
+            message_buffer,
             ..
         } = self;
         let mut total = 0;
         let mut refused = None;
-        pack(name, *message_limit, &mut |message| {
+        pack(message_buffer, name, *message_limit, &mut |message| {
             let n = total;
             total += 1;
             if refused.is_some() {
@@ -320,8 +330,8 @@ impl Backend for KernelBackend {
                     .as_ref()
                     .is_some_and(|p| p.contains(&k.peer.public_key))
         });
-        let messages = self.send_packed(|interface, limit, sink| {
-            pack_kicks_each(interface, wanted, limit, sink)
+        let messages = self.send_packed(|buffer, interface, limit, sink| {
+            pack_kicks_each(buffer, interface, wanted, limit, sink)
         })?;
         tracing::debug!(
             interface = %self.name,

@@ -172,19 +172,25 @@ pub fn pack<'a>(
     limit: usize,
 ) -> Vec<SetDevice> {
     let mut out = Vec::new();
-    pack_each(interface, ops, limit, |m| out.push(m.clone()));
+    pack_each(&mut Vec::new(), interface, ops, limit, |m| {
+        out.push(m.clone())
+    });
     out
 }
 
-/// [`pack`], handing each request to `sink` as soon as it is complete (the buffer is
-/// reused once `sink` returns, zeroed first if it held a key).
+/// [`pack`], building the requests in `buffer` and handing each to `sink` as soon as it is
+/// complete (the buffer is reused once `sink` returns, zeroed first if it held a key).
+/// `buffer` comes back empty, holding no secret, its capacity kept: a caller that packs
+/// often allocates it once (a first large allocation after many small frees makes glibc's
+/// malloc consolidate them, work in proportion to the frees, inside the apply).
 pub fn pack_each<'a>(
+    buffer: &mut Vec<u8>,
     interface: &str,
     ops: impl IntoIterator<Item = &'a Op>,
     limit: usize,
     sink: impl FnMut(&mut SetDevice),
 ) {
-    let mut packer = Packer::new(interface, limit, sink);
+    let mut packer = Packer::new(buffer, interface, limit, sink);
     for op in ops {
         match op {
             Op::ConfigureDevice(change) => packer.device(change),
@@ -201,7 +207,7 @@ pub fn pack_each<'a>(
             | Op::RemoveAddress(_) => {}
         }
     }
-    packer.finish();
+    *buffer = packer.finish();
 }
 
 /// Turns takeover kicks into `WG_CMD_SET_DEVICE` requests for `interface`, in order, each
@@ -222,18 +228,21 @@ pub fn pack_kicks<'a>(
     limit: usize,
 ) -> Vec<SetDevice> {
     let mut out = Vec::new();
-    pack_kicks_each(interface, kicks, limit, |m| out.push(m.clone()));
+    pack_kicks_each(&mut Vec::new(), interface, kicks, limit, |m| {
+        out.push(m.clone())
+    });
     out
 }
 
-/// [`pack_kicks`], handing each request to `sink` as soon as it is complete.
+/// [`pack_kicks`], building the requests in `buffer` as [`pack_each`] does.
 pub fn pack_kicks_each<'a>(
+    buffer: &mut Vec<u8>,
     interface: &str,
     kicks: impl IntoIterator<Item = &'a Kick>,
     limit: usize,
     sink: impl FnMut(&mut SetDevice),
 ) {
-    let mut packer = Packer::new(interface, limit, sink);
+    let mut packer = Packer::new(buffer, interface, limit, sink);
     for kick in kicks {
         let key = &kick.peer.public_key.0;
         let keepalive = |value: u16, endpoint: Option<SocketAddr>| {
@@ -259,7 +268,7 @@ pub fn pack_kicks_each<'a>(
             packer.peer(&keepalive(0, None), &[]);
         }
     }
-    packer.finish();
+    *buffer = packer.finish();
 }
 
 /// One attribute of a peer entry (keys borrowed: no copy of a secret to zero).
@@ -459,9 +468,12 @@ struct Packer<F: FnMut(&mut SetDevice)> {
 }
 
 impl<F: FnMut(&mut SetDevice)> Packer<F> {
-    fn new(interface: &str, limit: usize, sink: F) -> Self {
+    fn new(buffer: &mut Vec<u8>, interface: &str, limit: usize, sink: F) -> Self {
         let limit = limit.clamp(MIN_MESSAGE_LIMIT, MAX_MESSAGE_LIMIT);
-        let mut bytes = Vec::with_capacity(limit);
+        let mut bytes = std::mem::take(buffer);
+        bytes.clear();
+        // Never grown while packing: a reallocation would leave a copy of a key behind.
+        bytes.reserve(limit);
         bytes.resize(HEADERS_LEN, 0);
         bytes[16] = WG_CMD_SET_DEVICE;
         bytes[17] = WG_GENL_VERSION;
@@ -610,8 +622,12 @@ impl<F: FnMut(&mut SetDevice)> Packer<F> {
         self.message.secret = false;
     }
 
-    fn finish(mut self) {
+    /// Hands over the last message; gives the buffer back, empty.
+    fn finish(mut self) -> Vec<u8> {
         self.flush();
+        let mut bytes = std::mem::take(&mut self.message.bytes);
+        bytes.clear();
+        bytes
     }
 }
 
@@ -994,6 +1010,26 @@ mod tests {
         assert_eq!(secret, [true, false, false, true]);
         let removal = pack("wg0", &[Op::RemovePeer(key(1))], MESSAGE_LIMIT);
         assert!(!removal[0].secret);
+    }
+
+    #[test]
+    fn the_buffer_comes_back_empty_and_is_reused() {
+        let ops: Vec<Op> = (0..1_000).map(|n| Op::AddPeer(peer(n))).collect();
+        let mut buffer = Vec::new();
+        let mut first = Vec::new();
+        pack_each(&mut buffer, "wg0", &ops, MESSAGE_LIMIT, |m| {
+            first.push(m.bytes().to_vec())
+        });
+        assert!(buffer.is_empty());
+        assert!(buffer.capacity() >= MESSAGE_LIMIT);
+        let at = buffer.as_ptr();
+        let mut again = Vec::new();
+        pack_each(&mut buffer, "wg0", &ops, MESSAGE_LIMIT, |m| {
+            again.push(m.bytes().to_vec())
+        });
+        assert_eq!(buffer.as_ptr(), at, "the buffer was allocated again");
+        assert_eq!(again, first);
+        assert_eq!(first.len(), 3);
     }
 
     #[test]
