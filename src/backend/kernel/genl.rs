@@ -23,8 +23,6 @@ use crate::backend::link::set_receive_timeout;
 
 /// The generic netlink family name of WireGuard.
 pub const FAMILY: &str = "wireguard";
-/// `WG_GENL_VERSION`.
-const WG_VERSION: u8 = 1;
 /// Receive buffer: the kernel sizes dump messages up to 32 KiB after the buffer we read
 /// with, and ACKs are small (`NETLINK_CAP_ACK`).
 const RECV_BUFFER: usize = 64 * 1024;
@@ -68,19 +66,18 @@ impl WgSocket {
         self.family
     }
 
-    /// Sends one `WG_CMD_SET_DEVICE` request and waits for its ACK.
-    pub fn set_device(&mut self, attributes: &[WireguardAttribute]) -> io::Result<()> {
+    /// Sends one `WG_CMD_SET_DEVICE` request, a whole message as [`super::pack`] builds
+    /// it (this fills in the header's family, flags and sequence number), and waits for
+    /// its ACK.
+    pub fn set_device(&mut self, message: &mut [u8]) -> io::Result<()> {
         let seq = self.next_seq();
-        let mut request = encode(
-            self.family,
-            WireguardCmd::SetDevice,
-            NLM_F_REQUEST | NLM_F_ACK,
-            seq,
-            attributes,
-        );
-        let sent = self.socket.send(&request, 0);
-        request.zeroize();
-        sent?;
+        let header = message
+            .get_mut(4..12)
+            .ok_or_else(|| invalid("a WG_CMD_SET_DEVICE request shorter than its header"))?;
+        header[..2].copy_from_slice(&self.family.to_ne_bytes());
+        header[2..4].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        header[4..].copy_from_slice(&seq.to_ne_bytes());
+        self.socket.send(message, 0)?;
         self.receive::<GenlMessage<WireguardMessage>>(seq, Expect::Ack)
             .map(|_| ())
     }
@@ -275,7 +272,7 @@ pub fn encode(
     header.emit(&mut buf[..16]);
     GenlHeader {
         cmd: cmd.into(),
-        version: WG_VERSION,
+        version: super::pack::WG_GENL_VERSION,
     }
     .emit(&mut buf[16..20]);
     attributes.emit(&mut buf[20..]);

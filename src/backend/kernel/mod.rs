@@ -3,7 +3,9 @@
 //! The link (create, MTU, up, addresses) goes through [`super::link`] (rtnetlink); the
 //! device and its peers through one generic netlink socket ([`genl`]) whose `wireguard`
 //! family id is resolved once. Device and peer operations are packed into as few
-//! `WG_CMD_SET_DEVICE` messages as fit ([`pack`]); dumps are merged by [`dump`].
+//! `WG_CMD_SET_DEVICE` messages as fit ([`pack`]), each sent as soon as it is built (and
+//! its ACK awaited before the next: the first refused message stops the apply, with the
+//! messages before it applied); dumps are merged by [`dump`].
 //!
 //! The backend decides nothing: it executes the plan. Link operations run first (the plan
 //! puts them first), then the device messages in plan order. An interface this backend
@@ -12,6 +14,8 @@
 pub mod dump;
 pub mod genl;
 pub mod pack;
+#[cfg(test)]
+mod pack_nla;
 
 use std::collections::BTreeSet;
 use std::io;
@@ -22,7 +26,7 @@ use crate::model::{Key, Observed};
 use crate::plan::{Op, Plan};
 
 use self::genl::WgSocket;
-use self::pack::{pack, pack_kicks, SetDevice, MESSAGE_LIMIT};
+use self::pack::{pack_each, pack_kicks_each, SetDevice, MESSAGE_LIMIT};
 
 /// The link kind of WireGuard interfaces.
 const KIND: &str = "wireguard";
@@ -41,6 +45,8 @@ pub struct KernelBackend {
     link: Link,
     wg: WgSocket,
     message_limit: usize,
+    /// Where device messages are built, allocated once (see [`pack_each`]).
+    message_buffer: Vec<u8>,
     device_writes: u64,
 }
 
@@ -71,6 +77,7 @@ impl KernelBackend {
             link,
             wg,
             message_limit: MESSAGE_LIMIT,
+            message_buffer: Vec::with_capacity(MESSAGE_LIMIT),
             device_writes: 0,
         })
     }
@@ -125,13 +132,15 @@ impl KernelBackend {
                 }
             }
         }
-        let messages = pack(
-            &self.name,
-            plan.steps.iter().map(|s| &s.op),
-            self.message_limit,
-        );
-        let total = messages.len();
-        self.send_all(&messages)?;
+        let total = self.send_packed(|buffer, interface, limit, sink| {
+            pack_each(
+                buffer,
+                interface,
+                plan.steps.iter().map(|s| &s.op),
+                limit,
+                sink,
+            )
+        })?;
         if total > 0 {
             tracing::debug!(interface = %self.name, messages = total, "WireGuard device configured");
         }
@@ -156,16 +165,39 @@ impl KernelBackend {
         Ok(device.peers.into_keys().collect())
     }
 
-    /// Sends device messages in order, counting each; stops at the first refused one.
-    fn send_all(&mut self, messages: &[SetDevice]) -> Result<(), BackendError> {
-        let total = messages.len();
-        for (n, message) in messages.iter().enumerate() {
-            self.device_writes += 1;
-            self.wg
-                .set_device(message.attributes())
-                .map_err(|e| self.device_error(e, message, n, total))?;
+    /// Sends the device messages `pack` builds, each as soon as it is built, counting each;
+    /// stops sending at the first refused one. Returns how many messages there were. After
+    /// a refusal the rest is still packed (not sent), only to count the messages for the
+    /// error ("message n of total").
+    fn send_packed(
+        &mut self,
+        pack: impl FnOnce(&mut Vec<u8>, &str, usize, &mut dyn FnMut(&mut SetDevice)),
+    ) -> Result<usize, BackendError> {
+        let KernelBackend {
+            name,
+            wg,
+            message_limit,
+            device_writes,
+            message_buffer,
+            ..
+        } = self;
+        let mut total = 0;
+        let mut refused = None;
+        pack(message_buffer, name, *message_limit, &mut |message| {
+            let n = total;
+            total += 1;
+            if refused.is_some() {
+                return;
+            }
+            *device_writes += 1;
+            if let Err(e) = wg.set_device(message.bytes_mut()) {
+                refused = Some((e, n, message.listen_port()));
+            }
+        });
+        match refused {
+            Some((e, n, port)) => Err(device_error(name, e, port, n, total)),
+            None => Ok(total),
         }
-        Ok(())
     }
 
     /// The link's index, read once per apply when no step created it.
@@ -184,41 +216,41 @@ impl KernelBackend {
             }),
         }
     }
+}
 
-    fn device_error(
-        &self,
-        e: io::Error,
-        message: &SetDevice,
-        n: usize,
-        total: usize,
-    ) -> BackendError {
-        let op = format!(
-            "configure WireGuard device {} (message {} of {total})",
-            self.name,
-            n + 1
-        );
-        match (e.raw_os_error(), message.listen_port()) {
-            (Some(libc::EADDRINUSE), Some(port)) => BackendError::Operation {
-                op,
-                message: format!(
-                    "listen port {port} is already in use on this host (another WireGuard \
+/// The error of message `n` (from 0) of `total`, refused with `e`; `port` is the listen
+/// port that message sets, if any.
+fn device_error(
+    name: &str,
+    e: io::Error,
+    port: Option<u16>,
+    n: usize,
+    total: usize,
+) -> BackendError {
+    let op = format!(
+        "configure WireGuard device {name} (message {} of {total})",
+        n + 1
+    );
+    match (e.raw_os_error(), port) {
+        (Some(libc::EADDRINUSE), Some(port)) => BackendError::Operation {
+            op,
+            message: format!(
+                "listen port {port} is already in use on this host (another WireGuard \
                      interface or program holds UDP port {port}); free it or choose another \
                      listen_port"
-                ),
-            },
-            (Some(libc::EOPNOTSUPP), _) => BackendError::Config(format!(
-                "interface {} is not a WireGuard interface",
-                self.name
-            )),
-            (Some(libc::ENODEV), _) => BackendError::Operation {
-                op,
-                message: "the interface does not exist (removed while applying?)".into(),
-            },
-            _ => BackendError::Operation {
-                op,
-                message: e.to_string(),
-            },
+            ),
+        },
+        (Some(libc::EOPNOTSUPP), _) => {
+            BackendError::Config(format!("interface {name} is not a WireGuard interface"))
         }
+        (Some(libc::ENODEV), _) => BackendError::Operation {
+            op,
+            message: "the interface does not exist (removed while applying?)".into(),
+        },
+        _ => BackendError::Operation {
+            op,
+            message: e.to_string(),
+        },
     }
 }
 
@@ -298,12 +330,13 @@ impl Backend for KernelBackend {
                     .as_ref()
                     .is_some_and(|p| p.contains(&k.peer.public_key))
         });
-        let messages = pack_kicks(&self.name, wanted, self.message_limit);
-        self.send_all(&messages)?;
+        let messages = self.send_packed(|buffer, interface, limit, sink| {
+            pack_kicks_each(buffer, interface, wanted, limit, sink)
+        })?;
         tracing::debug!(
             interface = %self.name,
             kicks = kicks.len(),
-            messages = messages.len(),
+            messages,
             "takeover handshakes started"
         );
         Ok(())

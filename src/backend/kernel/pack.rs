@@ -1,5 +1,8 @@
 //! Packs the plan's device and peer operations into as few `WG_CMD_SET_DEVICE` messages as
-//! possible. Pure: operations in, message payloads out; the socket code only sends them.
+//! possible, writing the attributes straight into one reused message buffer. Pure:
+//! operations in, whole netlink messages out (each handed to a sink as soon as it is full,
+//! so the caller sends it before the next one is built); the socket code only fills in
+//! the family and sequence number and sends.
 //!
 //! Rules (from the kernel's `uapi/linux/wireguard.h`):
 //! - a configuration larger than one message is split across several, each one adding to
@@ -11,17 +14,18 @@
 //!   attributes that changed; removals carry `WGPEER_F_REMOVE_ME`; a preshared key of 32
 //!   zero bytes removes the preshared key.
 //!
+//! The bytes are those netlink-packet-wireguard emits for the same attributes (nests
+//! flagged `NLA_F_NESTED`, peer and allowed-IP entries of type 0, lengths without the
+//! trailing padding); a property test holds the two encoders to the same bytes.
+//!
 //! Size limit: see [`MESSAGE_LIMIT`].
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
-use netlink_packet_core::{Emitable, NLA_HEADER_SIZE};
-use netlink_packet_wireguard::{
-    WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute,
-    WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
-};
+use netlink_packet_core::{NLA_F_NESTED, NLA_HEADER_SIZE};
+use netlink_packet_wireguard::{WireguardAttribute, WireguardPeerAttribute};
 use zeroize::Zeroize;
 
 use crate::backend::kick::{kick_keepalive, recreated_peer, Kick};
@@ -32,63 +36,102 @@ use crate::plan::{DeviceChange, Op, PeerUpdate};
 /// headers included).
 ///
 /// The hard ceiling is the 16-bit length of the nested `WGDEVICE_A_PEERS` attribute
-/// (65,535 bytes: a larger nest cannot even be encoded); the kernel also refuses messages
-/// larger than the socket's send buffer (`wmem_default`, 212,992 bytes on stock kernels,
-/// but operators lower it). 32 KiB is half the ceiling, far below any send buffer, holds
-/// about 400 single-address peers (10,000 peers in 25 messages: the per-message cost is
-/// one syscall and one ACK, small beside the kernel's per-peer work) and bounds how long
-/// one message holds the device's configuration lock.
+/// (65,535 bytes: a larger nest cannot even be encoded, see [`MAX_MESSAGE_LIMIT`]); the
+/// kernel also refuses messages larger than the socket's send buffer (`wmem_default`,
+/// 212,992 bytes on stock kernels, but operators lower it). 32 KiB is half the ceiling,
+/// far below any send buffer, holds about 400 single-address peers (10,000 peers in 25
+/// messages: the per-message cost is one syscall and one ACK, small beside the kernel's
+/// per-peer work) and bounds how long one message holds the device's configuration lock.
 pub const MESSAGE_LIMIT: usize = 32 * 1024;
 
 /// The smallest limit [`pack`] accepts (smaller values are raised to it): room for the
 /// headers, every device attribute and one peer with every attribute and one IPv6 address.
 pub const MIN_MESSAGE_LIMIT: usize = 512;
 
+/// The largest limit [`pack`] accepts (larger values are lowered to it): the peers nest's
+/// 16-bit length must hold everything after the headers and the interface name.
+pub const MAX_MESSAGE_LIMIT: usize = u16::MAX as usize;
+
 /// Netlink header (16 bytes) and generic netlink header (4 bytes).
 pub const HEADERS_LEN: usize = 16 + 4;
 
-/// The attributes of one `WG_CMD_SET_DEVICE` request. Secrets inside are zeroed on drop
-/// and never shown by `Debug`.
+/// `WG_CMD_SET_DEVICE`.
+const WG_CMD_SET_DEVICE: u8 = 1;
+/// `WG_GENL_VERSION`.
+pub const WG_GENL_VERSION: u8 = 1;
+
+// Attribute types of `uapi/linux/wireguard.h`.
+const WGDEVICE_A_IFNAME: u16 = 2;
+const WGDEVICE_A_PRIVATE_KEY: u16 = 3;
+const WGDEVICE_A_LISTEN_PORT: u16 = 6;
+const WGDEVICE_A_FWMARK: u16 = 7;
+const WGDEVICE_A_PEERS: u16 = 8;
+const WGPEER_A_PUBLIC_KEY: u16 = 1;
+const WGPEER_A_PRESHARED_KEY: u16 = 2;
+const WGPEER_A_FLAGS: u16 = 3;
+const WGPEER_A_ENDPOINT: u16 = 4;
+const WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL: u16 = 5;
+const WGPEER_A_ALLOWEDIPS: u16 = 9;
+const WGALLOWEDIP_A_FAMILY: u16 = 1;
+const WGALLOWEDIP_A_IPADDR: u16 = 2;
+const WGALLOWEDIP_A_CIDR_MASK: u16 = 3;
+const WGPEER_F_REMOVE_ME: u32 = 1;
+const WGPEER_F_REPLACE_ALLOWEDIPS: u32 = 2;
+const WGPEER_F_UPDATE_ONLY: u32 = 4;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// A preshared key of zeros: "no preshared key".
+const NO_KEY: [u8; 32] = [0; 32];
+
+/// One whole `WG_CMD_SET_DEVICE` request: netlink header (its type, flags and sequence
+/// number left for the socket to fill in), generic netlink header, attributes. The bytes
+/// may hold secrets (a private or preshared key): those are zeroed once sent and on drop,
+/// and never shown by `Debug`. Messages without a secret are not zeroed (zeroing is
+/// byte by byte: a cold apply of 100,000 peers writes 8 MB).
+#[derive(Clone)]
 pub struct SetDevice {
-    attributes: Vec<WireguardAttribute>,
+    /// Its spare capacity never holds a secret: written bytes are zeroed before the
+    /// buffer is truncated, so only `len` bytes need zeroing on drop.
+    bytes: Vec<u8>,
+    listen_port: Option<u16>,
+    peers: usize,
+    /// Whether the bytes hold a private or preshared key.
+    secret: bool,
 }
 
 impl SetDevice {
-    /// The request's attributes, in the order they are sent.
-    pub fn attributes(&self) -> &[WireguardAttribute] {
-        &self.attributes
+    /// The whole message.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The whole message, for the socket to fill in the header's type, flags and
+    /// sequence number.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes
     }
 
     /// The encoded size of the whole request, headers included.
     pub fn encoded_len(&self) -> usize {
-        HEADERS_LEN + self.attributes.as_slice().buffer_len()
+        self.bytes.len()
     }
 
-    /// The peer entries (whole peers and pieces of peers) in this request.
-    pub fn peers(&self) -> &[WireguardPeer] {
-        self.attributes
-            .iter()
-            .find_map(|a| match a {
-                WireguardAttribute::Peers(p) => Some(p.as_slice()),
-                _ => None,
-            })
-            .unwrap_or(&[])
+    /// How many peer entries (whole peers and pieces of peers) this request holds.
+    pub fn peer_entries(&self) -> usize {
+        self.peers
     }
 
     /// The listen port this request sets, if any (to name it when the port is taken).
     pub fn listen_port(&self) -> Option<u16> {
-        self.attributes.iter().find_map(|a| match a {
-            WireguardAttribute::ListenPort(p) => Some(*p),
-            _ => None,
-        })
+        self.listen_port
     }
 }
 
 impl fmt::Debug for SetDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SetDevice")
-            .field("attributes", &self.attributes.len())
-            .field("peers", &self.peers().len())
+            .field("peers", &self.peers)
             .field("bytes", &self.encoded_len())
             .finish_non_exhaustive()
     }
@@ -96,11 +139,13 @@ impl fmt::Debug for SetDevice {
 
 impl Drop for SetDevice {
     fn drop(&mut self) {
-        zeroize_attributes(&mut self.attributes);
+        if self.secret {
+            self.bytes.as_mut_slice().zeroize();
+        }
     }
 }
 
-/// Zeroes the private and preshared keys inside WireGuard attributes.
+/// Zeroes the private and preshared keys inside WireGuard attributes (of a dump).
 pub fn zeroize_attributes(attributes: &mut [WireguardAttribute]) {
     for attr in attributes {
         match attr {
@@ -126,20 +171,35 @@ pub fn pack<'a>(
     ops: impl IntoIterator<Item = &'a Op>,
     limit: usize,
 ) -> Vec<SetDevice> {
-    let mut packer = Packer::new(interface, limit.max(MIN_MESSAGE_LIMIT));
+    let mut out = Vec::new();
+    pack_each(&mut Vec::new(), interface, ops, limit, |m| {
+        out.push(m.clone())
+    });
+    out
+}
+
+/// [`pack`], building the requests in `buffer` and handing each to `sink` as soon as it is
+/// complete (the buffer is reused once `sink` returns, zeroed first if it held a key).
+/// `buffer` comes back empty, holding no secret, its capacity kept: a caller that packs
+/// often allocates it once (a first large allocation after many small frees makes glibc's
+/// malloc consolidate them, work in proportion to the frees, inside the apply).
+pub fn pack_each<'a>(
+    buffer: &mut Vec<u8>,
+    interface: &str,
+    ops: impl IntoIterator<Item = &'a Op>,
+    limit: usize,
+    sink: impl FnMut(&mut SetDevice),
+) {
+    let mut packer = Packer::new(buffer, interface, limit, sink);
     for op in ops {
         match op {
             Op::ConfigureDevice(change) => packer.device(change),
-            Op::AddPeer(spec) => packer.peer(add_peer(spec)),
-            Op::UpdatePeer(update) => packer.peer(update_peer(update)),
-            Op::RemovePeer(key) => packer.peer(PeerWrite {
-                head: vec![
-                    WireguardPeerAttribute::PublicKey(key.0),
-                    WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
-                ],
-                continuation: Vec::new(),
-                allowed_ips: Vec::new(),
-            }),
+            Op::AddPeer(spec) => packer.peer(&add_peer(spec), spec.allowed_ips.iter().as_slice()),
+            Op::UpdatePeer(update) => {
+                let ips = update.allowed_ips.as_ref().map(|ips| ips.iter().as_slice());
+                packer.peer(&update_peer(update), ips.unwrap_or_default());
+            }
+            Op::RemovePeer(key) => packer.peer(&Head::new(&key.0, WGPEER_F_REMOVE_ME), &[]),
             Op::CreateLink
             | Op::SetMtu(_)
             | Op::SetLinkUp
@@ -147,7 +207,7 @@ pub fn pack<'a>(
             | Op::RemoveAddress(_) => {}
         }
     }
-    packer.finish()
+    *buffer = packer.finish();
 }
 
 /// Turns takeover kicks into `WG_CMD_SET_DEVICE` requests for `interface`, in order, each
@@ -167,212 +227,326 @@ pub fn pack_kicks<'a>(
     kicks: impl IntoIterator<Item = &'a Kick>,
     limit: usize,
 ) -> Vec<SetDevice> {
-    let mut packer = Packer::new(interface, limit.max(MIN_MESSAGE_LIMIT));
+    let mut out = Vec::new();
+    pack_kicks_each(&mut Vec::new(), interface, kicks, limit, |m| {
+        out.push(m.clone())
+    });
+    out
+}
+
+/// [`pack_kicks`], building the requests in `buffer` as [`pack_each`] does.
+pub fn pack_kicks_each<'a>(
+    buffer: &mut Vec<u8>,
+    interface: &str,
+    kicks: impl IntoIterator<Item = &'a Kick>,
+    limit: usize,
+    sink: impl FnMut(&mut SetDevice),
+) {
+    let mut packer = Packer::new(buffer, interface, limit, sink);
     for kick in kicks {
-        let key = kick.peer.public_key.0;
+        let key = &kick.peer.public_key.0;
         let keepalive = |value: u16, endpoint: Option<SocketAddr>| {
-            let mut head = vec![
-                WireguardPeerAttribute::PublicKey(key),
-                WireguardPeerAttribute::Flags(WireguardPeerFlags::UpdateOnly),
-            ];
+            let mut head = Head::new(key, WGPEER_F_UPDATE_ONLY);
             if let Some(endpoint) = endpoint {
-                head.push(WireguardPeerAttribute::Endpoint(endpoint));
+                head.push(Attr::Endpoint(endpoint));
             }
-            head.push(WireguardPeerAttribute::PersistentKeepalive(value));
-            PeerWrite {
-                head,
-                continuation: Vec::new(),
-                allowed_ips: Vec::new(),
-            }
+            head.push(Attr::Keepalive(value));
+            head
         };
         if kick.recreate {
-            packer.peer(PeerWrite {
-                head: vec![
-                    WireguardPeerAttribute::PublicKey(key),
-                    WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
-                ],
-                continuation: Vec::new(),
-                allowed_ips: Vec::new(),
-            });
-            packer.peer(add_peer(&recreated_peer(kick)));
+            packer.peer(&Head::new(key, WGPEER_F_REMOVE_ME), &[]);
+            let spec = recreated_peer(kick);
+            packer.peer(&add_peer(&spec), spec.allowed_ips.iter().as_slice());
         } else {
-            packer.peer(keepalive(0, Some(kick.endpoint)));
-            packer.peer(keepalive(
-                kick_keepalive(kick.peer.persistent_keepalive),
-                None,
-            ));
+            packer.peer(&keepalive(0, Some(kick.endpoint)), &[]);
+            packer.peer(
+                &keepalive(kick_keepalive(kick.peer.persistent_keepalive), None),
+                &[],
+            );
         }
         if kick.peer.persistent_keepalive == 0 {
-            packer.peer(keepalive(0, None));
+            packer.peer(&keepalive(0, None), &[]);
         }
     }
-    packer.finish()
+    *buffer = packer.finish();
 }
 
-/// One peer to write: the attributes of its first piece, of its continuation pieces, and
-/// its allowed IPs (spread over the pieces).
-struct PeerWrite {
-    head: Vec<WireguardPeerAttribute>,
-    continuation: Vec<WireguardPeerAttribute>,
-    allowed_ips: Vec<WireguardAllowedIp>,
+/// One attribute of a peer entry (keys borrowed: no copy of a secret to zero).
+#[derive(Clone, Copy)]
+enum Attr<'a> {
+    PublicKey(&'a [u8; 32]),
+    Flags(u32),
+    PresharedKey(&'a [u8; 32]),
+    Keepalive(u16),
+    Endpoint(SocketAddr),
 }
 
-impl Drop for PeerWrite {
-    fn drop(&mut self) {
-        for attr in &mut self.head {
-            if let WireguardPeerAttribute::PresharedKey(k) = attr {
-                k.zeroize();
+impl Attr<'_> {
+    /// Encoded size, header and padding included.
+    fn len(&self) -> usize {
+        attr_len(match self {
+            Attr::PublicKey(_) | Attr::PresharedKey(_) => 32,
+            Attr::Flags(_) => 4,
+            Attr::Keepalive(_) => 2,
+            Attr::Endpoint(SocketAddr::V4(_)) => 16,
+            Attr::Endpoint(SocketAddr::V6(_)) => 28,
+        })
+    }
+
+    fn write(&self, buf: &mut Vec<u8>) {
+        match self {
+            Attr::PublicKey(k) => put(buf, WGPEER_A_PUBLIC_KEY, &k[..]),
+            Attr::Flags(f) => put(buf, WGPEER_A_FLAGS, &f.to_ne_bytes()),
+            Attr::PresharedKey(k) => put(buf, WGPEER_A_PRESHARED_KEY, &k[..]),
+            Attr::Keepalive(k) => put(
+                buf,
+                WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL,
+                &k.to_ne_bytes(),
+            ),
+            // `struct sockaddr_in` / `sockaddr_in6`: the port in network order.
+            Attr::Endpoint(SocketAddr::V4(a)) => {
+                let mut v = [0u8; 16];
+                v[..2].copy_from_slice(&AF_INET.to_ne_bytes());
+                v[2..4].copy_from_slice(&a.port().to_be_bytes());
+                v[4..8].copy_from_slice(&a.ip().octets());
+                put(buf, WGPEER_A_ENDPOINT, &v);
+            }
+            Attr::Endpoint(SocketAddr::V6(a)) => {
+                let mut v = [0u8; 28];
+                v[..2].copy_from_slice(&AF_INET6.to_ne_bytes());
+                v[2..4].copy_from_slice(&a.port().to_be_bytes());
+                v[4..8].copy_from_slice(&a.flowinfo().to_ne_bytes());
+                v[8..24].copy_from_slice(&a.ip().octets());
+                v[24..].copy_from_slice(&a.scope_id().to_ne_bytes());
+                put(buf, WGPEER_A_ENDPOINT, &v);
             }
         }
     }
 }
 
-fn add_peer(spec: &PeerSpec) -> PeerWrite {
-    let mut head = vec![
-        WireguardPeerAttribute::PublicKey(spec.public_key.0),
-        // The peer is new: whatever allowed IPs a same-keyed peer may have are replaced.
-        WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
-    ];
-    if let Some(psk) = &spec.preshared_key {
-        head.push(WireguardPeerAttribute::PresharedKey(*psk.expose()));
+/// The attributes of a peer entry's first piece, in the order they are written: the
+/// public key, the flags, then at most three more.
+struct Head<'a> {
+    key: &'a [u8; 32],
+    attrs: [Attr<'a>; 5],
+    len: usize,
+}
+
+impl<'a> Head<'a> {
+    fn new(key: &'a [u8; 32], flags: u32) -> Self {
+        Head {
+            key,
+            attrs: [Attr::Flags(flags); 5],
+            len: 0,
+        }
+        .with(Attr::PublicKey(key))
+        .with(Attr::Flags(flags))
     }
-    if spec.persistent_keepalive != 0 {
-        head.push(WireguardPeerAttribute::PersistentKeepalive(
-            spec.persistent_keepalive,
-        ));
+
+    fn with(mut self, attr: Attr<'a>) -> Self {
+        self.push(attr);
+        self
     }
-    if let Some(endpoint) = spec.endpoint {
-        head.push(WireguardPeerAttribute::Endpoint(endpoint));
+
+    fn push(&mut self, attr: Attr<'a>) {
+        self.attrs[self.len] = attr;
+        self.len += 1;
     }
-    PeerWrite {
-        head,
-        continuation: continuation(&spec.public_key.0),
-        allowed_ips: spec.allowed_ips.iter().map(allowed_ip).collect(),
+
+    fn attrs(&self) -> &[Attr<'a>] {
+        &self.attrs[..self.len]
+    }
+
+    fn key(&self) -> &'a [u8; 32] {
+        self.key
+    }
+
+    /// Encoded size of the attributes.
+    fn attrs_len(&self) -> usize {
+        self.attrs().iter().map(Attr::len).sum()
     }
 }
 
-fn update_peer(update: &PeerUpdate) -> PeerWrite {
-    let mut flags = WireguardPeerFlags::UpdateOnly;
-    if update.allowed_ips.is_some() {
-        flags |= WireguardPeerFlags::ReplaceAllowedIps;
+fn add_peer(spec: &PeerSpec) -> Head<'_> {
+    // The peer is new: whatever allowed IPs a same-keyed peer may have are replaced.
+    let mut head = Head::new(&spec.public_key.0, WGPEER_F_REPLACE_ALLOWEDIPS);
+    if let Some(psk) = &spec.preshared_key {
+        head.push(Attr::PresharedKey(psk.expose()));
     }
-    let mut head = vec![
-        WireguardPeerAttribute::PublicKey(update.public_key.0),
-        WireguardPeerAttribute::Flags(flags),
-    ];
+    if spec.persistent_keepalive != 0 {
+        head.push(Attr::Keepalive(spec.persistent_keepalive));
+    }
+    if let Some(endpoint) = spec.endpoint {
+        head.push(Attr::Endpoint(endpoint));
+    }
+    head
+}
+
+fn update_peer(update: &PeerUpdate) -> Head<'_> {
+    let mut flags = WGPEER_F_UPDATE_ONLY;
+    if update.allowed_ips.is_some() {
+        flags |= WGPEER_F_REPLACE_ALLOWEDIPS;
+    }
+    let mut head = Head::new(&update.public_key.0, flags);
     if let Some(psk) = &update.preshared_key {
-        head.push(WireguardPeerAttribute::PresharedKey(match psk {
-            Some(k) => *k.expose(),
-            None => [0; 32],
+        head.push(Attr::PresharedKey(match psk {
+            Some(k) => k.expose(),
+            None => &NO_KEY,
         }));
     }
     if let Some(keepalive) = update.persistent_keepalive {
-        head.push(WireguardPeerAttribute::PersistentKeepalive(keepalive));
+        head.push(Attr::Keepalive(keepalive));
     }
     if let Some(endpoint) = update.endpoint {
-        head.push(WireguardPeerAttribute::Endpoint(endpoint));
+        head.push(Attr::Endpoint(endpoint));
     }
-    PeerWrite {
-        head,
-        continuation: continuation(&update.public_key.0),
-        allowed_ips: update
-            .allowed_ips
-            .iter()
-            .flatten()
-            .map(allowed_ip)
-            .collect(),
-    }
+    head
 }
 
-/// A continuation piece names the peer and only adds allowed IPs; `UPDATE_ONLY` keeps it
-/// from creating a stray peer should the first piece's peer have vanished in between.
-fn continuation(key: &[u8; 32]) -> Vec<WireguardPeerAttribute> {
-    vec![
-        WireguardPeerAttribute::PublicKey(*key),
-        WireguardPeerAttribute::Flags(WireguardPeerFlags::UpdateOnly),
-    ]
+/// Size of an attribute with a value of `value` bytes: header, value, padding.
+fn attr_len(value: usize) -> usize {
+    NLA_HEADER_SIZE + value.next_multiple_of(4)
 }
 
-fn allowed_ip(net: &IpNet) -> WireguardAllowedIp {
-    let (family, addr) = match net.network() {
-        IpAddr::V4(a) => (WireguardAddressFamily::Ipv4, IpAddr::V4(a)),
-        IpAddr::V6(a) => (WireguardAddressFamily::Ipv6, IpAddr::V6(a)),
+/// Size of one allowed-IP entry: its nest, the family, the address, the prefix length.
+fn allowed_ip_len(net: &IpNet) -> usize {
+    let addr = match net {
+        IpNet::V4(_) => 4,
+        IpNet::V6(_) => 16,
     };
-    WireguardAllowedIp(vec![
-        WireguardAllowedIpAttr::Family(family),
-        WireguardAllowedIpAttr::IpAddr(addr),
-        WireguardAllowedIpAttr::Cidr(net.prefix_len()),
-    ])
+    NLA_HEADER_SIZE + attr_len(2) + attr_len(addr) + attr_len(1)
 }
 
-struct Packer {
+/// Appends one attribute: length (without the padding), type, value, zero padding.
+fn put(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    let len = NLA_HEADER_SIZE + value.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(value);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+/// Opens a nest of type `kind` (flagged nested); [`end_nest`] writes its length.
+fn begin_nest(buf: &mut Vec<u8>, kind: u16) -> usize {
+    let at = buf.len();
+    buf.extend_from_slice(&[0, 0]);
+    buf.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+    at
+}
+
+fn end_nest(buf: &mut [u8], at: usize) {
+    // The limit (at most MAX_MESSAGE_LIMIT) keeps every nest within 16 bits.
+    let len = (buf.len() - at) as u16;
+    buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+fn write_allowed_ip(buf: &mut Vec<u8>, net: &IpNet) {
+    let entry = begin_nest(buf, 0);
+    match net.network() {
+        IpAddr::V4(a) => {
+            put(buf, WGALLOWEDIP_A_FAMILY, &AF_INET.to_ne_bytes());
+            put(buf, WGALLOWEDIP_A_IPADDR, &a.octets());
+        }
+        IpAddr::V6(a) => {
+            put(buf, WGALLOWEDIP_A_FAMILY, &AF_INET6.to_ne_bytes());
+            put(buf, WGALLOWEDIP_A_IPADDR, &a.octets());
+        }
+    }
+    put(buf, WGALLOWEDIP_A_CIDR_MASK, &[net.prefix_len()]);
+    end_nest(buf, entry);
+}
+
+/// Builds messages in one buffer and hands each to the sink when it is full.
+struct Packer<F: FnMut(&mut SetDevice)> {
     limit: usize,
-    ifname: WireguardAttribute,
-    out: Vec<SetDevice>,
-    /// Attributes of the message being built, without its peers.
-    attributes: Vec<WireguardAttribute>,
-    peers: Vec<WireguardPeer>,
-    /// Encoded size of the message being built (with the peers nest once it has peers).
-    size: usize,
+    /// Headers and the interface name: what every message starts with.
+    base: usize,
+    message: SetDevice,
+    /// Where the peers nest of the message being built starts, once it has peers.
+    peers_nest: Option<usize>,
+    sink: F,
 }
 
-impl Packer {
-    fn new(interface: &str, limit: usize) -> Self {
-        let ifname = WireguardAttribute::IfName(interface.to_owned());
-        let size = HEADERS_LEN + ifname.buffer_len();
+impl<F: FnMut(&mut SetDevice)> Packer<F> {
+    fn new(buffer: &mut Vec<u8>, interface: &str, limit: usize, sink: F) -> Self {
+        let limit = limit.clamp(MIN_MESSAGE_LIMIT, MAX_MESSAGE_LIMIT);
+        let mut bytes = std::mem::take(buffer);
+        bytes.clear();
+        // Never grown while packing: a reallocation would leave a copy of a key behind.
+        bytes.reserve(limit);
+        bytes.resize(HEADERS_LEN, 0);
+        bytes[16] = WG_CMD_SET_DEVICE;
+        bytes[17] = WG_GENL_VERSION;
+        let mut name = Vec::with_capacity(interface.len() + 1);
+        name.extend_from_slice(interface.as_bytes());
+        name.push(0);
+        put(&mut bytes, WGDEVICE_A_IFNAME, &name);
         Packer {
             limit,
-            attributes: vec![ifname.clone()],
-            ifname,
-            out: Vec::new(),
-            peers: Vec::new(),
-            size,
+            base: bytes.len(),
+            message: SetDevice {
+                bytes,
+                listen_port: None,
+                peers: 0,
+                secret: false,
+            },
+            peers_nest: None,
+            sink,
         }
+    }
+
+    fn size(&self) -> usize {
+        self.message.bytes.len()
     }
 
     /// Bytes still free in the message being built for one more peer entry.
     fn room(&self) -> usize {
-        let nest = if self.peers.is_empty() {
+        let nest = if self.peers_nest.is_none() {
             NLA_HEADER_SIZE
         } else {
             0
         };
-        self.limit.saturating_sub(self.size + nest)
+        self.limit.saturating_sub(self.size() + nest)
     }
 
     fn device(&mut self, change: &DeviceChange) {
-        let mut attrs = Vec::new();
-        if let Some(key) = &change.private_key {
-            attrs.push(WireguardAttribute::PrivateKey(*key.expose()));
-        }
-        if let Some(port) = change.listen_port {
-            attrs.push(WireguardAttribute::ListenPort(port));
-        }
-        if let Some(mark) = change.fwmark {
-            attrs.push(WireguardAttribute::Fwmark(mark));
-        }
-        let len = attrs.as_slice().buffer_len();
-        if self.size + len > self.limit || !self.peers.is_empty() {
+        let len = change.private_key.as_ref().map_or(0, |_| attr_len(32))
+            + change.listen_port.map_or(0, |_| attr_len(2))
+            + change.fwmark.map_or(0, |_| attr_len(4));
+        if self.size() + len > self.limit || self.peers_nest.is_some() {
             // Device settings go before the peers of a message; a later change starts one.
             self.flush();
         }
-        self.size += len;
-        self.attributes.extend(attrs);
+        let buf = &mut self.message.bytes;
+        if let Some(key) = &change.private_key {
+            put(buf, WGDEVICE_A_PRIVATE_KEY, key.expose());
+            self.message.secret = true;
+        }
+        if let Some(port) = change.listen_port {
+            put(buf, WGDEVICE_A_LISTEN_PORT, &port.to_ne_bytes());
+            self.message.listen_port = Some(port);
+        }
+        if let Some(mark) = change.fwmark {
+            put(buf, WGDEVICE_A_FWMARK, &mark.to_ne_bytes());
+        }
     }
 
-    fn peer(&mut self, write: PeerWrite) {
-        let mut rest = write.allowed_ips.as_slice();
-        let mut head = write.head.as_slice();
+    /// Writes one peer: `head` and as many of `ips` as fit, then continuation pieces (the
+    /// key and `WGPEER_F_UPDATE_ONLY`) with the rest, in as many messages as it takes.
+    fn peer(&mut self, head: &Head<'_>, ips: &[IpNet]) {
+        let continuation = Head::new(head.key(), WGPEER_F_UPDATE_ONLY);
+        let mut rest = ips;
+        let mut head = head;
         loop {
             let room = self.room();
             let head_len = NLA_HEADER_SIZE
-                + head.buffer_len()
+                + head.attrs_len()
                 + if rest.is_empty() { 0 } else { NLA_HEADER_SIZE };
             let mut used = head_len;
             let mut fit = 0;
             if used <= room {
                 for ip in rest {
-                    let len = ip.buffer_len();
+                    let len = allowed_ip_len(ip);
                     if used + len > room {
                         break;
                     }
@@ -384,7 +558,7 @@ impl Packer {
                 self.push(head, rest);
                 return;
             }
-            if fit == 0 && !self.peers.is_empty() {
+            if fit == 0 && self.peers_nest.is_some() {
                 // Not even one address fits beside the others: start a new message.
                 self.flush();
                 continue;
@@ -394,7 +568,7 @@ impl Packer {
             let take = fit.max(1).min(rest.len());
             self.push(head, &rest[..take]);
             rest = &rest[take..];
-            head = write.continuation.as_slice();
+            head = &continuation;
             self.flush();
             if rest.is_empty() {
                 return;
@@ -402,55 +576,70 @@ impl Packer {
         }
     }
 
-    fn push(&mut self, head: &[WireguardPeerAttribute], ips: &[WireguardAllowedIp]) {
-        let mut attrs = head.to_vec();
+    fn push(&mut self, head: &Head<'_>, ips: &[IpNet]) {
+        let buf = &mut self.message.bytes;
+        if self.peers_nest.is_none() {
+            self.peers_nest = Some(begin_nest(buf, WGDEVICE_A_PEERS));
+        }
+        let entry = begin_nest(buf, 0);
+        for attr in head.attrs() {
+            attr.write(buf);
+            self.message.secret |= matches!(attr, Attr::PresharedKey(_));
+        }
         if !ips.is_empty() {
-            attrs.push(WireguardPeerAttribute::AllowedIps(ips.to_vec()));
+            let list = begin_nest(buf, WGPEER_A_ALLOWEDIPS);
+            for ip in ips {
+                write_allowed_ip(buf, ip);
+            }
+            end_nest(buf, list);
         }
-        let peer = WireguardPeer(attrs);
-        if self.peers.is_empty() {
-            self.size += NLA_HEADER_SIZE;
-        }
-        self.size += peer.buffer_len();
-        self.peers.push(peer);
+        end_nest(buf, entry);
+        self.message.peers += 1;
     }
 
-    /// Closes the message being built (if it says anything) and starts the next one.
+    /// Hands the message being built to the sink (if it says anything) and starts the
+    /// next one in the same, zeroed, buffer.
     fn flush(&mut self) {
-        let mut attributes = std::mem::replace(&mut self.attributes, vec![self.ifname.clone()]);
-        let peers = std::mem::take(&mut self.peers);
-        self.size = HEADERS_LEN + self.ifname.buffer_len();
-        if peers.is_empty() && attributes.len() <= 1 {
+        if self.peers_nest.is_none() && self.size() == self.base {
             return;
         }
-        if !peers.is_empty() {
-            attributes.push(WireguardAttribute::Peers(peers));
+        let buf = &mut self.message.bytes;
+        if let Some(at) = self.peers_nest.take() {
+            end_nest(buf, at);
         }
-        self.out.push(SetDevice { attributes });
+        let len = buf.len() as u32;
+        buf[..4].copy_from_slice(&len.to_ne_bytes());
+        (self.sink)(&mut self.message);
+        let base = self.base;
+        let buf = &mut self.message.bytes;
+        if self.message.secret {
+            buf[base..].zeroize();
+        }
+        buf.truncate(base);
+        buf[..16].fill(0);
+        self.message.listen_port = None;
+        self.message.peers = 0;
+        self.message.secret = false;
     }
 
-    fn finish(mut self) -> Vec<SetDevice> {
+    /// Hands over the last message; gives the buffer back, empty.
+    fn finish(mut self) -> Vec<u8> {
         self.flush();
-        std::mem::take(&mut self.out)
-    }
-}
-
-impl Drop for Packer {
-    fn drop(&mut self) {
-        zeroize_attributes(&mut self.attributes);
-        let mut peers = vec![WireguardAttribute::Peers(std::mem::take(&mut self.peers))];
-        zeroize_attributes(&mut peers);
+        let mut bytes = std::mem::take(&mut self.message.bytes);
+        bytes.clear();
+        bytes
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::kernel::genl::encode;
     use crate::model::{Key, SecretKey};
     use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
     use netlink_packet_generic::GenlMessage;
-    use netlink_packet_wireguard::{WireguardCmd, WireguardMessage};
+    use netlink_packet_wireguard::{
+        WireguardAllowedIpAttr, WireguardMessage, WireguardPeer, WireguardPeerFlags,
+    };
     use std::collections::BTreeSet;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -476,10 +665,9 @@ mod tests {
         messages
             .iter()
             .map(|m| {
-                let bytes = encode(0x1d, WireguardCmd::SetDevice, 5, 7, m.attributes());
-                assert_eq!(bytes.len(), m.encoded_len());
+                let bytes = m.bytes();
                 let parsed =
-                    NetlinkMessage::<GenlMessage<WireguardMessage>>::deserialize(&bytes).unwrap();
+                    NetlinkMessage::<GenlMessage<WireguardMessage>>::deserialize(bytes).unwrap();
                 assert_eq!(parsed.header.length as usize, bytes.len());
                 match parsed.payload {
                     NetlinkPayload::InnerMessage(g) => g.payload,
@@ -793,6 +981,58 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_above_the_nest_ceiling_is_lowered_to_it() {
+        // The peers nest has a 16-bit length: a larger message could not be encoded.
+        let ops: Vec<Op> = (0..2_000).map(|n| Op::AddPeer(peer(n))).collect();
+        let messages = pack("wg0", &ops, 1 << 20);
+        for m in &messages {
+            assert!(m.encoded_len() <= MAX_MESSAGE_LIMIT, "{m:?}");
+        }
+        // 2,000 peers of 80 bytes, 818 to a message.
+        assert_eq!(messages.len(), 3);
+        assert_eq!(wire(&messages).iter().flat_map(peers_of).count(), 2_000);
+    }
+
+    #[test]
+    fn only_messages_holding_a_key_are_zeroed() {
+        let mut with_psk = peer(7);
+        with_psk.preshared_key = Some(SecretKey::new([5; 32]));
+        let plain = |n| Op::AddPeer(peer(n));
+        // 1,200 peers in 3 messages, then the device's own: the first and the last hold a key.
+        let mut ops: Vec<Op> = (0..1_200).map(plain).collect();
+        ops[3] = Op::AddPeer(with_psk);
+        ops.push(Op::ConfigureDevice(DeviceChange {
+            private_key: Some(SecretKey::new([4; 32])),
+            ..DeviceChange::default()
+        }));
+        let messages = pack("wg0", &ops, MESSAGE_LIMIT);
+        let secret: Vec<bool> = messages.iter().map(|m| m.secret).collect();
+        assert_eq!(secret, [true, false, false, true]);
+        let removal = pack("wg0", &[Op::RemovePeer(key(1))], MESSAGE_LIMIT);
+        assert!(!removal[0].secret);
+    }
+
+    #[test]
+    fn the_buffer_comes_back_empty_and_is_reused() {
+        let ops: Vec<Op> = (0..1_000).map(|n| Op::AddPeer(peer(n))).collect();
+        let mut buffer = Vec::new();
+        let mut first = Vec::new();
+        pack_each(&mut buffer, "wg0", &ops, MESSAGE_LIMIT, |m| {
+            first.push(m.bytes().to_vec())
+        });
+        assert!(buffer.is_empty());
+        assert!(buffer.capacity() >= MESSAGE_LIMIT);
+        let at = buffer.as_ptr();
+        let mut again = Vec::new();
+        pack_each(&mut buffer, "wg0", &ops, MESSAGE_LIMIT, |m| {
+            again.push(m.bytes().to_vec())
+        });
+        assert_eq!(buffer.as_ptr(), at, "the buffer was allocated again");
+        assert_eq!(again, first);
+        assert_eq!(first.len(), 3);
+    }
+
+    #[test]
     fn debug_output_shows_no_secret() {
         let mut spec = peer(1);
         spec.preshared_key = Some(SecretKey::new([0xab; 32]));
@@ -916,5 +1156,178 @@ mod tests {
         let want: Vec<Key> = (0..2_000).flat_map(|n| [key(n); 3]).collect();
         assert_eq!(order, want);
         assert!(pack_kicks("wg0", &[], MESSAGE_LIMIT).is_empty());
+    }
+
+    mod same_bytes_as_the_nla_encoder {
+        //! The encoder against the former one (netlink-packet-wireguard attribute trees,
+        //! serialized by the crate): the same messages, byte for byte.
+
+        use super::*;
+        use crate::backend::kernel::genl::encode;
+        use crate::backend::kernel::pack_nla;
+        use netlink_packet_wireguard::WireguardCmd;
+        use proptest::prelude::*;
+        use std::net::{SocketAddrV4, SocketAddrV6};
+
+        fn arb_key() -> impl Strategy<Value = [u8; 32]> {
+            // Few distinct keys, so that updates and removals name added peers.
+            (0u8..6, any::<u8>()).prop_map(|(k, fill)| {
+                let mut b = [fill; 32];
+                b[0] = k;
+                b
+            })
+        }
+
+        fn arb_net() -> impl Strategy<Value = IpNet> {
+            prop_oneof![
+                (any::<u32>(), 0u8..=32)
+                    .prop_map(|(a, l)| IpNet::new(Ipv4Addr::from(a).into(), l).unwrap().trunc()),
+                (any::<u128>(), 0u8..=128).prop_map(|(a, l)| IpNet::new(
+                    Ipv6Addr::from(a).into(),
+                    l
+                )
+                .unwrap()
+                .trunc()),
+            ]
+        }
+
+        fn arb_ips() -> impl Strategy<Value = crate::model::AllowedIps> {
+            prop_oneof![
+                3 => proptest::collection::vec(arb_net(), 0..4),
+                1 => proptest::collection::vec(arb_net(), 0..120),
+            ]
+            .prop_map(|v| v.into_iter().collect())
+        }
+
+        fn arb_endpoint() -> impl Strategy<Value = SocketAddr> {
+            prop_oneof![
+                (any::<u32>(), any::<u16>())
+                    .prop_map(|(a, p)| SocketAddrV4::new(a.into(), p).into()),
+                (any::<u128>(), any::<u16>(), any::<u32>(), any::<u32>()).prop_map(
+                    |(a, p, flow, scope)| SocketAddrV6::new(a.into(), p, flow, scope).into()
+                ),
+            ]
+        }
+
+        fn arb_spec() -> impl Strategy<Value = PeerSpec> {
+            (
+                arb_key(),
+                proptest::option::of(any::<[u8; 32]>()),
+                prop_oneof![Just(0u16), any::<u16>()],
+                arb_ips(),
+                proptest::option::of(arb_endpoint()),
+            )
+                .prop_map(|(key, psk, keepalive, ips, endpoint)| PeerSpec {
+                    public_key: Key(key),
+                    preshared_key: psk.map(SecretKey::new),
+                    allowed_ips: ips,
+                    persistent_keepalive: keepalive,
+                    endpoint,
+                })
+        }
+
+        fn arb_op() -> impl Strategy<Value = Op> {
+            let update = (
+                arb_key(),
+                proptest::option::of(proptest::option::of(any::<[u8; 32]>())),
+                proptest::option::of(any::<u16>()),
+                proptest::option::of(arb_ips()),
+                proptest::option::of(arb_endpoint()),
+            )
+                .prop_map(|(key, psk, keepalive, ips, endpoint)| {
+                    Op::UpdatePeer(PeerUpdate {
+                        public_key: Key(key),
+                        preshared_key: psk.map(|p| p.map(SecretKey::new)),
+                        persistent_keepalive: keepalive,
+                        allowed_ips: ips,
+                        endpoint,
+                    })
+                });
+            let device = (
+                proptest::option::of(any::<[u8; 32]>()),
+                proptest::option::of(any::<u16>()),
+                proptest::option::of(any::<u32>()),
+            )
+                .prop_map(|(key, port, mark)| {
+                    Op::ConfigureDevice(DeviceChange {
+                        private_key: key.map(SecretKey::new),
+                        listen_port: port,
+                        fwmark: mark,
+                    })
+                });
+            prop_oneof![
+                6 => arb_spec().prop_map(Op::AddPeer),
+                3 => update,
+                2 => arb_key().prop_map(|k| Op::RemovePeer(Key(k))),
+                1 => device,
+                1 => Just(Op::SetLinkUp),
+            ]
+        }
+
+        fn arb_kick() -> impl Strategy<Value = Kick> {
+            (arb_spec(), arb_endpoint(), any::<bool>()).prop_map(|(peer, endpoint, recreate)| {
+                Kick {
+                    peer,
+                    endpoint,
+                    recreate,
+                }
+            })
+        }
+
+        fn arb_limit() -> impl Strategy<Value = usize> {
+            prop_oneof![
+                Just(MESSAGE_LIMIT),
+                0usize..2_000,
+                0usize..=MAX_MESSAGE_LIMIT,
+            ]
+        }
+
+        fn old_bytes(messages: &[pack_nla::SetDevice]) -> Vec<Vec<u8>> {
+            messages
+                .iter()
+                .map(|m| encode(0, WireguardCmd::SetDevice, 0, 0, m.attributes()))
+                .collect()
+        }
+
+        fn new_bytes(messages: &[SetDevice]) -> Vec<Vec<u8>> {
+            messages.iter().map(|m| m.bytes().to_vec()).collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn plans(
+                name in "[a-z0-9-]{1,15}",
+                ops in proptest::collection::vec(arb_op(), 0..40),
+                limit in arb_limit(),
+            ) {
+                let new = new_bytes(&pack(&name, &ops, limit));
+                let old = old_bytes(&pack_nla::pack(&name, &ops, limit));
+                prop_assert_eq!(new, old);
+            }
+
+            #[test]
+            fn kicks(
+                name in "[a-z0-9-]{1,15}",
+                kicks in proptest::collection::vec(arb_kick(), 0..30),
+                limit in arb_limit(),
+            ) {
+                let new = new_bytes(&pack_kicks(&name, &kicks, limit));
+                let old = old_bytes(&pack_nla::pack_kicks(&name, &kicks, limit));
+                prop_assert_eq!(new, old);
+            }
+        }
+
+        #[test]
+        fn ten_thousand_peers_and_one_with_five_thousand_ips() {
+            let mut ops: Vec<Op> = (0..10_000).map(|n| Op::AddPeer(peer(n))).collect();
+            let big = PeerSpec::new(key(1), (0..5_000).map(|n| v4(n << 8, 24)));
+            ops.insert(5_000, Op::AddPeer(big));
+            let new = new_bytes(&pack("wg0", &ops, MESSAGE_LIMIT));
+            let old = old_bytes(&pack_nla::pack("wg0", &ops, MESSAGE_LIMIT));
+            assert_eq!(new.len(), old.len());
+            assert!(new == old, "the encoders differ");
+        }
     }
 }
