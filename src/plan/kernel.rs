@@ -11,11 +11,18 @@
 //!
 //! A read holds each allowed IP on at most one peer (the kernel's rule). For a hand-made state
 //! that breaks it, the index names the last holder in key order.
+//!
+//! A read is applied to the model in place ([`KernelModel::refresh`], `refresh.rs`): the
+//! agent holds one copy of the interface, also while it reads it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
 
 use ipnet::IpNet;
+
+mod refresh;
+
+pub use refresh::Refresh;
 
 use super::{update_config, Op, Plan};
 use crate::model::{AllowedIps, DeviceState, Key, LinkState, Observed, PeerState};

@@ -178,10 +178,11 @@ fn kind(a: &Action) -> String {
     match a {
         Action::RunHook(h) => format!("hook {h:?}"),
         Action::CheckBackend => "check".into(),
-        Action::Read { trigger } => format!("read {trigger}"),
+        Action::Read { trigger, .. } => format!("read {trigger}"),
         Action::Apply { plan, .. } => format!("apply {}", plan.summary()),
         Action::Firewall { .. } => "firewall".into(),
         Action::FirewallPeers { .. } => "firewall peers".into(),
+        Action::FirewallOff { .. } => "firewall off".into(),
         Action::Save(_) => "save".into(),
         Action::Append(_) => "append".into(),
         Action::Send { mode, .. } => format!("send {mode:?}"),
@@ -461,7 +462,10 @@ impl Sim {
                 return None;
             }
             Action::CheckBackend => Outcome::BackendChecked(Ok(None)),
-            Action::Read { .. } => Outcome::Read(self.kernel.observe().map_err(|e| e.to_string())),
+            Action::Read { mut into, .. } => {
+                let read = self.kernel.observe_into(into.model());
+                Outcome::Read(into, read.map_err(|e| e.to_string()))
+            }
             Action::Apply { trigger, plan } => {
                 let removed = plan
                     .steps
@@ -478,7 +482,9 @@ impl Sim {
                     outcomes,
                 }
             }
-            Action::Firewall { .. } | Action::FirewallPeers { .. } => Outcome::Firewall(Ok(())),
+            Action::Firewall { .. } | Action::FirewallPeers { .. } | Action::FirewallOff { .. } => {
+                Outcome::Firewall(Ok(()))
+            }
             Action::Save(state) => {
                 if self.fail_saves {
                     // As the store: the files on disk stay, appends wait for a save that
