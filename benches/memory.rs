@@ -5,7 +5,7 @@
 //! peer, and what a read of the interface (wireguard-go's `get=1` answer, fed line by line)
 //! holds at its peak beyond the model it updates: parsed whole and then made the model (as
 //! the agent did before reading into its model in place) and read into the model in place
-//! (`KernelModel::refresh`), at 1,000 and 100,000 peers (each a /32 and a /128, a
+//! (`KernelModel::refresh`), and the model a cold apply leaves, at 1,000 and 100,000 peers (each a /32 and a /128, a
 //! preshared key, an id and an MFA session). A counting global allocator measures the bytes
 //! live after each is built (and the peak while building the held location from a snapshot).
 //! No root.
@@ -135,8 +135,9 @@ fn read_peak(model: &mut KernelModel, whole: bool) -> usize {
 }
 
 /// Bytes per peer of (held, held peak while built, desired, observed, model index, stats
-/// tracker, a read parsed whole beside the model, a read into the model in place).
-fn measure(peers: u32) -> [usize; 8] {
+/// tracker, a read parsed whole beside the model, a read into the model in place, the model
+/// after a cold apply).
+fn measure(peers: u32) -> [usize; 9] {
     let snapshot = v1::Snapshot {
         revision: 1,
         location: Some(location(peers)),
@@ -175,6 +176,15 @@ fn measure(peers: u32) -> [usize; 8] {
     let mut model = KernelModel::new(observed);
     let index_bytes = live() - base;
 
+    // The model a cold apply leaves (every peer added by the plan, in key order).
+    let cold_plan = gatehouse::plan::plan(&desired, &KernelModel::default());
+    let base = live();
+    let mut cold = KernelModel::default();
+    cold.apply(&cold_plan);
+    let cold_bytes = live() - base;
+    drop(cold);
+    drop(cold_plan);
+
     let whole = read_peak(&mut model, true);
     let in_place = read_peak(&mut model, false);
 
@@ -196,16 +206,17 @@ fn measure(peers: u32) -> [usize; 8] {
         tracker_bytes / n,
         whole,
         in_place,
+        cold_bytes / n,
     ]
 }
 
 fn main() {
-    println!("| peers | held (valid + index) | peak while accepting a snapshot | one desired copy | observed | model's owners index | stats tracker | held + desired + observed + index + tracker, MiB at this size | a read's peak above the model: parsed whole, then the model | read into the model in place |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| peers | held (valid + index) | peak while accepting a snapshot | one desired copy | observed | model's owners index | stats tracker | held + desired + observed + index + tracker, MiB at this size | a read's peak above the model: parsed whole, then the model | read into the model in place | the model after a cold apply (observed + index) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for peers in [1_000u32, 100_000] {
-        let [held, peak, desired, observed, index, tracker, whole, in_place] = measure(peers);
+        let [held, peak, desired, observed, index, tracker, whole, in_place, cold] = measure(peers);
         let sum = held + desired + observed + index + tracker;
         let total = sum as f64 * f64::from(peers) / (1024.0 * 1024.0);
-        println!("| {peers} | {held} B | {peak} B | {desired} B | {observed} B | {index} B | {tracker} B | {total:.1} MiB | {whole} B | {in_place} B |");
+        println!("| {peers} | {held} B | {peak} B | {desired} B | {observed} B | {index} B | {tracker} B | {total:.1} MiB | {whole} B | {in_place} B | {cold} B |");
     }
 }

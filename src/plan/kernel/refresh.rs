@@ -19,6 +19,8 @@ pub struct Refresh<'a> {
     model: &'a mut KernelModel,
     /// The keys read so far.
     seen: Vec<Key>,
+    /// Peers the read added to the model.
+    added: usize,
 }
 
 impl KernelModel {
@@ -28,6 +30,7 @@ impl KernelModel {
         Refresh {
             model: self,
             seen: Vec::with_capacity(expected),
+            added: 0,
         }
     }
 
@@ -59,6 +62,7 @@ impl Refresh<'_> {
         self.seen.sort_unstable();
         self.seen.dedup();
         if self.seen.len() == peers.len() {
+            self.model.compact_after(self.added);
             return;
         }
         let gone: Vec<Key> = peers
@@ -71,6 +75,7 @@ impl Refresh<'_> {
                 release(&mut self.model.owners, &key, &old.config.allowed_ips);
             }
         }
+        self.model.compact_after(self.added);
     }
 
     /// The interface does not exist: the model is empty.
@@ -99,8 +104,9 @@ impl DeviceSink for Refresh<'_> {
                 return;
             }
         }
-        if let Some(old) = device.peers.remove(&key) {
-            release(&mut model.owners, &key, &old.config.allowed_ips);
+        match device.peers.remove(&key) {
+            Some(old) => release(&mut model.owners, &key, &old.config.allowed_ips),
+            None => self.added += 1,
         }
         claim(
             &mut model.owners,
