@@ -132,6 +132,39 @@ fn with_the_firewall_off_no_step_builds_the_desired_state_for_it() {
     assert_eq!(sim.count_since(0, "firewall off"), 1, "{:?}", &sim.trace);
 }
 
+/// A read that fails midway (a tick's) keeps the model: every peer stays in it, the
+/// failure shows, and a change is still planned on it (no read) and applied.
+#[test]
+fn a_read_failing_midway_keeps_the_model_and_a_change_goes_on() {
+    let mut sim = Sim::new(settings());
+    sim.core
+        .publish(location((1..6).map(|n| spec(n, 0, 0)).collect(), None));
+    sim.start();
+    sim.connect();
+    sim.fail_reads = true;
+    let from = sim.trace.len();
+    sim.advance(3 * S);
+    assert!(
+        sim.count_since(from, "read") >= 1,
+        "{:?}",
+        &sim.trace[from..]
+    );
+    assert!(sim.status.backend_error.is_some());
+    assert_eq!(sim.status.kernel_peers, 5);
+    let from = sim.trace.len();
+    send(
+        &mut sim,
+        &[Change::Upsert {
+            n: 7,
+            v: 0,
+            keepalive: 0,
+        }],
+    );
+    assert!(sim.has(key(7)));
+    assert_eq!(sim.status.applied_revision, sim.core.revision);
+    assert_eq!(sim.count_since(from, "read"), 0, "{:?}", &sim.trace[from..]);
+}
+
 /// The firewall actions of one scoped change, after the first apply, with the firewall
 /// `on` in the settings and the location's `policy`: (full steps, scoped steps).
 fn firewall_steps_of_one_change(on: bool, policy: Option<v1::FirewallPolicy>) -> (usize, usize) {

@@ -20,7 +20,7 @@ use gatehouse::backend::memory::MemoryBackend;
 use gatehouse::backend::Backend as _;
 use gatehouse::config::{HooksConfig, Secret, TokenSource};
 use gatehouse::hooks::{Hook, Hooks};
-use gatehouse::model::Key;
+use gatehouse::model::{DeviceSink as _, Key};
 use gatehouse::state::{journal, PersistedState, Record};
 use gatehouse_proto::v1::{self, core_message::Kind as In, gateway_message::Kind as Out};
 
@@ -236,6 +236,8 @@ pub struct Sim {
     pub fail_saves: bool,
     /// Fails appends only.
     pub fail_appends: bool,
+    /// Fails reads midway: the first peer goes into the lent model, then the read fails.
+    pub fail_reads: bool,
     /// Appends are possible (a full save succeeded since the store opened with no base,
     /// or since a save failed).
     journal_open: bool,
@@ -284,6 +286,7 @@ impl Sim {
             journal: vec![],
             fail_saves: false,
             fail_appends: false,
+            fail_reads: false,
             journal_open: false,
             trace: vec![],
             hooks: vec![],
@@ -462,6 +465,14 @@ impl Sim {
                 return None;
             }
             Action::CheckBackend => Outcome::BackendChecked(Ok(None)),
+            Action::Read { mut into, .. } if self.fail_reads => {
+                let mut refresh = into.model().refresh();
+                if let Some(first) = self.kernel.state().device.peers.into_values().next() {
+                    refresh.peer(first);
+                }
+                drop(refresh);
+                Outcome::Read(into, Err("read failed midway".into()))
+            }
             Action::Read { mut into, .. } => {
                 let read = self.kernel.observe_into(into.model());
                 Outcome::Read(into, read.map_err(|e| e.to_string()))
