@@ -22,7 +22,7 @@ use crate::model::{Key, Observed};
 use crate::plan::{KernelModel, Op, Plan};
 
 use self::genl::WgSocket;
-use self::pack::{pack, pack_kicks, SetDevice, MESSAGE_LIMIT};
+use self::pack::{pack_kicks, pack_lazily, SetDevice, MESSAGE_LIMIT};
 
 /// The link kind of WireGuard interfaces.
 const KIND: &str = "wireguard";
@@ -125,13 +125,13 @@ impl KernelBackend {
                 }
             }
         }
-        let messages = pack(
+        // Each message built as the one before it is sent.
+        let messages = pack_lazily(
             &self.name,
             plan.steps.iter().map(|s| &s.op),
             self.message_limit,
         );
-        let total = messages.len();
-        self.send_all(&messages)?;
+        let total = self.send_all(messages)?;
         if total > 0 {
             tracing::debug!(interface = %self.name, messages = total, "WireGuard device configured");
         }
@@ -157,15 +157,20 @@ impl KernelBackend {
     }
 
     /// Sends device messages in order, counting each; stops at the first refused one.
-    fn send_all(&mut self, messages: &[SetDevice]) -> Result<(), BackendError> {
-        let total = messages.len();
-        for (n, message) in messages.iter().enumerate() {
+    /// Returns how many were sent.
+    fn send_all(
+        &mut self,
+        messages: impl IntoIterator<Item = SetDevice>,
+    ) -> Result<usize, BackendError> {
+        let mut sent = 0;
+        for (n, message) in messages.into_iter().enumerate() {
             self.device_writes += 1;
             self.wg
                 .set_device(message.attributes())
-                .map_err(|e| self.device_error(e, message, n, total))?;
+                .map_err(|e| self.device_error(e, &message, n))?;
+            sent += 1;
         }
-        Ok(())
+        Ok(sent)
     }
 
     /// The link's index, read once per apply when no step created it.
@@ -185,15 +190,9 @@ impl KernelBackend {
         }
     }
 
-    fn device_error(
-        &self,
-        e: io::Error,
-        message: &SetDevice,
-        n: usize,
-        total: usize,
-    ) -> BackendError {
+    fn device_error(&self, e: io::Error, message: &SetDevice, n: usize) -> BackendError {
         let op = format!(
-            "configure WireGuard device {} (message {} of {total})",
+            "configure WireGuard device {} (message {}; the ones before it applied)",
             self.name,
             n + 1
         );
@@ -319,11 +318,12 @@ impl Backend for KernelBackend {
                     .is_some_and(|p| p.contains(&k.peer.public_key))
         });
         let messages = pack_kicks(&self.name, wanted, self.message_limit);
-        self.send_all(&messages)?;
+        let count = messages.len();
+        self.send_all(messages)?;
         tracing::debug!(
             interface = %self.name,
             kicks = kicks.len(),
-            messages = messages.len(),
+            messages = count,
             "takeover handshakes started"
         );
         Ok(())

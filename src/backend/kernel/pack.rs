@@ -126,28 +126,51 @@ pub fn pack<'a>(
     ops: impl IntoIterator<Item = &'a Op>,
     limit: usize,
 ) -> Vec<SetDevice> {
-    let mut packer = Packer::new(interface, limit.max(MIN_MESSAGE_LIMIT));
-    for op in ops {
-        match op {
-            Op::ConfigureDevice(change) => packer.device(change),
-            Op::AddPeer(spec) => packer.peer(add_peer(spec)),
-            Op::UpdatePeer(update) => packer.peer(update_peer(update)),
-            Op::RemovePeer(key) => packer.peer(PeerWrite {
-                head: vec![
-                    WireguardPeerAttribute::PublicKey(key.0),
-                    WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
-                ],
-                continuation: Vec::new(),
-                allowed_ips: Vec::new(),
-            }),
-            Op::CreateLink
-            | Op::SetMtu(_)
-            | Op::SetLinkUp
-            | Op::AddAddress(_)
-            | Op::RemoveAddress(_) => {}
+    pack_lazily(interface, ops.into_iter(), limit).collect()
+}
+
+/// The messages of [`pack`], each built when the caller takes the one before it is done
+/// with: a cold apply's messages (about 500 bytes of attributes per peer) are never all in
+/// memory at once.
+pub fn pack_lazily<'a, I: Iterator<Item = &'a Op>>(
+    interface: &str,
+    ops: I,
+    limit: usize,
+) -> impl Iterator<Item = SetDevice> {
+    Lazy {
+        packer: Packer::new(interface, limit.max(MIN_MESSAGE_LIMIT)),
+        ops,
+        done: false,
+    }
+}
+
+/// Packs operations as its messages are taken.
+struct Lazy<I> {
+    packer: Packer,
+    ops: I,
+    done: bool,
+}
+
+impl<'a, I: Iterator<Item = &'a Op>> Iterator for Lazy<I> {
+    type Item = SetDevice;
+
+    fn next(&mut self) -> Option<SetDevice> {
+        loop {
+            if !self.packer.out.is_empty() {
+                return Some(self.packer.out.remove(0));
+            }
+            if self.done {
+                return None;
+            }
+            match self.ops.next() {
+                Some(op) => self.packer.op(op),
+                None => {
+                    self.done = true;
+                    self.packer.flush();
+                }
+            }
         }
     }
-    packer.finish()
 }
 
 /// Turns takeover kicks into `WG_CMD_SET_DEVICE` requests for `interface`, in order, each
@@ -340,6 +363,27 @@ impl Packer {
         self.limit.saturating_sub(self.size + nest)
     }
 
+    fn op(&mut self, op: &Op) {
+        match op {
+            Op::ConfigureDevice(change) => self.device(change),
+            Op::AddPeer(spec) => self.peer(add_peer(spec)),
+            Op::UpdatePeer(update) => self.peer(update_peer(update)),
+            Op::RemovePeer(key) => self.peer(PeerWrite {
+                head: vec![
+                    WireguardPeerAttribute::PublicKey(key.0),
+                    WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
+                ],
+                continuation: Vec::new(),
+                allowed_ips: Vec::new(),
+            }),
+            Op::CreateLink
+            | Op::SetMtu(_)
+            | Op::SetLinkUp
+            | Op::AddAddress(_)
+            | Op::RemoveAddress(_) => {}
+        }
+    }
+
     fn device(&mut self, change: &DeviceChange) {
         let mut attrs = Vec::new();
         if let Some(key) = &change.private_key {
@@ -469,6 +513,28 @@ mod tests {
 
     fn peer(n: u32) -> PeerSpec {
         PeerSpec::new(key(n), [v4(n, 32)])
+    }
+
+    /// The lazy packer gives [`pack`]'s messages, the first before it has read most
+    /// operations (a cold apply's messages are not all built first).
+    #[test]
+    fn messages_are_packed_as_they_are_taken() {
+        let ops: Vec<Op> = (0..2_000).map(|n| Op::AddPeer(peer(n))).collect();
+        let read = std::cell::Cell::new(0usize);
+        let counted = ops.iter().inspect(|_| read.set(read.get() + 1));
+        let mut lazy = pack_lazily("wg0", counted, 4096);
+        let first = lazy.next().unwrap();
+        assert!(
+            read.get() < ops.len() / 4,
+            "{} of {} read",
+            read.get(),
+            ops.len()
+        );
+        let mut all = vec![first];
+        all.extend(lazy);
+        let whole = pack("wg0", &ops, 4096);
+        assert!(whole.len() > 4);
+        assert_eq!(wire(&all), wire(&whole));
     }
 
     /// Serializes, measures and parses back every message, as the kernel would see it.
