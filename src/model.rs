@@ -211,3 +211,26 @@ pub struct Observed {
     pub link: Option<LinkState>,
     pub device: DeviceState,
 }
+
+/// Where a backend's read of the WireGuard device goes as it is parsed, so that the read
+/// is never held whole beside what it fills: the device's settings once a read completes
+/// them, and each peer whole (its pieces merged), in the order read.
+pub trait DeviceSink {
+    /// The device's own settings (a read that has none says `None`, 0, 0).
+    fn settings(&mut self, private_key: Option<SecretKey>, listen_port: u16, fwmark: u32);
+    /// One peer as read; a key read again replaces the first.
+    fn peer(&mut self, peer: PeerState);
+}
+
+/// A read collected whole.
+impl DeviceSink for DeviceState {
+    fn settings(&mut self, private_key: Option<SecretKey>, listen_port: u16, fwmark: u32) {
+        self.private_key = private_key;
+        self.listen_port = listen_port;
+        self.fwmark = fwmark;
+    }
+
+    fn peer(&mut self, peer: PeerState) {
+        self.peers.insert(peer.config.public_key, peer);
+    }
+}

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 
 mod kernel;
-pub use kernel::{simulate, KernelModel};
+pub use kernel::{simulate, KernelModel, Refresh};
 
 use crate::model::{
     AllowedIps, Desired, DeviceState, Key, LinkState, Observed, PeerSpec, SecretKey,

@@ -73,7 +73,10 @@ impl gatehouse::agent::firewall::Tables for Tables {
 
 fn exec(x: &mut X, a: Action) -> Option<Outcome> {
     Some(match a {
-        Action::Read { .. } => Outcome::Read(Ok(Observed::clone(&x.obs))),
+        Action::Read { mut into, .. } => {
+            into.model().refresh_with(Observed::clone(&x.obs));
+            Outcome::Read(into, Ok(()))
+        }
         Action::Apply { plan, .. } => {
             x.obs.apply(&plan);
             Outcome::Applied {
@@ -92,6 +95,10 @@ fn exec(x: &mut X, a: Action) -> Option<Outcome> {
             let r = x.fw.run(&trigger, policy.as_ref(), &desired);
             x.fw_time += s.elapsed();
             Outcome::Firewall(r.map_err(|e| e.to_string()))
+        }
+        Action::FirewallOff { trigger } => {
+            x.fw.run_off(&trigger);
+            Outcome::Firewall(Ok(()))
         }
         Action::FirewallPeers { trigger, change } => {
             let s = Instant::now();

@@ -250,7 +250,10 @@ impl Rig {
     fn turn(&mut self) {
         while let Some(a) = self.m.poll_action() {
             let outcome = match a {
-                Action::Read { .. } => Outcome::Read(Ok(self.obs.clone())),
+                Action::Read { mut into, .. } => {
+                    into.model().refresh_with(self.obs.clone());
+                    Outcome::Read(into, Ok(()))
+                }
                 Action::Apply { plan, .. } => {
                     gatehouse::plan::simulate(&mut self.obs, &plan);
                     Outcome::Applied {
@@ -266,6 +269,10 @@ impl Rig {
                     self.full += 1;
                     let r = self.step.run(&trigger, policy.as_ref(), &desired);
                     Outcome::Firewall(r.map_err(|e| e.to_string()))
+                }
+                Action::FirewallOff { trigger } => {
+                    self.step.run_off(&trigger);
+                    Outcome::Firewall(Ok(()))
                 }
                 Action::FirewallPeers { trigger, change } => {
                     self.scoped += 1;

@@ -98,7 +98,7 @@ proptest! {
 }
 
 #[test]
-fn with_the_firewall_off_a_scoped_change_skips_the_step_and_a_resync_still_runs_it() {
+fn with_the_firewall_off_no_step_builds_the_desired_state_for_it() {
     let mut sim = Sim::new(settings());
     sim.core
         .publish(location((1..6).map(|n| spec(n, 0, 0)).collect(), None));
@@ -114,21 +114,55 @@ fn with_the_firewall_off_a_scoped_change_skips_the_step_and_a_resync_still_runs_
         }],
     );
     assert!(sim.has(key(7)));
-    assert_eq!(
-        sim.count_since(from, "firewall"),
-        0,
-        "{:?}",
-        &sim.trace[from..]
-    );
     assert_eq!(sim.count_since(from, "save"), 0, "{:?}", &sim.trace[from..]);
-    // The resync still runs the firewall step (and repairs drift).
-    let from = sim.trace.len();
-    sim.advance(11 * S);
+    // Two resyncs (full plans).
+    sim.advance(21 * S);
     assert!(
-        sim.count_since(from, "firewall") >= 1,
+        sim.count_since(from, "read") >= 2,
         "{:?}",
         &sim.trace[from..]
     );
+    // The first apply removed a table left from before (the step's clean-up); no step,
+    // full or scoped, took a copy of the desired state.
+    let full = sim.count_since(0, "firewall")
+        - sim.count_since(0, "firewall peers")
+        - sim.count_since(0, "firewall off");
+    assert_eq!(full, 0, "{:?}", &sim.trace);
+    assert_eq!(sim.count_since(0, "firewall peers"), 0, "{:?}", &sim.trace);
+    assert_eq!(sim.count_since(0, "firewall off"), 1, "{:?}", &sim.trace);
+}
+
+/// A read that fails midway (a tick's) keeps the model: every peer stays in it, the
+/// failure shows, and a change is still planned on it (no read) and applied.
+#[test]
+fn a_read_failing_midway_keeps_the_model_and_a_change_goes_on() {
+    let mut sim = Sim::new(settings());
+    sim.core
+        .publish(location((1..6).map(|n| spec(n, 0, 0)).collect(), None));
+    sim.start();
+    sim.connect();
+    sim.fail_reads = true;
+    let from = sim.trace.len();
+    sim.advance(3 * S);
+    assert!(
+        sim.count_since(from, "read") >= 1,
+        "{:?}",
+        &sim.trace[from..]
+    );
+    assert!(sim.status.backend_error.is_some());
+    assert_eq!(sim.status.kernel_peers, 5);
+    let from = sim.trace.len();
+    send(
+        &mut sim,
+        &[Change::Upsert {
+            n: 7,
+            v: 0,
+            keepalive: 0,
+        }],
+    );
+    assert!(sim.has(key(7)));
+    assert_eq!(sim.status.applied_revision, sim.core.revision);
+    assert_eq!(sim.count_since(from, "read"), 0, "{:?}", &sim.trace[from..]);
 }
 
 /// The firewall actions of one scoped change, after the first apply, with the firewall

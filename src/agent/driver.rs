@@ -102,7 +102,10 @@ impl Driver {
             Action::CheckBackend => {
                 Outcome::BackendChecked(self.backend.check().map_err(|e| text(&e)))
             }
-            Action::Read { .. } => Outcome::Read(self.backend.observe().map_err(|e| text(&e))),
+            Action::Read { mut into, .. } => {
+                let read = self.backend.observe_into(into.model());
+                Outcome::Read(into, read.map_err(|e| text(&e)))
+            }
             Action::Apply { trigger, plan } => {
                 let (executed, outcomes) = execute_phases(self.backend.as_mut(), plan, &trigger);
                 Outcome::Applied {
@@ -119,6 +122,10 @@ impl Driver {
                     .run(&trigger, policy.as_ref(), &desired)
                     .map_err(|e| text(&e)),
             ),
+            Action::FirewallOff { trigger } => {
+                self.firewall.run_off(&trigger);
+                Outcome::Firewall(Ok(()))
+            }
             Action::FirewallPeers { trigger, change } => Outcome::Firewall(
                 self.firewall
                     .run_peers(&trigger, &change)

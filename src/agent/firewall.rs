@@ -230,6 +230,19 @@ impl FirewallStep {
         Ok(())
     }
 
+    /// The firewall is off in the settings (the machine builds no desired state then): a
+    /// table of ours left from before goes, once. With the firewall on: nothing.
+    pub fn run_off(&mut self, trigger: &str) {
+        if self.settings.enabled {
+            warn!(
+                trigger,
+                "firewall step without its inputs while the firewall is on: skipped"
+            );
+            return;
+        }
+        self.clean_up_once();
+    }
+
     /// Deletes the tracked flows `cut` selects; a failure is logged (the table is right,
     /// and a flow not cut now is cut at the next change).
     fn cut(&mut self, trigger: &str, cut: &Cut) {

@@ -16,7 +16,7 @@ use thiserror::Error;
 pub use kick::Kick;
 
 use crate::model::Observed;
-use crate::plan::Plan;
+use crate::plan::{KernelModel, Plan};
 
 /// Which backend to run (the `gateway.backend` key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -104,6 +104,17 @@ pub trait Backend: Send {
     /// Reads the link and the WireGuard device. A missing interface is
     /// `Observed { link: None, .. }`, not an error.
     fn observe(&mut self) -> Result<Observed, BackendError>;
+
+    /// Reads the interface into `model` in place ([`KernelModel::refresh`]): the agent's
+    /// one copy of the interface, also during the read. On success the model is the read's
+    /// (a missing interface: empty); on error it may hold part of the read, keeps every
+    /// peer the read did not reach, and its index stays in step. Backends that can parse
+    /// as they read do; the default reads whole first.
+    fn observe_into(&mut self, model: &mut KernelModel) -> Result<(), BackendError> {
+        let observed = self.observe()?;
+        model.refresh_with(observed);
+        Ok(())
+    }
 
     /// Executes the plan in order. On error, operations before the failing one stay done.
     fn apply(&mut self, plan: &Plan) -> Result<(), BackendError>;

@@ -20,7 +20,7 @@ use gatehouse::backend::memory::MemoryBackend;
 use gatehouse::backend::Backend as _;
 use gatehouse::config::{HooksConfig, Secret, TokenSource};
 use gatehouse::hooks::{Hook, Hooks};
-use gatehouse::model::Key;
+use gatehouse::model::{DeviceSink as _, Key};
 use gatehouse::state::{journal, PersistedState, Record};
 use gatehouse_proto::v1::{self, core_message::Kind as In, gateway_message::Kind as Out};
 
@@ -178,10 +178,11 @@ fn kind(a: &Action) -> String {
     match a {
         Action::RunHook(h) => format!("hook {h:?}"),
         Action::CheckBackend => "check".into(),
-        Action::Read { trigger } => format!("read {trigger}"),
+        Action::Read { trigger, .. } => format!("read {trigger}"),
         Action::Apply { plan, .. } => format!("apply {}", plan.summary()),
         Action::Firewall { .. } => "firewall".into(),
         Action::FirewallPeers { .. } => "firewall peers".into(),
+        Action::FirewallOff { .. } => "firewall off".into(),
         Action::Save => "save".into(),
         Action::Append(_) => "append".into(),
         Action::Send { mode, .. } => format!("send {mode:?}"),
@@ -237,6 +238,8 @@ pub struct Sim {
     pub fail_appends: bool,
     /// Fails the firewall step with this error.
     pub fail_firewall: Option<String>,
+    /// Fails reads midway: the first peer goes into the lent model, then the read fails.
+    pub fail_reads: bool,
     /// Appends are possible (a full save succeeded since the store opened with no base,
     /// or since a save failed).
     journal_open: bool,
@@ -286,6 +289,7 @@ impl Sim {
             fail_saves: false,
             fail_appends: false,
             fail_firewall: None,
+            fail_reads: false,
             journal_open: false,
             trace: vec![],
             hooks: vec![],
@@ -464,7 +468,18 @@ impl Sim {
                 return None;
             }
             Action::CheckBackend => Outcome::BackendChecked(Ok(None)),
-            Action::Read { .. } => Outcome::Read(self.kernel.observe().map_err(|e| e.to_string())),
+            Action::Read { mut into, .. } if self.fail_reads => {
+                let mut refresh = into.model().refresh();
+                if let Some(first) = self.kernel.state().device.peers.into_values().next() {
+                    refresh.peer(first);
+                }
+                drop(refresh);
+                Outcome::Read(into, Err("read failed midway".into()))
+            }
+            Action::Read { mut into, .. } => {
+                let read = self.kernel.observe_into(into.model());
+                Outcome::Read(into, read.map_err(|e| e.to_string()))
+            }
             Action::Apply { trigger, plan } => {
                 let removed = plan
                     .steps
@@ -481,7 +496,7 @@ impl Sim {
                     outcomes,
                 }
             }
-            Action::Firewall { .. } | Action::FirewallPeers { .. } => {
+            Action::Firewall { .. } | Action::FirewallPeers { .. } | Action::FirewallOff { .. } => {
                 Outcome::Firewall(self.fail_firewall.clone().map_or(Ok(()), Err))
             }
             Action::Save => {

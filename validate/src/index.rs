@@ -39,14 +39,15 @@ pub struct LocationIndex {
     peers: BTreeMap<[u8; 32], Slot>,
     /// The peers' public keys in list order (`Slot::at` is the place here).
     order: Vec<[u8; 32]>,
-    /// Every peer prefix and the peer holding it (one holder each in a valid location).
-    prefixes: BTreeMap<IpNet, [u8; 32]>,
+    /// Every peer prefix and the place of the peer holding it (one holder each in a valid
+    /// location): the place, not the key, so that a prefix costs its own bytes and four.
+    prefixes: BTreeMap<IpNet, u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Slot {
     /// Where the peer sits in the location's peer list.
-    at: usize,
+    at: u32,
     /// Sorted, no duplicates: a boxed slice (one allocation of exactly its size) rather
     /// than a set (a whole tree node for the usual one or two prefixes).
     prefixes: Box<[IpNet]>,
@@ -104,7 +105,8 @@ impl LocationIndex {
         let mut slots = Vec::new();
         let mut prefixes = Vec::new();
         for (at, (key, nets)) in peers.into_iter().enumerate() {
-            prefixes.extend(nets.into_iter().map(|n| (n.trunc(), key)));
+            let at = place(at);
+            prefixes.extend(nets.into_iter().map(|n| (n.trunc(), at)));
             slots.push((
                 key,
                 Slot {
@@ -245,8 +247,7 @@ impl LocationIndex {
         // ... each changed prefix against the unchanged peers ...
         for (net, holder) in &entries {
             let Holder::Peer(at) = holder else { continue };
-            if let Some((other_net, other)) = self.overlapping(net, &touched) {
-                let other_at = self.peers.get(&other).map_or(0, |s| s.at);
+            if let Some((other_net, other_at)) = self.overlapping(net, &touched) {
                 let met_at = if other_net.contains(net) {
                     *net
                 } else {
@@ -260,9 +261,8 @@ impl LocationIndex {
         // ... and a new interface address against the unchanged peers.
         if let Some((_, Some(ci))) = &interface {
             for (host, _) in gateway_hosts::<()>(&ci.addresses) {
-                if let Some((net, holder)) = self.covering(&host, &touched) {
-                    let at = self.peers.get(&holder).map_or(0, |s| s.at);
-                    blamed.offer(at, net, host, || {
+                if let Some((net, at)) = self.covering(&host, &touched) {
+                    blamed.offer(at as usize, net, host, || {
                         format!("{net} overlaps the gateway's own address ({host})")
                     });
                 }
@@ -304,7 +304,7 @@ impl LocationIndex {
             match (last, slot) {
                 (None, Some((k, _))) => removed.push(k),
                 (None, None) => {}
-                (Some(p), Some((_, s))) => held.push((s.at, *p)),
+                (Some(p), Some((_, s))) => held.push((s.at as usize, *p)),
                 (Some(p), None) => new.push((*order, *p)),
             }
         }
@@ -325,14 +325,17 @@ impl LocationIndex {
     }
 
     /// A prefix of an unchanged peer (not in `touched`) that overlaps `net`, the one the
-    /// full validator names: an equal one, else the innermost one containing it (one probe
-    /// per shorter prefix length), else the first inside it (a range of the sorted
-    /// prefixes).
-    fn overlapping(&self, net: &IpNet, touched: &BTreeSet<[u8; 32]>) -> Option<(IpNet, [u8; 32])> {
+    /// full validator names, and the place of its holder: an equal one, else the innermost
+    /// one containing it (one probe per shorter prefix length), else the first inside it (a
+    /// range of the sorted prefixes).
+    fn overlapping(&self, net: &IpNet, touched: &BTreeSet<[u8; 32]>) -> Option<(IpNet, u32)> {
         let net = net.trunc();
-        let untouched = |k: &&[u8; 32]| !touched.contains(*k);
-        if let Some(k) = self.prefixes.get(&net).filter(untouched) {
-            return Some((net, *k));
+        if let Some(at) = self
+            .prefixes
+            .get(&net)
+            .filter(|at| self.untouched(**at, touched))
+        {
+            return Some((net, *at));
         }
         if let Some(wide) = self.covering_shorter(&net, net.prefix_len(), touched) {
             return Some(wide);
@@ -340,12 +343,20 @@ impl LocationIndex {
         let last = IpNet::new(net.broadcast(), net.max_prefix_len()).ok()?;
         self.prefixes
             .range(net..=last)
-            .find(|(_, k)| untouched(k))
-            .map(|(n, k)| (*n, *k))
+            .find(|(_, at)| self.untouched(**at, touched))
+            .map(|(n, at)| (*n, *at))
     }
 
-    /// The innermost prefix of an unchanged peer that contains `host` (or equals it).
-    fn covering(&self, host: &IpNet, touched: &BTreeSet<[u8; 32]>) -> Option<(IpNet, [u8; 32])> {
+    /// Whether the peer at place `at` is not in `touched`.
+    fn untouched(&self, at: u32, touched: &BTreeSet<[u8; 32]>) -> bool {
+        self.order
+            .get(at as usize)
+            .is_some_and(|k| !touched.contains(k))
+    }
+
+    /// The innermost prefix of an unchanged peer that contains `host` (or equals it), and
+    /// the place of its holder.
+    fn covering(&self, host: &IpNet, touched: &BTreeSet<[u8; 32]>) -> Option<(IpNet, u32)> {
         self.covering_shorter(host, host.prefix_len() + 1, touched)
     }
 
@@ -356,11 +367,11 @@ impl LocationIndex {
         net: &IpNet,
         below: u8,
         touched: &BTreeSet<[u8; 32]>,
-    ) -> Option<(IpNet, [u8; 32])> {
+    ) -> Option<(IpNet, u32)> {
         (0..below).rev().find_map(|len| {
             let wide = IpNet::new(net.addr(), len).ok()?.trunc();
-            let k = self.prefixes.get(&wide)?;
-            (!touched.contains(k)).then_some((wide, *k))
+            let at = *self.prefixes.get(&wide)?;
+            self.untouched(at, touched).then_some((wide, at))
         })
     }
 
@@ -373,22 +384,27 @@ impl LocationIndex {
         // Every replaced peer gives up its prefixes before any is taken (a prefix may move
         // from one peer to another within a delta).
         for p in &delta.upserted {
-            if let Some(old) = self.peers.get(&p.public_key).map(|s| s.prefixes.clone()) {
-                self.forget_prefixes(&p.public_key, &old);
+            if let Some(slot) = self.peers.get(&p.public_key) {
+                let (at, old) = (slot.at, slot.prefixes.clone());
+                self.forget_prefixes(at, &old);
             }
         }
         for p in &delta.upserted {
-            for n in &p.allowed_ips {
-                self.prefixes.insert(n.trunc(), p.public_key);
-            }
             let prefixes = sorted(&p.allowed_ips);
-            match self.peers.get_mut(&p.public_key) {
-                Some(slot) => slot.prefixes = prefixes,
+            let at = match self.peers.get_mut(&p.public_key) {
+                Some(slot) => {
+                    slot.prefixes = prefixes;
+                    slot.at
+                }
                 None => {
-                    let at = self.order.len();
+                    let at = place(self.order.len());
                     self.order.push(p.public_key);
                     self.peers.insert(p.public_key, Slot { at, prefixes });
+                    at
                 }
+            };
+            for n in &p.allowed_ips {
+                self.prefixes.insert(n.trunc(), at);
             }
         }
         if let Some(ci) = &delta.interface {
@@ -397,29 +413,42 @@ impl LocationIndex {
         }
     }
 
-    /// Drops a peer: the last one takes its place. O(log N).
+    /// Drops a peer: the last one takes its place (its prefixes follow). O(log N).
     pub fn remove(&mut self, key: &[u8; 32]) {
         let Some(slot) = self.peers.remove(key) else {
             return;
         };
-        self.forget_prefixes(key, &slot.prefixes);
-        if slot.at < self.order.len() {
-            self.order.swap_remove(slot.at);
+        self.forget_prefixes(slot.at, &slot.prefixes);
+        let at = slot.at as usize;
+        if at >= self.order.len() {
+            return;
         }
-        if let Some(moved) = self.order.get(slot.at) {
-            if let Some(s) = self.peers.get_mut(moved) {
-                s.at = slot.at;
+        self.order.swap_remove(at);
+        let last = place(self.order.len());
+        let Some(moved) = self.order.get(at).and_then(|k| self.peers.get_mut(k)) else {
+            return;
+        };
+        moved.at = slot.at;
+        for n in moved.prefixes.iter() {
+            if let Some(holder) = self.prefixes.get_mut(n).filter(|h| **h == last) {
+                *holder = slot.at;
             }
         }
     }
 
-    fn forget_prefixes(&mut self, key: &[u8; 32], prefixes: &[IpNet]) {
+    fn forget_prefixes(&mut self, at: u32, prefixes: &[IpNet]) {
         for n in prefixes {
-            if self.prefixes.get(n) == Some(key) {
+            if self.prefixes.get(n) == Some(&at) {
                 self.prefixes.remove(n);
             }
         }
     }
+}
+
+/// A place in the peer list as the index keeps it: four bytes (a location of 2³² peers
+/// would need hundreds of gigabytes of memory before its index did).
+fn place(at: usize) -> u32 {
+    u32::try_from(at).unwrap_or(u32::MAX)
 }
 
 /// A peer's prefixes, truncated, sorted and without duplicates.

@@ -47,7 +47,9 @@ pub struct CheckedInterface {
 pub struct CheckedPeer {
     pub public_key: [u8; 32],
     pub preshared_key: Option<Secret>,
-    pub allowed_ips: BTreeSet<IpNet>,
+    /// Sorted, no duplicates: an exact-size slice (a set would allocate a whole tree node
+    /// per peer for the usual one or two prefixes while a location is checked).
+    pub allowed_ips: Box<[IpNet]>,
     pub persistent_keepalive: u16,
     pub endpoint: Option<SocketAddr>,
     pub id: u64,
@@ -289,8 +291,6 @@ pub(crate) fn check_peer(i: usize, p: &v1::Peer, errs: &mut Rejections) -> Optio
     let endpoint = net::endpoint(&p.endpoint)
         .map_err(|e| errs.push(at("endpoint"), e))
         .ok();
-    let mut allowed_ips = BTreeSet::new();
-    let mut ok = true;
     if p.allowed_ips.len() > MAX_ALLOWED_IPS {
         errs.push(
             at("allowed_ips"),
@@ -298,20 +298,36 @@ pub(crate) fn check_peer(i: usize, p: &v1::Peer, errs: &mut Rejections) -> Optio
         );
         return None;
     }
-    for (j, a) in p.allowed_ips.iter().enumerate() {
-        match net::allowed_ip(a) {
-            Ok(n) if allowed_ips.insert(n) => {}
+    let parsed: Vec<Result<IpNet, String>> =
+        p.allowed_ips.iter().map(|a| net::allowed_ip(a)).collect();
+    // Each prefix with its place, sorted: a repeat is the later place of two equal ones.
+    let mut placed: Vec<(IpNet, usize)> = parsed
+        .iter()
+        .enumerate()
+        .filter_map(|(j, r)| r.as_ref().ok().map(|n| (*n, j)))
+        .collect();
+    placed.sort_unstable();
+    let repeats: BTreeSet<usize> = placed
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| w[1].1)
+        .collect();
+    let mut ok = true;
+    for (j, (a, r)) in p.allowed_ips.iter().zip(&parsed).enumerate() {
+        match r {
+            Ok(_) if !repeats.contains(&j) => {}
             Ok(_) => {
                 errs.push(at(&format!("allowed_ips[{j}]")), format!("duplicate {a}"));
                 ok = false;
             }
             Err(e) => {
-                errs.push(at(&format!("allowed_ips[{j}]")), e);
+                errs.push(at(&format!("allowed_ips[{j}]")), e.clone());
                 ok = false;
             }
         }
     }
     ok.then_some(())?;
+    let allowed_ips: Box<[IpNet]> = placed.into_iter().map(|(n, _)| n).collect();
     Some(CheckedPeer {
         public_key: public_key?,
         preshared_key: preshared_key?.map(Secret),
@@ -358,6 +374,41 @@ mod tests {
             .into_iter()
             .map(|r| r.item)
             .collect()
+    }
+
+    /// A repeated prefix is named at each later place; a peer's prefixes are kept sorted.
+    #[test]
+    fn repeated_allowed_ips_are_named_and_kept_ones_sorted() {
+        let dup = location(vec![peer(
+            2,
+            &[
+                "10.0.0.7/32",
+                "10.0.0.5/32",
+                "10.0.0.7/32",
+                "bad",
+                "10.0.0.7/32",
+            ],
+        )]);
+        assert_eq!(
+            items(&dup),
+            [
+                "peers[0].allowed_ips[2]",
+                "peers[0].allowed_ips[3]",
+                "peers[0].allowed_ips[4]"
+            ]
+        );
+        let ok =
+            validate_location(&location(vec![peer(2, &["10.0.0.7/32", "10.0.0.5/32"])])).unwrap();
+        let ips: Vec<String> = ok
+            .peers
+            .values()
+            .next()
+            .unwrap()
+            .allowed_ips
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(ips, ["10.0.0.5/32", "10.0.0.7/32"]);
     }
 
     #[test]

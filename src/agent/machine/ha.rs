@@ -207,13 +207,11 @@ impl Machine {
                 self.ha.active_since.get_or_insert(wall);
                 self.ha.takeovers += 1;
                 // One takeover round: planned from a fresh read.
-                self.request(
-                    Action::Read {
-                        trigger: "takeover",
-                    },
-                    Wait::Read(AfterRead::Takeover {
+                self.read(
+                    "takeover",
+                    AfterRead::Takeover {
                         reason: t.reason.to_string(),
-                    }),
+                    },
                 );
             }
             Role::Standby => {

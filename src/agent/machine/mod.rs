@@ -2,12 +2,12 @@
 //! every piece of the agent's state (the held location, the applied revision, failed
 //! steps, the MFA timers, tombstones, counter epochs, the stats baseline, pending events
 //! and their numbering, the Core link, the offline clock, the HA role and round, counts,
-//! timer statistics) and a model of the interface ([`Observed`], updated by each
-//! successful apply with [`crate::plan::simulate`]). It never reads a clock, draws a
-//! random number from the system, sleeps, or touches a socket, file or netlink: time comes
-//! in as [`Now`], randomness from a seed given at construction, and everything it wants
-//! done comes out as an [`Action`]. The driver (`super::driver`, or a test's virtual-time
-//! driver) executes the actions.
+//! timer statistics) and a model of the interface ([`crate::plan::KernelModel`], updated
+//! by each successful apply, and lent to each read to be refreshed in place). It never
+//! reads a clock, draws a random number from the system, sleeps, or touches a socket, file
+//! or netlink: time comes in as [`Now`], randomness from a seed given at construction, and
+//! everything it wants done comes out as an [`Action`]. The driver (`super::driver`, or a
+//! test's virtual-time driver) executes the actions.
 //!
 //! # Calling contract
 //! - Inputs are the `handle_*` methods, each with the time [`Now`] (monotonic since the
@@ -35,8 +35,9 @@
 //!   sent only after an apply whose every step succeeded.
 //!
 //! # Errors in outcomes
-//! - A failed read: the health shows it; a change planned on the model goes on, a tick
-//!   does nothing more (the resync tries its own read).
+//! - A failed read: the health shows it; a change planned on the model goes on (the model
+//!   keeps what the read changed before it failed, and every peer it did not reach), a
+//!   tick does nothing more (the resync tries its own read).
 //! - A failed apply step (or the read before an apply): recorded per step (reported in
 //!   `Applied`, `/status`), the model becomes unknown after a peer step, so the next change
 //!   reads the interface first; the reconcile runs again after a backoff (`retry.rs`), and at
@@ -83,12 +84,13 @@ use crate::hooks::Hook;
 use crate::http::DiffReport;
 use crate::location::Held;
 use crate::mfa::{MfaTracker, Tombstones};
-use crate::model::{Desired, Observed};
+use crate::model::Desired;
 use crate::plan::Plan;
 use crate::state::{first_event_seq, PendingEvent, PersistedState, Record, SavedState};
 use crate::stats::{Epochs, StatsTracker};
 
 pub use self::ha::HaState;
+pub use self::model::ReadInto;
 use self::reconcile::{Then, Wait};
 
 /// The time of an input: monotonic since the driver's origin, and the wall clock.
@@ -104,9 +106,11 @@ pub enum Action {
     RunHook(Hook),
     /// The backend's own health check and repair. Result: [`Outcome::BackendChecked`].
     CheckBackend,
-    /// Read the whole interface. Result: [`Outcome::Read`].
+    /// Read the whole interface into the lent model
+    /// ([`crate::backend::Backend::observe_into`]). Result: [`Outcome::Read`].
     Read {
         trigger: &'static str,
+        into: ReadInto,
     },
     /// Execute the plan phase by phase. Result: [`Outcome::Applied`].
     Apply {
@@ -118,6 +122,12 @@ pub enum Action {
         trigger: String,
         policy: Option<v1::FirewallPolicy>,
         desired: Box<Desired>,
+    },
+    /// The firewall is off in the settings: the step only removes a table of the agent's
+    /// left from before (once); no desired state is built for it. Result:
+    /// [`Outcome::Firewall`].
+    FirewallOff {
+        trigger: String,
     },
     /// A change of peers alone, after a scoped apply: the firewall's VPN addresses move by
     /// `change`; the table's inputs are unchanged (no read, no write). Result:
@@ -192,7 +202,8 @@ pub enum SendMode {
 #[derive(Debug)]
 pub enum Outcome {
     BackendChecked(Result<Option<String>, String>),
-    Read(Result<Observed, String>),
+    /// The lent model, given back, and whether the read succeeded.
+    Read(ReadInto, Result<(), String>),
     Applied {
         /// The steps that were applied.
         applied: Plan,
@@ -345,8 +356,8 @@ pub struct Machine {
     apply_scope: Option<BTreeSet<crate::model::Key>>,
     /// The last plan refused peers beyond the backend's limit: the next plans are full.
     refused_last: bool,
-    /// The firewall is off in the settings and the step ran once (its clean-up): a scoped
-    /// change has nothing to do there.
+    /// The firewall is off in the settings and the step ran once (its clean-up): no later
+    /// change or resync has anything to do there.
     firewall_idle: bool,
     /// The next attempt after a failed reconcile.
     retry: retry::Retry,
@@ -629,6 +640,12 @@ impl Machine {
 
     fn emit(&mut self, action: Action) {
         self.outbox.push_back(action);
+    }
+
+    /// Reads the interface into the model (lent to the read until its outcome).
+    fn read(&mut self, trigger: &'static str, after: reconcile::AfterRead) {
+        let into = ReadInto::lend(self.model.take());
+        self.request(Action::Read { trigger, into }, Wait::Read(after));
     }
 
     /// Emits an action that wants a result; the work stops until it comes.

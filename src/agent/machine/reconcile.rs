@@ -11,11 +11,11 @@ use std::collections::BTreeMap;
 use gatehouse_proto::v1;
 use tracing::{debug, error, info, warn};
 
-use super::{held, Action, Job, Machine, Now, Outcome, SendMode};
+use super::{held, Action, Job, Machine, Now, Outcome, ReadInto, SendMode};
 use crate::agent::status::unix_ms;
 use crate::agent::steps::{nothing_failed, ApplyStep};
 use crate::mfa::{MfaPolicy, PeerSample, Session};
-use crate::model::{Desired, Key, Observed};
+use crate::model::{Desired, Key};
 use crate::plan::{plan, Op, Plan, PlanSummary};
 use crate::state::{Buried, PendingEvent, Record};
 
@@ -162,7 +162,9 @@ impl Machine {
                 self.saved(result);
                 self.spawn(*job);
             }
-            (Wait::Read(after), Outcome::Read(result)) => self.after_read(after, result),
+            (Wait::Read(after), Outcome::Read(into, result)) => {
+                self.after_read(after, into, result)
+            }
             (Wait::Apply(ctx), Outcome::Applied { applied, outcomes }) => {
                 let failed = outcomes.values().any(Result::is_err);
                 self.steps.record_all(outcomes);
@@ -249,37 +251,33 @@ impl Machine {
 
     // ------------------------------------------------------------------ reads --
 
-    /// A read of the interface: the health, the MFA timers, the HA book and the model.
-    fn on_read(&mut self, result: Result<Observed, String>) -> Result<(), String> {
-        let observed = match result {
-            Ok(o) => o,
-            Err(e) => {
-                self.backend_error = Some(e.clone());
-                return Err(e);
-            }
+    /// A read of the interface (made into the lent model): the health, the MFA timers,
+    /// the HA book and the model.
+    fn on_read(&mut self, into: ReadInto, result: Result<(), String>) -> Result<(), String> {
+        self.model = into.give_back(result.is_ok());
+        if let Err(e) = result {
+            self.backend_error = Some(e.clone());
+            return Err(e);
+        }
+        let Some(model) = &self.model else {
+            return Ok(());
         };
         let Now { mono, wall } = self.now;
         self.backend_error = None;
         self.last_read = Some((mono, wall));
-        self.counts.kernel_peers = observed.device.peers.len();
+        let peers = &model.device.peers;
+        self.counts.kernel_peers = peers.len();
         self.mfa.observe(
-            observed
-                .device
-                .peers
-                .iter()
-                .map(|(k, p)| (*k, PeerSample::from(p))),
+            peers.iter().map(|(k, p)| (*k, PeerSample::from(p))),
             mono,
             wall,
         );
-        self.ha.book.observe_here(&observed.device.peers, wall);
-        // The model this read replaces is dropped before the new index is built.
-        self.model = None;
-        self.model = Some(super::model::Model::new(observed));
+        self.ha.book.observe_here(peers, wall);
         Ok(())
     }
 
-    fn after_read(&mut self, after: AfterRead, result: Result<Observed, String>) {
-        let read = self.on_read(result);
+    fn after_read(&mut self, after: AfterRead, into: ReadInto, result: Result<(), String>) {
+        let read = self.on_read(into, result);
         match after {
             AfterRead::Reconcile {
                 trigger,
@@ -287,18 +285,12 @@ impl Machine {
                 then,
             } => match read {
                 Ok(()) => self.plan_and_apply(trigger, save_first, then),
-                Err(e) => match self.effective_desired() {
-                    // The firewall does not depend on the WireGuard device being readable.
-                    Some(desired) => self.firewall(
-                        trigger,
-                        Some(desired),
-                        None,
-                        then,
-                        Some(e),
-                        PlanSummary::default(),
-                    ),
-                    None => self.finish(then, Err(e)),
-                },
+                // The firewall does not depend on the WireGuard device being readable (its
+                // step builds the desired state it needs).
+                Err(e) if self.held.is_some() => {
+                    self.firewall(trigger, None, None, then, Some(e), PlanSummary::default())
+                }
+                Err(e) => self.finish(then, Err(e)),
             },
             AfterRead::Tick { mfa, stats, resync } => {
                 match &read {
@@ -361,10 +353,7 @@ impl Machine {
         } else {
             "mfa deadline"
         };
-        self.request(
-            Action::Read { trigger },
-            Wait::Read(AfterRead::Tick { mfa, stats, resync }),
-        );
+        self.read(trigger, AfterRead::Tick { mfa, stats, resync });
     }
 
     pub(super) fn start(&mut self) {
@@ -443,6 +432,8 @@ impl Machine {
     /// operations are gone by then); None for a scoped change.
     fn firewall_desired(&mut self, desired: Option<Desired>, full: bool) -> Option<Desired> {
         match (desired, full) {
+            // Off in the settings: the step reads no desired state.
+            _ if !self.settings.firewall.enabled => None,
             (Some(desired), _) => Some(desired),
             (None, true) => self.effective_desired(),
             (None, false) => None,
@@ -474,15 +465,13 @@ impl Machine {
             };
             return self.write(Vec::new(), Wait::SavedThen(Box::new(job)));
         }
-        self.request(
-            Action::Read {
-                trigger: "reconcile",
-            },
-            Wait::Read(AfterRead::Reconcile {
+        self.read(
+            "reconcile",
+            AfterRead::Reconcile {
                 trigger,
                 save_first,
                 then,
-            }),
+            },
         );
     }
 
@@ -605,9 +594,12 @@ impl Machine {
             summary,
             firewall_off: !self.settings.firewall.enabled,
         };
-        if self.firewall_idle_for(desired.as_ref()) {
-            // The firewall is off and its clean-up ran: nothing to do for a change.
+        if self.firewall_done_while_off() {
+            // The firewall is off and its clean-up ran: nothing to do.
             return self.resume(wait, Outcome::Firewall(Ok(())));
+        }
+        if !self.settings.firewall.enabled {
+            return self.request(Action::FirewallOff { trigger }, wait);
         }
         if let (None, Some(change)) = (&desired, touched.and_then(|t| self.vpn_change(t))) {
             return self.request(Action::FirewallPeers { trigger, change }, wait);

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::reconcile::{AfterRead, Wait};
+use super::reconcile::AfterRead;
 use super::{held, Action, Machine};
 use crate::agent::status::{readiness, unix_ms, Readiness, Status};
 use crate::http::DiffReport;
@@ -134,11 +134,11 @@ impl Machine {
                 desired: None,
             });
         };
-        self.request(
-            Action::Read { trigger: "/diff" },
-            Wait::Read(AfterRead::Diff {
+        self.read(
+            "/diff",
+            AfterRead::Diff {
                 desired: Box::new(desired),
-            }),
+            },
         );
     }
 

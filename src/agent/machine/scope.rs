@@ -116,12 +116,12 @@ impl Machine {
         Some(plan)
     }
 
-    /// Whether the firewall step of `ctx` has nothing to do: no desired state was built
-    /// (a scoped change), the firewall is off in the settings, and its clean-up ran. With
+    /// Whether the firewall step has nothing to do: the firewall is off in the settings and
+    /// its clean-up ran (no step builds a desired state for it then, full or scoped). With
     /// the firewall on, a scoped change always takes the scoped step, policy or not: it cuts
     /// the tracked flows of the addresses that left (O(change), no table read).
-    pub(super) fn firewall_idle_for(&self, ctx_desired: Option<&crate::model::Desired>) -> bool {
-        ctx_desired.is_none() && self.firewall_idle && !self.settings.firewall.enabled
+    pub(super) fn firewall_done_while_off(&self) -> bool {
+        self.firewall_idle && !self.settings.firewall.enabled
     }
 }
 

@@ -1,11 +1,12 @@
-//! Turns the parts of a `WG_CMD_GET_DEVICE` dump into a [`DeviceState`]. Pure.
+//! Turns the parts of a `WG_CMD_GET_DEVICE` dump, as they arrive, into a read of the device
+//! ([`DumpParser`], into any [`DeviceSink`]: the agent's model in place, or a
+//! [`DeviceState`]). Pure.
 //!
 //! The kernel sends the device attributes in the first part only, then the peers; a peer
 //! whose allowed IPs do not fit in one part is repeated at the start of the next part with
 //! only its public key and the remaining allowed IPs. Pieces of a peer are merged here.
 //! A preshared key of 32 zero bytes means "none"; a handshake time of zero means "never".
 
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -15,7 +16,7 @@ use netlink_packet_wireguard::{
 };
 use thiserror::Error;
 
-use crate::model::{DeviceState, Key, PeerSpec, PeerState, SecretKey};
+use crate::model::{DeviceSink, DeviceState, Key, PeerSpec, PeerState, SecretKey};
 
 /// A dump the kernel should never send.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -28,42 +29,100 @@ pub enum DumpError {
 
 /// Merges the parts of one device dump, in the order received.
 pub fn merge_dump(parts: &[WireguardMessage]) -> Result<DeviceState, DumpError> {
-    let mut device = DeviceState::default();
+    let mut parser = DumpParser::new(DeviceState::default());
     for part in parts {
+        parser.part(part);
+    }
+    parser.finish()
+}
+
+/// The parts of one device dump parsed as they arrive, each peer handed to the sink whole
+/// once its last piece is in (a continued peer's pieces are consecutive), so that the dump
+/// is never held beside what it fills.
+pub struct DumpParser<S> {
+    sink: S,
+    private_key: Option<SecretKey>,
+    listen_port: u16,
+    fwmark: u32,
+    /// The peer whose pieces are being read.
+    peer: Option<PeerState>,
+    /// The first error; later parts are skipped.
+    error: Option<DumpError>,
+}
+
+impl<S: DeviceSink> DumpParser<S> {
+    pub fn new(sink: S) -> Self {
+        DumpParser {
+            sink,
+            private_key: None,
+            listen_port: 0,
+            fwmark: 0,
+            peer: None,
+            error: None,
+        }
+    }
+
+    /// Reads the next part.
+    pub fn part(&mut self, part: &WireguardMessage) {
+        if self.error.is_some() {
+            return;
+        }
         for attr in &part.attributes {
             match attr {
-                WireguardAttribute::PrivateKey(k) => {
-                    device.private_key = Some(SecretKey::new(*k));
-                }
-                WireguardAttribute::ListenPort(p) => device.listen_port = *p,
-                WireguardAttribute::Fwmark(m) => device.fwmark = *m,
+                WireguardAttribute::PrivateKey(k) => self.private_key = Some(SecretKey::new(*k)),
+                WireguardAttribute::ListenPort(p) => self.listen_port = *p,
+                WireguardAttribute::Fwmark(m) => self.fwmark = *m,
                 WireguardAttribute::Peers(peers) => {
                     for peer in peers {
-                        merge_peer(&mut device.peers, peer)?;
+                        if let Err(e) = self.piece(peer) {
+                            self.error = Some(e);
+                            return;
+                        }
                     }
                 }
                 _ => {}
             }
         }
     }
-    Ok(device)
+
+    /// The sink, once every part is read: the last peer and the device's settings go in.
+    pub fn finish(mut self) -> Result<S, DumpError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if let Some(peer) = self.peer.take() {
+            self.sink.peer(peer);
+        }
+        self.sink
+            .settings(self.private_key.take(), self.listen_port, self.fwmark);
+        Ok(self.sink)
+    }
+
+    /// One peer entry: the next piece of the peer being read, or a new peer (the one
+    /// before it is complete).
+    fn piece(&mut self, entry: &WireguardPeer) -> Result<(), DumpError> {
+        let key = entry
+            .iter()
+            .find_map(|a| match a {
+                WireguardPeerAttribute::PublicKey(k) => Some(Key(*k)),
+                _ => None,
+            })
+            .ok_or(DumpError::PeerWithoutKey)?;
+        if self.peer.as_ref().map(|p| p.config.public_key) != Some(key) {
+            if let Some(done) = self.peer.take() {
+                self.sink.peer(done);
+            }
+        }
+        let peer = self
+            .peer
+            .get_or_insert_with(|| PeerState::fresh(PeerSpec::new(key, [])));
+        merge_piece(peer, entry)
+    }
 }
 
-/// Adds one peer entry: a new peer, or the next piece of one already seen.
-fn merge_peer(
-    peers: &mut BTreeMap<Key, PeerState>,
-    entry: &WireguardPeer,
-) -> Result<(), DumpError> {
-    let key = entry
-        .iter()
-        .find_map(|a| match a {
-            WireguardPeerAttribute::PublicKey(k) => Some(Key(*k)),
-            _ => None,
-        })
-        .ok_or(DumpError::PeerWithoutKey)?;
-    let peer = peers
-        .entry(key)
-        .or_insert_with(|| PeerState::fresh(PeerSpec::new(key, [])));
+/// Adds one piece of a peer's entry to what is read of it.
+fn merge_piece(peer: &mut PeerState, entry: &WireguardPeer) -> Result<(), DumpError> {
+    let key = peer.config.public_key;
     for attr in entry.iter() {
         match attr {
             WireguardPeerAttribute::PresharedKey(k) => {
@@ -165,9 +224,9 @@ mod tests {
         ])
     }
 
-    #[test]
-    fn a_peer_split_across_parts_is_merged_and_device_fields_read() {
-        let parts = vec![
+    /// Two parts: peers 1 and 2, then the rest of peer 2's allowed IPs and peer 3.
+    fn split_dump() -> Vec<WireguardMessage> {
+        vec![
             part(vec![
                 WireguardAttribute::ListenPort(51820),
                 WireguardAttribute::Fwmark(7),
@@ -191,7 +250,12 @@ mod tests {
                     full_peer(3, [0; 32], &[]),
                 ]),
             ]),
-        ];
+        ]
+    }
+
+    #[test]
+    fn a_peer_split_across_parts_is_merged_and_device_fields_read() {
+        let parts = split_dump();
         let dev = merge_dump(&parts).unwrap();
         assert_eq!(dev.private_key, Some(SecretKey::new([9; 32])));
         assert_eq!(dev.listen_port, 51820);
@@ -215,6 +279,38 @@ mod tests {
             Some(UNIX_EPOCH + Duration::new(1_700_000_000, 5))
         );
         assert!(dev.peers[&Key([3; 32])].config.allowed_ips.is_empty());
+    }
+
+    /// Read into a model in place, part by part, the dump gives the model of the merged
+    /// dump: peer 2's pieces joined, a vanished peer gone, a changed peer's IPs re-owned.
+    #[test]
+    fn a_dump_read_into_a_model_in_place_is_the_model_of_the_merged_dump() {
+        use crate::model::Observed;
+        use crate::plan::KernelModel;
+        let mut before = DeviceState::default();
+        before.peer(PeerState::fresh(PeerSpec::new(
+            Key([1; 32]),
+            ["10.9.0.0/16".parse().unwrap()],
+        )));
+        before.peer(PeerState::fresh(PeerSpec::new(
+            Key([4; 32]),
+            ["10.0.0.2/32".parse().unwrap()],
+        )));
+        let mut model = KernelModel::new(Observed {
+            link: None,
+            device: before,
+        });
+        let parts = split_dump();
+        let mut parser = DumpParser::new(model.refresh());
+        for part in &parts {
+            parser.part(part);
+        }
+        parser.finish().unwrap().finish();
+        let want = KernelModel::new(Observed {
+            link: None,
+            device: merge_dump(&parts).unwrap(),
+        });
+        assert_eq!(model, want);
     }
 
     #[test]

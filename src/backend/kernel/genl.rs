@@ -30,7 +30,7 @@ const RECV_BUFFER: usize = 64 * 1024;
 /// answers, each one quick; under TCG emulation too).
 const RECEIVE_TIMEOUT_SECS: libc::time_t = 30;
 /// A dump interrupted this many times in a row by concurrent changes is an error.
-const DUMP_RETRIES: usize = 5;
+pub const DUMP_RETRIES: usize = 5;
 
 /// The WireGuard generic netlink socket.
 pub struct WgSocket {
@@ -87,23 +87,36 @@ impl WgSocket {
     pub fn get_device(&mut self, interface: &str) -> io::Result<Vec<WireguardMessage>> {
         let mut attempt = 0;
         loop {
-            let seq = self.next_seq();
-            let request = encode(
-                self.family,
-                WireguardCmd::GetDevice,
-                NLM_F_REQUEST | NLM_F_DUMP,
-                seq,
-                &[WireguardAttribute::IfName(interface.to_owned())],
-            );
-            self.socket.send(&request, 0)?;
-            match self.receive::<GenlMessage<WireguardMessage>>(seq, Expect::Dump) {
-                Ok(parts) => return Ok(parts.into_iter().map(|m| m.payload).collect()),
+            let mut parts = Vec::new();
+            match self.get_device_each(interface, |part| parts.push(part)) {
+                Ok(()) => return Ok(parts),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted && attempt < DUMP_RETRIES => {
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Dumps the device `interface` once, handing each part to `each` as its datagram
+    /// arrives (at most one datagram's parts are held here). A dump interrupted by a
+    /// concurrent change ends in an `Interrupted` error after its last part: what `each`
+    /// was given is not one consistent read, and the caller starts over.
+    pub fn get_device_each(
+        &mut self,
+        interface: &str,
+        mut each: impl FnMut(WireguardMessage),
+    ) -> io::Result<()> {
+        let seq = self.next_seq();
+        let request = encode(
+            self.family,
+            WireguardCmd::GetDevice,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            seq,
+            &[WireguardAttribute::IfName(interface.to_owned())],
+        );
+        self.socket.send(&request, 0)?;
+        self.receive_each::<GenlMessage<WireguardMessage>>(seq, Expect::Dump, |m| each(m.payload))
     }
 
     fn resolve_family(&mut self) -> io::Result<u16> {
@@ -139,6 +152,22 @@ impl WgSocket {
     where
         T: NetlinkDeserializable,
     {
+        let mut all = Vec::new();
+        self.receive_each(seq, expect, |m| all.push(m))?;
+        Ok(all)
+    }
+
+    /// Reads the answers to request `seq`, handing each to `each` once its datagram is
+    /// parsed.
+    fn receive_each<T>(
+        &mut self,
+        seq: u32,
+        expect: Expect,
+        mut each: impl FnMut(T),
+    ) -> io::Result<()>
+    where
+        T: NetlinkDeserializable,
+    {
         let mut out = Vec::new();
         let mut interrupted = false;
         loop {
@@ -154,7 +183,9 @@ impl WgSocket {
                 parse_datagram::<T>(&self.buf[..n], seq, expect, &mut out, &mut interrupted);
             // Dumps carry private and preshared keys.
             self.buf.zeroize();
-            match result? {
+            let progress = result?;
+            out.drain(..).for_each(&mut each);
+            match progress {
                 Progress::More => continue,
                 Progress::Done if interrupted => {
                     return Err(io::Error::new(
@@ -162,7 +193,7 @@ impl WgSocket {
                         "dump interrupted by a concurrent change",
                     ))
                 }
-                Progress::Done => return Ok(out),
+                Progress::Done => return Ok(()),
             }
         }
     }

@@ -23,7 +23,7 @@ use std::io;
 use super::link::{check_interface_name, Link, LinkInfo};
 use super::{Backend, BackendError, Kick, WriteCounters};
 use crate::model::{Key, Observed};
-use crate::plan::{Op, Plan};
+use crate::plan::{KernelModel, Op, Plan};
 
 use self::genl::WgSocket;
 use self::pack::{pack_each, pack_kicks_each, SetDevice, MESSAGE_LIMIT};
@@ -259,34 +259,54 @@ impl Backend for KernelBackend {
         &self.name
     }
 
+    /// The read as [`Backend::observe_into`] makes it, into an empty model.
     fn observe(&mut self) -> Result<Observed, BackendError> {
+        let mut model = KernelModel::default();
+        self.observe_into(&mut model)?;
+        Ok(model.into_observed())
+    }
+
+    /// Each part of the dump goes into the model as it arrives (its secrets zeroed right
+    /// after); a dump interrupted by a concurrent change is read again from the start.
+    fn observe_into(&mut self, model: &mut KernelModel) -> Result<(), BackendError> {
         let Some(info) = self.wireguard_link()? else {
-            return Ok(Observed::default());
+            model.refresh().missing();
+            return Ok(());
         };
         let link = self.link.state(&info)?;
-        let mut parts = match self.wg.get_device(&self.name) {
-            Ok(parts) => parts,
-            // Removed between the two reads: it is missing now.
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(Observed::default()),
-            Err(e) => {
-                return Err(BackendError::io(
-                    format!("read WireGuard device {}", self.name),
-                    e,
-                ))
+        let op = |name: &str| format!("read WireGuard device {name}");
+        let mut attempt = 0;
+        loop {
+            let mut refresh = model.refresh();
+            refresh.link(Some(link.clone()));
+            let mut parser = dump::DumpParser::new(refresh);
+            let read = self.wg.get_device_each(&self.name, |mut part| {
+                parser.part(&part);
+                pack::zeroize_attributes(&mut part.attributes);
+            });
+            match read {
+                Ok(()) => {
+                    let refresh = parser.finish().map_err(|e| BackendError::Operation {
+                        op: op(&self.name),
+                        message: e.to_string(),
+                    })?;
+                    refresh.finish();
+                    return Ok(());
+                }
+                // Removed between the two reads: it is missing now.
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                    drop(parser);
+                    model.refresh().missing();
+                    return Ok(());
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted && attempt < genl::DUMP_RETRIES =>
+                {
+                    attempt += 1;
+                }
+                Err(e) => return Err(BackendError::io(op(&self.name), e)),
             }
-        };
-        let device = dump::merge_dump(&parts);
-        for part in &mut parts {
-            pack::zeroize_attributes(&mut part.attributes);
         }
-        let device = device.map_err(|e| BackendError::Operation {
-            op: format!("read WireGuard device {}", self.name),
-            message: e.to_string(),
-        })?;
-        Ok(Observed {
-            link: Some(link),
-            device,
-        })
     }
 
     fn apply(&mut self, plan: &Plan) -> Result<(), BackendError> {

@@ -28,7 +28,7 @@ use std::time::Duration;
 use super::link::{check_interface_name, Link};
 use super::{Backend, BackendError, Kick, PeerLimit, WriteCounters};
 use crate::model::Observed;
-use crate::plan::{Op, Plan};
+use crate::plan::{KernelModel, Op, Plan};
 use process::{LogFollower, Process};
 use uapi::UapiError;
 
@@ -249,10 +249,17 @@ impl Backend for UserspaceBackend {
         &self.interface
     }
 
+    /// The read as [`Backend::observe_into`] makes it, into an empty model.
     fn observe(&mut self) -> Result<Observed, BackendError> {
+        let mut model = KernelModel::default();
+        self.observe_into(&mut model)?;
+        Ok(model.into_observed())
+    }
+
+    /// Each peer goes into the model as its lines arrive.
+    fn observe_into(&mut self, model: &mut KernelModel) -> Result<(), BackendError> {
         self.dead_process()?;
-        // Parsed as it arrives: the answer's text is never held whole.
-        let mut parser = uapi::GetParser::default();
+        let mut parser = uapi::GetParser::new(model.refresh());
         let read = socket::transact_lines(
             &self.socket_path(),
             b"get=1\n\n",
@@ -262,7 +269,9 @@ impl Backend for UserspaceBackend {
         match read {
             Ok(()) => {}
             Err(e) if self.process.is_none() && !self.wanted && is_absent(&e) => {
-                return Ok(Observed::default())
+                drop(parser);
+                model.refresh().missing();
+                return Ok(());
             }
             Err(e) => {
                 return Err(BackendError::Unavailable(format!(
@@ -272,7 +281,7 @@ impl Backend for UserspaceBackend {
                 )))
             }
         }
-        let device = parser.finish().map_err(|e| BackendError::Operation {
+        let mut refresh = parser.finish().map_err(|e| BackendError::Operation {
             op: format!("read WireGuard device {}", self.interface),
             message: e.to_string(),
         })?;
@@ -285,12 +294,10 @@ impl Backend for UserspaceBackend {
                 )))
             }
         };
-        let link = self.link.state(&info)?;
+        refresh.link(Some(self.link.state(&info)?));
+        refresh.finish();
         self.wanted = true;
-        Ok(Observed {
-            link: Some(link),
-            device,
-        })
+        Ok(())
     }
 
     fn apply(&mut self, plan: &Plan) -> Result<(), BackendError> {

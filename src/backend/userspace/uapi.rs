@@ -1,6 +1,7 @@
 //! The WireGuard cross-platform UAPI text protocol (<https://www.wireguard.com/xplatform/>),
 //! pure: [`encode_set`] turns a plan's device and peer operations into one `set=1`
-//! transaction, [`parse_get`] turns a `get=1` answer into a [`DeviceState`], and
+//! transaction, [`GetParser`] turns a `get=1` answer, as it arrives, into a read of the
+//! device (into any [`DeviceSink`]: the agent's model in place, or a [`DeviceState`]), and
 //! [`parse_errno`] reads the answer to a `set`. Keys travel in hex.
 
 use std::fmt::{self, Write as _};
@@ -13,7 +14,7 @@ use thiserror::Error;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::backend::kick::{kick_keepalive, recreated_peer, Kick};
-use crate::model::{DeviceState, Key, PeerSpec, PeerState, SecretKey};
+use crate::model::{DeviceSink, DeviceState, Key, PeerSpec, PeerState, SecretKey};
 use crate::plan::{DeviceChange, Op, PeerUpdate};
 
 /// A `set=1` request. Holds secrets: zeroed on drop, never printed.
@@ -223,18 +224,44 @@ pub fn parse_get(answer: &str) -> Result<DeviceState, UapiError> {
     parser.finish()
 }
 
-/// The answer to `get=1` parsed line by line as it arrives, so that the whole answer (a
-/// few hundred bytes per peer) is never held as text beside the parsed device.
-#[derive(Default)]
-pub struct GetParser {
-    device: DeviceState,
+/// The answer to `get=1` parsed line by line as it arrives, each peer handed to the sink
+/// once its lines are read, so that neither the answer's text (a few hundred bytes per
+/// peer) nor a second copy of the device is held beside what the sink fills (the agent's
+/// model, in place).
+pub struct GetParser<S = DeviceState> {
+    sink: S,
+    settings: Settings,
     peer: Option<PeerBuilder>,
     lines: usize,
     /// Set by the `errno=` line or the first malformed line: the answer is complete.
     end: Option<Result<(), UapiError>>,
 }
 
-impl GetParser {
+/// The device's own lines, handed to the sink once the answer is complete.
+#[derive(Default)]
+struct Settings {
+    private_key: Option<SecretKey>,
+    listen_port: u16,
+    fwmark: u32,
+}
+
+impl Default for GetParser<DeviceState> {
+    fn default() -> Self {
+        GetParser::new(DeviceState::default())
+    }
+}
+
+impl<S: DeviceSink> GetParser<S> {
+    pub fn new(sink: S) -> Self {
+        GetParser {
+            sink,
+            settings: Settings::default(),
+            peer: None,
+            lines: 0,
+            end: None,
+        }
+    }
+
     /// Feeds one line (without its newline). `Break` once the answer is complete (its
     /// `errno=` line) or malformed: later lines are not read.
     pub fn line(&mut self, raw: &str) -> ControlFlow<()> {
@@ -262,19 +289,20 @@ impl GetParser {
             .ok_or_else(|| bad("no '=' in line".into()))?;
         match key {
             "errno" => {
+                let code = parse_errno_value(value).map_err(bad)?;
                 self.end_peer();
-                self.end = Some(match parse_errno_value(value).map_err(bad)? {
+                self.end = Some(match code {
                     0 => Ok(()),
                     code => Err(UapiError::Errno(code)),
                 });
             }
             "public_key" => {
-                self.end_peer();
                 let key = parse_key(value).map_err(bad)?;
+                self.end_peer();
                 self.peer = Some(PeerBuilder::new(Key(key)));
             }
             _ => match self.peer.as_mut() {
-                None => parse_device_line(&mut self.device, key, value).map_err(bad)?,
+                None => parse_device_line(&mut self.settings, key, value).map_err(bad)?,
                 Some(p) => p.line(key, value).map_err(bad)?,
             },
         }
@@ -283,15 +311,18 @@ impl GetParser {
 
     fn end_peer(&mut self) {
         if let Some(p) = self.peer.take() {
-            let p = p.build();
-            self.device.peers.insert(p.config.public_key, p);
+            self.sink.peer(p.build());
         }
     }
 
-    /// The device, once the answer ended with `errno=0`.
-    pub fn finish(self) -> Result<DeviceState, UapiError> {
+    /// The sink, once the answer ended with `errno=0` (the device's settings in it).
+    pub fn finish(mut self) -> Result<S, UapiError> {
         match self.end {
-            Some(Ok(())) => Ok(self.device),
+            Some(Ok(())) => {
+                let s = std::mem::take(&mut self.settings);
+                self.sink.settings(s.private_key, s.listen_port, s.fwmark);
+                Ok(self.sink)
+            }
             Some(Err(e)) => Err(e),
             None => Err(UapiError::Truncated),
         }
@@ -456,7 +487,7 @@ fn parse_number<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, Strin
         .map_err(|_| format!("{key} {value:?} is not a valid number"))
 }
 
-fn parse_device_line(device: &mut DeviceState, key: &str, value: &str) -> Result<(), String> {
+fn parse_device_line(device: &mut Settings, key: &str, value: &str) -> Result<(), String> {
     match key {
         "private_key" => device.private_key = parse_secret(value)?,
         "listen_port" => device.listen_port = parse_number(key, value)?,
@@ -757,6 +788,57 @@ persistent_keepalive_interval=0
 errno=0
 
 ";
+
+    /// Read into a model in place, the answer gives the model of the answer parsed whole
+    /// (a vanished peer gone); an answer cut short changes the settings of nothing and
+    /// drops nobody.
+    #[test]
+    fn a_get_read_into_a_model_in_place_is_the_model_of_the_whole_answer() {
+        use crate::model::Observed;
+        use crate::plan::KernelModel;
+        let mut before = DeviceState::default();
+        before.peer(PeerState::fresh(PeerSpec::new(
+            key(2),
+            [net("10.9.0.0/16")],
+        )));
+        before.peer(PeerState::fresh(PeerSpec::new(
+            key(5),
+            [net("10.0.0.2/32")],
+        )));
+        before.settings(None, 1, 0);
+        let start = KernelModel::new(Observed {
+            link: None,
+            device: before,
+        });
+
+        let mut model = start.clone();
+        let mut parser = GetParser::new(model.refresh());
+        let _ = GET.lines().try_for_each(|l| parser.line(l));
+        parser.finish().unwrap().finish();
+        let want = KernelModel::new(Observed {
+            link: None,
+            device: parse_get(GET).unwrap(),
+        });
+        assert_eq!(model, want);
+
+        let mut model = start.clone();
+        let mut parser = GetParser::new(model.refresh());
+        // Cut after peer 2 (whose IPs now include peer 5's 10.0.0.2/32).
+        let _ = GET.lines().take(15).try_for_each(|l| parser.line(l));
+        assert_eq!(parser.finish().err(), Some(UapiError::Truncated));
+        assert_eq!(
+            model.device.listen_port, 1,
+            "settings only from a complete answer"
+        );
+        assert_eq!(model.device.peers.len(), 2, "nobody dropped");
+        assert!(model.device.peers[&key(5)].config.allowed_ips.is_empty());
+        assert_eq!(model.device.peers[&key(2)].config.allowed_ips.len(), 2);
+        assert_eq!(
+            model,
+            KernelModel::new(Observed::clone(&model)),
+            "index in step"
+        );
+    }
 
     #[test]
     fn get_answer_parses_device_and_every_peer() {
