@@ -61,19 +61,64 @@ pub mod key_map {
         s.collect_map(map.iter().map(|(k, v)| (k.to_base64(), v)))
     }
 
+    /// Each key decoded as it is read (no map of base64 strings built first: at 10,000
+    /// peers that map, its string allocations and comparisons were most of a state file's
+    /// parse); the entries are then sorted once and the map built in bulk. A key given
+    /// twice keeps its last value, as a map of the strings did.
     pub fn deserialize<'de, D, T>(d: D) -> Result<BTreeMap<Key, T>, D::Error>
     where
         D: Deserializer<'de>,
         T: Deserialize<'de>,
     {
-        let raw = BTreeMap::<String, T>::deserialize(d)?;
-        raw.into_iter()
-            .map(|(k, v)| {
-                Key::from_base64(&k)
-                    .map(|key| (key, v))
-                    .ok_or_else(|| D::Error::custom(format!("not a base64 WireGuard key: {k:?}")))
-            })
-            .collect()
+        d.deserialize_map(Entries(std::marker::PhantomData))
+    }
+
+    struct Entries<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Entries<T> {
+        type Value = BTreeMap<Key, T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map keyed by base64 WireGuard keys")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            // The hint comes from the input: bounded, the rest grows as entries arrive.
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(4096));
+            while let Some((KeyText(key), value)) = map.next_entry::<KeyText, T>()? {
+                entries.push((key, value));
+            }
+            // `collect` sorts stably and keeps the last of equal keys.
+            Ok(entries.into_iter().collect())
+        }
+    }
+
+    /// A map key: a base64 WireGuard key, decoded from the text as read.
+    struct KeyText(Key);
+
+    impl<'de> Deserialize<'de> for KeyText {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_str(KeyVisitor)
+        }
+    }
+
+    struct KeyVisitor;
+
+    impl serde::de::Visitor<'_> for KeyVisitor {
+        type Value = KeyText;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a base64 WireGuard key")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<KeyText, E> {
+            Key::from_base64(k)
+                .map(KeyText)
+                .ok_or_else(|| E::custom(format!("not a base64 WireGuard key: {k:?}")))
+        }
     }
 }
 
@@ -152,6 +197,40 @@ impl B64Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Keyed(#[serde(with = "key_map")] BTreeMap<Key, u64>);
+
+    /// Keys decode as they are read: the map round-trips, a key given twice keeps its
+    /// last value, a key that is not base64 is named in the error.
+    #[test]
+    fn key_maps_decode_keys_as_read_last_value_wins() {
+        let keys: Vec<Key> = (1..=3u8)
+            .map(|b| Key::from_slice(&[b; 32]).unwrap())
+            .collect();
+        let map: BTreeMap<Key, u64> = keys
+            .iter()
+            .zip([30, 10, 20])
+            .map(|(k, v)| (*k, v))
+            .collect();
+        let text = serde_json::to_string(&Keyed(map.clone())).unwrap();
+        assert_eq!(serde_json::from_str::<Keyed>(&text).unwrap(), Keyed(map));
+
+        let (a, b) = (keys[0].to_base64(), keys[1].to_base64());
+        let twice = format!(r#"{{"{b}":1,"{a}":2,"{b}":3}}"#);
+        let got = serde_json::from_str::<Keyed>(&twice).unwrap().0;
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            vec![(keys[0], 2), (keys[1], 3)]
+        );
+
+        let err = serde_json::from_str::<Keyed>(r#"{"nope":1}"#).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not a base64 WireGuard key: \"nope\""),
+            "{err}"
+        );
+    }
 
     #[test]
     fn streamed_base64_is_the_base64_of_the_whole() {
