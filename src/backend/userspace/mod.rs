@@ -6,8 +6,11 @@
 //!   [`crate::backend::link`] to the TUN device wireguard-go created; device and peer
 //!   operations become UAPI `set` transactions (one `device_writes` each): a new private
 //!   key first, the peer operations in transactions of at most [`SET_BATCH_PEERS`] peers
-//!   (a cold apply of 50,000 peers is 25 of them, not one 20 MB request), then the listen
-//!   port and fwmark ([`uapi::encode_transactions`]).
+//!   (a cold apply of 50,000 peers is 98 of them, not one 20 MB request), then the listen
+//!   port and fwmark ([`uapi::encode_transactions`]). wireguard-go answers a transaction
+//!   when its work is done, so the wait for the answer is `uapi_timeout` plus an allowance
+//!   per peer section and for a key change ([`set_answer_timeout`]): a slow host is not a
+//!   failed apply.
 //! - [`Backend::check`] restarts a wireguard-go that died and re-creates nothing else:
 //!   the agent's next reconcile observes the empty device and re-applies everything.
 //! - Dropping the backend leaves wireguard-go running, so the tunnel and its peers
@@ -35,7 +38,29 @@ use uapi::UapiError;
 /// Most peer operations in one UAPI `set` transaction (about 400 bytes of text each): the
 /// request of a cold apply is built and sent in pieces of this size, so its text is never
 /// whole in memory.
-pub const SET_BATCH_PEERS: usize = 2048;
+pub const SET_BATCH_PEERS: usize = 512;
+
+/// How long wireguard-go may take per peer section of a `set` before its answer is late,
+/// beyond `uapi_timeout`: it answers only when the whole transaction is done, and a slow
+/// host (an emulated one: several ms per peer) needs more than a fixed wait.
+pub const SET_ANSWER_PER_PEER: Duration = Duration::from_millis(10);
+
+/// The wait for a private key change, beyond `uapi_timeout`: wireguard-go recomputes
+/// every peer it holds (at most [`MAX_PEERS`]) before it answers.
+pub const SET_ANSWER_REKEY: Duration = Duration::from_secs(60);
+
+/// How long to wait for wireguard-go's answer to `request`: `base` (the configured
+/// `uapi_timeout`) plus an allowance for the work the request asks of it.
+pub fn set_answer_timeout(base: Duration, request: &uapi::SetRequest) -> Duration {
+    let peers = u32::try_from(request.peers).unwrap_or(u32::MAX);
+    let rekey = if request.rekeys {
+        SET_ANSWER_REKEY
+    } else {
+        Duration::ZERO
+    };
+    base.saturating_add(SET_ANSWER_PER_PEER.saturating_mul(peers))
+        .saturating_add(rekey)
+}
 
 /// Where wireguard-go puts its UAPI sockets (compiled into wireguard-go).
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/wireguard";
@@ -95,7 +120,8 @@ impl UserspaceBackend {
     /// Sends one UAPI `set` transaction and maps wireguard-go's answer.
     fn set(&mut self, request: &uapi::SetRequest) -> Result<(), BackendError> {
         self.device_writes += 1;
-        let answer = self.uapi(request.as_bytes())?;
+        let timeout = set_answer_timeout(self.config.uapi_timeout, request);
+        let answer = self.uapi_within(request.as_bytes(), timeout)?;
         let op = || format!("configure WireGuard device {}", self.interface);
         match uapi::parse_errno(&answer) {
             Ok(()) => Ok(()),
@@ -238,7 +264,15 @@ impl UserspaceBackend {
     }
 
     fn uapi(&self, request: &[u8]) -> Result<zeroize::Zeroizing<String>, BackendError> {
-        socket::transact(&self.socket_path(), request, self.config.uapi_timeout).map_err(|e| {
+        self.uapi_within(request, self.config.uapi_timeout)
+    }
+
+    fn uapi_within(
+        &self,
+        request: &[u8],
+        timeout: Duration,
+    ) -> Result<zeroize::Zeroizing<String>, BackendError> {
+        socket::transact(&self.socket_path(), request, timeout).map_err(|e| {
             BackendError::Unavailable(format!("UAPI socket {}: {e}", self.socket_path().display()))
         })
     }
@@ -498,6 +532,61 @@ fn find_binary(binary: &Path) -> Result<PathBuf, BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Key, PeerSpec};
+
+    fn add_peers(n: u8) -> Vec<Op> {
+        (0..n)
+            .map(|i| Op::AddPeer(PeerSpec::new(Key([i; 32]), [])))
+            .collect()
+    }
+
+    #[test]
+    fn the_wait_for_a_set_answer_grows_with_its_work() {
+        let base = Duration::from_secs(5);
+        let ops = add_peers(100);
+        let request = uapi::encode_set(ops.iter()).unwrap();
+        assert_eq!(request.peers, 100);
+        assert_eq!(
+            set_answer_timeout(base, &request),
+            base + SET_ANSWER_PER_PEER * 100
+        );
+        let rekey = Op::ConfigureDevice(crate::plan::DeviceChange {
+            private_key: Some(crate::model::SecretKey::new([7; 32])),
+            ..Default::default()
+        });
+        let request = uapi::encode_set([&rekey]).unwrap();
+        assert!(request.rekeys);
+        assert_eq!(set_answer_timeout(base, &request), base + SET_ANSWER_REKEY);
+    }
+
+    /// wireguard-go answers a `set` only when its work is done: a transaction of many
+    /// peers on a slow host answers after more than `uapi_timeout`, and is not a failure.
+    #[test]
+    fn a_set_answered_late_for_its_size_still_applies() {
+        use std::io::{BufRead, BufReader, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let config = UserspaceConfig {
+            binary: PathBuf::from("sh"),
+            socket_dir: dir.path().to_path_buf(),
+            uapi_timeout: Duration::from_millis(100),
+            ..UserspaceConfig::default()
+        };
+        let mut b = UserspaceBackend::new("ghslow0", config).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(b.socket_path()).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 0 && !line.ends_with("\n\n") {}
+            // 100 peers at 5 ms each: longer than uapi_timeout, within the allowance.
+            std::thread::sleep(Duration::from_millis(500));
+            conn.write_all(b"errno=0\n\n").unwrap();
+        });
+        let ops = add_peers(100);
+        let request = uapi::encode_set(ops.iter()).unwrap();
+        b.set(&request).unwrap();
+        server.join().unwrap();
+    }
 
     #[test]
     fn missing_binary_is_a_config_error() {

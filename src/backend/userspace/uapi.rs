@@ -22,6 +22,10 @@ pub struct SetRequest {
     text: Zeroizing<String>,
     /// The listen port this request sets, to name it when the port is in use.
     pub listen_port: Option<u16>,
+    /// How many peer sections it holds (wireguard-go's work before it answers).
+    pub peers: usize,
+    /// It sets the private key: wireguard-go then recomputes every peer it holds.
+    pub rekeys: bool,
 }
 
 impl SetRequest {
@@ -122,24 +126,28 @@ pub fn encode_set<'a>(ops: impl IntoIterator<Item = &'a Op> + Clone) -> Option<S
     let mut text = Zeroizing::new(String::with_capacity(size_bound(ops.clone())));
     text.push_str("set=1\n");
     let mut listen_port = None;
-    let mut any = false;
+    let (mut any, mut peers, mut rekeys) = (false, 0, false);
     for op in ops {
         match op {
             Op::ConfigureDevice(change) => {
                 any = true;
                 encode_device(&mut text, change);
                 listen_port = change.listen_port.or(listen_port);
+                rekeys |= change.private_key.is_some();
             }
             Op::AddPeer(spec) => {
                 any = true;
+                peers += 1;
                 encode_add(&mut text, spec);
             }
             Op::UpdatePeer(update) => {
                 any = true;
+                peers += 1;
                 encode_update(&mut text, update);
             }
             Op::RemovePeer(key) => {
                 any = true;
+                peers += 1;
                 line(&mut text, "public_key", hex(&key.0));
                 line(&mut text, "remove", "true");
             }
@@ -154,7 +162,12 @@ pub fn encode_set<'a>(ops: impl IntoIterator<Item = &'a Op> + Clone) -> Option<S
         return None;
     }
     text.push('\n');
-    Some(SetRequest { text, listen_port })
+    Some(SetRequest {
+        text,
+        listen_port,
+        peers,
+        rekeys,
+    })
 }
 
 /// Encodes takeover kicks as one `set=1` transaction; `None` for no kicks. Per kick, in
@@ -171,6 +184,7 @@ pub fn encode_set<'a>(ops: impl IntoIterator<Item = &'a Op> + Clone) -> Option<S
 /// "send a keepalive" mark of the previous section otherwise. A re-creation creates the
 /// peer even if it is absent: the caller leaves out the kicks of absent peers.
 pub fn encode_kicks<'a>(kicks: impl IntoIterator<Item = &'a Kick> + Clone) -> Option<SetRequest> {
+    let peers = kicks.clone().into_iter().count();
     let bound = 16
         + kicks
             .clone()
@@ -210,6 +224,8 @@ pub fn encode_kicks<'a>(kicks: impl IntoIterator<Item = &'a Kick> + Clone) -> Op
     Some(SetRequest {
         text,
         listen_port: None,
+        peers,
+        rekeys: false,
     })
 }
 
