@@ -32,7 +32,11 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 /// A machine connected to a Core holding `peers`, applied.
 fn synced(peers: &[u8]) -> Sim {
-    let mut sim = Sim::new(settings());
+    synced_with(settings(), peers)
+}
+
+fn synced_with(settings: gatehouse::agent::Settings, peers: &[u8]) -> Sim {
+    let mut sim = Sim::new(settings);
     sim.core.publish(location(
         peers.iter().map(|n| peer(*n, 100 + *n as u64)).collect(),
         None,
@@ -146,7 +150,10 @@ fn a_success_resets_the_backoff() {
 #[test]
 fn a_failing_firewall_step_is_retried_without_holding_back_the_peers_or_reading() {
     let _serial = one_at_a_time();
-    let mut sim = synced(&[1, 2]);
+    // The firewall on: with it off its step is a clean-up that cannot fail.
+    let mut on = settings();
+    on.firewall.enabled = true;
+    let mut sim = synced_with(on, &[1, 2]);
     sim.fail_firewall = Some("nft: Device or resource busy".into());
     let t0 = sim.clock;
     revoke(&mut sim, 2);
