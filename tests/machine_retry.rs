@@ -337,3 +337,44 @@ fn no_retry_when_nothing_failed_nor_for_peers_beyond_the_limit() {
         &sim.trace[from..]
     );
 }
+
+/// A resync whose read fails gives the old model back: the retry reads the interface
+/// first, so what the read was for (a stranger added by hand) is repaired at the retry,
+/// not a resync later.
+#[test]
+fn a_retry_after_a_failed_read_reads_the_interface() {
+    let _serial = one_at_a_time();
+    let mut sim = synced(&[1, 2]);
+    let resync = sim.settings.resync_interval;
+    sim.kernel.modify(|o| {
+        let mut p = o.device.peers[&key(2)].clone();
+        p.config.public_key = key(77);
+        p.config.allowed_ips = ["10.77.0.50/32".parse().unwrap()].into();
+        o.device.peers.insert(key(77), p);
+    });
+    sim.fail_reads = true;
+    // Up to the resync's failed read (a tick's failed read schedules nothing).
+    let end = sim.clock + 2 * resync;
+    while sim.status.apply_retry.is_none() {
+        let at = sim.machine.poll_timeout().at + sim.started_at;
+        assert!(at <= end, "no retry after the resync's failed read");
+        sim.advance(at - sim.clock);
+    }
+    let retry = sim.status.apply_retry.clone().expect("a retry pending");
+    assert!(retry.error.contains("cannot read"), "{retry:?}");
+    sim.fail_reads = false;
+    let t0 = sim.clock;
+    let from = sim.trace.len();
+    let t1 = next_apply(&mut sim, resync / 2);
+    assert!(
+        sim.count_since(from, "read") >= 1,
+        "{:?}",
+        &sim.trace[from..]
+    );
+    assert!(
+        !sim.has(key(77)),
+        "the stranger stays until the next resync"
+    );
+    assert!(t1 - t0 < resync / 2, "{:?}", t1 - t0);
+    assert_eq!(sim.status.apply_retry, None);
+}

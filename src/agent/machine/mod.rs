@@ -592,7 +592,7 @@ impl Machine {
         if self.retry.take_due(now.mono) && !resync {
             self.spawn(Job::Reconcile {
                 trigger: "apply retry".into(),
-                read: false,
+                read: self.retry.reads(),
                 save_first: false,
                 then: Then::Retry,
             });

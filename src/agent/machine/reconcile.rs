@@ -194,13 +194,17 @@ impl Machine {
                 self.firewall_idle = firewall_off && result.is_ok();
                 self.steps.record(ApplyStep::Firewall, result);
                 // Peers refused for the backend's limit fail alike at every attempt.
-                let retry = read_error.is_some() || self.steps.retryable();
+                let read_failed = read_error.is_some();
+                let retry = read_failed || self.steps.retryable();
                 let result = match (read_error, self.steps.summary()) {
                     (Some(e), _) => Err(format!("cannot read the interface: {e}")),
                     (None, Some(failed)) => Err(failed),
                     (None, None) => Ok(summary),
                 };
-                self.reconciled(result.as_ref().err().filter(|_| retry).cloned());
+                self.reconciled(
+                    result.as_ref().err().filter(|_| retry).cloned(),
+                    read_failed,
+                );
                 self.finish(then, result);
             }
             (Wait::MfaSaved { rollback, count }, Outcome::Saved(result)) => match result {

@@ -50,6 +50,10 @@ pub struct Retry {
     due: Option<Duration>,
     /// The last attempt's error.
     error: Option<String>,
+    /// The last attempt's read of the interface failed: the next one reads first (a failed
+    /// read gives the old model back, and planning on it would not see what the read was
+    /// for).
+    read_failed: bool,
 }
 
 impl Retry {
@@ -61,12 +65,20 @@ impl Retry {
             attempts: 0,
             due: None,
             error: None,
+            read_failed: false,
         }
     }
 
     /// A reconcile failed at `now` with `error`: the next attempt is due after the next
     /// delay, `jitter` (in `[0, 1)`) placing it between half the ceiling and the ceiling.
-    pub fn failed(&mut self, now: Duration, error: String, jitter: f64) -> Change {
+    pub fn failed(
+        &mut self,
+        now: Duration,
+        error: String,
+        jitter: f64,
+        read_failed: bool,
+    ) -> Change {
+        self.read_failed = read_failed;
         let ceiling = self.backoff.ceiling();
         let delay = ceiling / 2 + self.backoff.next_delay(jitter) / 2;
         self.due = Some(now + delay);
@@ -83,6 +95,7 @@ impl Retry {
     /// A reconcile succeeded: no retry pending, the next failure starts from the base.
     pub fn succeeded(&mut self) -> Change {
         let attempts = std::mem::take(&mut self.attempts);
+        self.read_failed = false;
         self.backoff.reset();
         self.due = None;
         match self.error.take() {
@@ -106,6 +119,11 @@ impl Retry {
         due
     }
 
+    /// The next attempt reads the interface first (the last one could not read it).
+    pub fn reads(&self) -> bool {
+        self.read_failed
+    }
+
     /// The last reconcile failed (a retry is pending or running).
     pub fn failing(&self) -> bool {
         self.error.is_some()
@@ -125,7 +143,7 @@ impl Retry {
 impl Machine {
     /// A reconcile ended: `failed` is its error when it is worth retrying. Schedules the
     /// next attempt (or ends the retry) and logs when that changes the state.
-    pub(super) fn reconciled(&mut self, failed: Option<String>) {
+    pub(super) fn reconciled(&mut self, failed: Option<String>, read_failed: bool) {
         let Some(error) = failed else {
             if let Change::Recovered(attempts) = self.retry.succeeded() {
                 info!(
@@ -137,7 +155,7 @@ impl Machine {
         };
         let jitter: f64 = self.rng.random();
         let now = self.now.mono;
-        let change = self.retry.failed(now, error.clone(), jitter);
+        let change = self.retry.failed(now, error.clone(), jitter, read_failed);
         let attempts = self.retry.attempts;
         let retry_in_ms = self
             .retry
@@ -169,7 +187,7 @@ mod tests {
         let mut now = Duration::ZERO;
         (0..n)
             .map(|_| {
-                r.failed(now, "busy".into(), j);
+                r.failed(now, "busy".into(), j, false);
                 let at = r.due().unwrap();
                 let d = at - now;
                 now = at;
@@ -206,9 +224,9 @@ mod tests {
     #[test]
     fn a_success_resets_and_reports_the_attempts() {
         let mut r = Retry::new(Duration::from_secs(60));
-        assert_eq!(r.failed(MS(0), "a".into(), 0.0), Change::Failing);
-        assert_eq!(r.failed(MS(200), "a".into(), 0.0), Change::Same);
-        assert_eq!(r.failed(MS(500), "b".into(), 0.0), Change::Changed);
+        assert_eq!(r.failed(MS(0), "a".into(), 0.0, false), Change::Failing);
+        assert_eq!(r.failed(MS(200), "a".into(), 0.0, false), Change::Same);
+        assert_eq!(r.failed(MS(500), "b".into(), 0.0, false), Change::Changed);
         assert_eq!(
             r.status(MS(600)),
             Some(ApplyRetry {
@@ -220,14 +238,14 @@ mod tests {
         assert_eq!(r.succeeded(), Change::Recovered(3));
         assert_eq!((r.due(), r.status(MS(0))), (None, None));
         assert_eq!(r.succeeded(), Change::Fine);
-        assert_eq!(r.failed(MS(1000), "a".into(), 0.0), Change::Failing);
+        assert_eq!(r.failed(MS(1000), "a".into(), 0.0, false), Change::Failing);
         assert_eq!(r.due(), Some(MS(1125)), "back to the base");
     }
 
     #[test]
     fn a_due_attempt_is_taken_once() {
         let mut r = Retry::new(Duration::from_secs(60));
-        r.failed(MS(0), "a".into(), 0.0);
+        r.failed(MS(0), "a".into(), 0.0, false);
         assert!(!r.take_due(MS(124)));
         assert!(r.take_due(MS(125)));
         assert!(!r.take_due(MS(126)));

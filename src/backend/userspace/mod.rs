@@ -9,7 +9,8 @@
 //!   (a cold apply of 50,000 peers is 98 of them, not one 20 MB request), then the listen
 //!   port and fwmark ([`uapi::encode_transactions`]). wireguard-go answers a transaction
 //!   when its work is done, so the wait for the answer is `uapi_timeout` plus an allowance
-//!   per peer section and for a key change ([`set_answer_timeout`]): a slow host is not a
+//!   per peer section and for a key change ([`set_answer_timeout`]; connecting and sending still
+//!   give up after `uapi_timeout`): a slow host is not a
 //!   failed apply.
 //! - [`Backend::check`] restarts a wireguard-go that died and re-creates nothing else:
 //!   the agent's next reconcile observes the empty device and re-applies everything.
@@ -46,8 +47,9 @@ pub const SET_BATCH_PEERS: usize = 512;
 pub const SET_ANSWER_PER_PEER: Duration = Duration::from_millis(10);
 
 /// The wait for a private key change, beyond `uapi_timeout`: wireguard-go recomputes
-/// every peer it holds (at most [`MAX_PEERS`]) before it answers.
-pub const SET_ANSWER_REKEY: Duration = Duration::from_secs(60);
+/// every peer it holds (at most [`MAX_PEERS`]) before it answers. Bounded: the apply holds
+/// the agent's loop while it waits.
+pub const SET_ANSWER_REKEY: Duration = Duration::from_secs(20);
 
 /// How long to wait for wireguard-go's answer to `request`: `base` (the configured
 /// `uapi_timeout`) plus an allowance for the work the request asks of it.
@@ -120,8 +122,8 @@ impl UserspaceBackend {
     /// Sends one UAPI `set` transaction and maps wireguard-go's answer.
     fn set(&mut self, request: &uapi::SetRequest) -> Result<(), BackendError> {
         self.device_writes += 1;
-        let timeout = set_answer_timeout(self.config.uapi_timeout, request);
-        let answer = self.uapi(request.as_bytes(), timeout)?;
+        let answer_wait = set_answer_timeout(self.config.uapi_timeout, request);
+        let answer = self.uapi(request.as_bytes(), answer_wait)?;
         let op = || format!("configure WireGuard device {}", self.interface);
         match uapi::parse_errno(&answer) {
             Ok(()) => Ok(()),
@@ -263,12 +265,20 @@ impl UserspaceBackend {
         }
     }
 
+    /// A UAPI transaction: connecting and sending give up after `uapi_timeout`, the
+    /// answer is waited for up to `answer_wait`.
     fn uapi(
         &self,
         request: &[u8],
-        timeout: Duration,
+        answer_wait: Duration,
     ) -> Result<zeroize::Zeroizing<String>, BackendError> {
-        socket::transact(&self.socket_path(), request, timeout).map_err(|e| {
+        socket::transact_waiting(
+            &self.socket_path(),
+            request,
+            self.config.uapi_timeout,
+            answer_wait,
+        )
+        .map_err(|e| {
             BackendError::Unavailable(format!("UAPI socket {}: {e}", self.socket_path().display()))
         })
     }

@@ -24,13 +24,17 @@ fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
 
 /// Sends `request` and reads the answer up to its terminating blank line, whole: each
 /// line with its newline, the blank line left out ([`transact_lines`] reads it).
-pub(super) fn transact(
+/// Connecting and sending give up after `timeout`; each read of the answer waits up to
+/// `answer_wait` (wireguard-go answers a `set` only when its work is done), so a stopped
+/// wireguard-go is found as soon as with a short wait.
+pub(super) fn transact_waiting(
     path: &Path,
     request: &[u8],
     timeout: Duration,
+    answer_wait: Duration,
 ) -> io::Result<Zeroizing<String>> {
     let mut answer = Zeroizing::new(Vec::with_capacity(64));
-    transact_lines(path, request, timeout, |line| {
+    lines(path, request, timeout, answer_wait, |line| {
         extend_zeroizing(&mut answer, line.as_bytes());
         extend_zeroizing(&mut answer, b"\n");
         ControlFlow::Continue(())
@@ -49,11 +53,22 @@ pub(super) fn transact_lines(
     path: &Path,
     request: &[u8],
     timeout: Duration,
+    each: impl FnMut(&str) -> ControlFlow<()>,
+) -> io::Result<()> {
+    lines(path, request, timeout, timeout, each)
+}
+
+/// [`transact_lines`], each read of the answer waiting up to `answer_wait`.
+fn lines(
+    path: &Path,
+    request: &[u8],
+    timeout: Duration,
+    answer_wait: Duration,
     mut each: impl FnMut(&str) -> ControlFlow<()>,
 ) -> io::Result<()> {
     let mut stream = connect(path, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(answer_wait))?;
     stream.write_all(request)?;
     let mut chunk = Zeroizing::new([0u8; 8192]);
     // A UAPI line is short (a key is 64 hex digits): this never grows in practice.
@@ -228,7 +243,7 @@ mod tests {
         server.join().unwrap();
     }
 
-    /// `transact` reads through `transact_lines`: the answer's lines up to the blank line,
+    /// `transact_waiting` reads through `transact_lines`: the answer's lines up to the blank line,
     /// however cut, and nothing after it.
     #[test]
     fn a_whole_answer_ends_at_its_blank_line() {
@@ -236,7 +251,8 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let answer = "errno=0\n\nlisten_port=1\n".to_string();
             let (path, server) = serve(dir.path(), answer, piece);
-            let got = transact(&path, b"set=1\n\n", Duration::from_secs(5)).unwrap();
+            let five = Duration::from_secs(5);
+            let got = transact_waiting(&path, b"set=1\n\n", five, five).unwrap();
             server.join().unwrap();
             assert_eq!(got.as_str(), "errno=0\n", "pieces of {piece} bytes");
         }
