@@ -285,13 +285,13 @@ fn run() -> anyhow::Result<()> {
     for round in 0..rounds {
         let keepalive = if round % 2 == 0 { 25 } else { 0 };
         if let Some(p) = changed.peers.get_mut(&key) {
-            p.persistent_keepalive = keepalive;
+            std::sync::Arc::make_mut(p).persistent_keepalive = keepalive;
         }
         ours.push(time(|| converge(&mut backend, &changed))?);
         // Apply only: the plan made against an observation taken before.
         let observed = backend.observe()?;
         if let Some(p) = changed.peers.get_mut(&key) {
-            p.persistent_keepalive = 25 - keepalive;
+            std::sync::Arc::make_mut(p).persistent_keepalive = 25 - keepalive;
         }
         let p = plan(&changed, &observed);
         anyhow::ensure!(p.len() == 1, "one-peer plan has {} steps", p.len());

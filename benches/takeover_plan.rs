@@ -26,10 +26,10 @@ fn key(i: u32) -> Key {
 
 fn main() {
     let now = SystemTime::now();
-    let peers: BTreeMap<Key, PeerSpec> = (0..PEERS)
+    let peers: BTreeMap<Key, std::sync::Arc<PeerSpec>> = (0..PEERS)
         .map(|i| {
             let ip = format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255);
-            (key(i), PeerSpec::new(key(i), [ip.parse().unwrap()]))
+            (key(i), PeerSpec::new(key(i), [ip.parse().unwrap()]).into())
         })
         .collect();
     let mut book = ActivityBook::new();

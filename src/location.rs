@@ -13,6 +13,7 @@
 //! no longer lists) are applied all the same (design §3), see [`Held::keep_only`].
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use gatehouse_proto::v1;
 use gatehouse_validate::index::{CheckedDelta, LocationIndex};
@@ -126,7 +127,7 @@ impl Held {
                     renewed.push(key);
                 }
             }
-            valid.desired.peers.insert(key, spec);
+            valid.desired.peers.insert(key, Arc::new(spec));
         }
         if let Some(iface) = &delta.interface {
             valid.desired.interface = interface_spec(iface);

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -160,10 +161,14 @@ impl PeerSpec {
 }
 
 /// The whole desired state of one WireGuard interface.
+///
+/// Each peer is shared ([`Arc`]), never copied: a plan's addition and the model of the
+/// interface after the apply hold the desired peer itself, so an interface that matches
+/// its location holds each peer's settings once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
     pub interface: InterfaceSpec,
-    pub peers: BTreeMap<Key, PeerSpec>,
+    pub peers: BTreeMap<Key, Arc<PeerSpec>>,
 }
 
 /// The link as rtnetlink (or the userspace backend) sees it.
@@ -177,8 +182,10 @@ pub struct LinkState {
 /// A peer as the backend reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerState {
-    /// `endpoint` here is the current endpoint, configured or learned.
-    pub config: PeerSpec,
+    /// `endpoint` here is the current endpoint, configured or learned. Shared with the
+    /// desired peer while the two are equal (see [`Desired`]); changed with
+    /// [`Arc::make_mut`].
+    pub config: Arc<PeerSpec>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub last_handshake: Option<SystemTime>,
@@ -186,9 +193,9 @@ pub struct PeerState {
 
 impl PeerState {
     /// A freshly configured peer: no traffic yet.
-    pub fn fresh(config: PeerSpec) -> Self {
+    pub fn fresh(config: impl Into<Arc<PeerSpec>>) -> Self {
         PeerState {
-            config,
+            config: config.into(),
             rx_bytes: 0,
             tx_bytes: 0,
             last_handshake: None,

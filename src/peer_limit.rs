@@ -99,7 +99,7 @@ mod tests {
                 .iter()
                 .map(|n| {
                     let ip = format!("10.0.0.{}/32", 10 + n).parse().unwrap();
-                    (Key([*n; 32]), PeerSpec::new(Key([*n; 32]), [ip]))
+                    (Key([*n; 32]), PeerSpec::new(Key([*n; 32]), [ip]).into())
                 })
                 .collect(),
         }

@@ -6,9 +6,11 @@
 //! there gives an empty plan. Unchanged peers get no operation at all, so their sessions
 //! and counters survive.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -29,9 +31,11 @@ pub enum Op {
     AddAddress(IpNet),
     RemoveAddress(IpNet),
     /// Device-level settings; `None` fields stay as they are.
-    ConfigureDevice(DeviceChange),
-    AddPeer(PeerSpec),
-    UpdatePeer(PeerUpdate),
+    ConfigureDevice(Box<DeviceChange>),
+    /// The desired peer itself (shared, not copied: a cold apply of N peers holds no second
+    /// copy of them, and the model of the interface keeps the same one).
+    AddPeer(Arc<PeerSpec>),
+    UpdatePeer(Box<PeerUpdate>),
     RemovePeer(Key),
 }
 
@@ -85,13 +89,31 @@ impl PeerUpdate {
 }
 
 /// Why an operation exists: `subject`'s `field` goes from `old` to `new`.
-/// Secrets are shown as `<set>` / `<none>` only.
+/// Secrets are shown as `<set>` / `<none>` only. Fixed words are not copied, and a peer is
+/// named by its key (formatted when the reason is shown): a plan of N additions holds no
+/// text per peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reason {
-    pub subject: String,
+    pub subject: Subject,
     pub field: &'static str,
-    pub old: String,
-    pub new: String,
+    pub old: Cow<'static, str>,
+    pub new: Cow<'static, str>,
+}
+
+/// What a [`Reason`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject {
+    Interface,
+    Peer(Key),
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Interface => f.write_str("interface"),
+            Subject::Peer(key) => write!(f, "peer {key}"),
+        }
+    }
 }
 
 impl fmt::Display for Reason {
@@ -164,19 +186,65 @@ pub struct Phases {
 }
 
 impl Plan {
-    /// Splits the plan by phase, keeping the plan's order within each.
+    /// Splits the plan by phase, keeping the plan's order within each. The largest part
+    /// keeps the plan's own vector (a cold apply's peers are not copied); the others are
+    /// taken out of it.
     pub fn into_phases(self) -> Phases {
-        let mut phases = Phases::default();
-        for step in self.steps {
-            match step.op.phase() {
-                Phase::PeerRemovals => phases.removals.steps.push(step),
-                Phase::Link if step.op == Op::CreateLink => phases.create = Some(step),
-                Phase::Link | Phase::Addresses => phases.link.push(step),
-                Phase::Peers => phases.peers.steps.push(step),
-                Phase::Device => phases.device.steps.push(step),
+        // Parts, in the order of `Phases`' fields.
+        fn part(op: &Op) -> usize {
+            match op.phase() {
+                Phase::PeerRemovals => 0,
+                Phase::Link if *op == Op::CreateLink => 1,
+                Phase::Link | Phase::Addresses => 2,
+                Phase::Peers => 3,
+                Phase::Device => 4,
             }
         }
-        phases
+        // The longest run of one part stays in the plan's vector; the steps before and
+        // after it (few, in a plan: link and device settings) are moved out around it.
+        let mut steps = self.steps;
+        let (mut start, mut best) = (0, 0..0);
+        for i in 1..=steps.len() {
+            if i == steps.len() || part(&steps[i].op) != part(&steps[start].op) {
+                if i - start > best.len() {
+                    best = start..i;
+                }
+                start = i;
+            }
+        }
+        let tail = steps.split_off(best.end);
+        let head: Vec<Step> = steps.drain(..best.start).collect();
+        let mut parts: [Vec<Step>; 5] = Default::default();
+        for s in head {
+            parts[part(&s.op)].push(s);
+        }
+        if let Some(p) = steps.first().map(|s| part(&s.op)) {
+            let before = std::mem::replace(&mut parts[p], steps);
+            parts[p].splice(0..0, before);
+        }
+        for s in tail {
+            parts[part(&s.op)].push(s);
+        }
+        let [removals, create, link, peers, device] = parts;
+        Phases {
+            removals: Plan { steps: removals },
+            // A plan creates the link at most once (the last one counts).
+            create: create.into_iter().last(),
+            link,
+            peers: Plan { steps: peers },
+            device: Plan { steps: device },
+        }
+    }
+
+    /// Appends `other`'s steps after this plan's, moving the larger of the two vectors
+    /// rather than copying it.
+    pub fn append(&mut self, mut other: Plan) {
+        if other.steps.len() > self.steps.len() {
+            std::mem::swap(self, &mut other);
+            self.steps.splice(0..0, other.steps);
+        } else {
+            self.steps.append(&mut other.steps);
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -296,7 +364,7 @@ struct Wanted<'a, F> {
 }
 
 impl<F: Fn(&Key) -> bool> Wanted<'_, F> {
-    fn get(&self, key: &Key) -> Option<&PeerSpec> {
+    fn get(&self, key: &Key) -> Option<&Arc<PeerSpec>> {
         self.desired
             .peers
             .get(key)
@@ -307,7 +375,7 @@ impl<F: Fn(&Key) -> bool> Wanted<'_, F> {
         self.get(key).is_some()
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&Key, &PeerSpec)> {
+    fn iter(&self) -> impl Iterator<Item = (&Key, &Arc<PeerSpec>)> {
         self.desired
             .peers
             .iter()
@@ -318,14 +386,14 @@ impl<F: Fn(&Key) -> bool> Wanted<'_, F> {
 fn removal(key: &Key) -> Step {
     step(
         Op::RemovePeer(*key),
-        reason(peer_subject(key), "peer", "present", "absent"),
+        reason(Subject::Peer(*key), "peer", "present", "absent"),
     )
 }
 
-fn addition(want: &PeerSpec) -> Step {
+fn addition(want: &Arc<PeerSpec>) -> Step {
     step(
-        Op::AddPeer(want.clone()),
-        reason(peer_subject(&want.public_key), "peer", "absent", "present"),
+        Op::AddPeer(Arc::clone(want)),
+        reason(Subject::Peer(want.public_key), "peer", "absent", "present"),
     )
 }
 
@@ -338,7 +406,7 @@ fn plan_settings_head(desired: &Desired, observed: &Observed) -> Vec<Step> {
         None => {
             steps.push(step(
                 Op::CreateLink,
-                reason("interface", "link", "absent", "present"),
+                reason(Subject::Interface, "link", "absent", "present"),
             ));
             &empty_link
         }
@@ -353,26 +421,31 @@ fn plan_link(desired: &Desired, link: &LinkState, steps: &mut Vec<Step>) {
         if link.mtu != mtu {
             steps.push(step(
                 Op::SetMtu(mtu),
-                reason("interface", "mtu", link.mtu, mtu),
+                reason(
+                    Subject::Interface,
+                    "mtu",
+                    link.mtu.to_string(),
+                    mtu.to_string(),
+                ),
             ));
         }
     }
     for addr in link.addresses.difference(&iface.addresses) {
         steps.push(step(
             Op::RemoveAddress(*addr),
-            reason("interface", "address", addr, "absent"),
+            reason(Subject::Interface, "address", addr.to_string(), "absent"),
         ));
     }
     for addr in iface.addresses.difference(&link.addresses) {
         steps.push(step(
             Op::AddAddress(*addr),
-            reason("interface", "address", "absent", addr),
+            reason(Subject::Interface, "address", "absent", addr.to_string()),
         ));
     }
     if !link.up {
         steps.push(step(
             Op::SetLinkUp,
-            reason("interface", "state", "down", "up"),
+            reason(Subject::Interface, "state", "down", "up"),
         ));
     }
 }
@@ -384,7 +457,7 @@ fn plan_device(desired: &Desired, device: &DeviceState, steps: &mut Vec<Step>) {
     if device.private_key.as_ref() != Some(&iface.private_key) {
         change.private_key = Some(iface.private_key.clone());
         reasons.push(reason(
-            "interface",
+            Subject::Interface,
             "private_key",
             secret_label(device.private_key.as_ref()),
             "<new key>",
@@ -393,19 +466,24 @@ fn plan_device(desired: &Desired, device: &DeviceState, steps: &mut Vec<Step>) {
     if iface.listen_port != 0 && device.listen_port != iface.listen_port {
         change.listen_port = Some(iface.listen_port);
         reasons.push(reason(
-            "interface",
+            Subject::Interface,
             "listen_port",
-            device.listen_port,
-            iface.listen_port,
+            device.listen_port.to_string(),
+            iface.listen_port.to_string(),
         ));
     }
     if device.fwmark != iface.fwmark {
         change.fwmark = Some(iface.fwmark);
-        reasons.push(reason("interface", "fwmark", device.fwmark, iface.fwmark));
+        reasons.push(reason(
+            Subject::Interface,
+            "fwmark",
+            device.fwmark.to_string(),
+            iface.fwmark.to_string(),
+        ));
     }
     if !reasons.is_empty() {
         steps.push(Step {
-            op: Op::ConfigureDevice(change),
+            op: Op::ConfigureDevice(Box::new(change)),
             reasons,
         });
     }
@@ -436,13 +514,13 @@ fn plan_peers<F: Fn(&Key) -> bool>(
 }
 
 fn peer_update(want: &PeerSpec, have: &PeerSpec) -> Option<Step> {
-    let subject = peer_subject(&want.public_key);
+    let subject = Subject::Peer(want.public_key);
     let mut update = PeerUpdate::new(want.public_key);
     let mut reasons = Vec::new();
     if want.preshared_key != have.preshared_key {
         update.preshared_key = Some(want.preshared_key.clone());
         reasons.push(reason(
-            &subject,
+            subject,
             "preshared_key",
             secret_label(have.preshared_key.as_ref()),
             match want.preshared_key {
@@ -454,16 +532,16 @@ fn peer_update(want: &PeerSpec, have: &PeerSpec) -> Option<Step> {
     if want.persistent_keepalive != have.persistent_keepalive {
         update.persistent_keepalive = Some(want.persistent_keepalive);
         reasons.push(reason(
-            &subject,
+            subject,
             "persistent_keepalive",
-            have.persistent_keepalive,
-            want.persistent_keepalive,
+            have.persistent_keepalive.to_string(),
+            want.persistent_keepalive.to_string(),
         ));
     }
     if want.allowed_ips != have.allowed_ips {
         update.allowed_ips = Some(want.allowed_ips.clone());
         reasons.push(reason(
-            &subject,
+            subject,
             "allowed_ips",
             join(&have.allowed_ips),
             join(&want.allowed_ips),
@@ -476,12 +554,11 @@ fn peer_update(want: &PeerSpec, have: &PeerSpec) -> Option<Step> {
         if have.endpoint.is_none() {
             update.endpoint = Some(endpoint);
             reasons.push(reason(
-                &subject,
+                subject,
                 "endpoint",
                 have.endpoint
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "<none>".into()),
-                endpoint,
+                    .map_or(Cow::Borrowed("<none>"), |e| e.to_string().into()),
+                endpoint.to_string(),
             ));
         }
     }
@@ -489,7 +566,7 @@ fn peer_update(want: &PeerSpec, have: &PeerSpec) -> Option<Step> {
         None
     } else {
         Some(Step {
-            op: Op::UpdatePeer(update),
+            op: Op::UpdatePeer(Box::new(update)),
             reasons,
         })
     }
@@ -503,21 +580,17 @@ fn step(op: Op, reason: Reason) -> Step {
 }
 
 fn reason(
-    subject: impl Into<String>,
+    subject: Subject,
     field: &'static str,
-    old: impl fmt::Display,
-    new: impl fmt::Display,
+    old: impl Into<Cow<'static, str>>,
+    new: impl Into<Cow<'static, str>>,
 ) -> Reason {
     Reason {
-        subject: subject.into(),
+        subject,
         field,
-        old: old.to_string(),
-        new: new.to_string(),
+        old: old.into(),
+        new: new.into(),
     }
-}
-
-fn peer_subject(key: &Key) -> String {
-    format!("peer {key}")
 }
 
 fn secret_label(key: Option<&SecretKey>) -> &'static str {
@@ -561,7 +634,10 @@ mod tests {
                 mtu: Some(1420),
                 fwmark: 0,
             },
-            peers: peers.into_iter().map(|p| (p.public_key, p)).collect(),
+            peers: peers
+                .into_iter()
+                .map(|p| (p.public_key, p.into()))
+                .collect(),
         }
     }
 
@@ -593,7 +669,7 @@ mod tests {
         let d = desired((1..=50).map(|i| PeerSpec::new(key(i), [])).collect());
         let o = converge(&d, &Observed::default());
         let mut d2 = d.clone();
-        d2.peers.get_mut(&key(7)).unwrap().persistent_keepalive = 25;
+        Arc::make_mut(d2.peers.get_mut(&key(7)).unwrap()).persistent_keepalive = 25;
         let p = plan(&d2, &o);
         assert_eq!(p.len(), 1);
         assert_eq!(p.steps[0].reasons[0].field, "persistent_keepalive");
@@ -669,7 +745,7 @@ mod tests {
         spec.endpoint = Some("192.0.2.1:51820".parse().unwrap());
         let d = desired(vec![spec]);
         let mut o = converge(&d, &Observed::default());
-        o.device.peers.get_mut(&key(1)).unwrap().config.endpoint =
+        Arc::make_mut(&mut o.device.peers.get_mut(&key(1)).unwrap().config).endpoint =
             Some("198.51.100.7:40000".parse().unwrap());
         assert!(plan(&d, &o).is_empty(), "the peer's current endpoint stays");
     }
@@ -753,7 +829,7 @@ mod tests {
                 },
                 peers: dedup_ips(peers)
                     .into_iter()
-                    .map(|p| (p.public_key, p))
+                    .map(|p| (p.public_key, p.into()))
                     .collect(),
             })
     }
@@ -855,7 +931,7 @@ mod tests {
                 .device
                 .peers
                 .iter()
-                .map(|(k, p)| (*k, p.config.clone()))
+                .map(|(k, p)| (*k, PeerSpec::clone(&p.config)))
                 .collect();
             for (k, want) in &d.peers {
                 let have = &got[k];
@@ -869,6 +945,53 @@ mod tests {
             prop_assert_eq!(got.keys().collect::<Vec<_>>(), d.peers.keys().collect::<Vec<_>>());
             let again = plan(&d, &after);
             prop_assert!(again.is_empty(), "second plan not empty: {:?}", again);
+        }
+
+        /// Split by phase, any plan (in any order) gives each phase's steps in plan order,
+        /// as the step-by-step split did.
+        #[test]
+        fn into_phases_keeps_each_phase_in_plan_order(kinds in proptest::collection::vec(0u8..6, 0..40)) {
+            let steps: Vec<Step> = kinds
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    let n = i as u8;
+                    let op = match k {
+                        0 => Op::RemovePeer(key(n)),
+                        1 => Op::CreateLink,
+                        2 => Op::AddAddress(net(&format!("10.1.0.{n}/32"))),
+                        3 => Op::AddPeer(PeerSpec::new(key(n), []).into()),
+                        4 => Op::ConfigureDevice(Box::new(DeviceChange {
+                            listen_port: Some(u16::from(n)),
+                            ..DeviceChange::default()
+                        })),
+                        _ => Op::SetLinkUp,
+                    };
+                    step(op, reason(Subject::Interface, "test", "", ""))
+                })
+                .collect();
+            let mut want = Phases::default();
+            for step in steps.clone() {
+                match step.op.phase() {
+                    Phase::PeerRemovals => want.removals.steps.push(step),
+                    Phase::Link if step.op == Op::CreateLink => want.create = Some(step),
+                    Phase::Link | Phase::Addresses => want.link.push(step),
+                    Phase::Peers => want.peers.steps.push(step),
+                    Phase::Device => want.device.steps.push(step),
+                }
+            }
+            prop_assert_eq!(Plan { steps }.into_phases(), want);
+        }
+
+        /// Appending moves the larger side and keeps the order.
+        #[test]
+        fn append_keeps_the_order(a in 0usize..20, b in 0usize..20) {
+            let mk = |r: std::ops::Range<usize>| Plan {
+                steps: r.map(|i| removal(&key(i as u8))).collect(),
+            };
+            let mut first = mk(0..a);
+            first.append(mk(a..a + b));
+            prop_assert_eq!(first, mk(0..a + b));
         }
 
         #[test]

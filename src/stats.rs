@@ -272,9 +272,14 @@ mod tests {
                 100 => p.tx_bytes += 1,
                 200 => p.last_handshake = Some(now()),
                 300 => {
-                    p.config.allowed_ips.insert("fd00::1/128".parse().unwrap());
+                    std::sync::Arc::make_mut(&mut p.config)
+                        .allowed_ips
+                        .insert("fd00::1/128".parse().unwrap());
                 }
-                _ => p.config.endpoint = Some("192.0.2.1:51820".parse().unwrap()),
+                _ => {
+                    std::sync::Arc::make_mut(&mut p.config).endpoint =
+                        Some("192.0.2.1:51820".parse().unwrap())
+                }
             }
             expected.insert(key(i));
         }
@@ -294,7 +299,7 @@ mod tests {
         let mut t = StatsTracker::new();
         t.changed(&ps, &epochs);
         let ep: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
-        ps.get_mut(&key(1)).unwrap().config.endpoint = Some(ep);
+        std::sync::Arc::make_mut(&mut ps.get_mut(&key(1)).unwrap().config).endpoint = Some(ep);
         let got = t.changed(&ps, &epochs);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].public_key, key(1).0.to_vec());
@@ -312,9 +317,7 @@ mod tests {
         let mut t = StatsTracker::new();
         t.changed(&ps, &epochs);
         let extra: IpNet = "fd00::1/128".parse().unwrap();
-        ps.get_mut(&key(2))
-            .unwrap()
-            .config
+        std::sync::Arc::make_mut(&mut ps.get_mut(&key(2)).unwrap().config)
             .allowed_ips
             .insert(extra);
         let got = t.changed(&ps, &epochs);

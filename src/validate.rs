@@ -6,6 +6,7 @@
 //! peers a rejected revision still lists as valid, and which it lists at all. Pure: no I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use gatehouse_proto::v1;
 use gatehouse_validate as rules;
@@ -150,7 +151,7 @@ pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Reject
     // leaves them half full: about twice the memory per peer).
     // (`Extend`, as `unzip` uses, inserts one by one.)
     let specs = || checked.peers.values().map(peer_spec);
-    let peers: BTreeMap<_, _> = specs().map(|(s, _)| (s.public_key, s)).collect();
+    let peers: BTreeMap<_, _> = specs().map(|(s, _)| (s.public_key, Arc::new(s))).collect();
     let meta: BTreeMap<_, _> = specs().map(|(s, m)| (s.public_key, m)).collect();
     Ok(ValidLocation {
         id: checked.id,

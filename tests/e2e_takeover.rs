@@ -25,7 +25,7 @@ use gatehouse::backend::userspace::{UserspaceBackend, UserspaceConfig};
 use gatehouse::backend::{Backend, Kick};
 use gatehouse::ha::addrwatch;
 use gatehouse::ha::source::SourceRoutes;
-use gatehouse::model::{Desired, InterfaceSpec, Key, PeerSpec, SecretKey};
+use gatehouse::model::{Desired, InterfaceSpec, PeerSpec, SecretKey};
 use gatehouse::plan::plan;
 use ipnet::IpNet;
 use netns::{is_root, unique, ChildGuard, Netns, PidGuard};
@@ -184,7 +184,7 @@ impl Lab {
                 mtu: Some(1380),
                 fwmark: 0,
             },
-            peers: BTreeMap::<Key, PeerSpec>::from([(peer.public_key, peer)]),
+            peers: BTreeMap::from([(peer.public_key, peer.into())]),
         }
     }
 
@@ -307,7 +307,7 @@ fn a_kick_from_the_vip_reaches_a_client_behind_nat_and_without_the_route_it_does
     let mut b = lab.start_gateway();
     lab.source_routes(|r| r.clear().expect("clear"));
     let kick = Kick {
-        peer: lab.client_peer(),
+        peer: std::sync::Arc::new(lab.client_peer()),
         endpoint,
         recreate: false,
     };
@@ -396,7 +396,7 @@ fn only_a_recreating_kick_makes_a_gateway_holding_a_session_handshake_again() {
     // The gateway still holds the session: the kick's keepalive travels over it (the
     // client receives it) and no handshake happens — the failback black hole.
     let mut kick = Kick {
-        peer: lab.client_peer(),
+        peer: std::sync::Arc::new(lab.client_peer()),
         endpoint,
         recreate: false,
     };
@@ -425,12 +425,12 @@ fn only_a_recreating_kick_makes_a_gateway_holding_a_session_handshake_again() {
     let stranger = PeerSpec::new(clamped_key().public_key(), [net("10.98.0.9/32")]);
     b.kick(&[
         Kick {
-            peer: stranger.clone(),
+            peer: std::sync::Arc::new(stranger.clone()),
             endpoint,
             recreate: true,
         },
         Kick {
-            peer: stranger,
+            peer: std::sync::Arc::new(stranger),
             endpoint,
             recreate: false,
         },

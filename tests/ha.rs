@@ -238,7 +238,7 @@ async fn activate_kicks_exactly_the_recently_active_peers_at_their_relayed_endpo
     agent.backend.modify(|o| {
         let p = o.device.peers.get_mut(&key(5)).unwrap();
         p.last_handshake = Some(now - Duration::from_secs(30));
-        p.config.endpoint = Some(ep("198.51.100.5:5555"));
+        std::sync::Arc::make_mut(&mut p.config).endpoint = Some(ep("198.51.100.5:5555"));
         p.rx_bytes = 1000;
     });
     core.relay(&[
@@ -461,7 +461,7 @@ async fn an_active_gateway_restarted_stays_active_without_a_new_round() {
     agent.backend.modify(|o| {
         let p = o.device.peers.get_mut(&key(0)).unwrap();
         p.last_handshake = Some(now - Duration::from_secs(5));
-        p.config.endpoint = Some(ep("198.51.100.9:9999"));
+        std::sync::Arc::make_mut(&mut p.config).endpoint = Some(ep("198.51.100.9:9999"));
     });
     core.relay(&[(1, now, "198.51.100.1:1111")]).await;
     eventually("relayed endpoint", || async {
@@ -516,7 +516,7 @@ async fn a_re_created_peer_keeps_its_mfa_timer() {
     agent.backend.modify(|o| {
         let p = o.device.peers.get_mut(&key(0)).unwrap();
         p.last_handshake = Some(handshake);
-        p.config.endpoint = Some(ep("198.51.100.9:9999"));
+        std::sync::Arc::make_mut(&mut p.config).endpoint = Some(ep("198.51.100.9:9999"));
         p.rx_bytes = 100;
     });
     eventually("the handshake seen", || async {

@@ -142,7 +142,8 @@ fn changing_one_peer_keeps_the_others_sessions_and_counters() {
     let mut want = desired(3, 40003, 20, 0);
     want.interface.addresses = ["10.77.0.1/24".parse().unwrap()].into();
     let client = PeerSpec::new(client_key.public_key(), ["10.77.0.2/32".parse().unwrap()]);
-    want.peers.insert(client.public_key, client.clone());
+    want.peers
+        .insert(client.public_key, std::sync::Arc::new(client.clone()));
     let mut backend = backend_in(&gw, &gw_if);
     converge(&mut backend, &want);
 
@@ -182,7 +183,7 @@ fn changing_one_peer_keeps_the_others_sessions_and_counters() {
         .keys()
         .find(|k| **k != client.public_key)
         .unwrap();
-    want.peers.get_mut(&other).unwrap().persistent_keepalive = 15;
+    std::sync::Arc::make_mut(want.peers.get_mut(&other).unwrap()).persistent_keepalive = 15;
     let p = plan(&want, &backend.observe().unwrap());
     assert_eq!(p.len(), 1, "{}", p.summary());
     assert!(matches!(&p.steps[0].op, Op::UpdatePeer(u) if u.public_key == other));

@@ -341,8 +341,9 @@ fn drift_made_by_hand_is_repaired() {
     // A stranger added by hand.
     sim.kernel.modify(|o| {
         let mut p = o.device.peers[&key(2)].clone();
-        p.config.public_key = key(77);
-        p.config.allowed_ips = ["10.77.0.50/32".parse().unwrap()].into();
+        std::sync::Arc::make_mut(&mut p.config).public_key = key(77);
+        std::sync::Arc::make_mut(&mut p.config).allowed_ips =
+            ["10.77.0.50/32".parse().unwrap()].into();
         o.device.peers.insert(key(77), p);
     });
     sim.advance(resync);

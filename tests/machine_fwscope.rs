@@ -164,7 +164,7 @@ fn desired_of(peers: &Peers, listen_port: u16) -> Desired {
             .iter()
             .map(|(n, (m, s))| {
                 let nets: Vec<IpNet> = ips(*n, *m, *s).iter().map(|i| i.parse().unwrap()).collect();
-                (key(*n), PeerSpec::new(key(*n), nets))
+                (key(*n), PeerSpec::new(key(*n), nets).into())
             })
             .collect(),
     }

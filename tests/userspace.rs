@@ -9,7 +9,6 @@
 #[path = "netns/mod.rs"]
 mod netns;
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
 use std::process::Stdio;
@@ -126,8 +125,8 @@ impl Lab {
             },
             peers: peers
                 .into_iter()
-                .map(|p| (p.public_key, p))
-                .collect::<BTreeMap<Key, PeerSpec>>(),
+                .map(|p| (p.public_key, p.into()))
+                .collect(),
         }
     }
 

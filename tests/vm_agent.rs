@@ -98,7 +98,7 @@ async fn expected(core: &Core, loc: u64, listen_port: u16) -> Desired {
         let key = Key::from_base64(&p.public_key).expect("key");
         let mut spec = PeerSpec::new(key, p.allowed_ips.iter().map(|s| s.parse().unwrap()));
         spec.persistent_keepalive = p.persistent_keepalive;
-        want.insert(key, spec);
+        want.insert(key, spec.into());
     }
     Desired {
         interface: InterfaceSpec {

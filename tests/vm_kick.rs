@@ -97,7 +97,7 @@ fn a_kernel_kick_starts_a_handshake_and_a_recreating_one_replaces_a_session() {
             mtu: None,
             fwmark: 0,
         },
-        peers: BTreeMap::from([(client_key, peer.clone())]),
+        peers: BTreeMap::from([(client_key, peer.clone().into())]),
     };
     let mut b = gw.enter(|| KernelBackend::new(&iface).expect("kernel backend"));
     let observed = b.observe().expect("observe");
@@ -108,7 +108,7 @@ fn a_kernel_kick_starts_a_handshake_and_a_recreating_one_replaces_a_session() {
     // 1. A kick: endpoint set, keepalive 0 -> 1 -> 0 in one message, handshake.
     let endpoint: SocketAddr = "192.0.2.2:51821".parse().unwrap();
     let mut kick = Kick {
-        peer: peer.clone(),
+        peer: std::sync::Arc::new(peer.clone()),
         endpoint,
         recreate: false,
     };
@@ -152,12 +152,12 @@ fn a_kernel_kick_starts_a_handshake_and_a_recreating_one_replaces_a_session() {
     let stranger = PeerSpec::new(Key([9; 32]), ["10.0.9.9/32".parse().unwrap()]);
     b.kick(&[
         Kick {
-            peer: stranger.clone(),
+            peer: std::sync::Arc::new(stranger.clone()),
             endpoint,
             recreate: true,
         },
         Kick {
-            peer: stranger,
+            peer: std::sync::Arc::new(stranger),
             endpoint,
             recreate: false,
         },

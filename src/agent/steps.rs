@@ -215,7 +215,7 @@ pub fn execute_phases(
         let step = ApplyStep::of(first.op.phase());
         match backend.apply(&part) {
             Ok(()) => {
-                applied.steps.extend(part.steps);
+                applied.append(part);
                 true
             }
             Err(e) => {
@@ -272,7 +272,7 @@ mod tests {
                 .iter()
                 .map(|n| {
                     let ip = format!("10.0.0.{}/32", 10 + n).parse().unwrap();
-                    (Key([*n; 32]), PeerSpec::new(Key([*n; 32]), [ip]))
+                    (Key([*n; 32]), PeerSpec::new(Key([*n; 32]), [ip]).into())
                 })
                 .collect(),
         }

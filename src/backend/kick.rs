@@ -6,7 +6,7 @@
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Kick {
     /// The peer as desired (everything needed to re-create it).
-    pub peer: crate::model::PeerSpec,
+    pub peer: std::sync::Arc<crate::model::PeerSpec>,
     /// Where the client was last seen (relayed by the Core or observed here).
     pub endpoint: std::net::SocketAddr,
     /// Remove and re-add the peer first (in the same write): this gateway may still hold a
@@ -32,7 +32,7 @@ pub fn kick_keepalive(desired: u16) -> u16 {
 /// The peer a re-creating kick writes: the desired peer, at the kick's endpoint, with the
 /// keepalive of [`kick_keepalive`] (a new peer's interval starts at 0, so setting it sends).
 pub fn recreated_peer(kick: &Kick) -> crate::model::PeerSpec {
-    let mut peer = kick.peer.clone();
+    let mut peer = crate::model::PeerSpec::clone(&kick.peer);
     peer.endpoint = Some(kick.endpoint);
     peer.persistent_keepalive = kick_keepalive(kick.peer.persistent_keepalive);
     peer
@@ -55,7 +55,7 @@ mod tests {
         let mut peer = PeerSpec::new(Key([7; 32]), ["10.0.0.2/32".parse().unwrap()]);
         peer.endpoint = Some("192.0.2.1:1".parse().unwrap());
         let kick = Kick {
-            peer: peer.clone(),
+            peer: std::sync::Arc::new(peer.clone()),
             endpoint: "198.51.100.7:40000".parse().unwrap(),
             recreate: true,
         };

@@ -191,7 +191,7 @@ impl Backend for MemoryBackend {
                 if kick.recreate {
                     *peer = PeerState::fresh(kick.peer.clone());
                 }
-                peer.config.endpoint = Some(kick.endpoint);
+                Arc::make_mut(&mut peer.config).endpoint = Some(kick.endpoint);
             }
         });
         inner.counters.device_writes += 1;

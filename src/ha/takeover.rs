@@ -19,6 +19,7 @@
 //! is due.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::activity::ActivityBook;
@@ -37,7 +38,7 @@ pub const BATCH_PERIOD: Duration = Duration::from_millis(100);
 #[derive(Clone, Copy, Debug)]
 pub struct TakeoverInput<'a> {
     /// The held peers as desired (after local removals).
-    pub peers: &'a BTreeMap<Key, PeerSpec>,
+    pub peers: &'a BTreeMap<Key, Arc<PeerSpec>>,
     pub book: &'a ActivityBook,
     /// This gateway's own last handshake per peer, as its interface reports it now.
     pub handshakes_here: &'a BTreeMap<Key, SystemTime>,
@@ -157,14 +158,14 @@ mod tests {
 
     const WINDOW: Duration = Duration::from_secs(300);
 
-    fn peers(n: u8) -> BTreeMap<Key, PeerSpec> {
+    fn peers(n: u8) -> BTreeMap<Key, Arc<PeerSpec>> {
         (1..=n)
-            .map(|i| (key(i), PeerSpec::new(key(i), [])))
+            .map(|i| (key(i), PeerSpec::new(key(i), []).into()))
             .collect()
     }
 
     fn plan(
-        peers: &BTreeMap<Key, PeerSpec>,
+        peers: &BTreeMap<Key, Arc<PeerSpec>>,
         book: &ActivityBook,
         here: &BTreeMap<Key, SystemTime>,
         now: SystemTime,
@@ -207,7 +208,7 @@ mod tests {
         book.relayed(key(1), now, Some(ep(1)));
         book.relayed(key(2), now, None);
         let mut ps = peers(2);
-        ps.get_mut(&key(1)).unwrap().endpoint = Some(ep(99));
+        Arc::make_mut(ps.get_mut(&key(1)).unwrap()).endpoint = Some(ep(99));
         let p = plan(&ps, &book, &BTreeMap::new(), now);
         assert_eq!(kicked(&p), vec![(key(1), ep(99), false)]);
         assert_eq!(p.skipped_no_endpoint, 1);
@@ -270,7 +271,7 @@ mod tests {
     fn kicks(n: usize) -> Vec<Kick> {
         (0..n)
             .map(|i| Kick {
-                peer: PeerSpec::new(Key([i as u8; 32]), []),
+                peer: Arc::new(PeerSpec::new(Key([i as u8; 32]), [])),
                 endpoint: ep(1),
                 recreate: false,
             })

@@ -191,7 +191,10 @@ mod tests {
                 mtu: None,
                 fwmark: 0,
             },
-            peers: peers.into_iter().map(|p| (p.public_key, p)).collect(),
+            peers: peers
+                .into_iter()
+                .map(|p| (p.public_key, p.into()))
+                .collect(),
         }
     }
 

@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -25,7 +26,7 @@ mod refresh;
 pub use refresh::Refresh;
 
 use super::{update_config, Op, Plan};
-use crate::model::{AllowedIps, DeviceState, Key, LinkState, Observed, PeerState};
+use crate::model::{AllowedIps, Desired, DeviceState, Key, LinkState, Observed, PeerState};
 
 /// Who holds each allowed IP.
 type Owners = BTreeMap<IpNet, Key>;
@@ -53,6 +54,24 @@ impl KernelModel {
             self.apply_op(&step.op);
         }
         self.compact_after(added);
+    }
+
+    /// Points each of `keys` that the model holds with the desired settings at the desired
+    /// peer itself, so that a peer matching its location is held once. An apply shares the
+    /// peers it adds; an update changes the model's own copy, which this gives up.
+    /// O(k log N).
+    pub fn share<'a>(&mut self, desired: &Desired, keys: impl IntoIterator<Item = &'a Key>) {
+        for key in keys {
+            let (Some(held), Some(want)) = (
+                self.observed.device.peers.get_mut(key),
+                desired.peers.get(key),
+            ) else {
+                continue;
+            };
+            if !Arc::ptr_eq(&held.config, want) && held.config == *want {
+                held.config = Arc::clone(want);
+            }
+        }
     }
 
     /// After `added` insertions: when they made most of the model (a cold apply, a first
@@ -146,7 +165,7 @@ impl KernelModel {
                     }
                 }
                 if let Some(peer) = observed.device.peers.get_mut(key) {
-                    update_config(&mut peer.config, update);
+                    update_config(Arc::make_mut(&mut peer.config), update);
                 }
             }
             Op::RemovePeer(key) => {
@@ -191,7 +210,7 @@ fn claim(owners: &mut Owners, device: &mut DeviceState, owner: Option<&Key>, ips
         };
         if let Some(prev) = prev.filter(|prev| Some(prev) != owner) {
             if let Some(p) = device.peers.get_mut(&prev) {
-                p.config.allowed_ips.remove(ip);
+                Arc::make_mut(&mut p.config).allowed_ips.remove(ip);
             }
         }
     }

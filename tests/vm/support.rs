@@ -60,13 +60,13 @@ pub fn desired(seed: u64, listen_port: u16, peers: u32, big_ips: usize) -> Desir
     let mut map = BTreeMap::new();
     for n in 0..peers {
         let p = PeerSpec::new(peer_key(n as u64), [peer_ip(n)]);
-        map.insert(p.public_key, p);
+        map.insert(p.public_key, p.into());
     }
     if big_ips > 0 {
         let mut p = PeerSpec::new(Key(key_bytes(seed ^ 0xb16)), many_ips(big_ips));
         p.preshared_key = Some(SecretKey::new(key_bytes(seed ^ 0x95c)));
         p.persistent_keepalive = 25;
-        map.insert(p.public_key, p);
+        map.insert(p.public_key, p.into());
     }
     Desired {
         interface: InterfaceSpec {

@@ -77,7 +77,7 @@ fn desired(peers: &[&str]) -> Desired {
             .enumerate()
             .map(|(i, ip)| {
                 let key = Key([i as u8 + 1; 32]);
-                (key, PeerSpec::new(key, [ip.parse().unwrap()]))
+                (key, PeerSpec::new(key, [ip.parse().unwrap()]).into())
             })
             .collect(),
     }

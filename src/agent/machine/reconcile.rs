@@ -170,7 +170,17 @@ impl Machine {
                 self.steps.record_all(outcomes);
                 self.account(&applied);
                 match (&mut self.model, failed) {
-                    (Some(model), false) => model.apply(&applied),
+                    (Some(model), false) => {
+                        model.apply(&applied);
+                        // An updated peer that now matches the location is held once.
+                        if let Some(held) = &self.held {
+                            let updated = applied.steps.iter().filter_map(|s| match &s.op {
+                                Op::UpdatePeer(u) => Some(&u.public_key),
+                                _ => None,
+                            });
+                            model.share(&held.valid.desired, updated);
+                        }
+                    }
                     // After a failed step the interface is unknown: the next change reads it.
                     _ => self.model = None,
                 }

@@ -108,7 +108,13 @@ impl Machine {
                 keys,
                 settings: false,
             },
-            |k| tombstones.blocks(k, meta.get(k).map(|m| m.mfa_session), desired.peers.get(k)),
+            |k| {
+                tombstones.blocks(
+                    k,
+                    meta.get(k).map(|m| m.mfa_session),
+                    desired.peers.get(k).map(|p| &**p),
+                )
+            },
         );
         // Buried peers are few; a stone the Core has ended is pruned by the next full plan.
         self.counts.desired_peers = desired.peers.len().saturating_sub(tombstones.len());

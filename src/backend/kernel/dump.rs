@@ -7,6 +7,7 @@
 //! only its public key and the remaining allowed IPs. Pieces of a peer are merged here.
 //! A preshared key of 32 zero bytes means "none"; a handshake time of zero means "never".
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -123,17 +124,19 @@ impl<S: DeviceSink> DumpParser<S> {
 /// Adds one piece of a peer's entry to what is read of it.
 fn merge_piece(peer: &mut PeerState, entry: &WireguardPeer) -> Result<(), DumpError> {
     let key = peer.config.public_key;
+    // The peer being read is not shared yet: no copy.
+    let config = Arc::make_mut(&mut peer.config);
     for attr in entry.iter() {
         match attr {
             WireguardPeerAttribute::PresharedKey(k) => {
-                peer.config.preshared_key = if k.iter().all(|b| *b == 0) {
+                config.preshared_key = if k.iter().all(|b| *b == 0) {
                     None
                 } else {
                     Some(SecretKey::new(*k))
                 };
             }
-            WireguardPeerAttribute::Endpoint(e) => peer.config.endpoint = Some(*e),
-            WireguardPeerAttribute::PersistentKeepalive(k) => peer.config.persistent_keepalive = *k,
+            WireguardPeerAttribute::Endpoint(e) => config.endpoint = Some(*e),
+            WireguardPeerAttribute::PersistentKeepalive(k) => config.persistent_keepalive = *k,
             WireguardPeerAttribute::LastHandshake(t) => peer.last_handshake = handshake_time(t),
             WireguardPeerAttribute::RxBytes(n) => peer.rx_bytes = *n,
             WireguardPeerAttribute::TxBytes(n) => peer.tx_bytes = *n,
@@ -147,7 +150,7 @@ fn merge_piece(peer: &mut PeerState, entry: &WireguardPeer) -> Result<(), DumpEr
                             .map_err(|detail| DumpError::BadAllowedIp { peer: key, detail })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                peer.config.allowed_ips.extend(nets);
+                config.allowed_ips.extend(nets);
             }
             _ => {}
         }

@@ -722,11 +722,11 @@ mod tests {
         // last message, after every peer change went through.
         let ops = vec![
             Op::RemovePeer(key(9)),
-            Op::AddPeer(peer(1)),
-            Op::ConfigureDevice(DeviceChange {
+            Op::AddPeer(std::sync::Arc::new(peer(1))),
+            Op::ConfigureDevice(Box::new(DeviceChange {
                 listen_port: Some(51820),
                 ..Default::default()
-            }),
+            })),
         ];
         let msgs = wire(&pack("wg0", &ops, MESSAGE_LIMIT));
         assert_eq!(msgs.len(), 2, "{msgs:?}");
@@ -744,7 +744,9 @@ mod tests {
 
     #[test]
     fn ten_thousand_peers_go_out_in_few_full_messages() {
-        let ops: Vec<Op> = (0..10_000).map(|n| Op::AddPeer(peer(n))).collect();
+        let ops: Vec<Op> = (0..10_000)
+            .map(|n| Op::AddPeer(std::sync::Arc::new(peer(n))))
+            .collect();
         let messages = pack("wg0", &ops, MESSAGE_LIMIT);
         let parsed = wire(&messages);
         // One single-address IPv4 peer: 4 (nest) + 36 (key) + 8 (flags) + 4 (nest) + 28.
@@ -795,9 +797,9 @@ mod tests {
         spec.preshared_key = Some(SecretKey::new([3; 32]));
         spec.persistent_keepalive = 25;
         let ops = vec![
-            Op::AddPeer(peer(100)),
-            Op::AddPeer(spec),
-            Op::AddPeer(peer(101)),
+            Op::AddPeer(std::sync::Arc::new(peer(100))),
+            Op::AddPeer(std::sync::Arc::new(spec)),
+            Op::AddPeer(std::sync::Arc::new(peer(101))),
         ];
         let messages = pack("wg0", &ops, MESSAGE_LIMIT);
         let parsed = wire(&messages);
@@ -844,7 +846,7 @@ mod tests {
         };
         let parsed = wire(&pack(
             "wg0",
-            &[Op::UpdatePeer(only_keepalive)],
+            &[Op::UpdatePeer(Box::new(only_keepalive))],
             MESSAGE_LIMIT,
         ));
         assert_eq!(parsed.len(), 1);
@@ -866,7 +868,7 @@ mod tests {
         };
         let parsed = wire(&pack(
             "wg0",
-            &[Op::UpdatePeer(psk_removed_ips_changed)],
+            &[Op::UpdatePeer(Box::new(psk_removed_ips_changed))],
             MESSAGE_LIMIT,
         ));
         let p = &peers_of(&parsed[0])[0];
@@ -895,7 +897,7 @@ mod tests {
         };
         let parsed = wire(&pack(
             "wg0",
-            &[Op::UpdatePeer(all_ips_removed)],
+            &[Op::UpdatePeer(Box::new(all_ips_removed))],
             MESSAGE_LIMIT,
         ));
         let p = &peers_of(&parsed[0])[0];
@@ -911,13 +913,13 @@ mod tests {
         let ops = vec![
             Op::CreateLink,
             Op::SetLinkUp,
-            Op::ConfigureDevice(DeviceChange {
+            Op::ConfigureDevice(Box::new(DeviceChange {
                 private_key: Some(SecretKey::new([4; 32])),
                 listen_port: Some(51820),
                 fwmark: Some(0),
-            }),
+            })),
             Op::RemovePeer(key(2)),
-            Op::AddPeer(peer(3)),
+            Op::AddPeer(std::sync::Arc::new(peer(3))),
         ];
         let messages = pack("wg7", &ops, MESSAGE_LIMIT);
         assert_eq!(messages.len(), 1);
@@ -950,8 +952,10 @@ mod tests {
         let mut spec = PeerSpec::new(key(1), (0..300).map(|n| v4(n << 8, 24)));
         spec.endpoint = Some("[2001:db8::7]:1".parse().unwrap());
         spec.preshared_key = Some(SecretKey::new([1; 32]));
-        let mut ops: Vec<Op> = (10..200).map(|n| Op::AddPeer(peer(n))).collect();
-        ops.insert(50, Op::AddPeer(spec.clone()));
+        let mut ops: Vec<Op> = (10..200)
+            .map(|n| Op::AddPeer(std::sync::Arc::new(peer(n))))
+            .collect();
+        ops.insert(50, Op::AddPeer(std::sync::Arc::new(spec.clone())));
         for limit in [0, MIN_MESSAGE_LIMIT, 700, 4096] {
             let messages = pack("wg-long-name-15", &ops, limit);
             let parsed = wire(&messages);
@@ -983,7 +987,9 @@ mod tests {
     #[test]
     fn a_limit_above_the_nest_ceiling_is_lowered_to_it() {
         // The peers nest has a 16-bit length: a larger message could not be encoded.
-        let ops: Vec<Op> = (0..2_000).map(|n| Op::AddPeer(peer(n))).collect();
+        let ops: Vec<Op> = (0..2_000)
+            .map(|n| Op::AddPeer(std::sync::Arc::new(peer(n))))
+            .collect();
         let messages = pack("wg0", &ops, 1 << 20);
         for m in &messages {
             assert!(m.encoded_len() <= MAX_MESSAGE_LIMIT, "{m:?}");
@@ -997,14 +1003,14 @@ mod tests {
     fn only_messages_holding_a_key_are_zeroed() {
         let mut with_psk = peer(7);
         with_psk.preshared_key = Some(SecretKey::new([5; 32]));
-        let plain = |n| Op::AddPeer(peer(n));
+        let plain = |n| Op::AddPeer(std::sync::Arc::new(peer(n)));
         // 1,200 peers in 3 messages, then the device's own: the first and the last hold a key.
         let mut ops: Vec<Op> = (0..1_200).map(plain).collect();
-        ops[3] = Op::AddPeer(with_psk);
-        ops.push(Op::ConfigureDevice(DeviceChange {
+        ops[3] = Op::AddPeer(std::sync::Arc::new(with_psk));
+        ops.push(Op::ConfigureDevice(Box::new(DeviceChange {
             private_key: Some(SecretKey::new([4; 32])),
             ..DeviceChange::default()
-        }));
+        })));
         let messages = pack("wg0", &ops, MESSAGE_LIMIT);
         let secret: Vec<bool> = messages.iter().map(|m| m.secret).collect();
         assert_eq!(secret, [true, false, false, true]);
@@ -1014,7 +1020,9 @@ mod tests {
 
     #[test]
     fn the_buffer_comes_back_empty_and_is_reused() {
-        let ops: Vec<Op> = (0..1_000).map(|n| Op::AddPeer(peer(n))).collect();
+        let ops: Vec<Op> = (0..1_000)
+            .map(|n| Op::AddPeer(std::sync::Arc::new(peer(n))))
+            .collect();
         let mut buffer = Vec::new();
         let mut first = Vec::new();
         pack_each(&mut buffer, "wg0", &ops, MESSAGE_LIMIT, |m| {
@@ -1037,11 +1045,11 @@ mod tests {
         let mut spec = peer(1);
         spec.preshared_key = Some(SecretKey::new([0xab; 32]));
         let ops = vec![
-            Op::ConfigureDevice(DeviceChange {
+            Op::ConfigureDevice(Box::new(DeviceChange {
                 private_key: Some(SecretKey::new([0xcd; 32])),
                 ..DeviceChange::default()
-            }),
-            Op::AddPeer(spec),
+            })),
+            Op::AddPeer(std::sync::Arc::new(spec)),
         ];
         let text = format!("{:?}", pack("wg0", &ops, MESSAGE_LIMIT));
         assert!(
@@ -1054,7 +1062,7 @@ mod tests {
         let mut spec = peer(n);
         spec.persistent_keepalive = keepalive;
         Kick {
-            peer: spec,
+            peer: std::sync::Arc::new(spec),
             endpoint: format!("192.0.2.{}:4{n:04}", n % 250 + 1).parse().unwrap(),
             recreate,
         }
@@ -1109,7 +1117,7 @@ mod tests {
     #[test]
     fn a_recreating_kick_removes_then_adds_the_whole_peer_in_one_message() {
         let mut k = kick(3, 0, true);
-        k.peer.preshared_key = Some(SecretKey::new([9; 32]));
+        std::sync::Arc::make_mut(&mut k.peer).preshared_key = Some(SecretKey::new([9; 32]));
         let parsed = wire(&pack_kicks("wg0", [&k], MESSAGE_LIMIT));
         assert_eq!(parsed.len(), 1);
         let peers = peers_of(&parsed[0]);
@@ -1235,13 +1243,13 @@ mod tests {
                 proptest::option::of(arb_endpoint()),
             )
                 .prop_map(|(key, psk, keepalive, ips, endpoint)| {
-                    Op::UpdatePeer(PeerUpdate {
+                    Op::UpdatePeer(Box::new(PeerUpdate {
                         public_key: Key(key),
                         preshared_key: psk.map(|p| p.map(SecretKey::new)),
                         persistent_keepalive: keepalive,
                         allowed_ips: ips,
                         endpoint,
-                    })
+                    }))
                 });
             let device = (
                 proptest::option::of(any::<[u8; 32]>()),
@@ -1249,14 +1257,14 @@ mod tests {
                 proptest::option::of(any::<u32>()),
             )
                 .prop_map(|(key, port, mark)| {
-                    Op::ConfigureDevice(DeviceChange {
+                    Op::ConfigureDevice(Box::new(DeviceChange {
                         private_key: key.map(SecretKey::new),
                         listen_port: port,
                         fwmark: mark,
-                    })
+                    }))
                 });
             prop_oneof![
-                6 => arb_spec().prop_map(Op::AddPeer),
+                6 => arb_spec().prop_map(|s| Op::AddPeer(s.into())),
                 3 => update,
                 2 => arb_key().prop_map(|k| Op::RemovePeer(Key(k))),
                 1 => device,
@@ -1267,7 +1275,7 @@ mod tests {
         fn arb_kick() -> impl Strategy<Value = Kick> {
             (arb_spec(), arb_endpoint(), any::<bool>()).prop_map(|(peer, endpoint, recreate)| {
                 Kick {
-                    peer,
+                    peer: std::sync::Arc::new(peer),
                     endpoint,
                     recreate,
                 }
@@ -1321,9 +1329,11 @@ mod tests {
 
         #[test]
         fn ten_thousand_peers_and_one_with_five_thousand_ips() {
-            let mut ops: Vec<Op> = (0..10_000).map(|n| Op::AddPeer(peer(n))).collect();
+            let mut ops: Vec<Op> = (0..10_000)
+                .map(|n| Op::AddPeer(std::sync::Arc::new(peer(n))))
+                .collect();
             let big = PeerSpec::new(key(1), (0..5_000).map(|n| v4(n << 8, 24)));
-            ops.insert(5_000, Op::AddPeer(big));
+            ops.insert(5_000, Op::AddPeer(std::sync::Arc::new(big)));
             let new = new_bytes(&pack("wg0", &ops, MESSAGE_LIMIT));
             let old = old_bytes(&pack_nla::pack("wg0", &ops, MESSAGE_LIMIT));
             assert_eq!(new.len(), old.len());

@@ -542,7 +542,7 @@ mod tests {
 
     fn add_peers(n: u8) -> Vec<Op> {
         (0..n)
-            .map(|i| Op::AddPeer(PeerSpec::new(Key([i; 32]), [])))
+            .map(|i| Op::AddPeer(std::sync::Arc::new(PeerSpec::new(Key([i; 32]), []))))
             .collect()
     }
 
@@ -556,10 +556,10 @@ mod tests {
             set_answer_timeout(base, &request),
             base + SET_ANSWER_PER_PEER * 100
         );
-        let rekey = Op::ConfigureDevice(crate::plan::DeviceChange {
+        let rekey = Op::ConfigureDevice(Box::new(crate::plan::DeviceChange {
             private_key: Some(crate::model::SecretKey::new([7; 32])),
             ..Default::default()
-        });
+        }));
         let request = uapi::encode_set([&rekey]).unwrap();
         assert!(request.rekeys);
         assert_eq!(set_answer_timeout(base, &request), base + SET_ANSWER_REKEY);

@@ -7,6 +7,7 @@
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
@@ -90,12 +91,12 @@ pub fn encode_transactions<'a>(
                 } else {
                     DeviceChange {
                         private_key: None,
-                        ..c.clone()
+                        ..DeviceChange::clone(c)
                     }
                 }
             })
             .filter(|c| *c != DeviceChange::default())
-            .map(Op::ConfigureDevice)
+            .map(|c| Op::ConfigureDevice(Box::new(c)))
             .collect();
         encode_set(changes.iter())
     };
@@ -551,7 +552,8 @@ impl PeerBuilder {
     }
 
     fn line(&mut self, key: &str, value: &str) -> Result<(), String> {
-        let c = &mut self.state.config;
+        // The peer being read is not shared yet: no copy.
+        let c = Arc::make_mut(&mut self.state.config);
         match key {
             "preshared_key" => c.preshared_key = parse_secret(value)?,
             "endpoint" => c.endpoint = Some(parse_endpoint(value)?),
@@ -573,7 +575,8 @@ impl PeerBuilder {
     }
 
     fn build(mut self) -> PeerState {
-        self.state.config.allowed_ips = std::mem::take(&mut self.allowed_ips).into_iter().collect();
+        Arc::make_mut(&mut self.state.config).allowed_ips =
+            std::mem::take(&mut self.allowed_ips).into_iter().collect();
         if self.handshake_sec != 0 || self.handshake_nsec != 0 {
             // checked: absurd values from a misbehaving wireguard-go are "no handshake",
             // never an overflow panic in the event loop.
@@ -611,12 +614,15 @@ mod tests {
     #[test]
     fn the_key_goes_before_the_peers_and_the_port_after_them() {
         let ops = [
-            Op::AddPeer(PeerSpec::new(key(2), [net("10.0.0.2/32")])),
-            Op::ConfigureDevice(DeviceChange {
+            Op::AddPeer(std::sync::Arc::new(PeerSpec::new(
+                key(2),
+                [net("10.0.0.2/32")],
+            ))),
+            Op::ConfigureDevice(Box::new(DeviceChange {
                 private_key: Some(SecretKey::new([1; 32])),
                 listen_port: Some(51820),
                 fwmark: Some(7),
-            }),
+            })),
             Op::RemovePeer(key(4)),
         ];
         let refs: Vec<&Op> = ops.iter().collect();
@@ -640,11 +646,14 @@ mod tests {
     #[test]
     fn without_a_key_change_there_is_no_key_transaction() {
         let ops = [
-            Op::ConfigureDevice(DeviceChange {
+            Op::ConfigureDevice(Box::new(DeviceChange {
                 listen_port: Some(51821),
                 ..Default::default()
-            }),
-            Op::AddPeer(PeerSpec::new(key(2), [net("10.0.0.2/32")])),
+            })),
+            Op::AddPeer(std::sync::Arc::new(PeerSpec::new(
+                key(2),
+                [net("10.0.0.2/32")],
+            ))),
         ];
         let refs: Vec<&Op> = ops.iter().collect();
         let texts: Vec<String> = encode_transactions(&refs, 100).map(|r| text(&r)).collect();
@@ -664,12 +673,12 @@ mod tests {
         peer.endpoint = Some("[2001:db8::1]:51820".parse().unwrap());
         let ops = [
             Op::SetLinkUp,
-            Op::ConfigureDevice(DeviceChange {
+            Op::ConfigureDevice(Box::new(DeviceChange {
                 private_key: Some(SecretKey::new([1; 32])),
                 listen_port: Some(51820),
                 fwmark: Some(0),
-            }),
-            Op::AddPeer(peer),
+            })),
+            Op::AddPeer(std::sync::Arc::new(peer)),
         ];
         let req = encode_set(&ops).unwrap();
         assert_eq!(req.listen_port, Some(51820));
@@ -694,7 +703,7 @@ mod tests {
             allowed_ips: None,
             endpoint: None,
         };
-        let req = encode_set(&[Op::UpdatePeer(only_keepalive.clone())]).unwrap();
+        let req = encode_set(&[Op::UpdatePeer(Box::new(only_keepalive.clone()))]).unwrap();
         let t = text(&req);
         assert_eq!(
             t,
@@ -708,7 +717,7 @@ mod tests {
         only_keepalive.persistent_keepalive = None;
         only_keepalive.preshared_key = Some(None);
         only_keepalive.allowed_ips = Some(crate::model::AllowedIps::new());
-        let t = text(&encode_set(&[Op::UpdatePeer(only_keepalive)]).unwrap());
+        let t = text(&encode_set(&[Op::UpdatePeer(Box::new(only_keepalive))]).unwrap());
         assert!(
             t.contains(&format!("preshared_key={}\n", "0".repeat(64))),
             "{t}"
@@ -720,7 +729,10 @@ mod tests {
     fn removal_and_order_are_kept() {
         let steps = [
             Op::RemovePeer(key(5)),
-            Op::AddPeer(PeerSpec::new(key(6), [net("10.0.0.6/32")])),
+            Op::AddPeer(std::sync::Arc::new(PeerSpec::new(
+                key(6),
+                [net("10.0.0.6/32")],
+            ))),
         ];
         let t = text(&encode_set(&steps).unwrap());
         let remove = t.find(&format!("public_key={}\nremove=true\n", "05".repeat(32)));
@@ -749,19 +761,19 @@ mod tests {
                 .unwrap(),
         );
         let ops = [
-            Op::ConfigureDevice(DeviceChange {
+            Op::ConfigureDevice(Box::new(DeviceChange {
                 private_key: Some(SecretKey::new([1; 32])),
                 listen_port: Some(65535),
                 fwmark: Some(u32::MAX),
-            }),
-            Op::AddPeer(peer.clone()),
-            Op::UpdatePeer(PeerUpdate {
+            })),
+            Op::AddPeer(std::sync::Arc::new(peer.clone())),
+            Op::UpdatePeer(Box::new(PeerUpdate {
                 public_key: key(2),
                 preshared_key: Some(None),
                 persistent_keepalive: Some(65535),
                 allowed_ips: Some(peer.allowed_ips.clone()),
                 endpoint: peer.endpoint,
-            }),
+            })),
             Op::RemovePeer(key(3)),
         ];
         let req = encode_set(&ops).unwrap();
@@ -770,10 +782,10 @@ mod tests {
 
     #[test]
     fn set_request_debug_hides_secrets() {
-        let ops = [Op::ConfigureDevice(DeviceChange {
+        let ops = [Op::ConfigureDevice(Box::new(DeviceChange {
             private_key: Some(SecretKey::new([0xab; 32])),
             ..DeviceChange::default()
-        })];
+        }))];
         let req = encode_set(&ops).unwrap();
         let shown = format!("{req:?}");
         assert!(!shown.contains("abab"), "{shown}");
@@ -936,14 +948,14 @@ errno=0
         peer.preshared_key = Some(SecretKey::new([8; 32]));
         peer.persistent_keepalive = 15;
         peer.endpoint = Some("192.0.2.9:51820".parse().unwrap());
-        let req = encode_set(&[Op::AddPeer(peer.clone())]).unwrap();
+        let req = encode_set(&[Op::AddPeer(std::sync::Arc::new(peer.clone()))]).unwrap();
         let body = text(&req)
             .trim_start_matches("set=1\n")
             .replace("replace_allowed_ips=true\n", "")
             .trim_end()
             .to_string();
         let d = parse_get(&format!("{body}\nerrno=0\n\n")).unwrap();
-        assert_eq!(d.peers[&key(9)].config, peer);
+        assert_eq!(d.peers[&key(9)].config, std::sync::Arc::new(peer));
     }
 
     #[test]
@@ -955,12 +967,12 @@ errno=0
         chatty.preshared_key = Some(SecretKey::new([0xab; 32]));
         let kicks = [
             Kick {
-                peer: quiet,
+                peer: std::sync::Arc::new(quiet),
                 endpoint: "198.51.100.1:40001".parse().unwrap(),
                 recreate: false,
             },
             Kick {
-                peer: chatty,
+                peer: std::sync::Arc::new(chatty),
                 endpoint: "[2001:db8::2]:40002".parse().unwrap(),
                 recreate: true,
             },

@@ -98,8 +98,16 @@ impl DeviceSink for Refresh<'_> {
         let model = &mut *self.model;
         let device = &mut model.observed.device;
         if let Some(held) = device.peers.get_mut(&key) {
+            if held.config == peer.config {
+                // The usual case: counters and handshake. The settings stay the ones the
+                // model holds (shared with the desired peer, not a copy per read).
+                held.rx_bytes = peer.rx_bytes;
+                held.tx_bytes = peer.tx_bytes;
+                held.last_handshake = peer.last_handshake;
+                return;
+            }
             if held.config.allowed_ips == peer.config.allowed_ips {
-                // The usual case: counters, handshake, endpoint; the index is unchanged.
+                // The endpoint or another setting moved; the index is unchanged.
                 *held = peer;
                 return;
             }

@@ -22,7 +22,7 @@ fn reference(observed: &mut Observed, plan: &Plan) {
                     claim_by_scan(&mut observed.device, &update.public_key, ips);
                 }
                 if let Some(peer) = observed.device.peers.get_mut(&update.public_key) {
-                    update_config(&mut peer.config, update);
+                    update_config(Arc::make_mut(&mut peer.config), update);
                 }
             }
             Op::RemovePeer(key) => {
@@ -44,7 +44,9 @@ fn reference(observed: &mut Observed, plan: &Plan) {
 fn claim_by_scan(device: &mut DeviceState, owner: &Key, ips: &AllowedIps) {
     for (key, peer) in device.peers.iter_mut() {
         if key != owner {
-            peer.config.allowed_ips.retain(|ip| !ips.contains(ip));
+            Arc::make_mut(&mut peer.config)
+                .allowed_ips
+                .retain(|ip| !ips.contains(ip));
         }
     }
 }
@@ -80,21 +82,21 @@ fn arb_spec() -> impl Strategy<Value = PeerSpec> {
 
 fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => arb_spec().prop_map(Op::AddPeer),
+        4 => arb_spec().prop_map(|s| Op::AddPeer(s.into())),
         4 => (0u8..8, proptest::option::of(arb_ips()), proptest::option::of(0u16..30)).prop_map(
-            |(k, ips, ka)| Op::UpdatePeer(PeerUpdate {
+            |(k, ips, ka)| Op::UpdatePeer(Box::new(PeerUpdate {
                 public_key: key(k),
                 preshared_key: None,
                 persistent_keepalive: ka,
                 allowed_ips: ips,
                 endpoint: None,
-            })
+            }))
         ),
         2 => (0u8..8).prop_map(|k| Op::RemovePeer(key(k))),
         1 => Just(Op::CreateLink),
         1 => Just(Op::SetLinkUp),
         1 => (1280u32..1500).prop_map(Op::SetMtu),
-        1 => Just(Op::ConfigureDevice(DeviceChange { fwmark: Some(3), ..DeviceChange::default() })),
+        1 => Just(Op::ConfigureDevice(Box::new(DeviceChange { fwmark: Some(3), ..DeviceChange::default() }))),
     ]
 }
 
@@ -176,7 +178,7 @@ fn desired(peers: &[(u8, &[&str])]) -> Desired {
             .iter()
             .map(|(n, ips)| {
                 let ips: Vec<IpNet> = ips.iter().map(|s| s.parse().unwrap()).collect();
-                (key(*n), PeerSpec::new(key(*n), ips))
+                (key(*n), PeerSpec::new(key(*n), ips).into())
             })
             .collect(),
     }
@@ -238,13 +240,13 @@ fn a_claimed_ip_leaves_its_old_owner() {
 fn an_update_of_an_absent_peer_frees_its_ips() {
     let mut model = KernelModel::default();
     model.apply(&plan(&desired(&[(1, &["10.0.0.2/32"])]), &model));
-    let update = Op::UpdatePeer(PeerUpdate {
+    let update = Op::UpdatePeer(Box::new(PeerUpdate {
         public_key: key(9),
         preshared_key: None,
         persistent_keepalive: None,
         allowed_ips: Some(["10.0.0.2/32".parse().unwrap()].into()),
         endpoint: None,
-    });
+    }));
     model.apply(&Plan {
         steps: vec![Step {
             op: update,
@@ -254,4 +256,47 @@ fn an_update_of_an_absent_peer_frees_its_ips() {
     assert!(model.device.peers[&key(1)].config.allowed_ips.is_empty());
     assert!(!model.device.peers.contains_key(&key(9)));
     assert!(model.owners.is_empty(), "{:?}", model.owners);
+}
+
+/// The model holds the desired peers themselves, not copies: after a cold apply, after a
+/// read that finds the same settings, and (with [`KernelModel::share`]) after an update.
+#[test]
+fn the_model_shares_the_desired_peers() {
+    let want = desired(&[(1, &["10.0.0.2/32"]), (2, &["10.0.0.3/32"])]);
+    let shared = |model: &KernelModel, n: u8| {
+        Arc::ptr_eq(&model.device.peers[&key(n)].config, &want.peers[&key(n)])
+    };
+    let mut model = KernelModel::default();
+    model.apply(&plan(&want, &model));
+    assert!(
+        shared(&model, 1) && shared(&model, 2),
+        "a cold apply shares"
+    );
+
+    // A read brings its own copies of the same settings, and traffic.
+    let mut read = Observed::clone(&model);
+    for p in read.device.peers.values_mut() {
+        p.config = Arc::new(PeerSpec::clone(&p.config));
+        p.rx_bytes = 7;
+    }
+    model.refresh_with(read);
+    assert!(
+        shared(&model, 1) && shared(&model, 2),
+        "a read keeps them shared"
+    );
+    assert_eq!(model.device.peers[&key(1)].rx_bytes, 7);
+
+    // An update gives the model its own copy; `share` gives it up.
+    let mut next = want.clone();
+    Arc::make_mut(next.peers.get_mut(&key(1)).unwrap()).persistent_keepalive = 25;
+    let p = plan(&next, &model);
+    model.apply(&p);
+    let peer = &model.device.peers[&key(1)].config;
+    assert!(!Arc::ptr_eq(peer, &next.peers[&key(1)]));
+    model.share(&next, [key(1), key(2), key(9)].iter());
+    assert!(Arc::ptr_eq(
+        &model.device.peers[&key(1)].config,
+        &next.peers[&key(1)]
+    ));
+    assert!(plan(&next, &model).is_empty());
 }
