@@ -29,7 +29,7 @@ use gatehouse_proto::v1;
 const ROUNDS: u64 = 2_000;
 
 fn held(peers: u32) -> Held {
-    match on_snapshot(&v1::Snapshot {
+    match on_snapshot(v1::Snapshot {
         revision: 1,
         location: Some(scale::location_of(peers)),
     }) {

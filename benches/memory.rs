@@ -111,19 +111,20 @@ fn read_peak(model: &mut KernelModel, whole: bool) -> usize {
 /// tracker, a read parsed whole beside the model, a read into the model in place, the model
 /// after a cold apply).
 fn measure(peers: u32) -> [usize; 9] {
+    let base = live();
     let snapshot = v1::Snapshot {
         revision: 1,
         location: Some(location(peers)),
     };
-    let base = live();
-    PEAK.store(base, Ordering::Relaxed);
-    let held: Held = match on_snapshot(&snapshot) {
+    // The peak above the message: `on_snapshot` takes it and drops it once checked.
+    let with_message = live();
+    PEAK.store(with_message, Ordering::Relaxed);
+    let held: Held = match on_snapshot(snapshot) {
         Update::Accept(h) => *h,
         other => panic!("{other:?}"),
     };
-    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let peak = PEAK.load(Ordering::Relaxed) - with_message;
     let held_bytes = live() - base;
-    drop(snapshot);
 
     let base = live();
     let desired = held.valid.desired.clone();

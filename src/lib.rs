@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod firewall;
 pub mod ha;
+pub mod heap;
 // Runs hook commands under a deadline (its tests poll for the killed children).
 #[allow(clippy::disallowed_methods)]
 pub mod hooks;

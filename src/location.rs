@@ -19,9 +19,7 @@ use gatehouse_proto::v1;
 use gatehouse_validate::index::{CheckedDelta, LocationIndex};
 
 use crate::model::Key;
-use crate::validate::{
-    interface_spec, mfa_policy, peer_spec, validate_location, Rejection, ValidLocation,
-};
+use crate::validate::{interface_spec, mfa_policy, peer_spec, Rejection, ValidLocation};
 
 /// A revision of the location that passed validation. `Debug` shows no key material.
 ///
@@ -82,6 +80,37 @@ impl Held {
             valid,
             index,
         }
+    }
+
+    /// Validates `location` into a held revision. Once checked, the message is dropped
+    /// (its peer order and firewall policy kept) before the held form is built: the two
+    /// are never held side by side. A rejected location comes back with its rejections.
+    pub fn validate(
+        revision: u64,
+        mut location: v1::Location,
+    ) -> Result<Held, (Vec<Rejection>, Box<v1::Location>)> {
+        let checked = match gatehouse_validate::validate_location(&location) {
+            Ok(checked) => checked,
+            Err(rejections) => return Err((rejections, Box::new(location))),
+        };
+        let mfa = match mfa_policy(checked.mfa_enabled, checked.mfa_threshold_secs) {
+            Ok(mfa) => mfa,
+            Err(rejections) => return Err((rejections, Box::new(location))),
+        };
+        let order: Vec<Key> = location
+            .peers
+            .iter()
+            .filter_map(|p| Key::from_slice(&p.public_key))
+            .collect();
+        let firewall = location.firewall.take();
+        drop(location);
+        let valid = ValidLocation::from_checked(checked, mfa, firewall);
+        let index = index_in(order.into_iter(), &valid);
+        Ok(Held {
+            revision,
+            valid,
+            index,
+        })
     }
 
     /// The location as the Core sent it (the same content; peers in the held order): what
@@ -167,11 +196,17 @@ impl Held {
 
 /// The index of a valid location (O(N log N)).
 fn index_of(location: &v1::Location, valid: &ValidLocation) -> LocationIndex {
+    let order = location
+        .peers
+        .iter()
+        .filter_map(|p| Key::from_slice(&p.public_key));
+    index_in(order, valid)
+}
+
+/// The index of a valid location whose peers are listed in `order`.
+fn index_in(order: impl Iterator<Item = Key>, valid: &ValidLocation) -> LocationIndex {
     let desired = &valid.desired;
-    let peers = location.peers.iter().filter_map(|p| {
-        let key = Key::from_slice(&p.public_key)?;
-        Some((key.0, &desired.peers.get(&key)?.allowed_ips))
-    });
+    let peers = order.filter_map(|key| Some((key.0, &desired.peers.get(&key)?.allowed_ips)));
     LocationIndex::new(
         desired.interface.private_key.public_key().0,
         &desired.interface.addresses,
@@ -189,9 +224,9 @@ pub fn listed_keys(location: &v1::Location) -> BTreeSet<Key> {
         .collect()
 }
 
-/// Accepts or rejects a snapshot.
-pub fn on_snapshot(snapshot: &v1::Snapshot) -> Update {
-    let Some(location) = &snapshot.location else {
+/// Accepts or rejects a snapshot (taken, so that it is dropped as soon as it is checked).
+pub fn on_snapshot(snapshot: v1::Snapshot) -> Update {
+    let Some(location) = snapshot.location else {
         return Update::Reject {
             revision: snapshot.revision,
             rejections: vec![Rejection::new("location", "missing")],
@@ -418,12 +453,12 @@ impl Run {
     }
 }
 
-fn accept(revision: u64, location: &v1::Location) -> Update {
-    match validate_location(location) {
-        Ok(valid) => Update::Accept(Box::new(Held::of(revision, location, valid))),
-        Err(rejections) => Update::Reject {
+fn accept(revision: u64, location: v1::Location) -> Update {
+    match Held::validate(revision, location) {
+        Ok(held) => Update::Accept(Box::new(held)),
+        Err((rejections, location)) => Update::Reject {
             revision,
-            listed: Some(listed_keys(location)),
+            listed: Some(listed_keys(&location)),
             rejections,
         },
     }
@@ -465,7 +500,7 @@ mod tests {
     }
 
     fn held_as(rev: u64, location: v1::Location) -> Held {
-        match on_snapshot(&v1::Snapshot {
+        match on_snapshot(v1::Snapshot {
             revision: rev,
             location: Some(location),
         }) {
@@ -633,7 +668,7 @@ mod tests {
         // A snapshot with invalid content lists its peers; one without a location, none.
         let mut bad = base();
         bad.peers = vec![peer(3, "10.0.0.3/32"), peer(9, "0.0.0.300/32")];
-        let Update::Reject { listed, .. } = on_snapshot(&v1::Snapshot {
+        let Update::Reject { listed, .. } = on_snapshot(v1::Snapshot {
             revision: 6,
             location: Some(bad),
         }) else {
@@ -643,7 +678,7 @@ mod tests {
             listed.unwrap().into_iter().collect::<Vec<_>>(),
             vec![Key([3; 32]), Key([9; 32])]
         );
-        let Update::Reject { listed, .. } = on_snapshot(&v1::Snapshot {
+        let Update::Reject { listed, .. } = on_snapshot(v1::Snapshot {
             revision: 6,
             location: None,
         }) else {

@@ -8,6 +8,7 @@ use gatehouse::app;
 use gatehouse::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
+    gatehouse::heap::one_arena();
     let cli = Cli::parse();
     let env: BTreeMap<String, String> = std::env::vars().collect();
     // Capabilities are per thread: raised before the runtime starts its worker threads.

@@ -130,7 +130,27 @@ impl fmt::Display for Reason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
     pub op: Op,
+    /// The reasons besides the one a peer's addition or removal carries in itself: all of
+    /// them are [`Step::why`].
     pub reasons: Vec<Reason>,
+}
+
+impl Step {
+    /// Why the step exists: a peer added or removed (made from the operation, so a plan of
+    /// N additions holds no reason per peer), then each stored reason.
+    pub fn why(&self) -> impl Iterator<Item = Reason> + '_ {
+        let implied = match &self.op {
+            Op::AddPeer(p) => Some(reason(
+                Subject::Peer(p.public_key),
+                "peer",
+                "absent",
+                "present",
+            )),
+            Op::RemovePeer(k) => Some(reason(Subject::Peer(*k), "peer", "present", "absent")),
+            _ => None,
+        };
+        implied.into_iter().chain(self.reasons.iter().cloned())
+    }
 }
 
 /// Operations in the order they must run: link, addresses, peer removals (which free
@@ -383,18 +403,20 @@ impl<F: Fn(&Key) -> bool> Wanted<'_, F> {
     }
 }
 
+/// A removal; its reason is the operation's own ([`Step::why`]).
 fn removal(key: &Key) -> Step {
-    step(
-        Op::RemovePeer(*key),
-        reason(Subject::Peer(*key), "peer", "present", "absent"),
-    )
+    Step {
+        op: Op::RemovePeer(*key),
+        reasons: Vec::new(),
+    }
 }
 
+/// An addition of the desired peer itself; its reason is the operation's own.
 fn addition(want: &Arc<PeerSpec>) -> Step {
-    step(
-        Op::AddPeer(Arc::clone(want)),
-        reason(Subject::Peer(want.public_key), "peer", "absent", "present"),
-    )
+    Step {
+        op: Op::AddPeer(Arc::clone(want)),
+        reasons: Vec::new(),
+    }
 }
 
 /// The link steps, which come first in a plan.
@@ -499,18 +521,21 @@ fn plan_peers<F: Fn(&Key) -> bool>(
             steps.push(removal(key));
         }
     }
-    let mut additions = Vec::new();
+    let mut added = 0;
     for (key, want) in wanted.iter() {
         match device.peers.get(key) {
-            None => additions.push(addition(want)),
-            Some(have) => {
-                if let Some(update) = peer_update(want, &have.config) {
-                    steps.push(update);
-                }
-            }
+            None => added += 1,
+            Some(have) => steps.extend(peer_update(want, &have.config)),
         }
     }
-    steps.extend(additions);
+    // The additions (all of a cold apply) in a vector of their size, and the device
+    // step after them: no doubling, no second list.
+    steps.reserve_exact(added + 1);
+    for (key, want) in wanted.iter() {
+        if !device.peers.contains_key(key) {
+            steps.push(addition(want));
+        }
+    }
 }
 
 fn peer_update(want: &PeerSpec, have: &PeerSpec) -> Option<Step> {

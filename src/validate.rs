@@ -147,23 +147,43 @@ impl ValidLocation {
 pub fn validate_location(loc: &v1::Location) -> Result<ValidLocation, Vec<Rejection>> {
     let checked = rules::validate_location(loc)?;
     let mfa = mfa_policy(checked.mfa_enabled, checked.mfa_threshold_secs)?;
-    // Collected from sorted input, the maps are built with full nodes (inserting one by one
-    // leaves them half full: about twice the memory per peer).
-    // (`Extend`, as `unzip` uses, inserts one by one.)
-    let specs = || checked.peers.values().map(peer_spec);
-    let peers: BTreeMap<_, _> = specs().map(|(s, _)| (s.public_key, Arc::new(s))).collect();
-    let meta: BTreeMap<_, _> = specs().map(|(s, m)| (s.public_key, m)).collect();
-    Ok(ValidLocation {
-        id: checked.id,
-        name: checked.name,
-        desired: Desired {
-            interface: interface_spec(&checked.interface),
-            peers,
-        },
-        meta,
+    Ok(ValidLocation::from_checked(
+        checked,
         mfa,
-        firewall: loc.firewall.clone(),
-    })
+        loc.firewall.clone(),
+    ))
+}
+
+impl ValidLocation {
+    /// The agent's form of a checked location (its MFA policy already made of it), taking
+    /// the checked peers one at a time.
+    pub fn from_checked(
+        checked: rules::CheckedLocation,
+        mfa: MfaPolicy,
+        firewall: Option<v1::FirewallPolicy>,
+    ) -> Self {
+        let interface = interface_spec(&checked.interface);
+        let mut peers = Vec::with_capacity(checked.peers.len());
+        let mut meta = Vec::with_capacity(checked.peers.len());
+        for p in checked.peers {
+            let (spec, m) = peer_spec(&p);
+            meta.push((spec.public_key, m));
+            peers.push((spec.public_key, Arc::new(spec)));
+        }
+        // Collected from sorted input, the maps are built with full nodes (inserting one by
+        // one leaves them half full: about twice the memory per peer).
+        ValidLocation {
+            id: checked.id,
+            name: checked.name,
+            desired: Desired {
+                interface,
+                peers: peers.into_iter().collect(),
+            },
+            meta: meta.into_iter().collect(),
+            mfa,
+            firewall,
+        }
+    }
 }
 
 /// The MFA policy of checked settings.

@@ -61,9 +61,21 @@ pub struct CheckedLocation {
     pub id: u64,
     pub name: String,
     pub interface: CheckedInterface,
-    pub peers: BTreeMap<[u8; 32], CheckedPeer>,
+    /// The peers, sorted by public key (each once): a vector, so that checking a large
+    /// location holds each peer once and in exactly its size (see [`CheckedLocation::peer`]).
+    pub peers: Vec<CheckedPeer>,
     pub mfa_enabled: bool,
     pub mfa_threshold_secs: u32,
+}
+
+impl CheckedLocation {
+    /// The peer of `key` (O(log N)).
+    pub fn peer(&self, key: &[u8; 32]) -> Option<&CheckedPeer> {
+        self.peers
+            .binary_search_by(|p| p.public_key.cmp(key))
+            .ok()
+            .map(|i| &self.peers[i])
+    }
 }
 
 /// Validates a whole location; all problems are reported, not just the first.
@@ -84,12 +96,16 @@ pub fn validate_location(loc: &v1::Location) -> Result<CheckedLocation, Vec<Reje
     let (Some(interface), Some(threshold)) = (c.interface, threshold) else {
         return Err(vec![Rejection::new("interface", "missing")]);
     };
-    let mut peers = BTreeMap::new();
-    for (i, p) in c.peers.into_iter().enumerate() {
-        if let (true, Some(p)) = (valid.contains(&i), p) {
-            peers.insert(p.public_key, p);
-        }
-    }
+    // Kept in their own vector (collected in place) and sorted in place (an unstable sort
+    // takes no scratch memory). A valid location names each key once (a repeated key is
+    // rejected), so the order among equal keys does not matter.
+    let mut peers: Vec<CheckedPeer> = c
+        .peers
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.filter(|_| valid.contains(&i)))
+        .collect();
+    peers.sort_unstable_by_key(|p| p.public_key);
     Ok(CheckedLocation {
         id: loc.id,
         name: loc.name.clone(),
@@ -401,8 +417,7 @@ mod tests {
             validate_location(&location(vec![peer(2, &["10.0.0.7/32", "10.0.0.5/32"])])).unwrap();
         let ips: Vec<String> = ok
             .peers
-            .values()
-            .next()
+            .first()
             .unwrap()
             .allowed_ips
             .iter()

@@ -177,7 +177,7 @@ fn build(interface: pb::Interface, peers: Vec<pb::Peer>) -> Held {
     };
     let listed = order.iter().filter_map(|k| {
         let k = rules::keys::key32(k).ok()?;
-        checked.peers.get(&k).map(|p| (k, &p.allowed_ips))
+        checked.peer(&k).map(|p| (k, &p.allowed_ips))
     });
     Held::Index(LocationIndex::new(
         checked.interface.public_key,

@@ -128,7 +128,7 @@ impl Machine {
                     peers = snapshot.location.as_ref().map_or(0, |l| l.peers.len()),
                     "snapshot from the Core"
                 );
-                location::on_snapshot(&snapshot)
+                location::on_snapshot(snapshot)
             }
             Some(Kind::Delta(delta)) => {
                 // Taken together with the deltas queued behind it (see `flush_deltas`).

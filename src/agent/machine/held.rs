@@ -5,7 +5,6 @@ use gatehouse_proto::v1;
 use tracing::warn;
 
 use crate::location::Held;
-use crate::validate::validate_location;
 
 /// The held location's firewall policy (None without a location or a policy).
 pub(super) fn firewall_policy(held: Option<&Held>) -> Option<v1::FirewallPolicy> {
@@ -26,9 +25,9 @@ pub(super) fn restore(revision: u64, bytes: &[u8]) -> Option<Held> {
             return None;
         }
     };
-    match validate_location(&location) {
-        Ok(valid) => Some(Held::new(revision, location, valid)),
-        Err(rejections) => {
+    match Held::validate(revision, location) {
+        Ok(held) => Some(held),
+        Err((rejections, _)) => {
             warn!(
                 first = %rejections[0],
                 "state file: the saved location is invalid; waiting for the Core"

@@ -791,7 +791,7 @@ fn log_plan(trigger: &str, plan: &Plan, summary: PlanSummary, quiet: bool) {
     }
     let each = plan.len() <= LOG_EACH_STEP_UP_TO;
     for step in &plan.steps {
-        for r in &step.reasons {
+        for r in step.why() {
             if each {
                 info!(trigger, subject = %r.subject, field = r.field, old = %r.old, new = %r.new, "apply");
             } else {

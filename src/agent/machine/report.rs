@@ -152,8 +152,7 @@ impl Machine {
                     .steps
                     .iter()
                     .map(|s| {
-                        let reasons: Vec<String> =
-                            s.reasons.iter().map(|r| r.to_string()).collect();
+                        let reasons: Vec<String> = s.why().map(|r| r.to_string()).collect();
                         reasons.join("; ")
                     })
                     .collect(),
