@@ -18,6 +18,7 @@ pub mod agent;
 pub mod app;
 pub mod backend;
 pub mod backoff;
+pub mod btree;
 pub mod caps;
 pub mod cli;
 pub mod config;

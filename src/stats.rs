@@ -165,6 +165,12 @@ impl Epochs {
         epoch
     }
 
+    /// After a run of [`Epochs::start`] (the peers of one apply, in key order): a run that
+    /// made most of the map (a cold apply) rebuilds it with full nodes.
+    pub fn started(&mut self, count: usize) {
+        crate::btree::compact_after(&mut self.by_key, count);
+    }
+
     /// Sets the epoch of `key` to a known value.
     pub fn insert(&mut self, key: Key, epoch: NonZeroU64) {
         self.by_key.insert(key, epoch.get());

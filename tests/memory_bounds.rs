@@ -122,6 +122,26 @@ fn accepting_a_snapshot_drops_the_message_once_checked() {
     );
 }
 
+/// The counter epochs of a cold apply's peers (started in key order) end in a map with
+/// full nodes: under 60 bytes a peer (left half full, about 80).
+#[test]
+fn the_epochs_of_a_cold_apply_are_compact() {
+    use rand::SeedableRng as _;
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let (epochs, bytes) = kept_by(|| {
+        let mut epochs = Epochs::new();
+        for i in 0..N {
+            epochs.start(key(i), &mut rng);
+        }
+        epochs.started(N as usize);
+        epochs
+    });
+    assert_eq!(epochs.len(), N as usize);
+    let per_peer = bytes / N as usize;
+    assert!(per_peer < 60, "{per_peer} bytes per peer");
+}
+
 #[test]
 fn the_full_save_streams_the_state_to_the_file() {
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());

@@ -26,6 +26,7 @@ mod refresh;
 pub use refresh::Refresh;
 
 use super::{update_config, Op, Plan};
+use crate::btree::compact;
 use crate::model::{AllowedIps, Desired, DeviceState, Key, LinkState, Observed, PeerState};
 
 /// Who holds each allowed IP.
@@ -223,19 +224,6 @@ fn release(owners: &mut Owners, key: &Key, ips: &AllowedIps) {
             owners.remove(ip);
         }
     }
-}
-
-/// Rebuilds `map` with full nodes: `append` onto a map that is not empty pushes the merged
-/// entries in order, filling each node before the next, and frees the old nodes as it
-/// passes them (onto an empty map it would only swap the two).
-fn compact<K: Ord, V>(map: &mut BTreeMap<K, V>) {
-    let Some((k, v)) = map.pop_first() else {
-        return;
-    };
-    let mut full = BTreeMap::new();
-    full.insert(k, v);
-    full.append(map);
-    *map = full;
 }
 
 fn link_mut(observed: &mut Observed) -> &mut LinkState {

@@ -542,6 +542,7 @@ impl Machine {
                 started.insert(spec.public_key, epoch);
             }
         }
+        self.epochs.started(started.len());
         let ctx = ApplyCtx {
             trigger,
             plan,
