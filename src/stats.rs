@@ -36,20 +36,27 @@ impl StatsTracker {
     /// Call [`reset`](Self::reset) when a report could not be sent.
     pub fn changed(&mut self, peers: &BTreeMap<Key, PeerState>, epochs: &Epochs) -> Vec<PeerStats> {
         self.last.retain(|k, _| peers.contains_key(k));
-        let mut out = Vec::new();
         let first = peers.keys().filter(|k| !self.last.contains_key(k));
         let mut first = Vec::with_capacity(KeyedVec::<Reported>::room_for(first.count()));
+        // The changed peers first, then their reports in a vector of exactly their number
+        // (a report of every peer grown by doubling held up to twice its room).
+        let mut changed = Vec::new();
         for (key, peer) in peers {
-            let epoch = epochs.get(key);
-            let now = Reported::of(peer, epoch);
+            let now = Reported::of(peer, epochs.get(key));
             match self.last.get_mut(key) {
                 Some(last) if *last == now => continue,
                 Some(last) => *last = now,
                 None => first.push((*key, Some(now))),
             }
-            out.push(peer_stats(key, peer, epoch));
+            changed.push((key, peer));
         }
         self.last.merge(first);
+        let mut out = Vec::with_capacity(changed.len());
+        out.extend(
+            changed
+                .into_iter()
+                .map(|(key, peer)| peer_stats(key, peer, epochs.get(key))),
+        );
         out
     }
 
