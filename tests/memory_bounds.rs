@@ -251,12 +251,15 @@ fn the_trackers_keep_a_fixed_size_record_per_peer() {
         bytes / n
     );
 
-    // The first report, split into messages: held about once while it is split.
+    // The first report (a vector of exactly its peers), split into messages: held about
+    // once while it is split (the batches' room and the report's shrinking add under two
+    // thirds of it; a split that kept the report to the end would add all of it).
     let (report, report_bytes) = kept_by(|| StatsTracker::new().changed(&peers, &epochs));
+    assert_eq!(report.capacity(), report.len());
     let (messages, peak) = peak_during(|| batches(report, wall(), 256 * 1024));
     assert!(messages.len() > 4);
     assert!(
-        peak < report_bytes / 2,
+        peak * 3 < report_bytes * 2,
         "splitting a report of {report_bytes} bytes added {peak} at its peak"
     );
     drop((mfa, book, stats, messages));
