@@ -31,7 +31,7 @@ fn base() -> Held {
             mfa: None,
         }),
     };
-    match on_snapshot(&snapshot) {
+    match on_snapshot(snapshot) {
         Update::Accept(h) => *h,
         other => panic!("the base location is valid: {other:?}"),
     }
@@ -78,7 +78,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     match msg.kind {
-        Some(Kind::Snapshot(s)) => check(on_snapshot(&s)),
+        Some(Kind::Snapshot(s)) => check(on_snapshot(s)),
         Some(Kind::Delta(d)) => check_delta(&d),
         _ => {}
     }
