@@ -1,6 +1,6 @@
 //! Peer statistics for the Core: which peers changed since the last report on this
-//! stream ([`StatsTracker`]), how to split a report into size-bounded `Stats` messages
-//! ([`batches`]), and the per-peer counter epochs that let the Core keep exact totals
+//! stream ([`StatsTracker`]), a report that splits into size-bounded `Stats` messages as
+//! the transport takes them ([`Report`]), and the per-peer counter epochs that let the Core keep exact totals
 //! across counter resets ([`Epochs`], see the `Stats` message in the proto).
 //!
 //! Pure: the caller reads the interface and sends the messages.
@@ -8,14 +8,16 @@
 use std::collections::BTreeMap;
 use std::hash::{Hash as _, Hasher as _};
 use std::num::NonZeroU64;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use gatehouse_proto::v1::{PeerStats, Stats};
+use gatehouse_proto::MAX_STATS_PEERS;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 use crate::keyed::KeyedVec;
-use crate::model::{Key, PeerState};
+use crate::model::{Key, PeerSpec, PeerState};
 use crate::state::codec::{self, unix_ms};
 
 /// What was last reported per peer on the current stream: a fingerprint per peer, in a
@@ -34,12 +36,16 @@ impl StatsTracker {
     /// differ from what was last reported, in key order, and records them as reported.
     /// Peers no longer on the interface are forgotten (if one comes back it is reported).
     /// Call [`reset`](Self::reset) when a report could not be sent.
-    pub fn changed(&mut self, peers: &BTreeMap<Key, PeerState>, epochs: &Epochs) -> Vec<PeerStats> {
+    pub fn changed(
+        &mut self,
+        peers: &BTreeMap<Key, PeerState>,
+        epochs: &Epochs,
+    ) -> Vec<PeerReading> {
         self.last.retain(|k, _| peers.contains_key(k));
         let first = peers.keys().filter(|k| !self.last.contains_key(k));
         let mut first = Vec::with_capacity(KeyedVec::<Reported>::room_for(first.count()));
-        // The changed peers first, then their reports in a vector of exactly their number
-        // (a report of every peer grown by doubling held up to twice its room).
+        // The changed peers first, then their readings in a vector of exactly their
+        // number (a report of every peer grown by doubling held up to twice its room).
         let mut changed = Vec::new();
         for (key, peer) in peers {
             let now = Reported::of(peer, epochs.get(key));
@@ -55,7 +61,7 @@ impl StatsTracker {
         out.extend(
             changed
                 .into_iter()
-                .map(|(key, peer)| peer_stats(key, peer, epochs.get(key))),
+                .map(|(key, peer)| PeerReading::of(peer, epochs.get(key))),
         );
         out
     }
@@ -71,80 +77,136 @@ impl StatsTracker {
     }
 }
 
-/// One peer's `PeerStats`.
-pub fn peer_stats(key: &Key, peer: &PeerState, counter_epoch: u64) -> PeerStats {
-    PeerStats {
-        public_key: key.0.to_vec(),
-        endpoint: peer
-            .config
-            .endpoint
-            .map(|e| e.to_string())
-            .unwrap_or_default(),
-        rx_bytes: peer.rx_bytes,
-        tx_bytes: peer.tx_bytes,
-        last_handshake_ms: peer.last_handshake.map_or(0, unix_ms),
-        counter_epoch,
-        allowed_ips: peer
-            .config
-            .allowed_ips
-            .iter()
-            .map(|n| n.to_string())
-            .collect(),
+/// One peer as a read found it, for a report: its settings shared with the model of the
+/// interface (they hold its key, endpoint and allowed IPs, and are never changed in
+/// place), its counters, its handshake and its counter epoch. 40 bytes, no allocation of
+/// its own: the report's wire form is built later, one message at a time ([`Report`]).
+#[derive(Clone)]
+pub struct PeerReading {
+    config: Arc<PeerSpec>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    last_handshake_ms: i64,
+    counter_epoch: u64,
+}
+
+impl PeerReading {
+    /// What `peer` reads now, with its counter epoch.
+    pub fn of(peer: &PeerState, counter_epoch: u64) -> Self {
+        PeerReading {
+            config: Arc::clone(&peer.config),
+            rx_bytes: peer.rx_bytes,
+            tx_bytes: peer.tx_bytes,
+            last_handshake_ms: peer.last_handshake.map_or(0, unix_ms),
+            counter_epoch,
+        }
+    }
+
+    /// The peer's `PeerStats`.
+    pub fn to_stats(&self) -> PeerStats {
+        let config = &self.config;
+        PeerStats {
+            public_key: config.public_key.0.to_vec(),
+            endpoint: config.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+            rx_bytes: self.rx_bytes,
+            tx_bytes: self.tx_bytes,
+            last_handshake_ms: self.last_handshake_ms,
+            counter_epoch: self.counter_epoch,
+            allowed_ips: config.allowed_ips.iter().map(|n| n.to_string()).collect(),
+        }
     }
 }
 
-/// Splits one report into `Stats` messages of at most `max_bytes` encoded bytes each
-/// (leave room for the `GatewayMessage` envelope, a few bytes), in order, with
-/// `more = true` on all but the last. A single peer larger than `max_bytes` travels
-/// alone. No peers: no messages.
+/// A stats report of one read, as the `Stats` messages it splits into: each of at most
+/// `max_bytes` encoded bytes (leave room for the `GatewayMessage` envelope, a few bytes)
+/// and [`MAX_STATS_PEERS`] peers, in key order, with `more = true` on all but the last. A
+/// single peer larger than `max_bytes` travels alone. No peers: no messages.
 ///
-/// The report is held about once: the peers leave `peers` as they join a batch, `peers`
-/// gives its room back at each batch's end, and a finished batch is cut to its size.
-pub fn batches(
-    mut peers: Vec<PeerStats>,
-    collected_at: SystemTime,
+/// The messages are built as they are taken (the transport takes the next one when it can
+/// send it): a report holds its readings, 40 bytes a peer, and at most one message in its
+/// wire form, however many peers it carries.
+pub struct Report {
+    collected_at_ms: i64,
     max_bytes: usize,
-) -> Vec<Stats> {
-    /// Room given back only when at least this many peers' places are free.
-    const SHRINK_AT: usize = 1024;
-    // Taken from the end: reversed first, so the order is kept.
-    peers.reverse();
-    let collected_at_ms = unix_ms(collected_at);
-    let empty = Stats {
-        collected_at_ms,
-        peers: Vec::new(),
-        more: true,
-    };
-    // Fixed part: the timestamp and the `more` flag, counted as set on every batch.
-    let fixed = empty.encoded_len();
-    let mut out = Vec::new();
-    let mut current = empty.clone();
-    let mut size = fixed;
-    while let Some(peer) = peers.pop() {
-        let len = peer.encoded_len();
-        // Field 2, length-delimited: one key byte, the length, the message.
-        let item =
-            prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(len as u64) + len;
-        if !current.peers.is_empty() && size + item > max_bytes {
-            let mut done = std::mem::replace(&mut current, empty.clone());
-            done.peers.shrink_to_fit();
-            out.push(done);
-            size = fixed;
-            if peers.capacity() - peers.len() >= SHRINK_AT {
-                peers.shrink_to_fit();
-            }
+    readings: std::vec::IntoIter<PeerReading>,
+    /// The first peer of the next message (it did not fit in the last one).
+    carry: Option<PeerStats>,
+}
+
+impl Report {
+    /// The report of `readings`, read at `collected_at`.
+    pub fn new(readings: Vec<PeerReading>, collected_at: SystemTime, max_bytes: usize) -> Self {
+        Report {
+            collected_at_ms: unix_ms(collected_at),
+            max_bytes,
+            readings: readings.into_iter(),
+            carry: None,
         }
-        current.peers.push(peer);
-        size += item;
     }
-    if !current.peers.is_empty() {
-        current.peers.shrink_to_fit();
-        out.push(current);
+
+    /// How many peers are still to be sent.
+    pub fn len(&self) -> usize {
+        self.readings.len() + usize::from(self.carry.is_some())
     }
-    if let Some(last) = out.last_mut() {
-        last.more = false;
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
-    out
+}
+
+impl Iterator for Report {
+    type Item = Stats;
+
+    fn next(&mut self) -> Option<Stats> {
+        let mut batch = Stats {
+            collected_at_ms: self.collected_at_ms,
+            peers: Vec::new(),
+            more: true,
+        };
+        // Fixed part: the timestamp and the `more` flag, counted as set.
+        let mut size = batch.encoded_len();
+        while batch.peers.len() < MAX_STATS_PEERS {
+            let Some(peer) = self
+                .carry
+                .take()
+                .or_else(|| self.readings.next().map(|r| r.to_stats()))
+            else {
+                break;
+            };
+            let len = peer.encoded_len();
+            // Field 2, length-delimited: one key byte, the length, the message.
+            let item =
+                prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(len as u64) + len;
+            if !batch.peers.is_empty() && size + item > self.max_bytes {
+                self.carry = Some(peer);
+                break;
+            }
+            batch.peers.push(peer);
+            size += item;
+        }
+        if batch.peers.is_empty() {
+            return None;
+        }
+        batch.more = !self.is_empty();
+        Some(batch)
+    }
+}
+
+/// Short: a report's size, not its peers (they carry keys).
+impl std::fmt::Debug for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Report")
+            .field("peers", &self.len())
+            .field("collected_at_ms", &self.collected_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Short: no key in a log line.
+impl std::fmt::Debug for PeerReading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerReading").finish_non_exhaustive()
+    }
 }
 
 /// Counter epochs by peer: a fresh random nonzero value when the agent adds a peer to the
@@ -264,6 +326,11 @@ mod tests {
             .collect()
     }
 
+    /// The report's peers in their wire form.
+    fn stats(readings: Vec<PeerReading>) -> Vec<PeerStats> {
+        readings.iter().map(PeerReading::to_stats).collect()
+    }
+
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
     }
@@ -296,8 +363,7 @@ mod tests {
             }
             expected.insert(key(i));
         }
-        let got: BTreeSet<Key> = t
-            .changed(&ps, &epochs)
+        let got: BTreeSet<Key> = stats(t.changed(&ps, &epochs))
             .iter()
             .map(|s| Key::from_slice(&s.public_key).unwrap())
             .collect();
@@ -313,7 +379,7 @@ mod tests {
         t.changed(&ps, &epochs);
         let ep: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
         std::sync::Arc::make_mut(&mut ps.get_mut(&key(1)).unwrap().config).endpoint = Some(ep);
-        let got = t.changed(&ps, &epochs);
+        let got = stats(t.changed(&ps, &epochs));
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].public_key, key(1).0.to_vec());
         assert_eq!(got[0].endpoint, "[2001:db8::1]:4000");
@@ -333,7 +399,7 @@ mod tests {
         std::sync::Arc::make_mut(&mut ps.get_mut(&key(2)).unwrap().config)
             .allowed_ips
             .insert(extra);
-        let got = t.changed(&ps, &epochs);
+        let got = stats(t.changed(&ps, &epochs));
         assert_eq!(got.len(), 1);
         assert_eq!(
             got[0].allowed_ips,
@@ -351,7 +417,7 @@ mod tests {
         // The peer was re-created with identical (zero) counters: new epoch.
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let e = epochs.start(key(0), &mut rng);
-        let got = t.changed(&ps, &epochs);
+        let got = stats(t.changed(&ps, &epochs));
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].counter_epoch, e);
         // Gone, then back: reported again.
@@ -368,7 +434,7 @@ mod tests {
         let mut t = StatsTracker::new();
         t.changed(&ps, &epochs);
         t.forget(&key(7));
-        let got = t.changed(&ps, &epochs);
+        let got = stats(t.changed(&ps, &epochs));
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].public_key, key(7).0.to_vec());
         t.reset();
@@ -381,7 +447,7 @@ mod tests {
         let epochs = Epochs::new();
         let all = StatsTracker::new().changed(&ps, &epochs);
         let max = 64 * 1024;
-        let out = batches(all.clone(), now(), max);
+        let out: Vec<Stats> = Report::new(all.clone(), now(), max).collect();
         assert!(out.len() > 1);
         for (i, b) in out.iter().enumerate() {
             assert!(b.encoded_len() <= max, "batch {i}: {}", b.encoded_len());
@@ -396,14 +462,14 @@ mod tests {
             assert!(grown.encoded_len() > max);
         }
         let flat: Vec<PeerStats> = out.into_iter().flat_map(|b| b.peers).collect();
-        assert_eq!(flat, all);
+        assert_eq!(flat, stats(all));
     }
 
     #[test]
     fn batches_are_exact_for_many_limits() {
         let all = StatsTracker::new().changed(&peers(200), &Epochs::new());
         for max in 200..=400 {
-            let out = batches(all.clone(), now(), max);
+            let out: Vec<Stats> = Report::new(all.clone(), now(), max).collect();
             for w in out.windows(2) {
                 assert!(w[0].encoded_len() <= max, "limit {max}");
                 let mut grown = w[0].clone();
@@ -418,16 +484,26 @@ mod tests {
 
     #[test]
     fn batches_edge_cases() {
-        assert!(batches(Vec::new(), now(), 1000).is_empty());
+        assert!(Report::new(Vec::new(), now(), 1000).next().is_none());
         let all = StatsTracker::new().changed(&peers(3), &Epochs::new());
         // A limit smaller than any peer: one peer per message, none lost.
-        let out = batches(all.clone(), now(), 10);
+        let out: Vec<Stats> = Report::new(all.clone(), now(), 10).collect();
         assert_eq!(out.len(), 3);
         assert_eq!(out.iter().filter(|b| b.more).count(), 2);
         // A generous limit: one message, not marked `more`.
-        let out = batches(all, now(), 1 << 20);
+        let out: Vec<Stats> = Report::new(all, now(), 1 << 20).collect();
         assert_eq!(out.len(), 1);
         assert!(!out[0].more);
+        // No limit on bytes: the protocol's limit on peers still splits.
+        let all = StatsTracker::new().changed(&peers(40_000), &Epochs::new());
+        let mut report = Report::new(all, now(), usize::MAX);
+        let first = report.next().unwrap();
+        assert_eq!(first.peers.len(), MAX_STATS_PEERS);
+        assert!(first.more);
+        assert_eq!(report.len(), 40_000 - MAX_STATS_PEERS);
+        let second = report.next().unwrap();
+        assert_eq!(second.peers.len(), 40_000 - MAX_STATS_PEERS);
+        assert!(!second.more && report.is_empty() && report.next().is_none());
     }
 
     #[test]

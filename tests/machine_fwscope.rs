@@ -283,6 +283,7 @@ impl Rig {
                 Action::Save => Outcome::Saved(Ok(())),
                 Action::Append(_) => Outcome::Appended(Ok(0)),
                 Action::Send { messages, .. } => Outcome::Sent(messages.len()),
+                Action::SendStats(_) => Outcome::Sent(1),
                 Action::Kick(_) => Outcome::Kicked(Ok(())),
                 Action::InstallSourceRoutes { .. } => Outcome::RoutesInstalled(Ok(0)),
                 Action::ClearSourceRoutes => Outcome::RoutesCleared(Ok(())),

@@ -13,7 +13,7 @@ use gatehouse::location::{on_snapshot, Held, Update};
 use gatehouse::mfa::{MfaTracker, PeerSample, Tombstones};
 use gatehouse::model::{Key, PeerSpec, PeerState};
 use gatehouse::state::{HaSaved, LocationText, SavedState, StateStore};
-use gatehouse::stats::{batches, Epochs, StatsTracker};
+use gatehouse::stats::{Epochs, Report, StatsTracker};
 use gatehouse::validate::validate_location;
 use gatehouse_proto::v1;
 
@@ -251,16 +251,28 @@ fn the_trackers_keep_a_fixed_size_record_per_peer() {
         bytes / n
     );
 
-    // The first report (a vector of exactly its peers), split into messages: held about
-    // once while it is split (the batches' room and the report's shrinking add under two
-    // thirds of it; a split that kept the report to the end would add all of it).
+    // The first report: a reading of every peer (40 bytes each, in a vector of exactly
+    // their number), its messages built one at a time as they are taken. Sending it holds
+    // one message at a time, however many peers the report carries: about 6 times its
+    // encoded size (a peer's `PeerStats` is about 3 times its encoding, and the message's
+    // vector grows by doubling). A report built whole added about 200 bytes a peer.
     let (report, report_bytes) = kept_by(|| StatsTracker::new().changed(&peers, &epochs));
     assert_eq!(report.capacity(), report.len());
-    let (messages, peak) = peak_during(|| batches(report, wall(), 256 * 1024));
-    assert!(messages.len() > 4);
     assert!(
-        peak * 3 < report_bytes * 2,
-        "splitting a report of {report_bytes} bytes added {peak} at its peak"
+        report_bytes <= n * 40,
+        "stats report: {} bytes per peer",
+        report_bytes / n
+    );
+    let max = 64 * 1024;
+    let (messages, peak) = peak_during(|| {
+        Report::new(report, wall(), max)
+            .map(|m| prost::Message::encoded_len(&m))
+            .collect::<Vec<_>>()
+    });
+    assert!(messages.len() > 10, "{} messages", messages.len());
+    assert!(
+        peak < 8 * max,
+        "sending a report in messages of {max} bytes added {peak} at its peak"
     );
     drop((mfa, book, stats, messages));
 }

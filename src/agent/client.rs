@@ -4,12 +4,12 @@
 //! jitter; HTTP/2 keepalive detects a dead Core. Owns no agent state: the `Hello` comes
 //! from the event loop, which owns everything.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use gatehouse_proto::v1::{self, gateway_service_client::GatewayServiceClient};
 use gatehouse_proto::MAX_MESSAGE_BYTES;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request};
@@ -17,9 +17,63 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::TokenSource;
+use crate::stats::Report;
 
 /// Messages queued towards the Core before the loop notices a slow stream.
 pub const OUTBOUND_QUEUE: usize = 4096;
+
+/// What the event loop queues towards the Core.
+pub enum Outgoing {
+    Message(v1::GatewayMessage),
+    /// A stats report: its `Stats` messages are built one at a time as the stream takes
+    /// them, so a report of every peer is never held in its wire form at once. The
+    /// `Arc` is held until the report is sent or dropped: the loop queues no report while
+    /// another is still on its way.
+    Stats(Report, Arc<()>),
+}
+
+/// Queues a stats report on the stream's queue, holding `held` until it is sent; false
+/// (not queued) when the Core is not keeping up: while the last report is still on its way
+/// (someone else holds `held`), or the queue is half full. Megabytes of stats are never
+/// queued behind a slow Core; the caller reports everything next time.
+pub fn queue_report(tx: &mpsc::Sender<Outgoing>, held: &Arc<()>, report: Report) -> bool {
+    if Arc::strong_count(held) > 1 || tx.capacity() < tx.max_capacity() / 2 {
+        return false;
+    }
+    match tx.try_send(Outgoing::Stats(report, Arc::clone(held))) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "cannot queue a stats report to the Core");
+            false
+        }
+    }
+}
+
+/// The request stream of one `Connect` call: the queued items, each report expanded into
+/// its messages when the transport asks for the next message.
+pub fn outgoing_stream(
+    rx: mpsc::Receiver<Outgoing>,
+) -> impl futures::Stream<Item = v1::GatewayMessage> + Send + 'static {
+    futures::stream::unfold((rx, None), |(mut rx, mut current)| async move {
+        loop {
+            if let Some((report, held)) = current.take() {
+                let mut report: Report = report;
+                if let Some(stats) = report.next() {
+                    let message = v1::GatewayMessage {
+                        kind: Some(v1::gateway_message::Kind::Stats(stats)),
+                    };
+                    // The last message taken: the report is sent (let go of `held`).
+                    let rest = (!report.is_empty()).then_some((report, held));
+                    return Some((message, (rx, rest)));
+                }
+            }
+            match rx.recv().await? {
+                Outgoing::Message(message) => return Some((message, (rx, None))),
+                Outgoing::Stats(report, held) => current = Some((report, held)),
+            }
+        }
+    })
+}
 
 /// How to reach the Core.
 #[derive(Clone)]
@@ -53,7 +107,7 @@ pub enum FromCore {
     HelloWanted(oneshot::Sender<v1::Hello>),
     /// A stream is open; `outbound` carries messages to the Core on it.
     Connected {
-        outbound: mpsc::Sender<v1::GatewayMessage>,
+        outbound: mpsc::Sender<Outgoing>,
     },
     Message(v1::CoreMessage),
     /// The stream ended or could not be opened; the next attempt comes after `retry_in`.
@@ -138,9 +192,9 @@ async fn session(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-    let first = v1::GatewayMessage {
+    let first = Outgoing::Message(v1::GatewayMessage {
         kind: Some(v1::gateway_message::Kind::Hello(hello)),
-    };
+    });
     if tx.send(first).await.is_err() {
         return Some(("outbound queue closed".into(), false));
     }
@@ -148,7 +202,7 @@ async fn session(
         Ok(t) => t,
         Err(e) => return Some((format!("cannot read the token: {e}"), true)),
     };
-    let mut request = Request::new(ReceiverStream::new(rx));
+    let mut request = Request::new(outgoing_stream(rx));
     match MetadataValue::try_from(format!("Bearer {}", token.expose())) {
         Ok(v) => {
             request.metadata_mut().insert("authorization", v);
@@ -266,5 +320,125 @@ pub fn message_kind(msg: &v1::CoreMessage) -> &'static str {
         Some(Kind::EventAck(_)) => "event_ack",
         Some(Kind::PeerActivity(_)) => "peer_activity",
         None => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::SystemTime;
+
+    use futures::StreamExt as _;
+
+    use super::*;
+    use crate::model::{Key, PeerSpec, PeerState};
+    use crate::stats::{Epochs, StatsTracker};
+
+    fn report(n: u32, max_bytes: usize) -> Report {
+        let peers: BTreeMap<Key, PeerState> = (0..n)
+            .map(|i| {
+                let mut k = [7u8; 32];
+                k[..4].copy_from_slice(&i.to_be_bytes());
+                let ip = format!("10.0.{}.{}/32", i >> 8, i & 255).parse().unwrap();
+                (Key(k), PeerState::fresh(PeerSpec::new(Key(k), [ip])))
+            })
+            .collect();
+        let readings = StatsTracker::new().changed(&peers, &Epochs::new());
+        Report::new(readings, SystemTime::UNIX_EPOCH, max_bytes)
+    }
+
+    fn hello() -> v1::GatewayMessage {
+        v1::GatewayMessage {
+            kind: Some(v1::gateway_message::Kind::Hello(v1::Hello::default())),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_is_expanded_as_the_stream_takes_it_in_queue_order() {
+        let (tx, rx) = mpsc::channel(8);
+        let held = Arc::new(());
+        let report = report(300, 1000);
+        let total = report.len();
+        tx.try_send(Outgoing::Message(hello())).unwrap();
+        tx.try_send(Outgoing::Stats(report, Arc::clone(&held)))
+            .unwrap();
+        tx.try_send(Outgoing::Message(hello())).unwrap();
+        let mut stream = Box::pin(outgoing_stream(rx));
+
+        let first = stream.next().await.unwrap();
+        assert!(matches!(
+            first.kind,
+            Some(v1::gateway_message::Kind::Hello(_))
+        ));
+        // One message of the report taken: the report is still on its way, the message
+        // behind it still queued.
+        let mut peers = 0;
+        let Some(v1::gateway_message::Kind::Stats(s)) = stream.next().await.unwrap().kind else {
+            panic!("the report's first message");
+        };
+        assert!(s.more && !s.peers.is_empty());
+        peers += s.peers.len();
+        assert_eq!(Arc::strong_count(&held), 2);
+        assert_eq!(tx.capacity(), 8 - 1);
+        let mut messages = 1;
+        loop {
+            let next = stream.next().await.unwrap();
+            match next.kind {
+                Some(v1::gateway_message::Kind::Stats(s)) => {
+                    peers += s.peers.len();
+                    messages += 1;
+                    if !s.more {
+                        break;
+                    }
+                }
+                _ => panic!("the report's messages come together"),
+            }
+        }
+        assert_eq!(peers, total);
+        assert!(messages > 2);
+        assert_eq!(Arc::strong_count(&held), 1, "the sent report is let go");
+        let last = stream.next().await.unwrap();
+        assert!(matches!(
+            last.kind,
+            Some(v1::gateway_message::Kind::Hello(_))
+        ));
+        drop(tx);
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn no_report_is_queued_behind_one_on_its_way_or_a_half_full_queue() {
+        let (tx, rx) = mpsc::channel(8);
+        let held = Arc::new(());
+        assert!(queue_report(&tx, &held, report(50, 1000)));
+        assert!(
+            !queue_report(&tx, &held, report(50, 1000)),
+            "one in the queue"
+        );
+        let mut stream = Box::pin(outgoing_stream(rx));
+        stream.next().await.unwrap();
+        assert!(
+            !queue_report(&tx, &held, report(50, 1000)),
+            "one being sent"
+        );
+        while Arc::strong_count(&held) > 1 {
+            let Some(v1::gateway_message::Kind::Stats(s)) = stream.next().await.unwrap().kind
+            else {
+                panic!("stats");
+            };
+            assert_eq!(Arc::strong_count(&held) == 1, !s.more);
+        }
+        assert!(
+            queue_report(&tx, &held, report(50, 1000)),
+            "the last one was sent"
+        );
+        stream.next().await.unwrap();
+        // A queue at least half full of other messages: no report.
+        let held = Arc::new(());
+        for _ in 0..5 {
+            tx.try_send(Outgoing::Message(hello())).unwrap();
+        }
+        assert!(!queue_report(&tx, &held, report(50, 1000)));
+        assert_eq!(Arc::strong_count(&held), 1);
     }
 }

@@ -2,6 +2,7 @@
 //! firewall kernel, the source routes, the hooks, the Core stream and the watch channels,
 //! and feeds the outcome back. It decides nothing.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use gatehouse_proto::v1;
@@ -9,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::client::FromCore;
+use super::client::{queue_report, FromCore, Outgoing};
 use super::firewall::FirewallStep;
 use super::machine::{Action, AppendError, Machine, Now, Outcome, SendMode};
 use super::status::Status;
@@ -19,6 +20,7 @@ use crate::ha::source::SourceRoutes;
 use crate::hooks::Hooks;
 use crate::http::DiffReport;
 use crate::state::StateStore;
+use crate::stats::Report;
 
 /// Everything the machine's actions touch.
 pub(super) struct Driver {
@@ -30,7 +32,9 @@ pub(super) struct Driver {
     pub(super) hooks: Hooks,
     pub(super) interface: String,
     /// The current stream's sender; dropping it ends the stream (the client reconnects).
-    pub(super) outbound: Option<mpsc::Sender<v1::GatewayMessage>>,
+    pub(super) outbound: Option<mpsc::Sender<Outgoing>>,
+    /// Held by the stats report on its way on this stream (a new one per stream).
+    pub(super) report_held: Arc<()>,
     pub(super) status_tx: Option<watch::Sender<Status>>,
     /// The newest status, published at the end of the loop's turn (a turn is one input or
     /// one batch of Core messages: no half-done batch is shown).
@@ -74,6 +78,7 @@ impl Driver {
             }
             FromCore::Connected { outbound } => {
                 self.outbound = Some(outbound);
+                self.report_held = Arc::new(());
                 machine.handle_connected(self.now());
             }
             FromCore::Disconnected {
@@ -144,6 +149,7 @@ impl Driver {
                     .map_err(|e| AppendError::Failed(text(&e)))
             }),
             Action::Send { messages, mode } => Outcome::Sent(self.send(messages, &mode)),
+            Action::SendStats(report) => Outcome::Sent(self.send_stats(report)),
             Action::Kick(batch) => Outcome::Kicked(self.backend.kick(&batch).map_err(|e| text(&e))),
             Action::InstallSourceRoutes { vips, endpoints } => {
                 Outcome::RoutesInstalled(match self.routes.as_mut() {
@@ -204,12 +210,9 @@ impl Driver {
         let Some(tx) = &self.outbound else {
             return 0;
         };
-        if matches!(mode, SendMode::Stats(_)) && tx.capacity() < tx.max_capacity() / 2 {
-            return 0;
-        }
         let mut queued = 0;
         for message in messages {
-            if let Err(e) = tx.try_send(message) {
+            if let Err(e) = tx.try_send(Outgoing::Message(message)) {
                 warn!(error = %e, "cannot queue a message to the Core");
                 break;
             }
@@ -221,5 +224,13 @@ impl Driver {
             self.outbound = None;
         }
         queued
+    }
+
+    /// Queues a stats report (1) or not (0, see [`queue_report`]).
+    fn send_stats(&mut self, report: Report) -> usize {
+        let Some(tx) = &self.outbound else {
+            return 0;
+        };
+        usize::from(queue_report(tx, &self.report_held, report))
     }
 }

@@ -139,6 +139,7 @@ pub async fn run_with_vip_reports(
         hooks: settings.hooks.clone(),
         interface: settings.interface.clone(),
         outbound: None,
+        report_held: std::sync::Arc::new(()),
         status_tx: Some(status_tx),
         unpublished: None,
         diff_tx: Some(diff_tx),

@@ -186,6 +186,7 @@ fn kind(a: &Action) -> String {
         Action::Save => "save".into(),
         Action::Append(_) => "append".into(),
         Action::Send { mode, .. } => format!("send {mode:?}"),
+        Action::SendStats(_) => "send Stats".into(),
         Action::Kick(_) => "kick".into(),
         Action::InstallSourceRoutes { .. } => "routes".into(),
         Action::ClearSourceRoutes => "clear routes".into(),
@@ -552,6 +553,17 @@ impl Sim {
                     self.core.receive(m);
                 }
                 Outcome::Sent(n)
+            }
+            Action::SendStats(report) => {
+                if !self.core.up {
+                    return Some(Outcome::Sent(0));
+                }
+                for stats in report {
+                    self.core.receive(v1::GatewayMessage {
+                        kind: Some(Out::Stats(stats)),
+                    });
+                }
+                Outcome::Sent(1)
             }
             Action::Kick(batch) => {
                 Outcome::Kicked(self.kernel.kick(&batch).map_err(|e| e.to_string()))

@@ -21,14 +21,16 @@ use crate::agent::status::{unix_ms, Rejected};
 use crate::location::{self, Update};
 use crate::model::Key;
 use crate::state::Record;
-use crate::stats::batches;
+use crate::stats::Report;
 use crate::validate::Rejection;
-use gatehouse_proto::v1::PeerStats;
 
 /// Peer events sent and not yet acknowledged, at most (a small part of the outbound queue).
 const EVENTS_IN_FLIGHT: usize = 1000;
-/// Largest `Stats` message the agent sends (well under the gRPC limit).
-const STATS_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Largest `Stats` message the agent sends: a quarter of the protocol's 1 MiB. A report's
+/// messages are built one at a time as the stream takes them, and one being built holds
+/// about 6 times its encoded size (memory_bounds), so smaller messages keep a report of
+/// every peer light; at 50,000 peers it is about 12 of them.
+const STATS_MESSAGE_BYTES: usize = 256 * 1024;
 
 impl Machine {
     /// The `Hello` of the next stream: the oldest pending events, at most
@@ -437,17 +439,20 @@ impl Machine {
         self.send(messages, SendMode::Events(seqs));
     }
 
-    /// The stats delta of the model just read: the peers whose counters changed since the
-    /// last report. None while no stream is up (the tracker keeps its baseline).
-    pub(super) fn stats_changed(&mut self) -> Option<Vec<PeerStats>> {
+    /// The stats report of the model just read: the peers whose counters changed since
+    /// the last report, as they read now. None while no stream is up (the tracker keeps
+    /// its baseline).
+    pub(super) fn stats_changed(&mut self) -> Option<Report> {
         let model = self.model.as_ref()?;
-        self.stream_up
-            .then(|| self.stats.changed(&model.device.peers, &self.epochs))
+        let changed = self
+            .stream_up
+            .then(|| self.stats.changed(&model.device.peers, &self.epochs))?;
+        Some(Report::new(changed, self.now.wall, STATS_MESSAGE_BYTES))
     }
 
-    /// Sends a stats delta taken by [`Machine::stats_changed`].
-    pub(super) fn send_stats(&mut self, changed: Option<Vec<PeerStats>>) {
-        let Some(peers) = changed else {
+    /// Sends a stats report taken by [`Machine::stats_changed`].
+    pub(super) fn send_stats(&mut self, report: Option<Report>) {
+        let Some(report) = report else {
             return;
         };
         if !self.stream_up {
@@ -455,15 +460,8 @@ impl Machine {
             self.stats.reset();
             return;
         }
-        let messages: Vec<_> = batches(peers, self.now.wall, STATS_MESSAGE_BYTES)
-            .into_iter()
-            .map(|s| v1::GatewayMessage {
-                kind: Some(Out::Stats(s)),
-            })
-            .collect();
-        if !messages.is_empty() {
-            let total = messages.len();
-            self.send(messages, SendMode::Stats(total));
+        if !report.is_empty() {
+            self.request(Action::SendStats(report), Wait::Sent(SendMode::Stats));
         }
     }
 
@@ -502,8 +500,8 @@ impl Machine {
                     self.sent_up_to = *seq;
                 }
             }
-            SendMode::Stats(total) => {
-                if queued < total {
+            SendMode::Stats => {
+                if queued == 0 {
                     // Congested or gone: report everything on the next stream or tick.
                     self.stats.reset();
                 }

@@ -87,7 +87,7 @@ use crate::mfa::{MfaTracker, Tombstones};
 use crate::model::Desired;
 use crate::plan::Plan;
 use crate::state::{first_event_seq, PendingEvent, PersistedState, Record, SavedState};
-use crate::stats::{Epochs, StatsTracker};
+use crate::stats::{Epochs, Report, StatsTracker};
 
 pub use self::ha::HaState;
 pub use self::model::ReadInto;
@@ -150,6 +150,9 @@ pub enum Action {
         messages: Vec<v1::GatewayMessage>,
         mode: SendMode,
     },
+    /// Queue a stats report to the Core; its messages are built as the stream takes them.
+    /// Result: [`Outcome::Sent`], 1 if it was queued, 0 if not.
+    SendStats(Report),
     /// Make the device send handshakes. Result: [`Outcome::Kicked`].
     Kick(Vec<Kick>),
     /// Result: [`Outcome::RoutesInstalled`].
@@ -192,10 +195,10 @@ pub enum SendMode {
     Must,
     /// Peer events with these seqs: the unsent ones go again later.
     Events(Vec<u64>),
-    /// Stats in this many messages: the driver may skip them all when the Core is not
-    /// keeping up (queue over half full); when not all went, everything is reported next
-    /// time.
-    Stats(usize),
+    /// A stats report ([`Action::SendStats`]): the driver skips it when the Core is not
+    /// keeping up (the last report still on its way, or the queue over half full); then
+    /// everything is reported next time.
+    Stats,
 }
 
 /// The result of an action.
@@ -269,7 +272,7 @@ enum Job {
     ExpireMfa,
     /// The peers whose counters changed since the last report (None: no stream up at the
     /// read, nothing taken from the tracker).
-    SendStats(Option<Vec<v1::PeerStats>>),
+    SendStats(Option<Report>),
     SendPendingEvents,
     CoreMessage(Box<v1::CoreMessage>),
     FlushDeltas,
