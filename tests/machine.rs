@@ -95,6 +95,30 @@ fn without_mfa_idle_peers_stay() {
 }
 
 #[test]
+fn mfa_turned_on_later_starts_each_timer_then() {
+    let mut sim = synced(&[1, 2], None);
+    sim.advance(3600 * S);
+    let saved = sim.last_save().expect("saved");
+    assert!(saved.state.mfa.peers.is_empty(), "timers kept without MFA");
+    // The location turns MFA on: the idle peers get a whole threshold from then.
+    let mut loc = sim.core.location.clone().unwrap();
+    loc.mfa = location(vec![], Some(T)).mfa;
+    sim.core.publish(loc);
+    sim.deliver();
+    assert_eq!(sim.status.applied_revision, sim.core.revision);
+    sim.advance(Duration::from_secs(T as u64) - 2 * S);
+    assert!(
+        sim.has(key(1)) && sim.has(key(2)),
+        "removed before the threshold"
+    );
+    sim.advance(6 * S);
+    assert!(
+        !sim.has(key(1)) && !sim.has(key(2)),
+        "idle peers kept past T"
+    );
+}
+
+#[test]
 fn mfa_events_are_saved_before_the_removal() {
     let mut sim = synced(&[1], Some(T));
     let from = sim.trace.len();

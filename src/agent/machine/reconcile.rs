@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 use super::{held, Action, Job, Machine, Now, Outcome, ReadInto, SendMode};
 use crate::agent::status::unix_ms;
 use crate::agent::steps::{nothing_failed, ApplyStep};
-use crate::mfa::{MfaPolicy, PeerSample, Session};
+use crate::mfa::{MfaPolicy, MfaTracker, PeerSample, Session};
 use crate::model::{Desired, Key};
 use crate::plan::{plan, Op, Plan, PlanSummary};
 use crate::state::{Buried, PendingEvent, Record};
@@ -281,11 +281,18 @@ impl Machine {
         self.last_read = Some((mono, wall));
         let peers = &model.device.peers;
         self.counts.kernel_peers = peers.len();
-        self.mfa.observe(
-            peers.iter().map(|(k, p)| (*k, PeerSample::from(p))),
-            mono,
-            wall,
-        );
+        // A location without MFA keeps no inactivity timers: they would only take room
+        // (about 136 bytes a peer). When MFA is turned on, each peer's timer starts at the
+        // first read after, as for a peer just added.
+        if self.mfa_policy().threshold().is_some() {
+            self.mfa.observe(
+                peers.iter().map(|(k, p)| (*k, PeerSample::from(p))),
+                mono,
+                wall,
+            );
+        } else if !self.mfa.is_empty() {
+            self.mfa = MfaTracker::new();
+        }
         self.ha.book.observe_here(peers, wall);
         Ok(())
     }
