@@ -119,6 +119,24 @@ fn mfa_turned_on_later_starts_each_timer_then() {
 }
 
 #[test]
+fn timers_restored_without_a_location_keep_counting() {
+    let mut sim = synced(&[1], Some(T));
+    sim.advance(10 * S);
+    let mut disk = sim.last_save().expect("saved");
+    assert!(!disk.state.mfa.peers.is_empty());
+    // The state file lost its location (or it no longer validates): the timers are kept
+    // through the reads before the Core's snapshot.
+    disk.state.location = None;
+    sim.restart(Some(disk), S);
+    sim.advance(10 * S);
+    let saved = sim.last_save().expect("saved");
+    assert!(
+        saved.state.mfa.peers.contains_key(&key(1)),
+        "restored timers dropped while no location is held"
+    );
+}
+
+#[test]
 fn mfa_events_are_saved_before_the_removal() {
     let mut sim = synced(&[1], Some(T));
     let from = sim.trace.len();
@@ -589,6 +607,15 @@ fn a_stats_tick_reports_the_changed_peers_of_its_read() {
     sim.active.clear();
     sim.advance(10 * S);
     assert_eq!(sim.core.stats_peers.len(), 2, "nothing moved: no message");
+    // A report the driver refuses is lost: the next one carries every peer.
+    sim.active.insert(key(3));
+    sim.refuse_stats = true;
+    sim.advance(10 * S);
+    sim.active.clear();
+    sim.refuse_stats = false;
+    sim.advance(10 * S);
+    assert_eq!(sim.core.stats_peers.len(), 3);
+    assert_eq!(sim.core.stats_peers[2], vec![key(1), key(2), key(3)]);
 }
 
 #[test]

@@ -241,6 +241,8 @@ pub struct Sim {
     pub fail_firewall: Option<String>,
     /// Fails reads midway: the first peer goes into the lent model, then the read fails.
     pub fail_reads: bool,
+    /// The driver refuses stats reports (the last one still on its way).
+    pub refuse_stats: bool,
     /// Appends are possible (a full save succeeded since the store opened with no base,
     /// or since a save failed).
     journal_open: bool,
@@ -291,6 +293,7 @@ impl Sim {
             fail_appends: false,
             fail_firewall: None,
             fail_reads: false,
+            refuse_stats: false,
             journal_open: false,
             trace: vec![],
             hooks: vec![],
@@ -555,7 +558,7 @@ impl Sim {
                 Outcome::Sent(n)
             }
             Action::SendStats(report) => {
-                if !self.core.up {
+                if !self.core.up || self.refuse_stats {
                     return Some(Outcome::Sent(0));
                 }
                 for stats in report {

@@ -281,10 +281,15 @@ impl Machine {
         self.last_read = Some((mono, wall));
         let peers = &model.device.peers;
         self.counts.kernel_peers = peers.len();
-        // A location without MFA keeps no inactivity timers: they would only take room
-        // (about 136 bytes a peer). When MFA is turned on, each peer's timer starts at the
-        // first read after, as for a peer just added.
-        if self.mfa_policy().threshold().is_some() {
+        // A held location without MFA keeps no inactivity timers: they would only take
+        // room (about 136 bytes a peer). When MFA is turned on, each peer's timer starts at
+        // the first read after, as for a peer just added. With no location held (its state
+        // lost), the timers restored from the state file keep counting.
+        let without_mfa = self
+            .held
+            .as_ref()
+            .is_some_and(|h| h.valid.mfa.threshold().is_none());
+        if !without_mfa {
             self.mfa.observe(
                 peers.iter().map(|(k, p)| (*k, PeerSample::from(p))),
                 mono,
