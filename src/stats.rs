@@ -1,7 +1,8 @@
 //! Peer statistics for the Core: which peers changed since the last report on this
 //! stream ([`StatsTracker`]), a report that splits into size-bounded `Stats` messages as
-//! the transport takes them ([`Report`]), and the per-peer counter epochs that let the Core keep exact totals
-//! across counter resets ([`Epochs`], see the `Stats` message in the proto).
+//! the transport takes them ([`Report`]), and the per-peer counter epochs that let the
+//! Core keep exact totals across counter resets ([`Epochs`], see the `Stats` message in
+//! the proto).
 //!
 //! Pure: the caller reads the interface and sends the messages.
 

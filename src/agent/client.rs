@@ -56,9 +56,8 @@ pub fn outgoing_stream(
 ) -> impl futures::Stream<Item = v1::GatewayMessage> + Send + 'static {
     futures::stream::unfold((rx, None), |(mut rx, mut current)| async move {
         loop {
-            if let Some((report, held)) = current.take() {
-                let mut report: Report = report;
-                if let Some(stats) = report.next() {
+            if let Some((mut report, held)) = current.take() {
+                if let Some(stats) = Report::next(&mut report) {
                     let message = v1::GatewayMessage {
                         kind: Some(v1::gateway_message::Kind::Stats(stats)),
                     };
