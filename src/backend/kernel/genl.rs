@@ -150,7 +150,7 @@ impl WgSocket {
     /// Reads the answers to request `seq` (answers to earlier requests are skipped).
     fn receive<T>(&mut self, seq: u32, expect: Expect) -> io::Result<Vec<T>>
     where
-        T: NetlinkDeserializable,
+        T: Checked,
     {
         let mut all = Vec::new();
         self.receive_each(seq, expect, |m| all.push(m))?;
@@ -166,7 +166,7 @@ impl WgSocket {
         mut each: impl FnMut(T),
     ) -> io::Result<()>
     where
-        T: NetlinkDeserializable,
+        T: Checked,
     {
         let mut out = Vec::new();
         let mut interrupted = false;
@@ -210,13 +210,32 @@ enum Expect {
     Dump,
 }
 
+/// An answer type with the shape check its parser needs first (see [`super::shape`]).
+trait Checked: NetlinkDeserializable {
+    /// Refuses a netlink message (header and payload) the parser would not survive.
+    fn check(message: &[u8]) -> io::Result<()>;
+}
+
+impl Checked for GenlMessage<WireguardMessage> {
+    fn check(message: &[u8]) -> io::Result<()> {
+        super::shape::check_message(message)
+    }
+}
+
+/// The controller's parser checks its lengths itself.
+impl Checked for GenlMessage<GenlCtrl> {
+    fn check(_: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 enum Progress {
     More,
     Done,
 }
 
 /// Parses one datagram (it may hold several netlink messages).
-fn parse_datagram<T: NetlinkDeserializable>(
+fn parse_datagram<T: Checked>(
     mut bytes: &[u8],
     seq: u32,
     expect: Expect,
@@ -224,12 +243,16 @@ fn parse_datagram<T: NetlinkDeserializable>(
     interrupted: &mut bool,
 ) -> io::Result<Progress> {
     while !bytes.is_empty() {
-        let msg = NetlinkMessage::<T>::deserialize(bytes)
-            .map_err(|e| invalid(format!("bad netlink answer: {e}")))?;
-        let len = msg.header.length as usize;
+        let len = bytes
+            .get(..4)
+            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize);
         if len < 16 || len > bytes.len() {
             return Err(invalid(format!("bad netlink message length {len}")));
         }
+        let message = &bytes[..len];
+        T::check(message)?;
+        let msg = NetlinkMessage::<T>::deserialize(message)
+            .map_err(|e| invalid(format!("bad netlink answer: {e}")))?;
         bytes = advance(bytes, len);
         if msg.header.sequence_number != seq {
             continue;
@@ -427,6 +450,46 @@ mod tests {
             parse_datagram::<Wg>(&error(8, 0), 8, Expect::Ack, &mut out, &mut intr),
             Ok(Progress::Done)
         ));
+    }
+
+    /// A dump part with one peer whose allowed IP carries `mask` as its CIDR mask value.
+    fn part_with_mask(seq: u32, mask: Vec<u8>) -> Vec<u8> {
+        use netlink_packet_core::DefaultNla;
+        use netlink_packet_wireguard::{
+            WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardPeer,
+            WireguardPeerAttribute,
+        };
+        let allowed_ip = WireguardAllowedIp(vec![
+            WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
+            WireguardAllowedIpAttr::IpAddr([10, 0, 0, 0].into()),
+            WireguardAllowedIpAttr::Other(DefaultNla::new(3, mask)),
+        ]);
+        let peer = WireguardPeer(vec![
+            WireguardPeerAttribute::PublicKey([7; 32]),
+            WireguardPeerAttribute::AllowedIps(vec![allowed_ip]),
+        ]);
+        encode(
+            0x1d,
+            WireguardCmd::GetDevice,
+            NLM_F_MULTIPART,
+            seq,
+            &[WireguardAttribute::Peers(vec![peer])],
+        )
+    }
+
+    #[test]
+    fn an_allowed_ip_without_its_mask_byte_is_an_error_not_a_panic() {
+        let mut out = Vec::new();
+        let mut intr = false;
+        let good = [part_with_mask(2, vec![24]), done(2, 0)].concat();
+        parse_datagram::<Wg>(&good, 2, Expect::Dump, &mut out, &mut intr).unwrap();
+        assert_eq!(out.len(), 1);
+        let bad = [part_with_mask(3, vec![]), done(3, 0)].concat();
+        let e = parse_datagram::<Wg>(&bad, 3, Expect::Dump, &mut out, &mut intr)
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("CIDR_MASK"), "{e}");
     }
 
     #[test]

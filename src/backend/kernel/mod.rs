@@ -16,6 +16,7 @@ pub mod genl;
 pub mod pack;
 #[cfg(test)]
 mod pack_nla;
+mod shape;
 
 use std::collections::BTreeSet;
 use std::io;

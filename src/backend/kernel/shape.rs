@@ -1,0 +1,100 @@
+//! The shape check of a WireGuard netlink answer, run before netlink-packet-wireguard
+//! parses it: the crate indexes the value of `WGALLOWEDIP_A_CIDR_MASK` without checking
+//! its length, so an answer with an empty mask would panic inside it. The check walks the
+//! attribute tree (device → peers → peer → allowed IPs → allowed IP) and refuses what the
+//! parser cannot take; every other length the crate checks itself.
+
+use std::io;
+
+/// Netlink message header length.
+const NLMSG_HDRLEN: usize = 16;
+/// Generic netlink header length.
+const GENL_HDRLEN: usize = 4;
+/// Message types below this are netlink control messages (`NLMSG_ERROR`, `NLMSG_DONE`, …).
+const NLMSG_MIN_TYPE: u16 = 0x10;
+/// The attribute header: `u16` length (header included), `u16` type.
+const NLA_HDRLEN: usize = 4;
+/// The type bits of an attribute's type field (the rest are the nested and byte-order flags).
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+const WGDEVICE_A_PEERS: u16 = 8;
+const WGPEER_A_ALLOWEDIPS: u16 = 9;
+const WGALLOWEDIP_A_CIDR_MASK: u16 = 3;
+
+/// Checks every WireGuard message of one netlink message (`message`: header and payload,
+/// no more). Control messages pass unchecked; a message that is too short for its own
+/// header is left to the parser, which refuses it.
+pub fn check_message(message: &[u8]) -> io::Result<()> {
+    let Some(kind) = message.get(4..6) else {
+        return Ok(());
+    };
+    if u16::from_ne_bytes([kind[0], kind[1]]) < NLMSG_MIN_TYPE {
+        return Ok(());
+    }
+    match message.get(NLMSG_HDRLEN + GENL_HDRLEN..) {
+        Some(attributes) => device(attributes),
+        None => Ok(()),
+    }
+}
+
+fn device(attributes: &[u8]) -> io::Result<()> {
+    for (kind, value) in nlas(attributes) {
+        if kind? == WGDEVICE_A_PEERS {
+            for (entry, peer) in nlas(value) {
+                entry?;
+                self::peer(peer)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn peer(attributes: &[u8]) -> io::Result<()> {
+    for (kind, value) in nlas(attributes) {
+        if kind? == WGPEER_A_ALLOWEDIPS {
+            for (entry, allowed_ip) in nlas(value) {
+                entry?;
+                self::allowed_ip(allowed_ip)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn allowed_ip(attributes: &[u8]) -> io::Result<()> {
+    for (kind, value) in nlas(attributes) {
+        if kind? == WGALLOWEDIP_A_CIDR_MASK && value.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad netlink answer: an allowed IP with an empty WGALLOWEDIP_A_CIDR_MASK",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The attributes of `bytes`: (type or the error of a malformed header, value). A
+/// malformed attribute ends the walk after its error.
+fn nlas(bytes: &[u8]) -> impl Iterator<Item = (io::Result<u16>, &[u8])> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let header = rest.get(..NLA_HDRLEN);
+        let len = header.map_or(0, |h| usize::from(u16::from_ne_bytes([h[0], h[1]])));
+        let Some(value) = rest.get(NLA_HDRLEN..len).filter(|_| len >= NLA_HDRLEN) else {
+            rest = &[];
+            return Some((
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad netlink answer: a malformed attribute",
+                )),
+                &[][..],
+            ));
+        };
+        let kind = header.map_or(0, |h| u16::from_ne_bytes([h[2], h[3]]) & NLA_TYPE_MASK);
+        rest = rest.get((len + 3) & !3..).unwrap_or(&[]);
+        Some((Ok(kind), value))
+    })
+}
