@@ -164,10 +164,9 @@ fn measure(peers: u32) -> [usize; 9] {
 
     let base = live();
     let mut tracker = StatsTracker::new();
-    let sent = tracker.changed(&model.device.peers, &Epochs::new());
+    let sent = tracker.changed(&mut model, &Epochs::new());
     drop(sent);
     let tracker_bytes = live() - base;
-    drop(tracker);
     drop(model);
 
     let n = peers as usize;

@@ -189,6 +189,8 @@ pub struct PeerState {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub last_handshake: Option<SystemTime>,
+    /// The agent's notes on this entry of its model (not the interface's state).
+    pub marks: Marks,
 }
 
 impl PeerState {
@@ -199,9 +201,37 @@ impl PeerState {
             rx_bytes: 0,
             tx_bytes: 0,
             last_handshake: None,
+            marks: Marks::default(),
         }
     }
 }
+
+/// What the readers of the agent's model note on a peer's entry, so that none of them
+/// keeps a record, and a copy of the key, for every peer: the read that last saw the peer
+/// (the model's refresh), whether its received bytes grew at that read (the HA book), and
+/// the fingerprint of what was last reported of it to the Core (the stats tracker).
+///
+/// Not the interface's state: comparisons ignore it (two entries that differ only here
+/// are equal), and an entry made anew (a peer added, re-created, or read with other
+/// settings) starts with none.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Marks {
+    /// The number of the model's refresh that last saw the peer; 0: none did.
+    pub read: u32,
+    /// Its received bytes grew between the last two reads that saw it.
+    pub rx_grew: bool,
+    /// Fingerprint of the peer as last reported on the current stream; 0: not reported.
+    pub reported: u64,
+}
+
+impl PartialEq for Marks {
+    /// Always: notes are not state (see the type).
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Marks {}
 
 /// WireGuard device settings and peers as read from the backend.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

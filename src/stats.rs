@@ -17,15 +17,17 @@ use gatehouse_proto::MAX_STATS_PEERS;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
-use crate::keyed::KeyedVec;
 use crate::model::{Key, PeerSpec, PeerState};
+use crate::plan::KernelModel;
 use crate::state::codec::{self, unix_ms};
 
-/// What was last reported per peer on the current stream: a fingerprint per peer, in a
-/// sorted vector (no tree node per peer).
+/// What was last reported on the current stream: a fingerprint per peer, kept in the
+/// marks of the model's entries ([`crate::model::Marks::reported`]: no record or key copy
+/// here), and whether the next report must carry every peer.
 #[derive(Clone, Debug, Default)]
 pub struct StatsTracker {
-    last: KeyedVec<Reported>,
+    /// The next report carries every peer (a new stream, or a report that was lost).
+    all: bool,
 }
 
 impl StatsTracker {
@@ -34,47 +36,35 @@ impl StatsTracker {
     }
 
     /// The peers whose endpoint, rx, tx, last handshake, allowed IPs or counter epoch
-    /// differ from what was last reported, in key order, and records them as reported.
-    /// Peers no longer on the interface are forgotten (if one comes back it is reported).
-    /// Call [`reset`](Self::reset) when a report could not be sent.
-    pub fn changed(
-        &mut self,
-        peers: &BTreeMap<Key, PeerState>,
-        epochs: &Epochs,
-    ) -> Vec<PeerReading> {
-        self.last.retain(|k, _| peers.contains_key(k));
-        let first = peers.keys().filter(|k| !self.last.contains_key(k));
-        let mut first = Vec::with_capacity(KeyedVec::<Reported>::room_for(first.count()));
-        // The changed peers first, then their readings in a vector of exactly their
-        // number (a report of every peer grown by doubling held up to twice its room).
-        let mut changed = Vec::new();
-        for (key, peer) in peers {
-            let now = Reported::of(peer, epochs.get(key));
-            match self.last.get_mut(key) {
-                Some(last) if *last == now => continue,
-                Some(last) => *last = now,
-                None => first.push((*key, Some(now))),
+    /// differ from what was last reported (every peer after a [`reset`](Self::reset)), in
+    /// key order, and marks them as reported. A peer that leaves the interface takes its
+    /// mark along: if it comes back it is reported. Call [`reset`](Self::reset) when a
+    /// report could not be sent.
+    pub fn changed(&mut self, model: &mut KernelModel, epochs: &Epochs) -> Vec<PeerReading> {
+        let all = std::mem::take(&mut self.all);
+        // Counted first, so that the readings take exactly their room (a report of
+        // every peer grown by doubling would hold up to twice of it).
+        let count = model
+            .device
+            .peers
+            .iter()
+            .filter(|(key, peer)| all || fingerprint(peer, epochs.get(key)) != peer.marks.reported)
+            .count();
+        let mut out = Vec::with_capacity(count);
+        model.note(|key, peer, marks| {
+            let epoch = epochs.get(key);
+            let now = fingerprint(peer, epoch);
+            if all || now != marks.reported {
+                marks.reported = now;
+                out.push(PeerReading::of(peer, epoch));
             }
-            changed.push((key, peer));
-        }
-        self.last.merge(first);
-        let mut out = Vec::with_capacity(changed.len());
-        out.extend(
-            changed
-                .into_iter()
-                .map(|(key, peer)| PeerReading::of(peer, epochs.get(key))),
-        );
+        });
         out
     }
 
     /// A new stream: the next report carries every peer.
     pub fn reset(&mut self) {
-        self.last = KeyedVec::new();
-    }
-
-    /// Forgets one peer (removed).
-    pub fn forget(&mut self, key: &Key) {
-        self.last.remove(key);
+        self.all = true;
     }
 }
 
@@ -276,22 +266,24 @@ fn nonzero_epochs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<Key
     Ok(map)
 }
 
-/// What was last reported of one peer: a 64-bit fingerprint of the reported fields
-/// (endpoint, rx, tx, last handshake, allowed IPs, counter epoch), 8 bytes per peer instead
-/// of a copy of them. SipHash with its fixed keys: the same fields give the same fingerprint.
-/// Two different reports of one peer share a fingerprint with probability 2⁻⁶⁴; the peer's
-/// next change is then reported.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Reported(u64);
-
-impl Reported {
-    fn of(p: &PeerState, epoch: u64) -> Self {
-        let mut h = std::hash::DefaultHasher::new();
-        let c = &p.config;
-        (c.endpoint, p.rx_bytes, p.tx_bytes, p.last_handshake, epoch).hash(&mut h);
-        c.allowed_ips.hash(&mut h);
-        Reported(h.finish())
-    }
+/// What a report carries of `peer` (endpoint, rx, tx, last handshake, allowed IPs, counter
+/// epoch), as a 64-bit fingerprint: SipHash with its fixed keys, so the same fields give
+/// the same fingerprint; never 0 (the mark of a peer not reported). Two different reports
+/// of one peer share a fingerprint with probability 2⁻⁶³; its next change is then
+/// reported.
+fn fingerprint(peer: &PeerState, epoch: u64) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    let c = &peer.config;
+    (
+        c.endpoint,
+        peer.rx_bytes,
+        peer.tx_bytes,
+        peer.last_handshake,
+        epoch,
+    )
+        .hash(&mut h);
+    c.allowed_ips.hash(&mut h);
+    h.finish() | 1
 }
 
 #[cfg(test)]
@@ -305,12 +297,31 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
-    use crate::model::PeerSpec;
+    use crate::model::{DeviceState, Observed, PeerSpec};
 
     fn key(n: u32) -> Key {
         let mut k = [0u8; 32];
         k[..4].copy_from_slice(&n.to_be_bytes());
         Key(k)
+    }
+
+    fn model(n: u32) -> KernelModel {
+        model_of(peers(n))
+    }
+
+    fn model_of(peers: BTreeMap<Key, PeerState>) -> KernelModel {
+        KernelModel::new(Observed {
+            link: None,
+            device: DeviceState {
+                peers,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// Changes one peer of the model as a read would show it.
+    fn change(m: &mut KernelModel, n: u32, f: impl FnOnce(&mut PeerState)) {
+        m.modify(|o| f(o.device.peers.get_mut(&key(n)).unwrap()));
     }
 
     fn peers(n: u32) -> BTreeMap<Key, PeerState> {
@@ -338,17 +349,16 @@ mod tests {
 
     #[test]
     fn first_report_carries_everyone_then_only_changes() {
-        let mut ps = peers(10_000);
+        let mut m = model(10_000);
         let epochs = Epochs::new();
         let mut t = StatsTracker::new();
-        assert_eq!(t.changed(&ps, &epochs).len(), 10_000);
-        assert!(t.changed(&ps, &epochs).is_empty());
+        assert_eq!(t.changed(&mut m, &epochs).len(), 10_000);
+        assert!(t.changed(&mut m, &epochs).is_empty());
 
         // Change 100 peers spread over the map, in varied ways.
         let mut expected = BTreeSet::new();
         for i in (0..10_000).step_by(100) {
-            let p = ps.get_mut(&key(i)).unwrap();
-            match i % 500 {
+            change(&mut m, i, |p| match i % 500 {
                 0 => p.rx_bytes += 1,
                 100 => p.tx_bytes += 1,
                 200 => p.last_handshake = Some(now()),
@@ -361,26 +371,28 @@ mod tests {
                     std::sync::Arc::make_mut(&mut p.config).endpoint =
                         Some("192.0.2.1:51820".parse().unwrap())
                 }
-            }
+            });
             expected.insert(key(i));
         }
-        let got: BTreeSet<Key> = stats(t.changed(&ps, &epochs))
+        let got: BTreeSet<Key> = stats(t.changed(&mut m, &epochs))
             .iter()
             .map(|s| Key::from_slice(&s.public_key).unwrap())
             .collect();
         assert_eq!(got, expected);
-        assert!(t.changed(&ps, &epochs).is_empty());
+        assert!(t.changed(&mut m, &epochs).is_empty());
     }
 
     #[test]
     fn endpoint_only_change_is_reported_with_its_fields() {
-        let mut ps = peers(3);
+        let mut m = model(3);
         let epochs = Epochs::new();
         let mut t = StatsTracker::new();
-        t.changed(&ps, &epochs);
+        t.changed(&mut m, &epochs);
         let ep: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
-        std::sync::Arc::make_mut(&mut ps.get_mut(&key(1)).unwrap().config).endpoint = Some(ep);
-        let got = stats(t.changed(&ps, &epochs));
+        change(&mut m, 1, |p| {
+            std::sync::Arc::make_mut(&mut p.config).endpoint = Some(ep)
+        });
+        let got = stats(t.changed(&mut m, &epochs));
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].public_key, key(1).0.to_vec());
         assert_eq!(got[0].endpoint, "[2001:db8::1]:4000");
@@ -392,61 +404,92 @@ mod tests {
 
     #[test]
     fn an_allowed_ip_change_alone_is_reported() {
-        let mut ps = peers(3);
+        let mut m = model(3);
         let epochs = Epochs::new();
         let mut t = StatsTracker::new();
-        t.changed(&ps, &epochs);
+        t.changed(&mut m, &epochs);
         let extra: IpNet = "fd00::1/128".parse().unwrap();
-        std::sync::Arc::make_mut(&mut ps.get_mut(&key(2)).unwrap().config)
-            .allowed_ips
-            .insert(extra);
-        let got = stats(t.changed(&ps, &epochs));
+        change(&mut m, 2, |p| {
+            std::sync::Arc::make_mut(&mut p.config)
+                .allowed_ips
+                .insert(extra);
+        });
+        let got = stats(t.changed(&mut m, &epochs));
         assert_eq!(got.len(), 1);
         assert_eq!(
             got[0].allowed_ips,
             vec!["10.0.0.2/32".to_string(), "fd00::1/128".into()]
         );
-        assert!(t.changed(&ps, &epochs).is_empty());
+        assert!(t.changed(&mut m, &epochs).is_empty());
     }
 
     #[test]
     fn epoch_change_and_reappearance_are_reported() {
-        let ps = peers(2);
+        let mut m = model(2);
         let mut epochs = Epochs::new();
         let mut t = StatsTracker::new();
-        t.changed(&ps, &epochs);
+        t.changed(&mut m, &epochs);
         // The peer was re-created with identical (zero) counters: new epoch.
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let e = epochs.start(key(0), &mut rng);
-        let got = stats(t.changed(&ps, &epochs));
+        let got = stats(t.changed(&mut m, &epochs));
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].counter_epoch, e);
-        // Gone, then back: reported again.
-        let mut fewer = ps.clone();
-        fewer.remove(&key(1));
-        assert!(t.changed(&fewer, &epochs).is_empty());
-        assert_eq!(t.changed(&ps, &epochs).len(), 1);
+        // Gone, then back as the same settings and counters: reported again.
+        let gone = m.modify(|o| o.device.peers.remove(&key(1)).unwrap());
+        assert!(t.changed(&mut m, &epochs).is_empty());
+        let mut back = gone.clone();
+        back.marks = crate::model::Marks::default();
+        m.modify(|o| o.device.peers.insert(key(1), back));
+        assert_eq!(t.changed(&mut m, &epochs).len(), 1);
+    }
+
+    /// A peer the model's refresh re-reads with the same counters is not reported again;
+    /// one it reads with other settings is (its entry is made anew).
+    #[test]
+    fn a_refresh_keeps_what_was_reported() {
+        let mut m = model(3);
+        let epochs = Epochs::new();
+        let mut t = StatsTracker::new();
+        assert_eq!(t.changed(&mut m, &epochs).len(), 3);
+        let mut read = peers(3);
+        m.refresh_with(Observed {
+            link: None,
+            device: DeviceState {
+                peers: read.clone(),
+                ..Default::default()
+            },
+        });
+        assert!(t.changed(&mut m, &epochs).is_empty());
+        std::sync::Arc::make_mut(&mut read.get_mut(&key(2)).unwrap().config).endpoint =
+            Some("192.0.2.9:1".parse().unwrap());
+        m.refresh_with(Observed {
+            link: None,
+            device: DeviceState {
+                peers: read,
+                ..Default::default()
+            },
+        });
+        let got = stats(t.changed(&mut m, &epochs));
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].endpoint, "192.0.2.9:1");
     }
 
     #[test]
-    fn reset_reports_everyone_again_and_forget_one() {
-        let ps = peers(50);
+    fn reset_reports_everyone_again() {
+        let mut m = model(50);
         let epochs = Epochs::new();
         let mut t = StatsTracker::new();
-        t.changed(&ps, &epochs);
-        t.forget(&key(7));
-        let got = stats(t.changed(&ps, &epochs));
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].public_key, key(7).0.to_vec());
+        t.changed(&mut m, &epochs);
+        assert!(t.changed(&mut m, &epochs).is_empty());
         t.reset();
-        assert_eq!(t.changed(&ps, &epochs).len(), 50);
+        assert_eq!(t.changed(&mut m, &epochs).len(), 50);
+        assert!(t.changed(&mut m, &epochs).is_empty());
     }
 
     #[test]
     fn batches_respect_the_size_and_keep_order() {
-        let ps = peers(10_000);
-        let epochs = Epochs::new();
-        let all = StatsTracker::new().changed(&ps, &epochs);
+        let all = StatsTracker::new().changed(&mut model(10_000), &Epochs::new());
         let max = 64 * 1024;
         let out: Vec<Stats> = Report::new(all.clone(), now(), max).collect();
         assert!(out.len() > 1);
@@ -468,7 +511,7 @@ mod tests {
 
     #[test]
     fn batches_are_exact_for_many_limits() {
-        let all = StatsTracker::new().changed(&peers(200), &Epochs::new());
+        let all = StatsTracker::new().changed(&mut model(200), &Epochs::new());
         for max in 200..=400 {
             let out: Vec<Stats> = Report::new(all.clone(), now(), max).collect();
             for w in out.windows(2) {
@@ -486,7 +529,7 @@ mod tests {
     #[test]
     fn batches_edge_cases() {
         assert!(Report::new(Vec::new(), now(), 1000).next().is_none());
-        let all = StatsTracker::new().changed(&peers(3), &Epochs::new());
+        let all = StatsTracker::new().changed(&mut model(3), &Epochs::new());
         // A limit smaller than any peer: one peer per message, none lost.
         let out: Vec<Stats> = Report::new(all.clone(), now(), 10).collect();
         assert_eq!(out.len(), 3);
@@ -496,7 +539,7 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert!(!out[0].more);
         // No limit on bytes: the protocol's limit on peers still splits.
-        let all = StatsTracker::new().changed(&peers(40_000), &Epochs::new());
+        let all = StatsTracker::new().changed(&mut model(40_000), &Epochs::new());
         let mut report = Report::new(all, now(), usize::MAX);
         let first = report.next().unwrap();
         assert_eq!(first.peers.len(), MAX_STATS_PEERS);

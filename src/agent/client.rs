@@ -330,7 +330,8 @@ mod tests {
     use futures::StreamExt as _;
 
     use super::*;
-    use crate::model::{Key, PeerSpec, PeerState};
+    use crate::model::{DeviceState, Key, Observed, PeerSpec, PeerState};
+    use crate::plan::KernelModel;
     use crate::stats::{Epochs, StatsTracker};
 
     fn report(n: u32, max_bytes: usize) -> Report {
@@ -342,7 +343,14 @@ mod tests {
                 (Key(k), PeerState::fresh(PeerSpec::new(Key(k), [ip])))
             })
             .collect();
-        let readings = StatsTracker::new().changed(&peers, &Epochs::new());
+        let mut model = KernelModel::new(Observed {
+            link: None,
+            device: DeviceState {
+                peers,
+                ..Default::default()
+            },
+        });
+        let readings = StatsTracker::new().changed(&mut model, &Epochs::new());
         Report::new(readings, SystemTime::UNIX_EPOCH, max_bytes)
     }
 

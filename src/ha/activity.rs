@@ -6,7 +6,8 @@
 //! - A newer sign of life replaces the older one with its endpoint; a sign without an
 //!   endpoint keeps the endpoint known before.
 //! - Seen here: a handshake completed (its time), or bytes received since the last read
-//!   (the read's time), with the endpoint the interface reports.
+//!   (the read's time; the model's refresh marks the peers whose count grew), with the
+//!   endpoint the interface reports.
 //! - Bounded to the held location's peers: a peer that leaves it leaves the book.
 //! - Kept in the state file, so a gateway that restarts before the Core is back still
 //!   knows where its clients are.
@@ -19,7 +20,6 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::keyed::KeyedVec;
 use crate::model::{Key, PeerState};
 use crate::state::codec::{self, from_unix_ms, unix_ms};
 
@@ -54,10 +54,6 @@ impl Seen {
 pub struct ActivityBook {
     #[serde(with = "codec::key_map")]
     peers: BTreeMap<Key, Seen>,
-    /// Received bytes at the last read here (a baseline, not kept across restarts): one
-    /// record per peer of the interface, in a sorted vector.
-    #[serde(skip)]
-    rx_here: KeyedVec<u64>,
     /// How many of `peers` have an endpoint: kept by every change of `peers` (an endpoint
     /// is never taken back, only the peer), so the status reads it in O(1).
     #[serde(skip)]
@@ -81,7 +77,6 @@ impl From<Stored> for ActivityBook {
             .count();
         ActivityBook {
             peers: stored.peers,
-            rx_here: KeyedVec::new(),
             endpoints,
         }
     }
@@ -116,30 +111,20 @@ impl ActivityBook {
         self.record(key, at, endpoint, Source::Relayed)
     }
 
-    /// One read of this gateway's interface at `now`. True when the book changed.
+    /// One read of this gateway's interface at `now` (the model it refreshed: its marks
+    /// tell whose received bytes grew). True when the book changed.
     pub fn observe_here(&mut self, peers: &BTreeMap<Key, PeerState>, now: SystemTime) -> bool {
         let mut changed = false;
-        let first = peers.keys().filter(|k| !self.rx_here.contains_key(k));
-        let mut first = Vec::with_capacity(KeyedVec::<u64>::room_for(first.count()));
         for (key, peer) in peers {
             let endpoint = peer.config.endpoint;
             if let Some(handshake) = peer.last_handshake {
                 changed |= self.record(*key, handshake, endpoint, Source::Here);
             }
-            // A lower count is a re-created peer: a new baseline, no sign of life by itself.
-            let grew = match self.rx_here.get_mut(key) {
-                Some(before) => std::mem::replace(before, peer.rx_bytes) < peer.rx_bytes,
-                None => {
-                    first.push((*key, Some(peer.rx_bytes)));
-                    false
-                }
-            };
-            if grew {
+            // A lower count (a re-created peer) is no sign of life by itself.
+            if peer.marks.rx_grew {
                 changed |= self.record(*key, now, endpoint, Source::Here);
             }
         }
-        self.rx_here.retain(|k, _| peers.contains_key(k));
-        self.rx_here.merge(first);
         changed
     }
 
@@ -148,7 +133,6 @@ impl ActivityBook {
         if self.peers.remove(key).is_some_and(|s| s.endpoint.is_some()) {
             self.endpoints -= 1;
         }
-        self.rx_here.remove(key);
     }
 
     /// Keeps only the peers for which `keep` is true (the held location's).
@@ -161,7 +145,6 @@ impl ActivityBook {
             }
             kept
         });
-        self.rx_here.retain(|k, _| keep(k));
     }
 
     fn record(
@@ -223,7 +206,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::model::PeerSpec;
+    use crate::model::{DeviceSink as _, DeviceState, Observed, PeerSpec};
+    use crate::plan::KernelModel;
 
     fn key(n: u8) -> Key {
         Key([n; 32])
@@ -261,28 +245,54 @@ mod tests {
         assert_eq!(seen.source, Source::Relayed);
     }
 
+    /// The model after a read of `peers` (refreshed in place, as the agent reads).
+    fn read(model: &mut KernelModel, peers: &[(Key, PeerState)]) {
+        let mut device = DeviceState::default();
+        for (_, p) in peers {
+            device.peer(p.clone());
+        }
+        model.refresh_with(Observed { link: None, device });
+    }
+
     #[test]
     fn own_handshakes_and_received_bytes_are_signs_of_life() {
         let mut b = ActivityBook::new();
+        let mut model = KernelModel::default();
         // First read: the handshake counts; the byte count is only a baseline.
-        let peers = BTreeMap::from([
+        let first = [
             peer(1, 100, Some(t(50)), "198.51.100.1:1"),
             peer(2, 100, None, "198.51.100.2:2"),
-        ]);
-        b.observe_here(&peers, t(60));
+            peer(3, 100, None, "198.51.100.3:3"),
+        ];
+        read(&mut model, &first);
+        b.observe_here(&model.device.peers, t(60));
         assert_eq!(b.get(&key(1)).unwrap().last_active(), t(50));
         assert_eq!(b.get(&key(1)).unwrap().source, Source::Here);
         assert!(b.get(&key(2)).is_none());
-        // Bytes received since: active at the read's time.
-        let peers = BTreeMap::from([
+        // Bytes received since: active at the read's time. A lower count (re-created)
+        // is not.
+        let second = [
             peer(1, 100, Some(t(50)), "198.51.100.1:1"),
             peer(2, 150, None, "198.51.100.2:2"),
-        ]);
-        assert!(b.observe_here(&peers, t(70)));
+            peer(3, 10, None, "198.51.100.3:3"),
+        ];
+        read(&mut model, &second);
+        assert!(b.observe_here(&model.device.peers, t(70)));
         assert_eq!(b.get(&key(2)).unwrap().last_active(), t(70));
         assert_eq!(b.get(&key(2)).unwrap().endpoint, ep("198.51.100.2:2"));
+        assert!(b.get(&key(3)).is_none());
         // Nothing new: no change.
-        assert!(!b.observe_here(&peers, t(80)));
+        read(&mut model, &second);
+        assert!(!b.observe_here(&model.device.peers, t(80)));
+        // Bytes again after a read that saw none: active again.
+        let third = [
+            peer(1, 100, Some(t(50)), "198.51.100.1:1"),
+            peer(2, 170, None, "198.51.100.2:2"),
+            peer(3, 10, None, "198.51.100.3:3"),
+        ];
+        read(&mut model, &third);
+        assert!(b.observe_here(&model.device.peers, t(90)));
+        assert_eq!(b.get(&key(2)).unwrap().last_active(), t(90));
     }
 
     /// The count kept by each change equals a count over the book, through every way a

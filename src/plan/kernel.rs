@@ -27,24 +27,49 @@ pub use refresh::Refresh;
 
 use super::{update_config, Op, Plan};
 use crate::btree::compact;
-use crate::model::{AllowedIps, Desired, DeviceState, Key, LinkState, Observed, PeerState};
+use crate::model::{AllowedIps, Desired, DeviceState, Key, LinkState, Marks, Observed, PeerState};
 
 /// Who holds each allowed IP.
 type Owners = BTreeMap<IpNet, Key>;
 
 /// An interface with the owners of its allowed IPs. Read it as an [`Observed`] (`Deref`);
 /// change it with [`KernelModel::apply`] (or [`KernelModel::modify`], which re-indexes).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct KernelModel {
     observed: Observed,
     owners: Owners,
+    /// The number of the last refresh (see [`Refresh`]); bookkeeping, not compared.
+    reads: u32,
 }
+
+/// The same interface (the refresh count is bookkeeping).
+impl PartialEq for KernelModel {
+    fn eq(&self, other: &Self) -> bool {
+        self.observed == other.observed && self.owners == other.owners
+    }
+}
+
+impl Eq for KernelModel {}
 
 impl KernelModel {
     /// The model of a read of the interface (O(N log N)).
     pub fn new(observed: Observed) -> Self {
         let owners = index(&observed.device);
-        KernelModel { observed, owners }
+        KernelModel {
+            observed,
+            owners,
+            reads: 0,
+        }
+    }
+
+    /// Lets `note` update each peer's marks (in key order); nothing else of an entry
+    /// changes here.
+    pub fn note(&mut self, mut note: impl FnMut(&Key, &PeerState, &mut Marks)) {
+        for (key, peer) in &mut self.observed.device.peers {
+            let mut marks = peer.marks;
+            note(key, peer, &mut marks);
+            peer.marks = marks;
+        }
     }
 
     /// Applies `plan` as the interface would: O(k log N) for k peer operations.

@@ -443,10 +443,10 @@ impl Machine {
     /// the last report, as they read now. None while no stream is up (the tracker keeps
     /// its baseline).
     pub(super) fn stats_changed(&mut self) -> Option<Report> {
-        let model = self.model.as_ref()?;
+        let model = self.model.as_mut()?;
         let changed = self
             .stream_up
-            .then(|| self.stats.changed(&model.device.peers, &self.epochs))?;
+            .then(|| self.stats.changed(model, &self.epochs))?;
         Some(Report::new(changed, self.now.wall, STATS_MESSAGE_BYTES))
     }
 

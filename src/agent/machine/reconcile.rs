@@ -715,7 +715,6 @@ impl Machine {
             if let Op::RemovePeer(key) = &step.op {
                 self.epochs.remove(key);
                 self.mfa.forget(key);
-                self.stats.forget(key);
             }
         }
     }

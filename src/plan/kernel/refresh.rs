@@ -4,7 +4,9 @@
 //! The rule: each peer read replaces the model's entry of its key (its allowed IPs claimed
 //! by the kernel's rule, the index kept in step); the device's settings and the link are
 //! set as read; when the read completes ([`Refresh::finish`]), the peers it did not see are
-//! dropped. A refresh that is dropped unfinished (a read that failed midway) drops nobody:
+//! dropped; each entry it saw carries its number and whether its received bytes grew since
+//! the read before ([`crate::model::Marks`]), so no list of the keys read is kept. A
+//! refresh that is dropped unfinished (a read that failed midway) drops nobody:
 //! every entry is the interface's as of the last read or of this one, and the index holds
 //! exactly the entries' allowed IPs. A complete refresh gives the model of the read, as
 //! [`KernelModel::new`] would.
@@ -17,8 +19,10 @@ use super::{claim, release, KernelModel};
 #[must_use = "a refresh that is not finished drops no vanished peer"]
 pub struct Refresh<'a> {
     model: &'a mut KernelModel,
-    /// The keys read so far.
-    seen: Vec<Key>,
+    /// This refresh's number (never 0), the mark of the entries it saw.
+    read: u32,
+    /// How many entries it saw (each counted once).
+    seen: usize,
     /// Peers the read added to the model.
     added: usize,
 }
@@ -26,10 +30,13 @@ pub struct Refresh<'a> {
 impl KernelModel {
     /// Starts applying a read to this model in place.
     pub fn refresh(&mut self) -> Refresh<'_> {
-        let expected = self.observed.device.peers.len();
+        // 0 marks an entry no refresh saw; after 2^32 refreshes the numbers come round,
+        // and an entry that no complete refresh saw since is long gone.
+        self.reads = self.reads.wrapping_add(1).max(1);
         Refresh {
+            read: self.reads,
             model: self,
-            seen: Vec::with_capacity(expected),
+            seen: 0,
             added: 0,
         }
     }
@@ -55,20 +62,18 @@ impl Refresh<'_> {
     }
 
     /// The read is complete: the peers it did not see are dropped.
-    pub fn finish(mut self) {
+    pub fn finish(self) {
         let peers = &mut self.model.observed.device.peers;
         // Every key seen is in the model (a peer read is inserted, and nothing but this
         // drops one): as many seen as held means none vanished, the usual case.
-        self.seen.sort_unstable();
-        self.seen.dedup();
-        if self.seen.len() == peers.len() {
+        if self.seen == peers.len() {
             self.model.compact_after(self.added);
             return;
         }
         let gone: Vec<Key> = peers
-            .keys()
-            .filter(|k| self.seen.binary_search(k).is_err())
-            .copied()
+            .iter()
+            .filter(|(_, p)| p.marks.read != self.read)
+            .map(|(k, _)| *k)
             .collect();
         for key in gone {
             if let Some(old) = peers.remove(&key) {
@@ -92,26 +97,44 @@ impl DeviceSink for Refresh<'_> {
             .settings(private_key, listen_port, fwmark);
     }
 
-    fn peer(&mut self, peer: PeerState) {
+    fn peer(&mut self, mut peer: PeerState) {
         let key = peer.config.public_key;
-        self.seen.push(key);
+        let read = self.read;
         let model = &mut *self.model;
         let device = &mut model.observed.device;
+        let mut grew = false;
         if let Some(held) = device.peers.get_mut(&key) {
+            // A key read twice in one read (the sink's rule: the second replaces the
+            // first) is seen once, and grew if it did at its first sighting.
+            let again = held.marks.read == read;
+            self.seen += usize::from(!again);
+            grew = if again {
+                held.marks.rx_grew
+            } else {
+                held.rx_bytes < peer.rx_bytes
+            };
             if held.config == peer.config {
                 // The usual case: counters and handshake. The settings stay the ones the
                 // model holds (shared with the desired peer, not a copy per read).
                 held.rx_bytes = peer.rx_bytes;
                 held.tx_bytes = peer.tx_bytes;
                 held.last_handshake = peer.last_handshake;
+                held.marks.read = read;
+                held.marks.rx_grew = grew;
                 return;
             }
+            peer.marks.read = read;
+            peer.marks.rx_grew = grew;
             if held.config.allowed_ips == peer.config.allowed_ips {
                 // The endpoint or another setting moved; the index is unchanged.
                 *held = peer;
                 return;
             }
+        } else {
+            self.seen += 1;
         }
+        peer.marks.read = read;
+        peer.marks.rx_grew = grew;
         match device.peers.remove(&key) {
             Some(old) => release(&mut model.owners, &key, &old.config.allowed_ips),
             None => self.added += 1,
@@ -228,5 +251,33 @@ mod tests {
         let mut model = KernelModel::new(read(&[(1, 1, 0)]));
         model.refresh().missing();
         assert_eq!(model, KernelModel::default());
+    }
+
+    /// A key read twice counts once: the peer the read did not see is still dropped, and
+    /// the growth is the first sighting's. An unfinished refresh's marks do not count as
+    /// seen by the next one.
+    #[test]
+    fn marks_count_each_peer_once_per_read() {
+        let mut model = KernelModel::new(read(&[(1, 1, 0), (2, 2, 0), (3, 4, 0)]));
+        let mut refresh = model.refresh();
+        refresh.peer(peer(1, 1, 5));
+        refresh.peer(peer(1, 1, 5));
+        refresh.peer(peer(2, 2, 0));
+        refresh.finish();
+        assert_eq!(
+            model.device.peers.keys().collect::<Vec<_>>(),
+            [&key(1), &key(2)]
+        );
+        assert!(model.device.peers[&key(1)].marks.rx_grew);
+        assert!(!model.device.peers[&key(2)].marks.rx_grew);
+
+        let mut refresh = model.refresh();
+        refresh.peer(peer(2, 2, 0));
+        drop(refresh);
+        let mut refresh = model.refresh();
+        refresh.peer(peer(1, 1, 5));
+        refresh.finish();
+        assert_eq!(model.device.peers.keys().collect::<Vec<_>>(), [&key(1)]);
+        assert!(!model.device.peers[&key(1)].marks.rx_grew);
     }
 }

@@ -33,6 +33,7 @@ fn reference(observed: &mut Observed, plan: &Plan) {
                 let mut m = KernelModel {
                     observed: std::mem::take(observed),
                     owners: Owners::new(),
+                    reads: 0,
                 };
                 m.apply_op(other);
                 *observed = m.observed;
