@@ -1,6 +1,6 @@
 //! [`KeyedVec`]: per-peer records of a fixed size in one `Vec` sorted by key, for the
-//! trackers that hold one small record for every peer of the interface (MFA timers, the
-//! HA book's received bytes, the stats fingerprints).
+//! trackers that hold one small record for every peer of the interface (the MFA timers;
+//! notes without a timer go on the model's entries, [`crate::model::Marks`]).
 //!
 //! Why not a `BTreeMap`: a map filled by inserts in key order leaves its nodes about half
 //! full, and each node has room for eleven entries: at 50,000 peers a 120-byte record cost

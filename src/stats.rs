@@ -66,6 +66,19 @@ impl StatsTracker {
     pub fn reset(&mut self) {
         self.all = true;
     }
+
+    /// `report` (taken from `model` by [`changed`](Self::changed)) was not sent: its
+    /// peers are reported next time, with what they read then. Without the model (lent to
+    /// a read), every peer is.
+    pub fn refused(&mut self, model: Option<&mut KernelModel>, report: &Report) {
+        let Some(model) = model else {
+            self.all = true;
+            return;
+        };
+        for key in report.keys() {
+            model.note_peer(&key, |_, marks| marks.reported = 0);
+        }
+    }
 }
 
 /// One peer as a read found it, for a report: its settings shared with the model of the
@@ -133,6 +146,15 @@ impl Report {
             readings: readings.into_iter(),
             carry: None,
         }
+    }
+
+    /// The keys of the peers still to be sent, in key order.
+    pub fn keys(&self) -> impl Iterator<Item = Key> + '_ {
+        let carried = self
+            .carry
+            .iter()
+            .filter_map(|s| Key::from_slice(&s.public_key));
+        carried.chain(self.readings.as_slice().iter().map(|r| r.config.public_key))
     }
 
     /// How many peers are still to be sent.

@@ -32,19 +32,26 @@ pub enum Outgoing {
     Stats(Report, Arc<()>),
 }
 
-/// Queues a stats report on the stream's queue, holding `held` until it is sent; false
-/// (not queued) when the Core is not keeping up: while the last report is still on its way
-/// (someone else holds `held`), or the queue is half full. Megabytes of stats are never
-/// queued behind a slow Core; the caller reports everything next time.
-pub fn queue_report(tx: &mpsc::Sender<Outgoing>, held: &Arc<()>, report: Report) -> bool {
+/// Queues a stats report on the stream's queue, holding `held` until it is sent; gives
+/// the report back (not queued) when the Core is not keeping up: while the last report is
+/// still on its way (someone else holds `held`), or the queue is half full. Megabytes of
+/// stats are never queued behind a slow Core; the caller reports its peers next time.
+pub fn queue_report(
+    tx: &mpsc::Sender<Outgoing>,
+    held: &Arc<()>,
+    report: Report,
+) -> Result<(), Box<Report>> {
     if Arc::strong_count(held) > 1 || tx.capacity() < tx.max_capacity() / 2 {
-        return false;
+        return Err(Box::new(report));
     }
-    match tx.try_send(Outgoing::Stats(report, Arc::clone(held))) {
-        Ok(()) => true,
+    match tx.try_reserve() {
+        Ok(permit) => {
+            permit.send(Outgoing::Stats(report, Arc::clone(held)));
+            Ok(())
+        }
         Err(e) => {
             warn!(error = %e, "cannot queue a stats report to the Core");
-            false
+            Err(Box::new(report))
         }
     }
 }
@@ -417,15 +424,15 @@ mod tests {
     async fn no_report_is_queued_behind_one_on_its_way_or_a_half_full_queue() {
         let (tx, rx) = mpsc::channel(8);
         let held = Arc::new(());
-        assert!(queue_report(&tx, &held, report(50, 1000)));
+        assert!(queue_report(&tx, &held, report(50, 1000)).is_ok());
         assert!(
-            !queue_report(&tx, &held, report(50, 1000)),
+            queue_report(&tx, &held, report(50, 1000)).is_err(),
             "one in the queue"
         );
         let mut stream = Box::pin(outgoing_stream(rx));
         stream.next().await.unwrap();
         assert!(
-            !queue_report(&tx, &held, report(50, 1000)),
+            queue_report(&tx, &held, report(50, 1000)).is_err(),
             "one being sent"
         );
         while Arc::strong_count(&held) > 1 {
@@ -436,7 +443,7 @@ mod tests {
             assert_eq!(Arc::strong_count(&held) == 1, !s.more);
         }
         assert!(
-            queue_report(&tx, &held, report(50, 1000)),
+            queue_report(&tx, &held, report(50, 1000)).is_ok(),
             "the last one was sent"
         );
         stream.next().await.unwrap();
@@ -445,7 +452,8 @@ mod tests {
         for _ in 0..5 {
             tx.try_send(Outgoing::Message(hello())).unwrap();
         }
-        assert!(!queue_report(&tx, &held, report(50, 1000)));
+        let back = queue_report(&tx, &held, report(50, 1000)).err().unwrap();
+        assert_eq!(back.len(), 50, "a refused report comes back whole");
         assert_eq!(Arc::strong_count(&held), 1);
     }
 }

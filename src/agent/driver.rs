@@ -149,7 +149,10 @@ impl Driver {
                     .map_err(|e| AppendError::Failed(text(&e)))
             }),
             Action::Send { messages, mode } => Outcome::Sent(self.send(messages, &mode)),
-            Action::SendStats(report) => Outcome::Sent(self.send_stats(report)),
+            Action::SendStats(report) => match self.send_stats(report) {
+                Ok(()) => Outcome::Sent(1),
+                Err(report) => Outcome::StatsRefused(*report),
+            },
             Action::Kick(batch) => Outcome::Kicked(self.backend.kick(&batch).map_err(|e| text(&e))),
             Action::InstallSourceRoutes { vips, endpoints } => {
                 Outcome::RoutesInstalled(match self.routes.as_mut() {
@@ -226,11 +229,11 @@ impl Driver {
         queued
     }
 
-    /// Queues a stats report (1) or not (0, see [`queue_report`]).
-    fn send_stats(&mut self, report: Report) -> usize {
+    /// Queues a stats report, or gives it back (see [`queue_report`]).
+    fn send_stats(&mut self, report: Report) -> Result<(), Box<Report>> {
         let Some(tx) = &self.outbound else {
-            return 0;
+            return Err(Box::new(report));
         };
-        usize::from(queue_report(tx, &self.report_held, report))
+        queue_report(tx, &self.report_held, report)
     }
 }

@@ -62,6 +62,16 @@ impl KernelModel {
         }
     }
 
+    /// Lets `note` update the marks of the peer `key` (if the model holds it); nothing
+    /// else of its entry changes here.
+    pub fn note_peer(&mut self, key: &Key, note: impl FnOnce(&PeerState, &mut Marks)) {
+        if let Some(peer) = self.observed.device.peers.get_mut(key) {
+            let mut marks = peer.marks;
+            note(peer, &mut marks);
+            peer.marks = marks;
+        }
+    }
+
     /// Lets `note` update each peer's marks (in key order); nothing else of an entry
     /// changes here.
     pub fn note(&mut self, mut note: impl FnMut(&Key, &PeerState, &mut Marks)) {

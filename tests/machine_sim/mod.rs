@@ -559,7 +559,7 @@ impl Sim {
             }
             Action::SendStats(report) => {
                 if !self.core.up || self.refuse_stats {
-                    return Some(Outcome::Sent(0));
+                    return Some(Outcome::StatsRefused(report));
                 }
                 for stats in report {
                     self.core.receive(v1::GatewayMessage {

@@ -502,11 +502,17 @@ impl Machine {
             }
             SendMode::Stats => {
                 if queued == 0 {
-                    // Congested or gone: report everything on the next stream or tick.
+                    // Nothing to tell which peers: report everything next time.
                     self.stats.reset();
                 }
             }
         }
+    }
+
+    /// A stats report the stream could not take (congested or gone): its peers are
+    /// reported again at the next tick (a new stream reports everyone anyway).
+    pub(super) fn stats_refused(&mut self, report: Report) {
+        self.stats.refused(self.model.as_mut(), &report);
     }
 }
 

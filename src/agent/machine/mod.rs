@@ -151,7 +151,7 @@ pub enum Action {
         mode: SendMode,
     },
     /// Queue a stats report to the Core; its messages are built as the stream takes them.
-    /// Result: [`Outcome::Sent`], 1 if it was queued, 0 if not.
+    /// Result: [`Outcome::Sent`] (1) if it was queued, else [`Outcome::StatsRefused`].
     SendStats(Report),
     /// Make the device send handshakes. Result: [`Outcome::Kicked`].
     Kick(Vec<Kick>),
@@ -218,6 +218,8 @@ pub enum Outcome {
     Appended(Result<u64, AppendError>),
     /// How many messages were queued (a prefix of those given).
     Sent(usize),
+    /// The stats report was not queued: given back, unsent.
+    StatsRefused(Report),
     Kicked(Result<(), String>),
     RoutesInstalled(Result<usize, String>),
     RoutesCleared(Result<(), String>),

@@ -237,6 +237,9 @@ impl Machine {
                 }
             },
             (Wait::Sent(mode), Outcome::Sent(queued)) => self.sent(mode, queued),
+            (Wait::Sent(SendMode::Stats), Outcome::StatsRefused(report)) => {
+                self.stats_refused(report)
+            }
             (Wait::Kicked { count, recreated }, Outcome::Kicked(result)) => {
                 self.kicked(count, recreated, result)
             }

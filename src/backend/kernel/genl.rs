@@ -490,6 +490,16 @@ mod tests {
             .unwrap();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("CIDR_MASK"), "{e}");
+        // Every type but the four control messages goes to the WireGuard parser, 0 and
+        // the reserved ones too.
+        for kind in [0u16, 5, 15] {
+            let mut bad = part_with_mask(4, vec![]);
+            bad[4..6].copy_from_slice(&kind.to_ne_bytes());
+            let e = parse_datagram::<Wg>(&bad, 4, Expect::Dump, &mut out, &mut intr)
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("CIDR_MASK"), "type {kind}: {e}");
+        }
     }
 
     #[test]

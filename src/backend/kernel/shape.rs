@@ -10,8 +10,10 @@ use std::io;
 const NLMSG_HDRLEN: usize = 16;
 /// Generic netlink header length.
 const GENL_HDRLEN: usize = 4;
-/// Message types below this are netlink control messages (`NLMSG_ERROR`, `NLMSG_DONE`, …).
-const NLMSG_MIN_TYPE: u16 = 0x10;
+/// The control messages netlink-packet-core parses itself (`NLMSG_NOOP`, `NLMSG_ERROR`,
+/// `NLMSG_DONE`, `NLMSG_OVERRUN`); it hands every other type, 0 and the reserved ones
+/// included, to the WireGuard parser.
+const CONTROL: std::ops::RangeInclusive<u16> = 1..=4;
 /// The attribute header: `u16` length (header included), `u16` type.
 const NLA_HDRLEN: usize = 4;
 /// The type bits of an attribute's type field (the rest are the nested and byte-order flags).
@@ -21,14 +23,14 @@ const WGDEVICE_A_PEERS: u16 = 8;
 const WGPEER_A_ALLOWEDIPS: u16 = 9;
 const WGALLOWEDIP_A_CIDR_MASK: u16 = 3;
 
-/// Checks every WireGuard message of one netlink message (`message`: header and payload,
-/// no more). Control messages pass unchecked; a message that is too short for its own
-/// header is left to the parser, which refuses it.
+/// Checks one netlink message (`message`: header and payload, no more) that the WireGuard
+/// parser will get. Control messages pass unchecked; a message that is too short for its
+/// own header is left to the parser, which refuses it.
 pub fn check_message(message: &[u8]) -> io::Result<()> {
     let Some(kind) = message.get(4..6) else {
         return Ok(());
     };
-    if u16::from_ne_bytes([kind[0], kind[1]]) < NLMSG_MIN_TYPE {
+    if CONTROL.contains(&u16::from_ne_bytes([kind[0], kind[1]])) {
         return Ok(());
     }
     match message.get(NLMSG_HDRLEN + GENL_HDRLEN..) {
