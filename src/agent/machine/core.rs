@@ -500,12 +500,8 @@ impl Machine {
                     self.sent_up_to = *seq;
                 }
             }
-            SendMode::Stats => {
-                if queued == 0 {
-                    // Nothing to tell which peers: report everything next time.
-                    self.stats.reset();
-                }
-            }
+            // Queued; a refused report comes back as `Outcome::StatsRefused`.
+            SendMode::Stats => {}
         }
     }
 

@@ -40,23 +40,22 @@ pub fn check_message(message: &[u8]) -> io::Result<()> {
 }
 
 fn device(attributes: &[u8]) -> io::Result<()> {
-    for (kind, value) in nlas(attributes) {
-        if kind? == WGDEVICE_A_PEERS {
-            for (entry, peer) in nlas(value) {
-                entry?;
-                self::peer(peer)?;
-            }
-        }
-    }
-    Ok(())
+    each_nested(attributes, WGDEVICE_A_PEERS, |peer| {
+        each_nested(peer, WGPEER_A_ALLOWEDIPS, allowed_ip)
+    })
 }
 
-fn peer(attributes: &[u8]) -> io::Result<()> {
-    for (kind, value) in nlas(attributes) {
-        if kind? == WGPEER_A_ALLOWEDIPS {
-            for (entry, allowed_ip) in nlas(value) {
+/// Runs `check` on each entry of every list attribute of type `kind` in `attributes`.
+fn each_nested(
+    attributes: &[u8],
+    kind: u16,
+    mut check: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    for (found, list) in nlas(attributes) {
+        if found? == kind {
+            for (entry, value) in nlas(list) {
                 entry?;
-                self::allowed_ip(allowed_ip)?;
+                check(value)?;
             }
         }
     }
