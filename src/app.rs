@@ -61,6 +61,7 @@ pub fn settings(config: &Config) -> anyhow::Result<Settings> {
         remove_on_shutdown: config.gateway.remove_on_shutdown,
         gateway_id: config.gateway.id.clone(),
         http_listen: config.http.listen,
+        peer_metrics_limit: config.http.peer_metrics_limit,
         hooks: Hooks::new(config.hooks.clone(), config.gateway.interface.clone()),
         firewall: crate::agent::firewall::FirewallSettings {
             // The in-memory backend has no kernel interface to filter.
@@ -141,32 +142,63 @@ pub fn init_logging(level: &str, format: LogFormat) {
     };
 }
 
-/// `gatehouse status`: prints the running agent's status; exit 0 when ready, 1 when not,
-/// 3 when the agent cannot be reached.
-pub async fn status(base: &str) -> i32 {
-    let url = format!("{}/status", base.trim_end_matches('/'));
-    match call::<Status>(reqwest::Method::GET, &url).await {
-        Ok(mut s) => {
-            (s.ready, s.ready_reason) = s.readiness_now(std::time::SystemTime::now());
-            print!("{}", render_status(&s));
-            if s.ready {
-                0
-            } else {
-                1
-            }
-        }
+/// `gatehouse status`: prints the running agent's interface and peers as `wg show` does
+/// (from `/peers`), then what only gatehouse knows (from `/status`); with `json`, both as
+/// one JSON object `{"status": ..., "peers": ...}`. Exit 0 when ready, 1 when not, 3 when
+/// the agent cannot be reached.
+pub async fn status(base: &str, json: bool) -> i32 {
+    let base = base.trim_end_matches('/');
+    let mut s = match call::<Status>(reqwest::Method::GET, &format!("{base}/status")).await {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            3
+            return 3;
         }
+    };
+    let now = std::time::SystemTime::now();
+    (s.ready, s.ready_reason) = s.readiness_now(now);
+    let peers =
+        call::<crate::agent::peers::PeerTable>(reqwest::Method::GET, &format!("{base}/peers"))
+            .await;
+    if json {
+        let peers = peers.ok();
+        let both = serde_json::json!({ "status": &s, "peers": peers });
+        match serde_json::to_string_pretty(&both) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 1;
+            }
+        }
+    } else {
+        match &peers {
+            Ok(table) => println!(
+                "{}",
+                crate::show::render_interface(&s.interface, table, now)
+            ),
+            Err(e) => eprintln!("(no peer listing: {e})\n"),
+        }
+        print!("{}", render_status(&s));
+    }
+    if s.ready {
+        0
+    } else {
+        1
     }
 }
 
 /// `gatehouse diff`: prints what differs between the desired state and the interface;
 /// exit 0 when nothing differs, 1 when something does, 3 when the agent cannot be reached.
-pub async fn diff(base: &str) -> i32 {
+pub async fn diff(base: &str, json: bool) -> i32 {
     let url = format!("{}/diff", base.trim_end_matches('/'));
     match call::<DiffReport>(reqwest::Method::GET, &url).await {
+        Ok(d) if json => {
+            match serde_json::to_string_pretty(&d) {
+                Ok(text) => println!("{text}"),
+                Err(e) => eprintln!("error: {e}"),
+            }
+            i32::from(d.error.is_some() || !d.operations.is_empty())
+        }
         Ok(d) => {
             if let Some(ms) = d.read_unix_ms {
                 let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
@@ -315,6 +347,9 @@ pub fn render_status(s: &Status) -> String {
         "gateway    {} ({}), gatehouse {}",
         s.name, s.gateway_id, s.version
     );
+    if !s.location.is_empty() {
+        let _ = writeln!(out, "location   {}", s.location);
+    }
     let _ = writeln!(out, "interface  {} ({} backend)", s.interface, s.backend);
     let _ = writeln!(
         out,

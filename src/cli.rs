@@ -34,7 +34,8 @@ pub enum Command {
     Run,
     /// Validate the configuration and print it with secrets redacted (exit 2 on error).
     CheckConfig,
-    /// Show the running agent's interface, revision and Core connection.
+    /// Show the running agent's interface and peers as `wg show` does, then its revision,
+    /// Core connection, readiness, firewall and HA role (`--json` for scripts).
     Status(AgentArgs),
     /// Show differences between the desired state and the kernel in the running agent.
     Diff(AgentArgs),
@@ -83,6 +84,9 @@ pub struct AgentArgs {
     /// Base URL of the agent's HTTP server (default: from `http.listen` of the configuration).
     #[arg(long, value_name = "URL")]
     pub http: Option<String>,
+    /// `status` and `diff`: print the agent's answer as JSON (for scripts).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The configuration file and the flags that override configuration keys.
@@ -225,12 +229,23 @@ mod tests {
         assert_eq!(
             cli.action(),
             Command::Status(AgentArgs {
-                http: Some("http://127.0.0.1:9180".into())
+                http: Some("http://127.0.0.1:9180".into()),
+                json: false,
             })
         );
         assert_eq!(
             parse(&["diff"]).action(),
-            Command::Diff(AgentArgs { http: None })
+            Command::Diff(AgentArgs {
+                http: None,
+                json: false
+            })
+        );
+        assert!(
+            parse(&["status", "--json"])
+                .action()
+                .agent_args()
+                .unwrap()
+                .json
         );
     }
 

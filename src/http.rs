@@ -1,32 +1,32 @@
 //! The agent's HTTP server: `/healthz` (alive), `/readyz` (ready by the rule in
 //! [`crate::agent::status::readiness`]), `/metrics` (Prometheus text), `/status` and
-//! `/diff` (JSON, for `gatehouse status` and `gatehouse diff`). It reads the status and the
+//! `/diff` (JSON, for `gatehouse status` and `gatehouse diff`), `/peers` (JSON: the
+//! interface's peers, for `gatehouse status`). It reads the status and the
 //! diff the event loop publishes; it owns no state. No request makes the loop work more
 //! than once a second: `/diff` answers from the loop's last read and, when that read is
 //! older than a second, asks for one fresh read (requests in between share it). HA
 //! commands (`POST /drain`, `/undrain`, `/activate`, `/deactivate`) go to the event loop
 //! and answer its state after the command: `{"role": "...", "draining": bool}`. The
-//! control endpoints (`/status`, `/diff`, the HA commands) answer loopback clients only,
+//! control endpoints (`/status`, `/diff`, `/peers`, the HA commands) answer loopback clients only,
 //! whatever `http.listen` is (403 otherwise).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::{ConnectInfo, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::agent::peers::PeerTable;
 use crate::agent::status::{unix_ms, Status};
 use crate::ha;
+use crate::metrics::ApplyMetrics;
 
 /// A diff older than this is refreshed on request (at most one interface read per period).
 pub const DIFF_MAX_AGE: Duration = Duration::from_secs(1);
@@ -68,10 +68,22 @@ pub struct DiffChannel {
     pub refresh: mpsc::Sender<()>,
 }
 
+/// What the event loop and the driver publish for the server to answer from.
+#[derive(Clone)]
+pub struct Published {
+    pub status: watch::Receiver<Status>,
+    pub diff: DiffChannel,
+    /// The peers at the last read (refreshed like the diff: the same read serves both).
+    pub peers: watch::Receiver<Arc<PeerTable>>,
+    pub apply: ApplyMetrics,
+}
+
 #[derive(Clone)]
 struct AppState {
     status: watch::Receiver<Status>,
     diff: DiffChannel,
+    peers: watch::Receiver<Arc<PeerTable>>,
+    apply: ApplyMetrics,
     ha: mpsc::Sender<ha::Request>,
 }
 
@@ -94,33 +106,41 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// The router, without its connection info (the server adds it; tests inject it).
-pub fn router(
-    status: watch::Receiver<Status>,
-    diff: DiffChannel,
-    ha: mpsc::Sender<ha::Request>,
-) -> Router {
+pub fn router(published: Published, ha: mpsc::Sender<ha::Request>) -> Router {
+    let Published {
+        status,
+        diff,
+        peers,
+        apply,
+    } = published;
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_json))
         .route("/diff", get(diff_json))
+        .route("/peers", get(peers_json))
         .route("/drain", post(drain))
         .route("/undrain", post(undrain))
         .route("/activate", post(activate))
         .route("/deactivate", post(deactivate))
-        .with_state(AppState { status, diff, ha })
+        .with_state(AppState {
+            status,
+            diff,
+            peers,
+            apply,
+            ha,
+        })
 }
 
 /// Serves until `shutdown` becomes true.
 pub async fn serve(
     listener: TcpListener,
-    status: watch::Receiver<Status>,
-    diff: DiffChannel,
+    published: Published,
     ha: mpsc::Sender<ha::Request>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let app = router(status, diff, ha);
+    let app = router(published, ha);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -184,6 +204,38 @@ async fn diff_json(
     Json(report).into_response()
 }
 
+/// `/peers`: the interface's peers, as fresh as `/diff` (no rows above
+/// `http.peer_metrics_limit`).
+async fn peers_json(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(mut app): State<AppState>,
+) -> Response {
+    if !is_local_client(peer) {
+        return forbidden();
+    }
+    let table = fresh_peers(&mut app).await;
+    Json(&*table).into_response()
+}
+
+/// The peer table, after asking for a fresh read when it is listed and older than
+/// [`DIFF_MAX_AGE`] (the same read as `/diff`'s: at most one a second, shared by the
+/// requests in between). A table without rows needs no read.
+async fn fresh_peers(app: &mut AppState) -> Arc<PeerTable> {
+    let stale = {
+        let table = app.peers.borrow_and_update();
+        table.listed
+            && table.read_unix_ms.is_none_or(|at| {
+                let age = unix_ms(SystemTime::now()).saturating_sub(at);
+                !(0..DIFF_MAX_AGE.as_millis() as i64).contains(&age)
+            })
+    };
+    if stale {
+        let _ = app.diff.refresh.try_send(());
+        let _ = tokio::time::timeout(DIFF_WAIT, app.peers.changed()).await;
+    }
+    Arc::clone(&app.peers.borrow())
+}
+
 async fn drain(peer: ConnectInfo<SocketAddr>, app: State<AppState>) -> Response {
     command(peer, app, ha::Command::Drain).await
 }
@@ -235,236 +287,44 @@ async fn command(
     }
 }
 
-async fn metrics(State(app): State<AppState>) -> Response {
-    let s = app.status.borrow().clone();
-    match render_metrics(&s) {
-        Ok(text) => (
+/// `/metrics`: OpenMetrics when the scraper asks for it (Prometheus does), else the
+/// Prometheus text format (curl, promtool).
+async fn metrics(State(mut app): State<AppState>, headers: HeaderMap) -> Response {
+    let peers = fresh_peers(&mut app).await;
+    let status = app.status.borrow().clone();
+    let page = match crate::metrics::render(&status, &peers, &app.apply, SystemTime::now()) {
+        Ok(page) => page,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            text,
+            page,
         )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::metrics::to_prometheus_text(&page),
+        )
+            .into_response()
     }
-}
-
-/// Renders the status as Prometheus/OpenMetrics text.
-pub fn render_metrics(s: &Status) -> Result<String, std::fmt::Error> {
-    let mut registry = Registry::with_prefix("gatehouse");
-    let gauge = |registry: &mut Registry, name: &str, help: &str, v: i64| {
-        let g: Gauge = Gauge::default();
-        g.set(v);
-        registry.register(name, help, g);
-    };
-    let counter = |registry: &mut Registry, name: &str, help: &str, v: u64| {
-        let c: Counter = Counter::default();
-        c.inc_by(v);
-        registry.register(name, help, c);
-    };
-    gauge(
-        &mut registry,
-        "ready",
-        "1 when /readyz answers 200",
-        s.ready as i64,
-    );
-    gauge(
-        &mut registry,
-        "core_connected",
-        "1 while a stream to the Core is open",
-        s.core.connected as i64,
-    );
-    gauge(
-        &mut registry,
-        "held_revision",
-        "Revision accepted from the Core",
-        s.held_revision as i64,
-    );
-    gauge(
-        &mut registry,
-        "applied_revision",
-        "Revision the interface matches",
-        s.applied_revision as i64,
-    );
-    gauge(
-        &mut registry,
-        "desired_peers",
-        "Peers in the desired state",
-        s.desired_peers as i64,
-    );
-    gauge(
-        &mut registry,
-        "kernel_peers",
-        "Peers on the interface",
-        s.kernel_peers as i64,
-    );
-    gauge(
-        &mut registry,
-        "pending_events",
-        "Peer events not yet acknowledged by the Core",
-        s.pending_events as i64,
-    );
-    gauge(
-        &mut registry,
-        "apply_failed",
-        "1 when the last apply failed",
-        s.apply_error.is_some() as i64,
-    );
-    gauge(
-        &mut registry,
-        "failed_steps",
-        "Apply steps (peer removals, link, addresses, peers, device, firewall) whose last attempt failed",
-        s.failed_steps.len() as i64,
-    );
-    counter(
-        &mut registry,
-        "missed_deadlines",
-        "Timer runs (MFA expiry, stats, resync) more than 5s after their deadline",
-        s.timers.missed_deadlines,
-    );
-    gauge(
-        &mut registry,
-        "timer_max_lateness_milliseconds",
-        "The latest a timer ran after its deadline since start",
-        s.timers.max_lateness_ms as i64,
-    );
-    gauge(
-        &mut registry,
-        "firewall_error",
-        "1 when the last firewall step failed (the last good table stays)",
-        (s.firewall.state == "error") as i64,
-    );
-    counter(
-        &mut registry,
-        "firewall_repairs",
-        "Repairs of the firewall table after a change outside gatehouse",
-        s.firewall.repairs,
-    );
-    counter(
-        &mut registry,
-        "mfa_removals",
-        "Peers removed for MFA inactivity",
-        s.mfa_removals,
-    );
-    counter(
-        &mut registry,
-        "drift_repairs",
-        "Reconciles that found and repaired drift",
-        s.drift_repairs,
-    );
-    counter(
-        &mut registry,
-        "backend_device_writes",
-        "WireGuard write messages sent",
-        s.device_writes,
-    );
-    counter(
-        &mut registry,
-        "backend_link_writes",
-        "Link write messages sent",
-        s.link_writes,
-    );
-    gauge(
-        &mut registry,
-        "ha_active",
-        "1 while this gateway is active (a floating address here, or activated)",
-        (s.ha.role == ha::Role::Active) as i64,
-    );
-    gauge(
-        &mut registry,
-        "ha_draining",
-        "1 while this gateway is drained (/readyz answers 503)",
-        s.ha.draining as i64,
-    );
-    counter(
-        &mut registry,
-        "ha_takeovers",
-        "Transitions to active since start (each starts one takeover round)",
-        s.ha.takeovers,
-    );
-    counter(
-        &mut registry,
-        "ha_kicks",
-        "Handshakes initiated towards clients on takeover",
-        s.ha.kicks,
-    );
-    counter(
-        &mut registry,
-        "ha_failures",
-        "Failed takeover kicks, source-route writes and address watches",
-        s.ha.failures,
-    );
-    gauge(
-        &mut registry,
-        "ha_relayed_endpoints",
-        "Peers whose last endpoint is known (seen here or relayed by the Core)",
-        s.ha.relayed_endpoints as i64,
-    );
-    gauge(
-        &mut registry,
-        "core_connect_failures",
-        "Consecutive failed Core connection attempts",
-        i64::from(s.core.consecutive_failures),
-    );
-    let mut out = String::new();
-    encode(&mut out, &registry)?;
-    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metrics_render_status_values() {
-        let s = Status {
-            ready: true,
-            held_revision: 42,
-            mfa_removals: 3,
-            ..Default::default()
-        };
-        let text = render_metrics(&s).unwrap();
-        assert!(text.contains("gatehouse_ready 1"), "{text}");
-        assert!(text.contains("gatehouse_held_revision 42"), "{text}");
-        assert!(text.contains("gatehouse_mfa_removals_total 3"), "{text}");
-    }
-
-    #[test]
-    fn missed_deadlines_and_failed_steps_are_metrics() {
-        let mut s = Status {
-            failed_steps: vec!["addresses: no IPv6".into()],
-            ..Default::default()
-        };
-        s.timers.missed_deadlines = 4;
-        let text = render_metrics(&s).unwrap();
-        assert!(
-            text.contains("gatehouse_missed_deadlines_total 4"),
-            "{text}"
-        );
-        assert!(text.contains("gatehouse_failed_steps 1"), "{text}");
-    }
-
-    #[test]
-    fn ha_metrics_follow_the_status() {
-        let mut s = Status::default();
-        s.ha.role = ha::Role::Active;
-        s.ha.draining = true;
-        s.ha.takeovers = 2;
-        s.ha.kicks = 40;
-        s.ha.relayed_endpoints = 7;
-        let text = render_metrics(&s).unwrap();
-        for line in [
-            "gatehouse_ha_active 1",
-            "gatehouse_ha_draining 1",
-            "gatehouse_ha_takeovers_total 2",
-            "gatehouse_ha_kicks_total 40",
-            "gatehouse_ha_relayed_endpoints 7",
-            "gatehouse_ha_failures_total 0",
-        ] {
-            assert!(text.contains(line), "{line}: {text}");
-        }
-    }
 
     #[test]
     fn a_diff_is_stale_after_a_second_or_when_the_clock_went_back() {
@@ -507,6 +367,7 @@ mod tests {
         let (_status_tx, status) = watch::channel(Status::default());
         let (_diff_tx, report) = watch::channel(DiffReport::default());
         let (refresh, _refresh_rx) = mpsc::channel(1);
+        let (_peers_tx, peers) = watch::channel(Arc::new(PeerTable::default()));
         let (ha_tx, mut ha_rx) = mpsc::channel::<ha::Request>(4);
         // A stand-in event loop: answers every command.
         tokio::spawn(async move {
@@ -520,10 +381,14 @@ mod tests {
         for (client, want) in [("192.0.2.1:4000", 403u16), ("127.0.0.1:4000", 200)] {
             let addr: SocketAddr = client.parse().unwrap();
             let app = router(
-                status.clone(),
-                DiffChannel {
-                    report: report.clone(),
-                    refresh: refresh.clone(),
+                Published {
+                    status: status.clone(),
+                    diff: DiffChannel {
+                        report: report.clone(),
+                        refresh: refresh.clone(),
+                    },
+                    peers: peers.clone(),
+                    apply: ApplyMetrics::default(),
                 },
                 ha_tx.clone(),
             )
@@ -531,7 +396,7 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());
             let server = tokio::spawn(async move { axum::serve(listener, app).await });
-            for path in ["/status", "/diff"] {
+            for path in ["/status", "/diff", "/peers"] {
                 let got = reqwest::get(format!("{url}{path}")).await.unwrap().status();
                 assert_eq!(got.as_u16(), want, "{client} {path}");
             }

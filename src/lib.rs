@@ -2,7 +2,8 @@
 //!
 //! Deciding code (pure, tested without root): [`model`], [`plan`], [`validate`],
 //! [`location`], [`backoff`], [`mfa`], [`stats`], [`agent::status`], [`config`],
-//! [`peer_limit`], [`ha`]'s role, activity book and takeover planner.
+//! [`peer_limit`], [`metrics`] (the page), [`agent::peers`], [`ha`]'s role, activity book
+//! and takeover planner.
 //! Acting code: [`backend`], [`agent`], [`state`], [`http`], [`hooks`], [`cli`].
 //!
 //! The deciding code reads no clock, draws no randomness and iterates no hash map: the calls
@@ -36,10 +37,12 @@ pub mod http;
 #[cfg(feature = "lint-bites")]
 mod lint_bites;
 pub mod location;
+pub mod metrics;
 pub mod mfa;
 pub mod model;
 pub mod peer_limit;
 pub mod plan;
+pub mod show;
 // The state file: a corrupt file is moved aside under the wall time, a new gateway id is random.
 #[allow(clippy::disallowed_methods)]
 pub mod state;

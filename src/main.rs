@@ -35,10 +35,11 @@ fn main() -> ExitCode {
                 .and_then(|a| a.http.clone())
                 .or_else(|| cli::load(&cli, &env).ok().and_then(|c| c.http.local_url()));
             let base = base.unwrap_or_else(|| "http://127.0.0.1:9180".into());
+            let json = action.agent_args().is_some_and(|a| a.json);
             match (&action, action.ha_command()) {
                 (_, Some(command)) => runtime.block_on(app::ha_command(&base, command)),
-                (Command::Status(_), None) => runtime.block_on(app::status(&base)),
-                _ => runtime.block_on(app::diff(&base)),
+                (Command::Status(_), None) => runtime.block_on(app::status(&base, json)),
+                _ => runtime.block_on(app::diff(&base, json)),
             }
         }
         Command::Run => {

@@ -301,8 +301,15 @@ async fn activate_kicks_exactly_the_recently_active_peers_at_their_relayed_endpo
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("gatehouse_ha_kicks_total 3"), "{metrics}");
-    assert!(metrics.contains("gatehouse_ha_active 1"), "{metrics}");
+    let labels = r#"{location="ha",gateway="test-gateway"}"#;
+    assert!(
+        metrics.contains(&format!("gatehouse_ha_kicks_total{labels} 3")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("gatehouse_ha_active{labels} 1")),
+        "{metrics}"
+    );
 
     let answer = post(&base, Command::Deactivate).await;
     assert_eq!(answer.role, Role::Standby);

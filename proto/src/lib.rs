@@ -1,7 +1,10 @@
 //! The `gatehouse.v1` protocol: messages and gRPC stubs generated from
 //! `proto/gatehouse/v1/gateway.proto`. The proto file documents every message and the
-//! ordering rules; this crate only compiles it.
+//! ordering rules; this crate compiles it and holds the rule of `Stats` totals
+//! ([`counters`]).
 #![deny(unsafe_code)]
+
+pub mod counters;
 
 /// Generated code for package `gatehouse.v1`.
 pub mod v1 {

@@ -13,12 +13,14 @@ use tracing::{error, info, warn};
 use super::client::{queue_report, FromCore, Outgoing};
 use super::firewall::FirewallStep;
 use super::machine::{Action, AppendError, Machine, Now, Outcome, SendMode};
+use super::peers::PeerTable;
 use super::status::Status;
 use super::steps::execute_phases;
 use crate::backend::Backend;
 use crate::ha::source::SourceRoutes;
 use crate::hooks::Hooks;
 use crate::http::DiffReport;
+use crate::metrics::ApplyMetrics;
 use crate::state::StateStore;
 use crate::stats::Report;
 
@@ -40,6 +42,9 @@ pub(super) struct Driver {
     /// one batch of Core messages: no half-done batch is shown).
     pub(super) unpublished: Option<Box<Status>>,
     pub(super) diff_tx: Option<watch::Sender<DiffReport>>,
+    pub(super) peers_tx: Option<watch::Sender<Arc<PeerTable>>>,
+    /// Each apply's duration and operations (shared with the HTTP server).
+    pub(super) apply_metrics: ApplyMetrics,
     pub(super) origin: Instant,
 }
 
@@ -112,7 +117,9 @@ impl Driver {
                 Outcome::Read(into, read.map_err(|e| text(&e)))
             }
             Action::Apply { trigger, plan } => {
+                let (operations, started) = (plan.len(), Instant::now());
                 let (executed, outcomes) = execute_phases(self.backend.as_mut(), plan, &trigger);
+                self.apply_metrics.observe(started.elapsed(), operations);
                 Outcome::Applied {
                     applied: executed.applied,
                     outcomes,
@@ -179,6 +186,12 @@ impl Driver {
                 }
                 if let Some(tx) = &self.diff_tx {
                     tx.send_replace(report);
+                }
+                return None;
+            }
+            Action::PublishPeers(table) => {
+                if let Some(tx) = &self.peers_tx {
+                    tx.send_replace(Arc::new(*table));
                 }
                 return None;
             }

@@ -13,6 +13,7 @@ pub mod firewall;
 mod ha;
 pub mod machine;
 pub mod offline;
+pub mod peers;
 pub mod status;
 pub mod steps;
 pub mod timers;
@@ -59,6 +60,9 @@ pub struct Settings {
     /// Overrides the generated gateway id (the `gateway.id` key).
     pub gateway_id: Option<String>,
     pub http_listen: Option<SocketAddr>,
+    /// Per-peer metrics and `gatehouse status` peer rows while the interface has at most
+    /// this many peers (`http.peer_metrics_limit`; 0: never).
+    pub peer_metrics_limit: usize,
     pub hooks: Hooks,
     pub firewall: firewall::FirewallSettings,
     /// Several gateways per location (`[ha]`).
@@ -125,6 +129,8 @@ pub async fn run_with_vip_reports(
     let (core_tx, core_rx) = mpsc::channel(1024);
     let (refresh_tx, refresh_rx) = mpsc::channel(1);
     let (diff_tx, diff_rx) = watch::channel(DiffReport::default());
+    let (peers_tx, peers_rx) = watch::channel(std::sync::Arc::new(peers::PeerTable::default()));
+    let apply_metrics = crate::metrics::ApplyMetrics::default();
     let (ha_tx, ha_rx) = mpsc::channel(16);
     let (vip_tx, vip_rx) = mpsc::channel(16);
     let status_rx = status_tx.subscribe();
@@ -143,6 +149,8 @@ pub async fn run_with_vip_reports(
         status_tx: Some(status_tx),
         unpublished: None,
         diff_tx: Some(diff_tx),
+        peers_tx: Some(peers_tx),
+        apply_metrics: apply_metrics.clone(),
         origin,
         store,
         backend,
@@ -156,9 +164,14 @@ pub async fn run_with_vip_reports(
         rand::random(),
         driver.now(),
     );
-    let diff = DiffChannel {
-        report: diff_rx,
-        refresh: refresh_tx,
+    let published = http::Published {
+        status: status_rx,
+        diff: DiffChannel {
+            report: diff_rx,
+            refresh: refresh_tx,
+        },
+        peers: peers_rx,
+        apply: apply_metrics,
     };
 
     machine.handle_start(driver.now());
@@ -168,7 +181,7 @@ pub async fn run_with_vip_reports(
     let http = http_listener.map(|l| {
         let stop = stop_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = http::serve(l, status_rx, diff, ha_tx, stop).await {
+            if let Err(e) = http::serve(l, published, ha_tx, stop).await {
                 error!(error = %e, "HTTP server failed");
             }
         })

@@ -49,6 +49,15 @@ pub struct Status {
     pub last_reconcile_unix_ms: Option<i64>,
     /// Repairs of drift found by periodic reconciliation since start.
     pub drift_repairs: u64,
+    /// The operations of those repairs, by kind.
+    #[serde(default)]
+    pub drift: DriftCounts,
+    /// Stats reports to the Core since start.
+    #[serde(default)]
+    pub stats: StatsCounts,
+    /// The held location's name ("" before one is held).
+    #[serde(default)]
+    pub location: String,
     pub mfa_threshold_secs: Option<u64>,
     pub mfa_removals: u64,
     pub pending_events: usize,
@@ -107,6 +116,53 @@ pub struct CoreStatus {
     pub snapshots: u64,
     /// The backoff ceiling the delay was drawn from (full jitter).
     pub retry_ceiling_ms: Option<u64>,
+    /// Streams opened since start (each after the first is a reconnect).
+    #[serde(default)]
+    pub streams: u64,
+}
+
+/// The operations drift repairs applied since start, by kind.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DriftCounts {
+    pub link: u64,
+    pub device: u64,
+    pub peers_added: u64,
+    pub peers_updated: u64,
+    pub peers_removed: u64,
+}
+
+impl DriftCounts {
+    /// Counts the operations of one repair.
+    pub fn add(&mut self, repair: &crate::plan::PlanSummary) {
+        self.link += repair.link as u64;
+        self.device += repair.device as u64;
+        self.peers_added += repair.peers_added as u64;
+        self.peers_updated += repair.peers_updated as u64;
+        self.peers_removed += repair.peers_removed as u64;
+    }
+
+    /// (kind, count) in a fixed order, for the metrics.
+    pub fn by_kind(&self) -> [(&'static str, u64); 5] {
+        [
+            ("link", self.link),
+            ("device", self.device),
+            ("peer_added", self.peers_added),
+            ("peer_updated", self.peers_updated),
+            ("peer_removed", self.peers_removed),
+        ]
+    }
+}
+
+/// Stats reports to the Core since start.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatsCounts {
+    /// Reports queued to the stream.
+    pub reports: u64,
+    /// Reports the stream refused (congested or gone); their peers go in the next one.
+    pub refused: u64,
+    /// The Core has every change up to the read made then (unix ms): the read of the last
+    /// report queued, or of a tick with nothing to report. None: not yet.
+    pub synced_unix_ms: Option<i64>,
 }
 
 /// A failed apply waiting for its retry.

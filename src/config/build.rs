@@ -149,6 +149,12 @@ pub(super) fn build(l: &Layered) -> Result<Config, ConfigError> {
 
     let http = HttpConfig {
         listen: parse_listen(l.str("http", "listen")).map_err(|m| err("http", "listen", m))?,
+        peer_metrics_limit: int_in(
+            l.int("http", "peer_metrics_limit"),
+            0,
+            super::MAX_PEER_METRICS_LIMIT as i64,
+        )
+        .map_err(|m| err("http", "peer_metrics_limit", m))? as usize,
     };
 
     let level = l.str("log", "level").trim().to_owned();

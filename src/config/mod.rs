@@ -45,6 +45,13 @@ pub const MISSING_TOKEN: &str = "no Core token: set core.token or core.token_fil
 /// Prefix of the configuration environment variables.
 pub const ENV_PREFIX: &str = "GATEHOUSE_";
 
+/// Per-peer metrics are on while the interface has at most this many peers, unless
+/// `http.peer_metrics_limit` says otherwise: a few thousand series a scrape.
+pub const DEFAULT_PEER_METRICS_LIMIT: usize = 1000;
+
+/// The largest `http.peer_metrics_limit`: beyond it a scrape is megabytes.
+pub const MAX_PEER_METRICS_LIMIT: usize = 100_000;
+
 /// The effective, validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -122,6 +129,9 @@ pub enum OfflinePolicy {
 pub struct HttpConfig {
     /// `None`: no HTTP server.
     pub listen: Option<SocketAddr>,
+    /// Per-peer series in `/metrics` (and peer rows in `/peers`) while the interface has
+    /// at most this many peers; 0: never.
+    pub peer_metrics_limit: usize,
 }
 
 /// `[log]`.

@@ -85,6 +85,7 @@ fn value_of(c: &Config, name: &str) -> Value {
         "ha.takeover_window" => dur(c.ha.takeover_window),
         "ha.takeover_rate" => Value::Integer(i64::from(c.ha.takeover_rate)),
         "ha.route_table" => Value::Integer(i64::from(c.ha.route_table)),
+        "http.peer_metrics_limit" => Value::Integer(c.http.peer_metrics_limit as i64),
         // Every SCHEMA key is listed above (the round-trip test checks it).
         _ => s("<unknown key>"),
     }

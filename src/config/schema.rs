@@ -169,6 +169,11 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     s("gateway", "offline_policy", "keep"),
     b("gateway", "remove_on_shutdown", false),
     s("http", "listen", "127.0.0.1:9180"),
+    i(
+        "http",
+        "peer_metrics_limit",
+        super::DEFAULT_PEER_METRICS_LIMIT as i64,
+    ),
     s("log", "level", "info"),
     s("log", "format", "text"),
     s("hooks", "pre_up", ""),

@@ -82,6 +82,7 @@ pub fn settings() -> Settings {
         remove_on_shutdown: false,
         gateway_id: Some("gw-sim".into()),
         http_listen: None,
+        peer_metrics_limit: gatehouse::config::DEFAULT_PEER_METRICS_LIMIT,
         hooks: Hooks::new(HooksConfig::default(), "wgsim0"),
         firewall: Default::default(),
         ha: Default::default(),
@@ -192,6 +193,7 @@ fn kind(a: &Action) -> String {
         Action::ClearSourceRoutes => "clear routes".into(),
         Action::Publish(_) => "publish".into(),
         Action::PublishDiff { .. } => "diff".into(),
+        Action::PublishPeers(_) => "peers".into(),
         Action::RemoveInterface => "remove interface".into(),
     }
 }
@@ -250,6 +252,8 @@ pub struct Sim {
     /// (hook, the link existed, peers on the interface)
     pub hooks: Vec<(Hook, bool, usize)>,
     pub status: Status,
+    /// The last peer table published.
+    pub peers: gatehouse::agent::peers::PeerTable,
     /// Each apply's peer removals, with how many states had been saved before it.
     pub removals: Vec<(Vec<Key>, usize)>,
     /// Peers with traffic: their counters grow before every timer.
@@ -298,6 +302,7 @@ impl Sim {
             trace: vec![],
             hooks: vec![],
             status: Status::default(),
+            peers: Default::default(),
             removals: vec![],
             active: BTreeSet::new(),
             clock: Duration::ZERO,
@@ -578,6 +583,10 @@ impl Sim {
                 return None;
             }
             Action::PublishDiff { .. } => return None,
+            Action::PublishPeers(table) => {
+                self.peers = *table;
+                return None;
+            }
             Action::RemoveInterface => {
                 let _ = self.kernel.remove();
                 return None;

@@ -210,6 +210,7 @@ pub fn settings(url: &str, token: &str, state_dir: &Path) -> Settings {
         remove_on_shutdown: false,
         gateway_id: None,
         http_listen: None,
+        peer_metrics_limit: gatehouse::config::DEFAULT_PEER_METRICS_LIMIT,
         hooks: Hooks::new(HooksConfig::default(), "wgtest0"),
         firewall: Default::default(),
         ha: Default::default(),

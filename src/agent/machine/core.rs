@@ -53,6 +53,7 @@ impl Machine {
     pub fn handle_connected(&mut self, now: Now) {
         self.input(now);
         self.stream_up = true;
+        self.core.streams += 1;
         self.core.connected = true;
         self.core.since_unix_ms = Some(unix_ms(now.wall));
         self.core.consecutive_failures = 0;
@@ -460,7 +461,11 @@ impl Machine {
             self.stats.reset();
             return;
         }
-        if !report.is_empty() {
+        if report.is_empty() {
+            // Nothing changed since the last report: the Core is up to date with this read.
+            self.counts.stats.synced_unix_ms = Some(unix_ms(self.now.wall));
+        } else {
+            self.counts.stats_in_flight = Some(self.now.wall);
             self.request(Action::SendStats(report), Wait::Sent(SendMode::Stats));
         }
     }
@@ -501,13 +506,20 @@ impl Machine {
                 }
             }
             // Queued; a refused report comes back as `Outcome::StatsRefused`.
-            SendMode::Stats => {}
+            SendMode::Stats => {
+                self.counts.stats.reports += 1;
+                if let Some(read) = self.counts.stats_in_flight.take() {
+                    self.counts.stats.synced_unix_ms = Some(unix_ms(read));
+                }
+            }
         }
     }
 
     /// A stats report the stream could not take (congested or gone): its peers are
     /// reported again at the next tick (a new stream reports everyone anyway).
     pub(super) fn stats_refused(&mut self, report: Report) {
+        self.counts.stats.refused += 1;
+        self.counts.stats_in_flight = None;
         self.stats.refused(self.model.as_mut(), &report);
     }
 }

@@ -171,6 +171,8 @@ pub enum Action {
         policy: Option<v1::FirewallPolicy>,
         desired: Option<Box<Desired>>,
     },
+    /// The peers as the last read found them (`/metrics`, `/peers`).
+    PublishPeers(Box<crate::agent::peers::PeerTable>),
     /// Delete the interface (`remove_on_shutdown`).
     RemoveInterface,
 }
@@ -183,6 +185,7 @@ impl Action {
             Action::RunHook(_)
                 | Action::Publish(_)
                 | Action::PublishDiff { .. }
+                | Action::PublishPeers(_)
                 | Action::RemoveInterface
         )
     }
@@ -298,7 +301,13 @@ struct Counts {
     last_reconcile_ops: usize,
     last_reconcile: Option<SystemTime>,
     drift_repairs: u64,
+    /// The operations of those repairs, by kind.
+    drift: super::status::DriftCounts,
     mfa_removals: u64,
+    /// Stats reports queued and refused on the streams since start.
+    stats: super::status::StatsCounts,
+    /// The read the stats report on its way carries (set while one is awaited).
+    stats_in_flight: Option<SystemTime>,
 }
 
 /// The agent's state and decisions (see the module doc for the calling contract).
@@ -318,6 +327,8 @@ pub struct Machine {
     tombstones: Tombstones,
     epochs: Epochs,
     stats: StatsTracker,
+    /// The agent's per-peer totals, kept while per-peer metrics are on.
+    peer_totals: crate::agent::peers::PeerTotals,
     pending: Vec<PendingEvent>,
     next_seq: u64,
     /// Events up to this seq went out on the current stream (in Hello or after).
@@ -405,6 +416,7 @@ impl Machine {
             tombstones: Tombstones::default(),
             epochs: Epochs::default(),
             stats: StatsTracker::default(),
+            peer_totals: Default::default(),
             pending: Vec::new(),
             // A fresh start (no usable state file) must not reuse earlier event numbers.
             next_seq: first_event_seq(now.wall),

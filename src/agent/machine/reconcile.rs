@@ -302,7 +302,34 @@ impl Machine {
             self.mfa = MfaTracker::new();
         }
         self.ha.book.observe_here(peers, wall);
+        self.publish_peers();
         Ok(())
+    }
+
+    /// After a read: the agent's per-peer totals folded, and the peer table published
+    /// (without rows above `peer_metrics_limit`, and then no totals kept).
+    fn publish_peers(&mut self) {
+        let Some(model) = &self.model else {
+            return;
+        };
+        let limit = self.settings.peer_metrics_limit;
+        if model.device.peers.len() <= limit {
+            let wanted = self.held.as_ref().map(|h| &h.valid.desired.peers);
+            self.peer_totals.fold(model, &self.epochs, |k| {
+                wanted.is_some_and(|w| w.contains_key(k))
+            });
+        } else if !self.peer_totals.is_empty() {
+            self.peer_totals = Default::default();
+        }
+        let location = self.held.as_ref().map_or("", |h| h.valid.name.as_str());
+        let table = crate::agent::peers::PeerTable::of(
+            model,
+            location,
+            &self.peer_totals,
+            limit,
+            unix_ms(self.now.wall),
+        );
+        self.emit(Action::PublishPeers(Box::new(table)));
     }
 
     fn after_read(&mut self, after: AfterRead, into: ReadInto, result: Result<(), String>) {
@@ -677,6 +704,7 @@ impl Machine {
                     Ok(summary) => {
                         if summary != PlanSummary::default() && in_sync {
                             self.counts.drift_repairs += 1;
+                            self.counts.drift.add(&summary);
                             warn!(%summary, "drift repaired: the interface had been changed outside gatehouse");
                         }
                         self.mark_applied();

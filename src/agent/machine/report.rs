@@ -98,6 +98,13 @@ impl Machine {
             last_reconcile_ops: self.counts.last_reconcile_ops,
             last_reconcile_unix_ms: self.counts.last_reconcile.map(unix_ms),
             drift_repairs: self.counts.drift_repairs,
+            drift: self.counts.drift.clone(),
+            stats: self.counts.stats.clone(),
+            location: self
+                .held
+                .as_ref()
+                .map(|h| h.valid.name.clone())
+                .unwrap_or_default(),
             mfa_threshold_secs: self.mfa_policy().threshold().map(|d| d.as_secs()),
             mfa_removals: self.counts.mfa_removals,
             pending_events: self.pending.len(),
