@@ -15,6 +15,7 @@ PKGS=(
 	docker.io docker-compose                       # container images and compose test
 	python3                                        # JSON in the test scripts
 	keepalived                                     # the HA drill (tests/e2e_ha.rs): VRRP
+	prometheus                                     # scrapes /metrics, promtool (tests/e2e_prometheus.rs)
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -36,6 +37,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" || rc=$?
 	[ -z "$norc" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 	[ "${rc:-0}" = 0 ] || exit "$rc"
+	# Installed here only for tests/e2e_prometheus.rs, which runs its own prometheus (own
+	# config, storage and port): the packaged service (enabled at install, port 9090)
+	# is not wanted on a test host.
+	if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+		$SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+	fi
 fi
 # The fuzz targets (scripts/fuzz.sh) are built with cargo-fuzz.
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
