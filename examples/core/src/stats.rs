@@ -32,9 +32,40 @@ pub fn last_active(
     active
 }
 
+/// A peer's activity on another gateway as an MFA decision counts it (Unix ms; 0 =
+/// none), protocol rule 8. The Core knows what a gateway saw up to when it last heard
+/// from it (`last_seen`); since then the gateway may have carried the client unheard (cut
+/// off from the Core, its stream not yet known dead). When the peer was still active on
+/// it then (within the threshold before `last_seen`), its activity counts as lasting
+/// until `last_seen`. For a gateway that reports regularly this changes no decision (the
+/// peer was active within the threshold either way); a gateway cut off for less than a
+/// threshold keeps its active clients against a sibling's idle view, and one silent for
+/// longer no longer keeps sessions alive.
+pub fn activity_elsewhere(last_active: i64, last_seen: i64, threshold_ms: i64) -> i64 {
+    if last_active > 0 && last_seen.saturating_sub(last_active) <= threshold_ms {
+        last_active.max(last_seen)
+    } else {
+        last_active
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_gateway_counts_activity_until_the_core_last_heard_from_it() {
+        let t = 20_000;
+        // The peer live on it when the Core last heard from it: until then.
+        assert_eq!(activity_elsewhere(10_000, 29_000, t), 29_000);
+        assert_eq!(activity_elsewhere(10_000, 30_000, t), 30_000);
+        // Idle on it for longer than the threshold before that: as reported.
+        assert_eq!(activity_elsewhere(10_000, 30_001, t), 10_000);
+        // Never active there: nothing.
+        assert_eq!(activity_elsewhere(0, 30_000, t), 0);
+        // Heard from before the activity it reported (clocks apart): as reported.
+        assert_eq!(activity_elsewhere(10_000, 9_000, t), 10_000);
+    }
 
     fn run(epoch: u64, rx: u64) -> CounterRun {
         CounterRun {

@@ -1029,13 +1029,25 @@ fn record_event(
                     if loc.mfa && ev.mfa_session != 0 && current == Some(ev.mfa_session) {
                         // Protocol rule 8: active on another gateway within the
                         // threshold → keep the session, renew its id.
-                        let elsewhere: i64 = tx.query_row(
-                            "SELECT COALESCE(MAX(last_active), 0) FROM stats
-                             WHERE location_id = ?1 AND peer_id = ?2 AND gateway_id != ?3",
-                            params![location as i64, id, gateway],
-                            |r| r.get(0),
-                        )?;
                         let threshold_ms = i64::from(loc.threshold) * 1000;
+                        let mut q = tx.prepare_cached(
+                            "SELECT s.last_active, COALESCE(g.last_seen, 0)
+                             FROM stats s LEFT JOIN gateways g
+                               ON g.location_id = s.location_id AND g.gateway_id = s.gateway_id
+                             WHERE s.location_id = ?1 AND s.peer_id = ?2 AND s.gateway_id != ?3",
+                        )?;
+                        let rows: Vec<(i64, i64)> = q
+                            .query_map(params![location as i64, id, gateway], |r| {
+                                Ok((r.get(0)?, r.get(1)?))
+                            })?
+                            .collect::<rusqlite::Result<_>>()?;
+                        let elsewhere = rows
+                            .iter()
+                            .map(|(active, seen)| {
+                                stats::activity_elsewhere(*active, *seen, threshold_ms)
+                            })
+                            .max()
+                            .unwrap_or(0);
                         let core_view_incomplete =
                             now.saturating_sub(core_started_at) <= threshold_ms;
                         let active_before_on_unknown = core_view_incomplete && {
@@ -1589,7 +1601,7 @@ fn split_lines(s: &str) -> Vec<String> {
 }
 
 /// The proto form of a stored policy; none stored = firewall management off.
-pub(crate) fn firewall_pb(policy: Option<&api::FirewallPolicy>) -> pb::FirewallPolicy {
+pub fn firewall_pb(policy: Option<&api::FirewallPolicy>) -> pb::FirewallPolicy {
     let Some(p) = policy else {
         return pb::FirewallPolicy {
             enabled: false,

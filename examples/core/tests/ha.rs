@@ -430,3 +430,56 @@ async fn renewal(gw: &mut Gw) -> pb::Peer {
     }
     upserted.expect("a delta renewing the session")
 }
+
+/// A gateway the Core stops hearing from (cut off, its stream not yet known dead) may
+/// have carried the client since: an idle
+/// sibling's inactivity event within a threshold of the Core's last word from it renews
+/// the session, even when the client's last reported activity there is older than the
+/// threshold (a gateway cut off from the Core for a few seconds keeps its clients).
+#[tokio::test]
+async fn a_client_on_a_gateway_the_core_cannot_hear_keeps_its_session() {
+    const T: u64 = 4;
+    let t = TestCore::start().await;
+    let view = t
+        .admin
+        .create_location(&gatehouse_core::api::NewLocation {
+            name: "cut".into(),
+            listen_port: 51820,
+            addresses: vec!["10.8.0.1/24".into()],
+            mfa: true,
+            disconnect_threshold_secs: T,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let loc = view.id;
+    let token = t.admin.create_token(loc).await.unwrap();
+    let a = t.admin.add_peer(loc, &peer(1)).await.unwrap();
+    let s = t.admin.start_mfa_session(loc, a.id, None).await.unwrap();
+    let (mut gw_a, _, _) = Gw::hello(t.grpc(), &token, "gw-a", vec![]).await;
+    let mut gw_b = second(&t, loc, "gw-b").await;
+    let start = unix_ms();
+    // The client is active on A now (a fresh handshake)...
+    gw_a.send(report(
+        start,
+        vec![row(&a.public_key, "198.51.100.7:40001", 10, start)],
+    ))
+    .await;
+    let _ = gw_b.activity().await;
+    // ... A is heard from (a report without news) T - 1 s later, then cut off: its
+    // stream stays open, as a cut one does until it is known dead.
+    tokio::time::sleep(std::time::Duration::from_secs(T - 1)).await;
+    gw_a.send(report(unix_ms(), vec![])).await;
+    // B's expiry fires more than T after the client's last activity A reported, less
+    // than T after the Core last heard from A.
+    let wait = (start + (T as i64 + 1) * 1000 - unix_ms()).max(0) as u64;
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    gw_b.send(G::PeerEvent(mfa_event(1, &a.public_key, s.session_id)))
+        .await;
+    let renewed = renewal(&mut gw_b).await;
+    assert_eq!(renewed.preshared_key, raw(&s.preshared_key));
+    let events = t.admin.events(loc).await.unwrap();
+    assert_eq!(events[0].outcome, "session_renewed", "{events:?}");
+    assert!(t.admin.peers(loc).await.unwrap()[0].active);
+    drop(gw_a);
+}
