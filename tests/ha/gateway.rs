@@ -116,6 +116,19 @@ impl Gateway {
         self.agent = Some(spawn_logged(cmd, &self.paths.log, "the agent"));
     }
 
+    /// SIGKILLs the agent alone (a crash: wireguard-go and the rest of the host stay) and
+    /// reaps it.
+    pub fn kill_agent(&mut self) {
+        let mut guard = self.agent.take().expect("the agent runs");
+        procs::signal(guard.pid(), libc::SIGKILL);
+        let _ = guard.0.wait();
+    }
+
+    /// Whether the agent process was started and not killed since.
+    pub fn agent_running(&self) -> bool {
+        self.agent.is_some()
+    }
+
     /// Starts keepalived in the foreground in its namespace, with its own configuration,
     /// pid files and log.
     pub fn start_keepalived(&mut self) {

@@ -23,6 +23,8 @@
 
 #[path = "../e2e/agent.rs"]
 pub mod agent;
+#[path = "../support/core_process.rs"]
+pub mod core_process;
 pub mod gateway;
 pub mod keepalived;
 #[path = "../netns/mod.rs"]
@@ -175,40 +177,6 @@ pub fn agent_has_command(command: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The `gatehouse-core` binary next to the agent's, built first (a dev-dependency gives
-/// the tests its library, not its binary).
-fn core_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    // Without the variables cargo sets for a running test: build scripts that watch one
-    // (ring watches CARGO_MANIFEST_DIR) would rerun, and every later build with them.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy().into_owned();
-        if name.starts_with("CARGO_")
-            && !["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&name.as_str())
-        {
-            cmd.env_remove(name);
-        }
-    }
-    let status = cmd
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "gatehouse-core",
-            "--bin",
-            "gatehouse-core",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::null())
-        .status()
-        .expect("run cargo build -p gatehouse-core");
-    assert!(status.success(), "cargo build -p gatehouse-core failed");
-    let bin = Path::new(env!("CARGO_BIN_EXE_gatehouse")).with_file_name("gatehouse-core");
-    assert!(bin.exists(), "{} is missing", bin.display());
-    bin
-}
-
 /// One drill: the topology, the Core, both gateways with keepalived, the client and its
 /// traffic. Fields drop in order: traffic, processes, the cleanup of every process left
 /// in the namespaces, the namespaces, the directory.
@@ -257,7 +225,7 @@ impl Drill {
         };
 
         // The Core, on the WAN segment.
-        let core_bin = core_binary();
+        let core_bin = core_process::core_binary();
         let core_conf = dir.path().join("core.toml");
         std::fs::write(
             &core_conf,

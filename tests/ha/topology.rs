@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use super::netns::{unique, Netns};
+use super::netns::Netns;
 use super::{
     Variant, CLIENT_LAN, CORE_WAN, FAR_HOST, GW_INSIDE, GW_WAN, INSIDE_VIP, ROUTER_LAN, ROUTER_WAN,
 };
@@ -24,36 +24,6 @@ pub struct Net {
     pub core: Netns,
 }
 
-/// A veth from `host` (address `addr`) into the bridge `bridge` of `segment`; returns
-/// the host end's name.
-fn plug(segment: &Netns, bridge: &str, host: &Netns, tag: &str, addr: &str) -> String {
-    let here = unique(&format!("{tag}h"));
-    let there = unique(&format!("{tag}s"));
-    host.ip(&[
-        "link",
-        "add",
-        &here,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &there,
-        "netns",
-        segment.name(),
-    ]);
-    host.ip(&["addr", "add", addr, "dev", &here]);
-    host.ip(&["link", "set", &here, "up"]);
-    segment.ip(&["link", "set", &there, "master", bridge]);
-    segment.ip(&["link", "set", &there, "up"]);
-    here
-}
-
-fn bridge(ns: &Netns, name: &str, addr: &str) {
-    ns.ip(&["link", "add", name, "type", "bridge"]);
-    ns.ip(&["addr", "add", addr, "dev", name]);
-    ns.ip(&["link", "set", name, "up"]);
-}
-
 fn forwarding(ns: &Netns) {
     ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
 }
@@ -66,8 +36,8 @@ impl Net {
             Netns::new(&format!("{tag}a")),
             Netns::new(&format!("{tag}b")),
         ];
-        bridge(&core, "wan", &format!("{CORE_WAN}/24"));
-        let router_wan = plug(&core, "wan", &router, "hr", &format!("{ROUTER_WAN}/24"));
+        core.bridge("wan", &format!("{CORE_WAN}/24"));
+        let router_wan = router.plug_into(&core, "wan", "hr", &format!("{ROUTER_WAN}/24"));
         router.veth_to(
             &client,
             "hl",
@@ -104,19 +74,13 @@ impl Net {
         );
         let mut links: [Vec<String>; 2] = [vec![], vec![]];
         for (i, gw) in gws.iter().enumerate() {
-            links[i].push(plug(&core, "wan", gw, "hw", &format!("{}/24", GW_WAN[i])));
+            links[i].push(gw.plug_into(&core, "wan", "hw", &format!("{}/24", GW_WAN[i])));
         }
         let far = (variant == Variant::Inside).then(|| {
             let far = Netns::new(&format!("{tag}f"));
-            bridge(&far, "inside", &format!("{FAR_HOST}/24"));
+            far.bridge("inside", &format!("{FAR_HOST}/24"));
             for (i, gw) in gws.iter().enumerate() {
-                links[i].push(plug(
-                    &far,
-                    "inside",
-                    gw,
-                    "hi",
-                    &format!("{}/24", GW_INSIDE[i]),
-                ));
+                links[i].push(gw.plug_into(&far, "inside", "hi", &format!("{}/24", GW_INSIDE[i])));
                 forwarding(gw);
             }
             far.ip(&["route", "add", "10.77.0.0/24", "via", INSIDE_VIP]);

@@ -139,6 +139,38 @@ impl Netns {
         (a, b)
     }
 
+    /// A bridge `name` in this namespace, up, with address `addr` (CIDR): a segment other
+    /// namespaces plug into.
+    pub fn bridge(&self, name: &str, addr: &str) {
+        self.ip(&["link", "add", name, "type", "bridge"]);
+        self.ip(&["addr", "add", addr, "dev", name]);
+        self.ip(&["link", "set", name, "up"]);
+    }
+
+    /// A veth from this namespace (address `addr`, CIDR) into the bridge `bridge` of
+    /// `segment`, both ends up; returns the name of this namespace's end.
+    pub fn plug_into(&self, segment: &Netns, bridge: &str, tag: &str, addr: &str) -> String {
+        let here = unique(&format!("{tag}h"));
+        let there = unique(&format!("{tag}s"));
+        self.ip(&[
+            "link",
+            "add",
+            &here,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &there,
+            "netns",
+            segment.name(),
+        ]);
+        self.ip(&["addr", "add", addr, "dev", &here]);
+        self.ip(&["link", "set", &here, "up"]);
+        segment.ip(&["link", "set", &there, "master", bridge]);
+        segment.ip(&["link", "set", &there, "up"]);
+        here
+    }
+
     /// True when `ping -c1` from this namespace reaches `addr` within `secs` seconds.
     pub fn ping(&self, addr: &str, secs: u32) -> bool {
         let w = secs.to_string();

@@ -224,6 +224,21 @@ impl CoreProcess {
         }
     }
 
+    /// SIGKILL (a crash: no shutdown of any kind), then reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("the Core runs");
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: kill(2) takes plain integers; the pid is our unreaped child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = child.wait();
+    }
+
+    /// Whether the process runs (started and not stopped or killed).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Starts it again (same configuration, database, ports and log).
     pub fn start_again(&mut self) {
         self.spawn();

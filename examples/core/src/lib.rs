@@ -40,6 +40,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 pub use error::CoreError;
+/// The proto form of a location's stored firewall policy (what gateways receive).
+pub use store::firewall_pb;
 
 /// Everything [`start`] needs.
 #[derive(Clone)]
