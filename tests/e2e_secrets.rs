@@ -1160,24 +1160,7 @@ impl Demo {
         let ns = self.client_ns.name().to_string();
         let iface = self.client_if.clone();
         if self.client_wg.is_none() {
-            let child = self
-                .client_ns
-                .command("wireguard-go")
-                .args(["-f", &iface])
-                .env("WG_PROCESS_FOREGROUND", "1")
-                .env("LOG_LEVEL", "error")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start the client's wireguard-go");
-            self.client_wg = Some(ChildGuard(child));
-            let sock = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
-            eventually("the client's UAPI socket", STEP, || {
-                let exists = sock.exists();
-                async move { exists.then_some(()) }
-            })
-            .await;
+            self.client_wg = Some(self.client_ns.spawn_wireguard_go(&iface));
             let key_file = self.dir.path().join("client.key");
             write_secret(&key_file, &B64.encode(self.client_private));
             let key = key_file.display().to_string();

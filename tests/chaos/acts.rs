@@ -76,37 +76,6 @@ impl Model {
     }
 }
 
-/// `wg genkey`.
-pub async fn wg_genkey() -> String {
-    let out = tokio::process::Command::new("wg")
-        .arg("genkey")
-        .output()
-        .await
-        .expect("wg genkey");
-    assert!(out.status.success(), "wg genkey failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// `wg pubkey` of a private key.
-pub async fn wg_pubkey(private: &str) -> String {
-    use tokio::io::AsyncWriteExt as _;
-    let mut child = tokio::process::Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("wg pubkey");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin
-        .write_all(format!("{private}\n").as_bytes())
-        .await
-        .expect("write to wg pubkey");
-    drop(stdin);
-    let out = child.wait_with_output().await.expect("wg pubkey");
-    assert!(out.status.success(), "wg pubkey failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// 32 bytes drawn from `rng`, in base64: a public key nobody holds (WireGuard takes any).
 fn random_key(rng: &mut Rng) -> String {
     let mut bytes = [0u8; 32];

@@ -25,10 +25,13 @@ pub mod agent;
 pub mod checks;
 #[path = "../support/core_process.rs"]
 pub mod core_process;
+pub mod drill;
 #[path = "../ha/gateway.rs"]
 pub mod gateway;
 #[path = "../ha/keepalived.rs"]
 pub mod keepalived;
+#[path = "../e2e/keys.rs"]
+pub mod keys;
 #[path = "../netns/mod.rs"]
 pub mod netns;
 #[path = "../e2e/procs.rs"]
@@ -54,6 +57,7 @@ use gatehouse_core::client::AdminClient;
 use agent::AgentPaths;
 use core_process::CoreProcess;
 use gateway::{Gateway, AGENT_HTTP};
+use keys::write_secret;
 use netns::{unique, ChildGuard, Netns};
 use schedule::{gateway_label, location_of, GATEWAYS, LOCATIONS};
 use traffic::Pinger;
@@ -93,6 +97,15 @@ pub fn tunnel_address(location: usize) -> String {
 /// The tunnel address of the client behind gateway `gw`, without prefix.
 pub fn client_tunnel(gw: usize) -> String {
     format!("10.{}.0.{}", 77 + location_of(gw), 10 + gw)
+}
+
+/// Which WireGuard the gateways and clients use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// wireguard-go (the agent's userspace backend; clients alike).
+    Userspace,
+    /// Kernel WireGuard (the agent's kernel backend; clients alike): in the VM.
+    Kernel,
 }
 
 /// A location as created in the Core.
@@ -146,6 +159,7 @@ pub struct World {
     pub clients: Vec<ClientPeer>,
     pub timeline: Timeline,
     pub seed: u64,
+    pub backend: Backend,
     pub model: acts::Model,
     _cleanup: procs::Cleanup,
     pub nets: Nets,
@@ -204,7 +218,7 @@ where
 
 impl World {
     /// Builds the world up to every client's ping answered through its gateway.
-    pub async fn start(tag: &str, core_ns: Netns, seed: u64) -> World {
+    pub async fn start(tag: &str, core_ns: Netns, seed: u64, backend: Backend) -> World {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
         let nets = Nets {
             gws: (0..GATEWAYS)
@@ -294,8 +308,8 @@ impl World {
         let mut client_keys = vec![];
         for gw in 0..GATEWAYS {
             let loc = &locations[location_of(gw)];
-            let private = acts::wg_genkey().await;
-            let public = acts::wg_pubkey(&private).await;
+            let private = keys::wg_genkey().await;
+            let public = keys::wg_pubkey(&private).await;
             let peer = admin
                 .add_peer(
                     loc.id,
@@ -363,6 +377,9 @@ impl World {
             gw.options.stats_interval = STATS;
             gw.options.resync_interval = RESYNC;
             gw.options.firewall = true;
+            if backend == Backend::Kernel {
+                gw.options.backend = "kernel".into();
+            }
             gws.push(gw);
         }
 
@@ -376,6 +393,7 @@ impl World {
             clients,
             timeline: Timeline::default(),
             seed,
+            backend,
             model: acts::Model::default(),
             _cleanup: cleanup,
             nets,
@@ -443,7 +461,8 @@ impl World {
         }
     }
 
-    /// The real client behind gateway `gw`: wireguard-go configured with `wg`, its
+    /// The real client behind gateway `gw`: WireGuard (wireguard-go or the kernel's)
+    /// configured with `wg`, its
     /// endpoint the gateway's WAN address; its pinger started once a first ping is
     /// answered.
     async fn start_client(&mut self, gw: usize, iface: &str, private: &str, psk: Option<&str>) {
@@ -451,24 +470,11 @@ impl World {
         let ns = &self.nets.clients[gw];
         let key_file = self.dir.path().join(format!("client-{gw}.key"));
         write_secret(&key_file, private);
-        let mut cmd = ns.command("wireguard-go");
-        gateway::normal_priority(&mut cmd);
-        let child = cmd
-            .args(["-f", iface])
-            .env("WG_PROCESS_FOREGROUND", "1")
-            .env("LOG_LEVEL", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start a client's wireguard-go");
-        self.clients_wg.push(ChildGuard(child));
-        let sock = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
-        eventually("a client's UAPI socket", WAIT, || {
-            let exists = sock.exists();
-            async move { exists.then_some(()).ok_or_else(|| "absent".to_string()) }
-        })
-        .await;
+        if self.backend == Backend::Kernel {
+            ns.ip(&["link", "add", iface, "type", "wireguard"]);
+        } else {
+            self.clients_wg.push(ns.spawn_wireguard_go(iface));
+        }
         let mut args: Vec<String> = vec![
             "set".into(),
             iface.into(),
@@ -579,19 +585,4 @@ impl Drop for World {
             eprintln!("the drill's logs: {}", keep.display());
         }
     }
-}
-
-/// Writes a secret file with mode 0600.
-pub fn write_secret(path: &Path, content: &str) {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("write a secret file");
-    f.write_all(content.as_bytes())
-        .expect("write a secret file");
 }

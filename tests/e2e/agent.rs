@@ -28,6 +28,8 @@ pub struct AgentOptions {
     /// `firewall.enabled` and `firewall.masquerade` (both off unless a test wants them).
     pub firewall: bool,
     pub masquerade: bool,
+    /// `gateway.backend`: `userspace` (wireguard-go) or `kernel`.
+    pub backend: String,
 }
 
 impl Default for AgentOptions {
@@ -40,6 +42,7 @@ impl Default for AgentOptions {
             log_level: "info".into(),
             firewall: false,
             masquerade: false,
+            backend: "userspace".into(),
         }
     }
 }
@@ -75,7 +78,7 @@ pub fn render_config(paths: &AgentPaths, core_url: &str, options: &AgentOptions)
     let mut gateway = toml::Table::new();
     gateway.insert("name".into(), paths.name.clone().into());
     gateway.insert("interface".into(), paths.interface.clone().into());
-    gateway.insert("backend".into(), "userspace".into());
+    gateway.insert("backend".into(), options.backend.clone().into());
     gateway.insert(
         "state_dir".into(),
         paths.state_dir.display().to_string().into(),

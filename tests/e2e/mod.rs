@@ -33,6 +33,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod keys;
 #[path = "../netns/mod.rs"]
 pub mod netns;
 pub mod procs;
@@ -52,6 +53,8 @@ use gatehouse_core::api::{GatewayView, NewLocation, NewPeer, PeerPatch};
 use gatehouse_core::client::AdminClient;
 
 pub use agent::{AgentOptions, AgentPaths, AgentProcess};
+use keys::wg_pubkey;
+pub use keys::write_secret;
 use netns::{unique, ChildGuard, Netns};
 pub use support::Core;
 pub use wg::{Dump, PingResult};
@@ -331,24 +334,7 @@ impl Site {
         write_secret(&key_file, &private);
 
         let iface = self.client_if.clone();
-        let child = self
-            .client_ns
-            .command("wireguard-go")
-            .args(["-f", &iface])
-            .env("WG_PROCESS_FOREGROUND", "1")
-            .env("LOG_LEVEL", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the client's wireguard-go");
-        let guard = ChildGuard(child);
-        let sock = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
-        eventually("the client's UAPI socket", CONVERGE, || {
-            let exists = sock.exists();
-            async move { exists.then_some(()) }
-        })
-        .await;
+        let guard = self.client_ns.spawn_wireguard_go(&iface);
         let endpoint = format!("{GW_UNDERLAY}:{}", self.location().listen_port);
         let port = CLIENT_PORT.to_string();
         let key_path = key_file.display().to_string();
@@ -664,40 +650,6 @@ impl Pinger {
         wg::parse_ping(&String::from_utf8_lossy(&out.stdout))
             .unwrap_or_else(|e| panic!("{e}; stderr: {}", String::from_utf8_lossy(&out.stderr)))
     }
-}
-
-async fn wg_pubkey(private: &str) -> String {
-    use tokio::io::AsyncWriteExt as _;
-    let mut child = tokio::process::Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("wg pubkey");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin
-        .write_all(format!("{private}\n").as_bytes())
-        .await
-        .expect("write to wg pubkey");
-    drop(stdin);
-    let out = child.wait_with_output().await.expect("wg pubkey");
-    assert!(out.status.success(), "wg pubkey failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Writes a secret file with mode 0600.
-pub fn write_secret(path: &std::path::Path, content: &str) {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("write a secret file");
-    f.write_all(content.as_bytes())
-        .expect("write a secret file");
 }
 
 /// A free TCP port on 127.0.0.1 of the calling thread's namespace.

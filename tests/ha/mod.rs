@@ -27,6 +27,8 @@ pub mod agent;
 pub mod core_process;
 pub mod gateway;
 pub mod keepalived;
+#[path = "../e2e/keys.rs"]
+pub mod keys;
 #[path = "../netns/mod.rs"]
 pub mod netns;
 #[path = "../e2e/procs.rs"]
@@ -39,7 +41,7 @@ pub mod wg;
 
 use std::future::Future;
 use std::os::fd::AsRawFd as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -49,6 +51,8 @@ use tokio::task::JoinHandle;
 
 use agent::AgentPaths;
 pub use gateway::{Gateway, Vip, AGENT_HTTP};
+pub use keys::write_secret;
+use keys::{wg_genkey, wg_pubkey};
 use netns::{unique, ChildGuard, Netns};
 pub use topology::Net;
 use traffic::{Pinger, TcpFlow};
@@ -418,24 +422,7 @@ impl Drill {
         write_secret(&key_file, private);
         write_secret(&psk_file, psk);
         let iface = self.client_if.clone();
-        let mut cmd = self.net.client.command("wireguard-go");
-        gateway::normal_priority(&mut cmd);
-        let child = cmd
-            .args(["-f", &iface])
-            .env("WG_PROCESS_FOREGROUND", "1")
-            .env("LOG_LEVEL", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the client's wireguard-go");
-        self.client_wg = Some(ChildGuard(child));
-        let sock = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
-        eventually("the client's UAPI socket", WAIT, || {
-            let exists = sock.exists();
-            async move { exists.then_some(()) }
-        })
-        .await;
+        self.client_wg = Some(self.net.client.spawn_wireguard_go(&iface));
         let mut allowed = format!("{GW_TUNNEL}/24");
         if self.variant == Variant::Inside {
             allowed.push_str(",10.88.0.0/24");
@@ -535,48 +522,4 @@ impl Drop for Drill {
             eprintln!("==== drill {} ====\n{}", self.tag, self.logs());
         }
     }
-}
-
-async fn wg_genkey() -> String {
-    let out = tokio::process::Command::new("wg")
-        .arg("genkey")
-        .output()
-        .await
-        .expect("wg genkey");
-    assert!(out.status.success(), "wg genkey failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-async fn wg_pubkey(private: &str) -> String {
-    use tokio::io::AsyncWriteExt as _;
-    let mut child = tokio::process::Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("wg pubkey");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin
-        .write_all(format!("{private}\n").as_bytes())
-        .await
-        .expect("write to wg pubkey");
-    drop(stdin);
-    let out = child.wait_with_output().await.expect("wg pubkey");
-    assert!(out.status.success(), "wg pubkey failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Writes a secret file with mode 0600.
-pub fn write_secret(path: &Path, content: &str) {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("write a secret file");
-    f.write_all(content.as_bytes())
-        .expect("write a secret file");
 }

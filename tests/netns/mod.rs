@@ -171,6 +171,43 @@ impl Netns {
         here
     }
 
+    /// wireguard-go for `iface` in this namespace, in the foreground at the normal
+    /// scheduling priority (whatever the test's own), its output dropped; returns once its
+    /// UAPI socket exists (panics after 30 s).
+    pub fn spawn_wireguard_go(&self, iface: &str) -> ChildGuard {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = self.command("wireguard-go");
+        // SAFETY: setpriority(2) is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setpriority(libc::PRIO_PROCESS, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .args(["-f", iface])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .env("LOG_LEVEL", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start wireguard-go for {iface}: {e}"));
+        let guard = ChildGuard(child);
+        let sock = std::path::PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "wireguard-go made no UAPI socket for {iface} within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        guard
+    }
+
     /// True when `ping -c1` from this namespace reaches `addr` within `secs` seconds.
     pub fn ping(&self, addr: &str, secs: u32) -> bool {
         let w = secs.to_string();

@@ -69,9 +69,14 @@ impl Pki {
 }
 
 /// The `gatehouse-core` binary next to the agent's, built first (a dev-dependency gives
-/// the tests its library, not its binary). Cargo's variables of the running test are
-/// removed, so build scripts that watch one do not run again.
+/// the tests its library, not its binary); `GATEHOUSE_CORE_BIN` when set. Cargo's
+/// variables of the running test are removed, so build scripts that watch one do not
+/// run again.
 pub fn core_binary() -> PathBuf {
+    // Built beforehand where cargo cannot run (the VM: tests/vm/run-kernel-tests.sh).
+    if let Some(bin) = std::env::var_os("GATEHOUSE_CORE_BIN") {
+        return PathBuf::from(bin);
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     for (name, _) in std::env::vars_os() {

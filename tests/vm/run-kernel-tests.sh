@@ -51,6 +51,15 @@ for line in sys.stdin:
 [ -n "$bin" ] && [ -x "$bin" ] || { echo "run-kernel-tests: no binary for --$kind $test_name" >&2; exit 125; }
 echo "run-kernel-tests: $bin" >&2
 
+# The reference Core's binary next to the test's (tests that run it as a process find it
+# through GATEHOUSE_CORE_BIN: no cargo inside the VM).
+if [ "$kind" = test ]; then
+	cargo build -q -p gatehouse-core --bin gatehouse-core "${profile_args[@]}"
+	export GATEHOUSE_CORE_BIN
+	GATEHOUSE_CORE_BIN="$(dirname "$(dirname "$bin")")/gatehouse-core"
+	[ -x "$GATEHOUSE_CORE_BIN" ] || { echo "run-kernel-tests: no $GATEHOUSE_CORE_BIN" >&2; exit 125; }
+fi
+
 # The binary lives under target/ inside this directory, which the VM shares read-write.
 export WGVM_TIMEOUT=${WGVM_TIMEOUT:-900}
 if [ "$kind" = bench ]; then
