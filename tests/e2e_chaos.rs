@@ -10,9 +10,9 @@
 //! one) and the gateways have synced: every kernel equals its location's desired state in
 //! the Core (peers, allowed IPs, keys, preshared keys, firewall table); every expiry event
 //! is stored once and every expired session has one; the Core's stats totals equal the
-//! kernels' counters; no client lost more than [`LOSS_TOLERANCE`] of its pings. The
-//! clients' peers are never changed by the schedule and crashing an agent leaves its
-//! wireguard-go running, so every client counts as untouched.
+//! kernels' counters; no client lost more than [`drill::LOSS_TOLERANCE`] (1%) of its
+//! pings. The clients' peers are never changed by the schedule and crashing an agent
+//! leaves its wireguard-go running, so every client counts as untouched.
 //!
 //! On failure the seed, the timeline and the logs' tails are printed; the same seed
 //! replays the same schedule.

@@ -15,7 +15,7 @@ use gatehouse_core::api::{
 };
 
 use super::schedule::{gateway_label, location_of, Act, Admin, Drift, Rng, Target};
-use super::{client_tunnel, World, CORE_GRPC_PORT, CORE_WAN};
+use super::{World, CORE_GRPC_PORT, CORE_WAN};
 
 /// How long an admin call may take before the drill gives up on it (the Core may be
 /// SIGKILLed under it).
@@ -515,12 +515,4 @@ impl World {
             .find(|c| c.public_key == key)
             .map(|c| c.id)
     }
-}
-
-/// The client tunnel addresses of location `l` (for reports).
-pub fn client_addresses(l: usize) -> Vec<String> {
-    (0..super::schedule::GATEWAYS)
-        .filter(|&g| location_of(g) == l)
-        .map(client_tunnel)
-        .collect()
 }
