@@ -209,8 +209,12 @@ async fn session(
         Err(e) => return Some((format!("cannot read the token: {e}"), true)),
     };
     let mut request = Request::new(outgoing_stream(rx));
-    match MetadataValue::try_from(format!("Bearer {}", token.expose())) {
-        Ok(v) => {
+    // The header's copy of the token is wiped when dropped; HTTP/2 never indexes it
+    // (HPACK "never indexed") and Debug output hides it.
+    let header = zeroize::Zeroizing::new(format!("Bearer {}", token.expose()));
+    match MetadataValue::try_from(header.as_str()) {
+        Ok(mut v) => {
+            v.set_sensitive(true);
             request.metadata_mut().insert("authorization", v);
         }
         Err(_) => {
