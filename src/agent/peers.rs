@@ -133,9 +133,15 @@ impl PeerTotals {
         self.runs
             .retain(|key, _| peers.contains_key(key) || wanted(key));
         for (key, p) in peers {
-            let prev = self.runs.get(key).copied();
-            let run = CounterRun::advance(prev, epochs.get(key), p.rx_bytes, p.tx_bytes);
-            self.runs.insert(*key, run);
+            let epoch = epochs.get(key);
+            match self.runs.get_mut(key) {
+                // In place: no insertion (no rebalancing) for the peers already known.
+                Some(run) => *run = CounterRun::advance(Some(*run), epoch, p.rx_bytes, p.tx_bytes),
+                None => {
+                    let run = CounterRun::advance(None, epoch, p.rx_bytes, p.tx_bytes);
+                    self.runs.insert(*key, run);
+                }
+            }
         }
     }
 
