@@ -456,7 +456,7 @@ async fn a_client_on_a_gateway_the_core_cannot_hear_keeps_its_session() {
     let token = t.admin.create_token(loc).await.unwrap();
     let a = t.admin.add_peer(loc, &peer(1)).await.unwrap();
     let s = t.admin.start_mfa_session(loc, a.id, None).await.unwrap();
-    let (mut gw_a, _, _) = Gw::hello(t.grpc(), &token, "gw-a", vec![]).await;
+    let (gw_a, _, _) = Gw::hello(t.grpc(), &token, "gw-a", vec![]).await;
     let mut gw_b = second(&t, loc, "gw-b").await;
     let start = unix_ms();
     // The client is active on A now (a fresh handshake)...
