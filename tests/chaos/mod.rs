@@ -46,7 +46,6 @@ pub mod wg;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -177,24 +176,8 @@ where
         return;
     }
     let core = Netns::new(&format!("{tag}w"));
-    let path = format!("/var/run/netns/{}", core.name());
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: a valid namespace fd; setns changes only this thread, and the
-            // runtime's threads are created from it afterwards.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            runtime.block_on(body(core));
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    });
+    let name = core.name().to_string();
+    netns::with_runtime_in(&name, move |rt| rt.block_on(body(core)));
 }
 
 /// Polls `check` every 200 ms until it returns `Ok`, failing the drill after `within`

@@ -43,7 +43,6 @@ pub mod wg;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
@@ -93,26 +92,12 @@ where
         &format!("{GW_UNDERLAY}/24"),
         &format!("{CLIENT_UNDERLAY}/24"),
     );
-    let path = format!("/var/run/netns/{}", gw.name());
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: a valid namespace fd; setns changes only this thread, and the
-            // runtime's threads are created from it afterwards.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            runtime.block_on(async move {
-                let site = Site::new(tag, gw, client).await;
-                body(site).await;
-            });
+    let name = gw.name().to_string();
+    netns::with_runtime_in(&name, move |rt| {
+        rt.block_on(async move {
+            let site = Site::new(tag, gw, client).await;
+            body(site).await;
         })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
     });
 }
 

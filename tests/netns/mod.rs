@@ -100,19 +100,7 @@ impl Netns {
     /// Sockets opened inside `f` stay in the namespace for their whole life, whichever
     /// thread uses them afterwards.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: a valid namespace fd; setns changes only this thread, which
-                // ends when `f` returns.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        in_netns(&self.name, f)
     }
 
     /// Joins this namespace and `other` with a veth pair, `(here, there)` named by `tag`,
@@ -255,4 +243,39 @@ impl Drop for PidGuard {
             }
         }
     }
+}
+
+/// Runs `f` on a thread that entered the named namespace; the thread ends when `f`
+/// returns. Panics in `f` come back to the caller.
+pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/var/run/netns/{name}");
+    let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: a valid namespace fd; setns changes only this thread, which ends
+            // when `f` returns.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// Runs `f` with a multi-thread tokio runtime (two workers) built on a thread inside the
+/// named namespace: the runtime's threads, and every socket and child process made on
+/// them, live there. A whole test body runs this way (`|rt| rt.block_on(body(..))`).
+pub fn with_runtime_in<T: Send>(
+    name: &str,
+    f: impl FnOnce(&tokio::runtime::Runtime) -> T + Send,
+) -> T {
+    in_netns(name, || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        f(&runtime)
+    })
 }
